@@ -2,6 +2,13 @@
 # Run the suite. pytest's exit code 5 (no tests collected) is turned into a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# MLX's Linux CPU wheel bundles a slow reference BLAS; the model tests run in this process,
+# so preload Debian's OpenBLAS here (the server arranges it for itself when it starts).
+BLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+if [[ "$(uname -s)" == Linux && -f "$BLAS" && "${LD_PRELOAD:-}" != *openblas* ]]; then
+  export LD_PRELOAD="$BLAS${LD_PRELOAD:+:$LD_PRELOAD}"
+fi
+export PYTHONUNBUFFERED=1
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [[ $rc -eq 5 ]]; then echo "ERROR: no tests were collected" >&2; exit 1; fi
