@@ -1,0 +1,507 @@
+"""Cross-request prefix KV cache: the one stateful structure between requests.
+
+The engine (server/engine.py) talks to this module only through its ``PromptCacheStore``
+protocol: ``fetch(tokens) -> (kv, reused)``, ``store(tokens, kv, checkpoints) -> created``,
+``store_generated(tokens, kv)`` and ``stats()``.
+
+Why not mlx-lm's ``LRUPromptCache`` as is (models/cache.py)? It is the right idea and this
+class keeps its rules (longest-prefix match, trim a longer entry back to the shared length,
+drop an entry that a newer one extends, LRU under a byte budget), but it falls short here:
+
+- ``insert_cache`` removes every stored prefix of a new entry, so a system+tools checkpoint
+  cannot live as its own entry: once the conversation entry that contains it is evicted, a
+  new session finds nothing. Checkpoints here are separate, pinned against that pruning.
+- It stores the caller's cache object and deep-copies the whole (step-padded) buffer on
+  every fetch; its byte count includes the padding. Entries here are compact copies of
+  exactly ``len(tokens)`` positions; fetch hands out fresh array objects that are slices of
+  the stored buffers (MLX copies on write, so a writer never touches the stored data,
+  see ``test_fetched_kv_is_private``) and costs no copy up front.
+- An exact repeat returns an entry with nothing left to compute; the engine needs at least
+  the last token to produce logits, so fetch here caps reuse at ``len(tokens) - 1``.
+- No counters (hits, misses, evictions) and no persistence.
+
+The match itself is a linear scan with a vectorised numpy comparison per entry. With the
+tens of entries a byte budget allows, that costs microseconds, so a trie (mlx-lm's
+``PromptTrie``) would add code without saving time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import (
+    KVCache,
+    can_trim_prompt_cache,
+    load_prompt_cache,
+    make_prompt_cache,
+    save_prompt_cache,
+    trim_prompt_cache,
+)
+from mlx.utils import tree_flatten
+
+log = logging.getLogger(__name__)
+
+FILE_FORMAT = "warmturn-prefix-1"
+_FILE_RE = re.compile(r"^(?P<model>[0-9a-f]{16})-(?P<n>\d+)-(?P<hash>[0-9a-f]{32})\.safetensors$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def default_cache_bytes() -> int:
+    """A byte budget for the KV store: a third of the memory available now, clamped to
+    [512 MiB, 64 GiB]. Falls back to 2 GiB when the available memory cannot be read."""
+    avail = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    avail = int(line.split()[1]) * 1024
+                    break
+    except OSError:
+        pass
+    if avail is None:
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return 2 << 30
+    return int(min(max(avail // 3, 512 << 20), 64 << 30))
+
+
+def token_hash(tokens: np.ndarray) -> str:
+    """Stable 32-hex digest of a token sequence (int32 little-endian bytes)."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:32]
+
+
+def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two 1-D int arrays."""
+    m = min(len(a), len(b))
+    if m == 0:
+        return 0
+    diff = np.flatnonzero(a[:m] != b[:m])
+    return int(diff[0]) if len(diff) else m
+
+
+def model_identity(model: Any) -> str:
+    """A 16-hex fingerprint of a loaded model: parameter names, shapes and dtypes plus a few
+    values of each of the first parameters. Two different checkpoints of one architecture get
+    different identities, so a KV file of one model is never loaded into another."""
+    h = hashlib.sha256()
+    params = tree_flatten(model.parameters())
+    for i, (name, arr) in enumerate(params):
+        h.update(f"{name}:{tuple(arr.shape)}:{arr.dtype};".encode())
+        if i < 8:
+            sample = arr.reshape(-1)[:64].astype(mx.float32)
+            h.update(np.array(sample).tobytes())
+    return h.hexdigest()[:16]
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """KV-cache bytes one token costs for this model, measured by a one-token forward pass
+    (works for any cache layout mlx-lm builds; 46,080 for SmolLM2-135M in float32)."""
+    kv = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=kv)
+    total = 0.0
+    for c in kv:
+        for a in tree_flatten(c.state):
+            arr = a[1]
+            if isinstance(arr, mx.array) and arr.ndim >= 3 and arr.shape[2] > 0:
+                total += arr.nbytes / arr.shape[2]
+    return int(round(total))
+
+
+def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) -> mx.array:
+    """Run `tokens` through the model into `kv` in chunks; return the last position's logits
+    (float32, shape [vocab]). A reference prefill for tests and benchmarks; the server's own
+    loop lives in engine.py."""
+    toks = list(tokens)
+    if not toks:
+        raise ValueError("prefill needs at least one token")
+    logits = None
+    for i in range(0, len(toks), chunk):
+        out = model(mx.array([toks[i : i + chunk]]), cache=kv)
+        logits = out[0, -1].astype(mx.float32)
+        mx.eval(logits, [c.state for c in kv])
+    return logits
+
+
+def measure_floor(model: Any, prefix_tokens: Sequence[int], tail_tokens: Sequence[int], chunk: int = 512) -> float:
+    """The floor for a warm request: seconds to prefill exactly `tail_tokens` (up to and
+    including the logits of the last one) on top of a cache already holding `prefix_tokens`,
+    with mlx-lm directly. Building the prefix cache is not timed."""
+    kv = make_prompt_cache(model)
+    if prefix_tokens:
+        prefill(model, kv, prefix_tokens, chunk)
+    t0 = time.perf_counter()
+    prefill(model, kv, tail_tokens, chunk)
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------
+# KV snapshots
+# ---------------------------------------------------------------------------------------------
+
+
+def _kv_len(kv: list[Any]) -> int:
+    return kv[0].size() if kv else 0
+
+
+def _is_plain_kv(kv: list[Any]) -> bool:
+    return all(type(c) is KVCache for c in kv)
+
+
+def _snapshot(kv: list[Any], n: int) -> list[Any]:
+    """A compact, private copy of the first `n` positions of `kv` (evaluated, so no lazy graph
+    keeps the caller's buffer alive or blocks its in-place updates)."""
+    if _is_plain_kv(kv):
+        out = []
+        for c in kv:
+            s = KVCache()
+            s.keys = mx.contiguous(c.keys[..., :n, :])
+            s.values = mx.contiguous(c.values[..., :n, :])
+            s.offset = n
+            out.append(s)
+        mx.eval([(c.keys, c.values) for c in out])
+        return out
+    # Other cache types (rotating, quantized, hybrid models): mlx-lm's own copy + trim.
+    import copy
+
+    out = copy.deepcopy(kv)
+    extra = _kv_len(out) - n
+    if extra > 0 and trim_prompt_cache(out, extra) != extra:
+        raise ValueError("cache cannot be trimmed to the stored length")
+    mx.eval([c.state for c in out])
+    return out
+
+
+def _view(kv: list[Any], n: int) -> list[Any]:
+    """A cache for the caller holding the first `n` positions of a stored entry. Plain KV
+    caches get new array objects sliced from the stored buffers (no copy: MLX copies on
+    write); other types are deep-copied and trimmed."""
+    if _is_plain_kv(kv):
+        out = []
+        for c in kv:
+            s = KVCache()
+            s.keys = c.keys[..., :n, :]
+            s.values = c.values[..., :n, :]
+            s.offset = n
+            out.append(s)
+        return out
+    import copy
+
+    out = copy.deepcopy(kv)
+    extra = _kv_len(out) - n
+    if extra > 0:
+        trim_prompt_cache(out, extra)
+    return out
+
+
+def _nbytes(kv: list[Any]) -> int:
+    return int(sum(c.nbytes for c in kv))
+
+
+@dataclass
+class _Entry:
+    tokens: np.ndarray
+    kv: list[Any]
+    nbytes: int
+    checkpoint: bool
+    trimmable: bool
+    last_used: float = field(default_factory=time.monotonic)
+
+
+# ---------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------
+
+
+class PrefixCache:
+    """Multi-entry longest-prefix KV store with LRU eviction under a byte budget, separate
+    checkpoint entries (end of system+tools) and optional on-disk persistence of checkpoints.
+
+    Thread-safe: the engine's worker thread calls fetch/store, /metrics calls stats()."""
+
+    def __init__(
+        self,
+        model: Any,
+        max_bytes: int | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        model_id: str | None = None,
+        min_checkpoint: int = 16,
+    ):
+        self.model = model
+        self.max_bytes = int(max_bytes) if max_bytes is not None else default_cache_bytes()
+        if self.max_bytes <= 0:
+            raise ValueError("max_bytes must be positive")
+        self.model_id = model_id or model_identity(model)
+        self.min_checkpoint = min_checkpoint
+        self.bytes_per_token = kv_bytes_per_token(model)
+        self._entries: dict[str, _Entry] = {}
+        self._bytes = 0
+        self._lock = threading.RLock()
+        self._counters = dict.fromkeys(
+            (
+                "hits", "misses", "evictions", "tokens_requested", "tokens_reused", "tokens_stored",
+                "stores", "disk_loads", "disk_writes", "disk_errors", "rejected",
+            ),
+            0,
+        )
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
+        self._disk: dict[tuple[int, str], Path] = {}
+        if self.cache_dir is not None:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._scan_disk()
+        log.info(
+            "prefix cache: budget %.1f MiB, %d KV bytes/token (%d tokens fit), model %s, disk %s (%d files)",
+            self.max_bytes / 2**20, self.bytes_per_token, self.max_bytes // max(self.bytes_per_token, 1),
+            self.model_id, self.cache_dir or "off", len(self._disk),
+        )
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def fetch(self, tokens: Sequence[int]) -> tuple[list[Any], int]:
+        """Return (kv, reused): a private cache already holding tokens[:reused], reused being
+        the longest prefix shared with any entry (memory, then disk), capped at len(tokens)-1."""
+        q = np.asarray(tokens, dtype=np.int64)
+        limit = len(q) - 1
+        with self._lock:
+            self._counters["tokens_requested"] += len(q)
+            best, best_n = None, 0
+            now = time.monotonic()
+            for e in self._entries.values():
+                cp = common_prefix_len(e.tokens, q)
+                if cp == len(e.tokens) and cp <= limit:
+                    e.last_used = now  # fully contained entries (checkpoints) stay warm
+                usable = min(cp, limit)
+                if not e.trimmable and usable < len(e.tokens):
+                    continue
+                if usable > best_n or (usable == best_n and best is not None and len(e.tokens) < len(best.tokens)):
+                    best, best_n = e, usable
+            if self.cache_dir is not None and self._disk:
+                loaded = self._maybe_load_from_disk(q, best_n, limit)
+                if loaded is not None:
+                    best, best_n = loaded, len(loaded.tokens)
+            if best is None or best_n == 0:
+                self._counters["misses"] += 1
+                return make_prompt_cache(self.model), 0
+            best.last_used = time.monotonic()
+            self._counters["hits"] += 1
+            self._counters["tokens_reused"] += best_n
+            return _view(best.kv, best_n), best_n
+
+    def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = ()) -> int:
+        """Snapshot `kv` (holding exactly `tokens`, or more if trimmable) as an entry, plus one
+        checkpoint entry per length in `checkpoints`. Returns the number of tokens not already
+        covered by the store before this call."""
+        q = np.asarray(tokens, dtype=np.int64)
+        n = len(q)
+        if n == 0:
+            return 0
+        have = _kv_len(kv)
+        if have < n:
+            raise ValueError(f"kv holds {have} positions but {n} tokens were given")
+        cps = sorted({int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n})
+        with self._lock:
+            covered = self._covered(q)
+            # Snapshot everything first, then commit: an exception (or a cancelled caller) never
+            # leaves some of this call's entries behind without the others.
+            todo = [(q[:p], True) for p in cps] + [(q, False)]
+            snaps = [(t, ck, self._prepare(t, kv)) for t, ck in todo]
+            for t, ck, snap in snaps:
+                self._commit(t, snap, ck)
+            self._counters["stores"] += 1
+            created = max(n - covered, 0)
+            self._counters["tokens_stored"] += created
+            return created
+
+    def store_generated(self, tokens: Sequence[int], kv: list[Any]) -> int:
+        """After generation: keep prompt + generated tokens, so the next turn, re-rendering the
+        assistant message identically, reuses it too. `tokens` may be longer than what `kv`
+        holds (the last sampled token is never fed back): only the held part is stored."""
+        n = min(len(tokens), _kv_len(kv))
+        if n <= 0:
+            return 0
+        return self.store(list(tokens)[:n], kv)
+
+    def stats(self) -> dict[str, float]:
+        """Counters for /metrics and the log."""
+        with self._lock:
+            s: dict[str, float] = dict(self._counters)
+            s.update(
+                entries=len(self._entries),
+                checkpoints=sum(e.checkpoint for e in self._entries.values()),
+                bytes=self._bytes,
+                max_bytes=self.max_bytes,
+                kv_bytes_per_token=self.bytes_per_token,
+                tokens_cached=int(sum(len(e.tokens) for e in self._entries.values())),
+                disk_files=len(self._disk),
+            )
+            req = self._counters["tokens_requested"]
+            s["reuse_ratio"] = self._counters["tokens_reused"] / req if req else 0.0
+            return s
+
+    def clear(self) -> None:
+        """Drop every in-memory entry (disk files stay)."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _covered(self, q: np.ndarray) -> int:
+        best = 0
+        for e in self._entries.values():
+            cp = common_prefix_len(e.tokens, q)
+            if e.trimmable or cp == len(e.tokens):
+                best = max(best, cp)
+        return best
+
+    def _prepare(self, q: np.ndarray, kv: list[Any]) -> list[Any] | None:
+        """The snapshot to store for `q`, or None when nothing needs copying (already stored,
+        or over budget)."""
+        existing = self._entries.get(token_hash(q))
+        if existing is not None and np.array_equal(existing.tokens, q):
+            return None
+        if len(q) * self.bytes_per_token > self.max_bytes:
+            return None
+        return _snapshot(kv, len(q))
+
+    def _commit(self, q: np.ndarray, snap: list[Any] | None, checkpoint: bool) -> None:
+        key = token_hash(q)
+        n = len(q)
+        if snap is None:
+            existing = self._entries.get(key)
+            if existing is None:
+                self._counters["rejected"] += 1
+                log.warning("prefix cache: %d tokens (%.1f MiB) exceed the budget, not stored",
+                            n, n * self.bytes_per_token / 2**20)
+                return
+            existing.last_used = time.monotonic()
+            existing.checkpoint = existing.checkpoint or checkpoint
+            if checkpoint:
+                self._maybe_save(existing)
+            return
+        entry = _Entry(
+            tokens=q.copy(), kv=snap, nbytes=_nbytes(snap), checkpoint=checkpoint,
+            trimmable=can_trim_prompt_cache(snap),
+        )
+        if entry.trimmable:
+            # A non-checkpoint entry that this one extends is redundant: trimming gives it back.
+            for k, e in list(self._entries.items()):
+                if not e.checkpoint and len(e.tokens) < n and np.array_equal(e.tokens, q[: len(e.tokens)]):
+                    self._drop(k)
+        self._entries[key] = entry
+        self._bytes += entry.nbytes
+        self._evict(keep=key)
+        if checkpoint:
+            self._maybe_save(entry)
+
+    def _drop(self, key: str) -> None:
+        e = self._entries.pop(key)
+        self._bytes -= e.nbytes
+
+    def _evict(self, keep: str) -> None:
+        while self._bytes > self.max_bytes and len(self._entries) > 1:
+            victim = min((k for k in self._entries if k != keep), key=lambda k: self._entries[k].last_used)
+            self._drop(victim)
+            self._counters["evictions"] += 1
+
+    # -- disk -------------------------------------------------------------------------------
+
+    def _path(self, n: int, h: str) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir / f"{self.model_id}-{n}-{h}.safetensors"
+
+    def _scan_disk(self) -> None:
+        assert self.cache_dir is not None
+        for p in self.cache_dir.iterdir():
+            m = _FILE_RE.match(p.name)
+            if m and m["model"] == self.model_id:
+                self._disk[(int(m["n"]), m["hash"])] = p
+
+    def _maybe_save(self, e: _Entry) -> None:
+        if self.cache_dir is None:
+            return
+        n, h = len(e.tokens), token_hash(e.tokens)
+        if (n, h) in self._disk:
+            return
+        path = self._path(n, h)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
+        meta = {
+            "format": FILE_FORMAT,
+            "model_id": self.model_id,
+            "n_tokens": str(n),
+            "tokens": ",".join(map(str, e.tokens.tolist())),
+        }
+        try:
+            save_prompt_cache(str(tmp), e.kv, meta)
+            os.replace(tmp, path)
+        except Exception as exc:  # a full disk must not fail the request
+            log.warning("prefix cache: could not write %s: %s", path, exc)
+            tmp.unlink(missing_ok=True)
+            self._counters["disk_errors"] += 1
+            return
+        self._disk[(n, h)] = path
+        self._counters["disk_writes"] += 1
+
+    def _maybe_load_from_disk(self, q: np.ndarray, best_n: int, limit: int) -> _Entry | None:
+        for n in sorted({n for n, _ in self._disk if best_n < n <= limit}, reverse=True):
+            h = token_hash(q[:n])
+            path = self._disk.get((n, h))
+            if path is None:
+                continue
+            try:
+                kv, meta = load_prompt_cache(str(path), return_metadata=True)
+                self._validate(kv, meta, q[:n])
+            except Exception as exc:
+                log.warning("prefix cache: ignoring unusable cache file %s: %s", path, exc)
+                self._disk.pop((n, h), None)
+                self._counters["disk_errors"] += 1
+                continue
+            self._counters["disk_loads"] += 1
+            entry = _Entry(
+                tokens=q[:n].copy(), kv=kv, nbytes=_nbytes(kv), checkpoint=True,
+                trimmable=can_trim_prompt_cache(kv),
+            )
+            key = token_hash(entry.tokens)
+            self._entries[key] = entry
+            self._bytes += entry.nbytes
+            self._evict(keep=key)
+            log.info("prefix cache: loaded %d-token checkpoint from %s", n, path.name)
+            return entry
+        return None
+
+    def _validate(self, kv: list[Any], meta: dict[str, str], q: np.ndarray) -> None:
+        if meta.get("format") != FILE_FORMAT:
+            raise ValueError(f"unknown format {meta.get('format')!r}")
+        if meta.get("model_id") != self.model_id:
+            raise ValueError(f"written for model {meta.get('model_id')!r}, loaded model is {self.model_id!r}")
+        stored = np.array([int(t) for t in meta.get("tokens", "").split(",") if t], dtype=np.int64)
+        if not np.array_equal(stored, q):
+            raise ValueError("token content does not match the file name")
+        ref = make_prompt_cache(self.model)
+        if len(kv) != len(ref) or any(type(a) is not type(b) for a, b in zip(kv, ref)):
+            raise ValueError("cache layout does not match the model")
+        if _kv_len(kv) != len(q):
+            raise ValueError(f"cache holds {_kv_len(kv)} positions, expected {len(q)}")
+        if _is_plain_kv(kv):
+            # shape check per layer against a one-token probe: heads and head dims must agree
+            self.model(mx.array([[0]]), cache=ref)
+            for a, b in zip(kv, ref):
+                if a.keys.shape[:2] != b.keys.shape[:2] or a.keys.shape[3] != b.keys.shape[3] \
+                        or a.values.shape[3] != b.values.shape[3] or a.keys.dtype != b.keys.dtype:
+                    raise ValueError("cache shapes do not match the model")
+        mx.eval([c.state for c in kv])
