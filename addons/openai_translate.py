@@ -1,0 +1,298 @@
+"""Anthropic Messages <-> OpenAI Chat Completions, both ways, streaming included. Pure.
+
+Used with `backend_api=openai` so an OpenAI-compatible engine (mlx_lm.server, vLLM, Ollama...)
+can sit behind the addon while the client keeps speaking Anthropic's Messages API.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+from .sse import SSEDecoder, encode_event
+
+STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                "function_call": "tool_use", "content_filter": "refusal"}
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
+               503: "overloaded_error", 529: "overloaded_error"}
+
+
+def error_type_for(status: int) -> str:
+    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
+
+
+def anthropic_error(kind: str, message: str) -> dict:
+    return {"type": "error", "error": {"type": kind, "message": message}}
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def _user_parts(blocks: list) -> tuple[list[dict], list[dict]]:
+    """(tool messages, user content parts) of an Anthropic user content list."""
+    tools, parts = [], []
+    for b in blocks:
+        if not isinstance(b, dict):
+            continue
+        t = b.get("type")
+        if t == "text":
+            parts.append({"type": "text", "text": b.get("text", "")})
+        elif t == "image":
+            src = b.get("source") or {}
+            if src.get("type") == "base64":
+                parts.append({"type": "image_url",
+                              "image_url": {"url": f"data:{src.get('media_type')};base64,{src.get('data')}"}})
+            elif src.get("type") == "url":
+                parts.append({"type": "image_url", "image_url": {"url": src.get("url")}})
+        elif t == "tool_result":
+            text = _text_of(b.get("content"))
+            if b.get("is_error"):
+                text = f"Error: {text}"
+            tools.append({"role": "tool", "tool_call_id": b.get("tool_use_id", ""), "content": text})
+    return tools, parts
+
+
+def _flatten(parts: list[dict]) -> str | list[dict]:
+    if all(p["type"] == "text" for p in parts):
+        return "\n".join(p["text"] for p in parts)
+    return parts
+
+
+def to_openai_request(body: dict, model: str | None = None) -> dict:
+    """An Anthropic Messages request as an OpenAI Chat Completions request."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    msgs: list[dict] = []
+    system = body.get("system")
+    if system:
+        text = system if isinstance(system, str) else "\n\n".join(
+            b.get("text", "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+        msgs.append({"role": "system", "content": text})
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise ValueError("messages: field required (a list)")
+    for m in messages:
+        if not isinstance(m, dict):
+            raise ValueError("messages: each message must be an object")
+        role, content = m.get("role"), m.get("content")
+        if role == "system":
+            msgs.append({"role": "system", "content": _text_of(content)})
+        elif role == "user":
+            if isinstance(content, str):
+                msgs.append({"role": "user", "content": content})
+                continue
+            tools, parts = _user_parts(content if isinstance(content, list) else [])
+            msgs.extend(tools)
+            if parts:
+                msgs.append({"role": "user", "content": _flatten(parts)})
+        elif role == "assistant":
+            if isinstance(content, str):
+                msgs.append({"role": "assistant", "content": content})
+                continue
+            texts, calls = [], []
+            for b in content if isinstance(content, list) else []:
+                if not isinstance(b, dict):
+                    continue
+                if b.get("type") == "text":
+                    texts.append(b.get("text", ""))
+                elif b.get("type") == "tool_use":
+                    calls.append({"id": b.get("id", ""), "type": "function",
+                                  "function": {"name": b.get("name", ""),
+                                               "arguments": json.dumps(b.get("input", {}), ensure_ascii=False)}})
+            out: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+            if calls:
+                out["tool_calls"] = calls
+            msgs.append(out)
+        else:
+            raise ValueError(f"messages: unknown role {role!r}")
+    req: dict[str, Any] = {"model": model or body.get("model", ""), "messages": msgs}
+    if "max_tokens" in body:
+        req["max_tokens"] = body["max_tokens"]
+    for k in ("temperature", "top_p", "top_k"):
+        if k in body:
+            req[k] = body[k]
+    if body.get("stop_sequences"):
+        req["stop"] = body["stop_sequences"]
+    tools = [t for t in body.get("tools") or [] if isinstance(t, dict) and "input_schema" in t]
+    if tools:
+        req["tools"] = [{"type": "function", "function": {
+            "name": t.get("name", ""), "description": t.get("description", ""),
+            "parameters": t.get("input_schema") or {"type": "object"}}} for t in tools]
+    tc = body.get("tool_choice")
+    if isinstance(tc, dict):
+        kind = tc.get("type")
+        if kind == "auto":
+            req["tool_choice"] = "auto"
+        elif kind == "any":
+            req["tool_choice"] = "required"
+        elif kind == "none":
+            req["tool_choice"] = "none"
+        elif kind == "tool":
+            req["tool_choice"] = {"type": "function", "function": {"name": tc.get("name", "")}}
+        if tc.get("disable_parallel_tool_use"):
+            req["parallel_tool_calls"] = False
+    if body.get("stream"):
+        req["stream"] = True
+        req["stream_options"] = {"include_usage": True}
+    return req
+
+
+def usage_from_openai(usage: Any) -> dict[str, int]:
+    """OpenAI usage -> Anthropic usage (cached prompt tokens become cache_read_input_tokens)."""
+    if not isinstance(usage, dict):
+        return {}
+    prompt = int(usage.get("prompt_tokens") or 0)
+    cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
+    out = {"input_tokens": prompt - cached, "output_tokens": int(usage.get("completion_tokens") or 0)}
+    if cached or usage.get("prompt_tokens_details") is not None:
+        out["cache_read_input_tokens"] = cached
+    return out
+
+
+def _tool_input(arguments: Any) -> Any:
+    if isinstance(arguments, dict):
+        return arguments
+    try:
+        value = json.loads(arguments or "{}")
+    except ValueError:
+        return {"arguments": arguments}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def from_openai_response(resp: dict, model: str) -> dict:
+    """A non-streamed Chat Completions response as an Anthropic Message."""
+    choice = (resp.get("choices") or [{}])[0]
+    msg = choice.get("message") or {}
+    content: list[dict] = []
+    if msg.get("content"):
+        content.append({"type": "text", "text": msg["content"]})
+    for call in msg.get("tool_calls") or []:
+        fn = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+                        "name": fn.get("name", ""), "input": _tool_input(fn.get("arguments"))})
+    usage = usage_from_openai(resp.get("usage")) or {"input_tokens": 0, "output_tokens": 0}
+    return {"id": f"msg_{resp.get('id') or uuid.uuid4().hex}", "type": "message", "role": "assistant",
+            "model": model, "content": content,
+            "stop_reason": STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
+            "stop_sequence": None, "usage": usage}
+
+
+def error_from_openai(status: int, raw: bytes, backend: str) -> dict:
+    """Any backend error body as Anthropic's error shape, naming the backend."""
+    message = raw[:2000].decode("utf-8", "replace").strip()
+    try:
+        body = json.loads(raw)
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+        elif isinstance(err, str):
+            message = err
+    except ValueError:
+        pass
+    return anthropic_error(error_type_for(status), f"backend {backend} returned HTTP {status}: {message}")
+
+
+class StreamTranslator:
+    """OpenAI Chat Completions SSE bytes in, Anthropic Messages SSE bytes out (chunk by chunk)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self._dec = SSEDecoder()
+        self._started = False
+        self._finished = False
+        self._block: tuple[str, int | None] | None = None  # ("text", None) | ("tool", openai index)
+        self._index = -1
+        self._stop = "end_turn"
+        self._usage: dict[str, int] = {}
+
+    def feed(self, chunk: bytes) -> bytes:
+        events = self._dec.feed(chunk) if chunk else self._dec.flush()
+        out = [self._event(ev.data) for ev in events]
+        if not chunk:
+            out.append(self._finish())
+        return b"".join(out)
+
+    def _start(self, chunk_id: str | None) -> bytes:
+        if self._started:
+            return b""
+        self._started = True
+        return encode_event("message_start", {"type": "message_start", "message": {
+            "id": f"msg_{chunk_id or uuid.uuid4().hex}", "type": "message", "role": "assistant",
+            "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": 0, "output_tokens": 0}}})
+
+    def _close(self) -> bytes:
+        if self._block is None:
+            return b""
+        self._block = None
+        return encode_event("content_block_stop", {"type": "content_block_stop", "index": self._index})
+
+    def _open(self, block: tuple[str, int | None], content_block: dict) -> bytes:
+        out = self._close()
+        self._index += 1
+        self._block = block
+        return out + encode_event("content_block_start", {"type": "content_block_start", "index": self._index,
+                                                          "content_block": content_block})
+
+    def _event(self, data: str) -> bytes:
+        if self._finished:
+            return b""
+        if data.strip() == "[DONE]":
+            return self._finish()
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return b""
+        if not isinstance(obj, dict):
+            return b""
+        if "error" in obj:
+            err = obj["error"]
+            msg = err.get("message") if isinstance(err, dict) else str(err)
+            self._finished = True
+            return self._start(None) + encode_event("error", anthropic_error("api_error", f"backend error: {msg}"))
+        out = [self._start(obj.get("id"))]
+        if obj.get("usage"):
+            self._usage = usage_from_openai(obj["usage"])
+        for choice in obj.get("choices") or []:
+            delta = choice.get("delta") or {}
+            text = delta.get("content")
+            if text:
+                if self._block != ("text", None):
+                    out.append(self._open(("text", None), {"type": "text", "text": ""}))
+                out.append(encode_event("content_block_delta", {"type": "content_block_delta", "index": self._index,
+                                                                "delta": {"type": "text_delta", "text": text}}))
+            for call in delta.get("tool_calls") or []:
+                key = ("tool", call.get("index", 0))
+                fn = call.get("function") or {}
+                if self._block != key:
+                    out.append(self._open(key, {"type": "tool_use",
+                                                "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+                                                "name": fn.get("name", ""), "input": {}}))
+                args = fn.get("arguments")
+                if args:
+                    out.append(encode_event("content_block_delta", {
+                        "type": "content_block_delta", "index": self._index,
+                        "delta": {"type": "input_json_delta", "partial_json": args}}))
+            if choice.get("finish_reason"):
+                self._stop = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+        return b"".join(out)
+
+    def _finish(self) -> bytes:
+        if self._finished:
+            return b""
+        self._finished = True
+        usage = self._usage or {"output_tokens": 0}
+        return b"".join([
+            self._start(None), self._close(),
+            encode_event("message_delta", {"type": "message_delta",
+                                           "delta": {"stop_reason": self._stop, "stop_sequence": None},
+                                           "usage": usage}),
+            encode_event("message_stop", {"type": "message_stop"}),
+        ])
