@@ -1,0 +1,445 @@
+"""Read captures into records and DataFrames.
+
+Three input shapes are accepted (see docs/analysis.md):
+
+* warmturn capture JSONL (``docs/capture-format.md``, ``schema`` 1), one flow per line;
+* raw JSONL of Anthropic Messages request bodies, one request per line (or a JSON array);
+* request-log JSONL, one ``{"t", "method", "path", "headers", "body"}`` object per line
+  (what ``bench/record.py`` writes);
+* HAR files (``log.entries[].request.postData.text``), e.g. exported from a browser,
+  mitmweb or Charles.
+
+Every input becomes a *record*: a plain dict with the capture fields the analysis needs
+(``body`` is the request body as the backend saw it, ``original`` the body as the client
+sent it). Lines that cannot be read are counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA = 1
+COLD_HIT_RATIO = 0.1  # cache_read / prompt below this counts as "≈ 0", i.e. cold
+_PROGRESS_BYTES = 8 << 20  # show progress for files larger than this
+
+
+@dataclass
+class LoadStats:
+    """What happened while reading: per-file record and bad-line counts."""
+
+    files: dict[str, dict[str, int]] = field(default_factory=dict)
+    bad_examples: list[str] = field(default_factory=list)
+
+    @property
+    def records(self) -> int:
+        return sum(f["records"] for f in self.files.values())
+
+    @property
+    def bad(self) -> int:
+        return sum(f["bad"] for f in self.files.values())
+
+    def _bad(self, source: str, line: int, reason: str) -> None:
+        self.files[source]["bad"] += 1
+        if len(self.bad_examples) < 10:
+            self.bad_examples.append(f"{source}:{line}: {reason}")
+
+
+@dataclass
+class LoadResult:
+    records: list[dict]
+    stats: LoadStats
+
+
+# --------------------------------------------------------------------------- restoring
+
+
+_PATH_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
+
+
+def parse_path(path: str) -> list[str | int]:
+    """``system[2].text`` -> ``["system", 2, "text"]``; raises ValueError on junk."""
+    out: list[str | int] = []
+    pos = 0
+    for m in _PATH_TOKEN.finditer(path):
+        gap = path[pos : m.start()]
+        if gap not in ("", "."):
+            raise ValueError(f"bad path {path!r}")
+        out.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
+        pos = m.end()
+    if pos != len(path) or not out:
+        raise ValueError(f"bad path {path!r}")
+    return out
+
+
+def restore_original(body: dict | None, headers: dict | None, stripped: Sequence[dict]) -> tuple[dict | None, dict]:
+    """The client's original body and headers: the forwarded ones with ``stripped`` put back.
+
+    Entries are undone in reverse order, as docs/capture-format.md prescribes.
+    """
+    body = copy.deepcopy(body)
+    headers = dict(headers or {})
+    for entry in reversed(list(stripped or [])):
+        kind = entry.get("kind")
+        if kind == "header":
+            headers[str(entry.get("name", "")).lower()] = entry.get("value")
+        elif body is None:
+            continue
+        elif kind == "system_block":
+            system = body.get("system")
+            if isinstance(system, str):
+                system = [{"type": "text", "text": system}]
+            system = list(system or [])
+            system.insert(int(entry.get("index", 0)), entry.get("block"))
+            body["system"] = system
+        elif kind == "fragment":
+            keys = parse_path(str(entry.get("path", "")))
+            parent = body
+            for k in keys[:-1]:
+                parent = parent[k]
+            text = parent[keys[-1]]
+            off = int(entry.get("offset", 0))
+            parent[keys[-1]] = text[:off] + str(entry.get("text", "")) + text[off:]
+    return body, headers
+
+
+# --------------------------------------------------------------------------- record building
+
+
+def _lower_headers(headers) -> dict[str, str]:
+    if isinstance(headers, dict):
+        return {str(k).lower(): v for k, v in headers.items()}
+    if isinstance(headers, list):  # HAR: [{"name":…, "value":…}]
+        out: dict[str, str] = {}
+        for h in headers:
+            if isinstance(h, dict) and "name" in h:
+                name = str(h["name"]).lower()
+                out[name] = f"{out[name]}, {h.get('value', '')}" if name in out else h.get("value", "")
+        return out
+    return {}
+
+
+def _session_from_metadata(body: dict | None) -> str | None:
+    """Claude Code puts a JSON string with ``session_id`` into ``metadata.user_id``."""
+    if not isinstance(body, dict):
+        return None
+    uid = (body.get("metadata") or {}).get("user_id") if isinstance(body.get("metadata"), dict) else None
+    if not isinstance(uid, str):
+        return None
+    try:
+        data = json.loads(uid)
+    except ValueError:
+        m = re.search(r"session_([0-9a-f-]{8,})", uid)
+        return m.group(1) if m else None
+    return data.get("session_id") if isinstance(data, dict) else None
+
+
+def _billing_says_subagent(body: dict | None) -> bool:
+    if not isinstance(body, dict) or not isinstance(body.get("system"), list):
+        return False
+    for block in body["system"]:
+        if isinstance(block, dict) and "cc_is_subagent=true" in str(block.get("text", "")):
+            return True
+    return False
+
+
+def _kind_from_path(path: str, body) -> str:
+    p = path.split("?")[0]
+    if p.endswith("/count_tokens"):
+        return "count_tokens"
+    if p.endswith("/messages") or (not p and isinstance(body, dict) and "messages" in body):
+        return "messages"
+    if p.endswith("/models"):
+        return "models"
+    return "other"
+
+
+def _base_record(source: str, line: int) -> dict:
+    return {
+        "source": source, "line": line, "id": f"{Path(source).name}:{line}", "kind": "messages",
+        "label": None, "normalize": None, "session_id": None, "agent_id": None, "is_subagent": False,
+        "model": None, "stream": None, "status": None, "error": None, "t": {}, "ttfb_ms": None,
+        "ttft_ms": None, "total_ms": None, "usage": None, "stop_reason": None, "prefix_hash": None,
+        "stripped": [], "headers": {}, "body": None, "original": None, "original_headers": {},
+        "shape": None,
+    }
+
+
+def record_from_capture(obj: dict, source: str, line: int) -> dict:
+    """A schema-1 capture line -> record. Raises ValueError for other schemas."""
+    if obj.get("schema") != SCHEMA:
+        raise ValueError(f"unsupported schema {obj.get('schema')!r}")
+    rec = _base_record(source, line)
+    for k in ("kind", "label", "normalize", "session_id", "agent_id", "model", "stream", "status",
+              "error", "ttfb_ms", "ttft_ms", "total_ms", "usage", "stop_reason", "prefix_hash"):
+        if k in obj:
+            rec[k] = obj[k]
+    rec["id"] = str(obj.get("id") or rec["id"])
+    rec["t"] = obj.get("t") or {}
+    rec["is_subagent"] = bool(obj.get("is_subagent"))
+    rec["stripped"] = list(obj.get("stripped") or [])
+    req = obj.get("request") or {}
+    rec["headers"] = _lower_headers(req.get("headers"))
+    body = req.get("body")
+    rec["body"] = body if isinstance(body, dict) else None
+    rec["original"], rec["original_headers"] = restore_original(rec["body"], rec["headers"], rec["stripped"])
+    rec["shape"] = "capture"
+    return rec
+
+
+def record_from_body(body: dict, source: str, line: int, headers: dict | None = None) -> dict:
+    """A raw Anthropic Messages request body (no timings) -> record."""
+    rec = _base_record(source, line)
+    rec["headers"] = _lower_headers(headers or {})
+    rec["body"] = body
+    rec["original"], rec["original_headers"] = body, dict(rec["headers"])
+    rec["model"] = body.get("model")
+    rec["stream"] = body.get("stream")
+    rec["session_id"] = rec["headers"].get("x-claude-code-session-id") or _session_from_metadata(body)
+    rec["agent_id"] = rec["headers"].get("x-claude-code-agent-id")
+    rec["is_subagent"] = bool(rec["agent_id"]) or _billing_says_subagent(body)
+    rec["shape"] = "raw"
+    return rec
+
+
+def _parse_sse_usage(text: str) -> tuple[dict | None, str | None]:
+    usage: dict = {}
+    stop = None
+    for raw in text.splitlines():
+        if not raw.startswith("data:"):
+            continue
+        try:
+            ev = json.loads(raw[5:].strip())
+        except ValueError:
+            continue
+        if not isinstance(ev, dict):
+            continue
+        if ev.get("type") == "message_start":
+            usage.update((ev.get("message") or {}).get("usage") or {})
+        elif ev.get("type") == "message_delta":
+            usage.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
+            stop = (ev.get("delta") or {}).get("stop_reason") or stop
+    return (usage or None), stop
+
+
+def records_from_har(har: dict, source: str, stats: LoadStats) -> list[dict]:
+    """HAR ``log.entries`` -> records (Messages-shaped POST bodies only; others counted bad)."""
+    entries = (har.get("log") or {}).get("entries")
+    if not isinstance(entries, list):
+        raise ValueError("HAR without log.entries")
+    out = []
+    for i, entry in enumerate(entries, 1):
+        try:
+            req = entry["request"]
+            text = (req.get("postData") or {}).get("text")
+            if not text:
+                continue  # GETs, HEADs: nothing to analyse, not an error
+            body = json.loads(text)
+            if not isinstance(body, dict):
+                raise ValueError("postData is not a JSON object")
+            url = str(req.get("url", ""))
+            path = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
+            rec = record_from_body(body, source, i, req.get("headers"))
+            rec["kind"] = _kind_from_path(path, body)
+            rec["shape"] = "har"
+            resp = entry.get("response") or {}
+            rec["status"] = resp.get("status")
+            started = entry.get("startedDateTime")
+            if started:
+                t0 = datetime.fromisoformat(str(started).replace("Z", "+00:00")).timestamp()
+                tim = entry.get("timings") or {}
+                before = sum(max(0.0, float(tim.get(k) or 0)) for k in ("blocked", "dns", "connect", "send"))
+                wait = tim.get("wait")
+                rec["t"] = {"request": t0}
+                if wait is not None and float(wait) >= 0:
+                    rec["ttfb_ms"] = before + float(wait)
+                if entry.get("time") is not None:
+                    rec["total_ms"] = float(entry["time"])
+            content = (resp.get("content") or {}).get("text")
+            if isinstance(content, str) and content:
+                if "data:" in content[:2000]:
+                    rec["usage"], rec["stop_reason"] = _parse_sse_usage(content)
+                else:
+                    try:
+                        rb = json.loads(content)
+                        if isinstance(rb, dict):
+                            rec["usage"], rec["stop_reason"] = rb.get("usage"), rb.get("stop_reason")
+                    except ValueError:
+                        pass
+            out.append(rec)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            stats._bad(source, i, f"HAR entry: {e}")
+    return out
+
+
+def _classify_line(obj, source: str, line: int, stats: LoadStats) -> list[dict]:
+    if isinstance(obj, dict) and "schema" in obj:
+        return [record_from_capture(obj, source, line)]
+    if isinstance(obj, dict) and "log" in obj:
+        return records_from_har(obj, source, stats)
+    if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+        return [record_from_body(obj, source, line)]
+    if isinstance(obj, dict) and "path" in obj and "body" in obj:
+        # a request log line: {"t", "method", "path", "headers", "body"} (bench/record.py writes these)
+        body = obj["body"]
+        if not isinstance(body, dict):
+            return []  # HEAD / and other body-less requests: nothing to analyse
+        rec = record_from_body(body, source, line, obj.get("headers"))
+        rec["kind"] = _kind_from_path(str(obj.get("path") or ""), body)
+        rec["shape"] = "request-log"
+        if isinstance(obj.get("t"), (int, float)):
+            rec["t"] = {"request": float(obj["t"])}
+        return [rec]
+    raise ValueError("neither a capture record, a Messages request body nor a HAR")
+
+
+def read_file(path: str | Path, stats: LoadStats, progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+    """All records of one file (any accepted shape); bad lines are counted in ``stats``."""
+    path = Path(path)
+    source = str(path)
+    stats.files.setdefault(source, {"records": 0, "bad": 0})
+    data = path.read_bytes()
+    total = len(data)
+    text = data.decode("utf-8", errors="replace")
+    out: list[dict] = []
+    stripped = text.lstrip()
+    if stripped[:1] in ("{", "["):
+        # A whole-file JSON document (HAR, or an array of bodies)? Try that before lines.
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, list):
+            for i, obj in enumerate(doc, 1):
+                try:
+                    out.extend(_classify_line(obj, source, i, stats))
+                except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+                    stats._bad(source, i, str(e))
+            stats.files[source]["records"] += len(out)
+            return out
+        if isinstance(doc, dict) and "log" in doc:
+            out = records_from_har(doc, source, stats)
+            stats.files[source]["records"] += len(out)
+            return out
+    done = 0
+    next_report = _PROGRESS_BYTES
+    for i, raw in enumerate(text.splitlines(), 1):
+        done += len(raw) + 1
+        if progress and total > _PROGRESS_BYTES and done >= next_report:
+            progress(source, done, total)
+            next_report += _PROGRESS_BYTES
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+            out.extend(_classify_line(obj, source, i, stats))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            stats._bad(source, i, str(e)[:200])
+    if progress and total > _PROGRESS_BYTES:
+        progress(source, total, total)
+    stats.files[source]["records"] += len(out)
+    return out
+
+
+def stderr_progress(source: str, done: int, total: int) -> None:
+    """Default progress reporter for long loads: one line per step on stderr."""
+    print(f"  reading {Path(source).name}: {done / total:6.1%} of {total / 1e6:.1f} MB", file=sys.stderr)
+
+
+def load_records(paths: Iterable[str | Path], labels: Sequence[str] | None = None,
+                 progress: Callable[[str, int, int], None] | None = None) -> LoadResult:
+    """Read every file; label records with ``labels[i]`` (else their own label, else the file stem)."""
+    paths = list(paths)
+    if labels and len(labels) not in (1, len(paths)):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} files: give one, or one per file")
+    stats = LoadStats()
+    records: list[dict] = []
+    for i, p in enumerate(paths):
+        recs = read_file(p, stats, progress)
+        forced = (labels[i] if len(labels) == len(paths) else labels[0]) if labels else None
+        for r in recs:
+            r["arm"] = forced or r.get("label") or Path(p).stem
+        records.extend(recs)
+    return LoadResult(records, stats)
+
+
+# --------------------------------------------------------------------------- flows DataFrame
+
+
+def _num(x) -> float:
+    try:
+        return float(x) if x is not None else float("nan")
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def flows_frame(records: Sequence[dict]) -> pd.DataFrame:
+    """One row per Messages flow: timings, tokens, hit ratio, session turn, arm, cold/warm class."""
+    from .sessions import assign_sessions
+
+    msgs = [r for r in records if r.get("kind") == "messages"]
+    assign_sessions(msgs)
+    rows = []
+    for r in msgs:
+        u = r.get("usage") or {}
+        t = r.get("t") or {}
+        inp, read, cre = _num(u.get("input_tokens")), _num(u.get("cache_read_input_tokens")), _num(u.get("cache_creation_input_tokens"))
+        prompt = sum(x for x in (inp, read, cre) if x == x) if inp == inp else float("nan")
+        rows.append({
+            "arm": r.get("arm"), "source": Path(r["source"]).name, "line": r["line"], "id": r["id"],
+            "session": r.get("session"), "agent": r.get("agent") or "main", "is_subagent": bool(r.get("is_subagent")),
+            "model": r.get("model"), "status": r.get("status"),
+            "error_type": (r.get("error") or {}).get("type") if isinstance(r.get("error"), dict) else None,
+            "normalize": r.get("normalize"), "t_request": _num(t.get("request")),
+            "ttfb_ms": _num(r.get("ttfb_ms")), "ttft_ms": _num(r.get("ttft_ms")), "total_ms": _num(r.get("total_ms")),
+            "input_tokens": inp, "output_tokens": _num(u.get("output_tokens")),
+            "cache_read_tokens": read, "cache_creation_tokens": cre, "prompt_tokens": prompt,
+            "prefix_hash": r.get("prefix_hash"), "stripped_count": len(r.get("stripped") or []),
+        })
+    cols = ["arm", "source", "line", "id", "session", "agent", "is_subagent", "model", "status", "error_type",
+            "normalize", "t_request", "ttfb_ms", "ttft_ms", "total_ms", "input_tokens", "output_tokens",
+            "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "prefix_hash", "stripped_count"]
+    df = pd.DataFrame(rows, columns=cols)
+    return add_derived(df)
+
+
+def add_derived(df: pd.DataFrame) -> pd.DataFrame:
+    """Add ``uncached_tokens``, ``hit_ratio``, ``turn`` and ``cls`` (cold/warm) to a flows frame.
+
+    Pure over the columns, so tests can build frames from literal rows. Cold means: the cache
+    reported reading ≈ nothing (``hit_ratio`` < 0.1), or, when the backend reports no cache
+    usage, the first request of its prefix hash within its arm (the first of its session when
+    there is no hash either).
+    """
+    df = df.copy()
+    for c in ("input_tokens", "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "t_request", "ttft_ms"):
+        if c not in df:
+            df[c] = float("nan")
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    missing_prompt = df["prompt_tokens"].isna()
+    df.loc[missing_prompt, "prompt_tokens"] = (
+        df.loc[missing_prompt, ["input_tokens", "cache_read_tokens", "cache_creation_tokens"]].sum(axis=1, min_count=1))
+    df["uncached_tokens"] = df["prompt_tokens"] - df["cache_read_tokens"].fillna(0)
+    df["hit_ratio"] = (df["cache_read_tokens"] / df["prompt_tokens"]).where(df["prompt_tokens"] > 0)
+    if "agent" not in df:
+        df["agent"] = "main"
+    if "session" not in df:
+        df["session"] = "s1"
+    df["_order"] = range(len(df))
+    df = df.sort_values(["arm", "t_request", "_order"], na_position="last", kind="stable")
+    df["turn"] = df.groupby(["arm", "session", "agent"], dropna=False).cumcount() + 1
+    key = df["prefix_hash"] if "prefix_hash" in df else pd.Series([None] * len(df), index=df.index)
+    key = key.where(key.notna(), df["session"].astype(str) + "/" + df["agent"].astype(str))
+    first_of_prefix = ~pd.DataFrame({"arm": df["arm"], "k": key}).duplicated()
+    by_usage = df["hit_ratio"] < COLD_HIT_RATIO
+    df["cls"] = ["cold" if (b if h == h else f) else "warm"
+                 for b, h, f in zip(by_usage, df["hit_ratio"], first_of_prefix)]
+    return df.drop(columns="_order").sort_values(["arm", "session", "agent", "turn"], kind="stable").reset_index(drop=True)

@@ -1,0 +1,100 @@
+"""Terminal output: aligned tables, ANSI colours only when writing to a TTY."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+
+from .diff import POISONS, DiffReport
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_CODES = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
+
+
+class Style:
+    def __init__(self, enabled: bool | None = None):
+        if enabled is None:
+            enabled = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+        self.enabled = enabled
+
+    def __call__(self, text: str, color: str) -> str:
+        return f"\x1b[{_CODES[color]}m{text}\x1b[0m" if self.enabled else text
+
+
+def _width(s: str) -> int:
+    return len(_ANSI.sub("", s))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence], style: Style) -> str:
+    """Columns padded to their widest cell (colour codes do not count)."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in r] for r in rows]
+    widths = [max(_width(r[i]) for r in cells) for i in range(len(headers))]
+    lines = []
+    for n, r in enumerate(cells):
+        line = "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths)).rstrip()
+        lines.append(style(line, "bold") if n == 0 else line)
+    return "\n".join(lines)
+
+
+def _clip(v, n: int = 48) -> str:
+    s = v if isinstance(v, str) else repr(v)
+    s = s.replace("\n", "⏎")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def format_diff(rep: DiffReport, style: Style | None = None) -> str:
+    """The human-readable diff report."""
+    st = style or Style()
+    out: list[str] = []
+    out.append(st("Consecutive requests", "bold") + f" ({len(rep.pairs)} pairs)")
+    rows = []
+    for p in rep.pairs:
+        d = p.divergence
+        share = d.shared_chars / d.chars_b if d.chars_b else 1.0
+        tok = f"{d.shared_tokens}/{d.tokens_b}" if d.shared_tokens is not None else "-"
+        where = d.where
+        where = st(where, "red") if d.in_prefix else st(where, "green") if where in ("identical", "end") else where
+        rows.append([p.relation, p.session[:12], p.agent[:12], f"{p.a_id[-10:]}→{p.b_id[-10:]}",
+                     f"{d.shared_chars}/{d.chars_b}", f"{share:.0%}", tok, where, len(p.changes)])
+    out.append(table(["relation", "session", "agent", "pair", "shared chars", "share", "shared tokens",
+                      "diverges at", "changes"], rows, st))
+    for p in rep.pairs:
+        if p.divergence.in_prefix:
+            out.append(f"  {p.relation} {p.b_id}: prefix diverges at {p.divergence.where}:")
+            out.append("    before: " + st(p.divergence.snippet_a, "dim"))
+            out.append("    after:  " + p.divergence.snippet_b)
+    out.append("")
+    out.append(st("Volatile paths", "bold"))
+    rows = []
+    for v in rep.volatile:
+        region = st(v.region, "red") if v.region == "prefix" else v.region
+        if v.expected:
+            region = st("messages (growth, expected)", "green")
+        rows.append([v.path, region, v.count, ",".join(v.relations), v.poison or "",
+                     _clip(v.example_old, 36), _clip(v.example_new, 36)])
+    out.append(table(["path", "where", "times", "seen in", "known as", "old", "new"], rows, st))
+    if rep.poisons:
+        out.append("")
+        out.append(st("Known cache poisons", "bold"))
+        for name, n in sorted(rep.poisons.items(), key=lambda kv: -kv[1]):
+            out.append(f"  {st(name, 'yellow')} ×{n}: {POISONS.get(name, '')}")
+    if rep.stripped:
+        out.append("")
+        out.append(st("Already removed by the addon", "bold"))
+        for k, n in rep.stripped.items():
+            out.append(f"  {k} ×{n}")
+    out.append("")
+    if rep.suggestions:
+        out.append(st("Suggested normalization (add to the mitmdump command line)", "bold"))
+        for s in rep.suggestions:
+            out.append(f"  {s.path}{' (' + s.poison + ')' if s.poison else ''}: {_clip(s.example_old, 30)} → "
+                       f"{_clip(s.example_new, 30)}")
+            out.append("    " + st(s.set_arg, "green"))
+    else:
+        out.append("No volatile system-prompt text needing a new pattern.")
+    if rep.unsuggested:
+        out.append("  No pattern for: " + ", ".join(rep.unsuggested)
+                   + " (tools and wholly different prompts cannot be normalized by text patterns)")
+    return "\n".join(out)
