@@ -1,0 +1,158 @@
+"""``python -m server`` / ``warmturn-server``: the Anthropic Messages API on mlx-lm.
+
+argparse lives in :func:`main` only; everything else is built by small functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("server")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def make_store(args: argparse.Namespace, model: Any):
+    """The cross-request prefix KV store (``server.cache``), or None for ``--no-cache``."""
+    if args.no_cache:
+        return None
+    try:
+        from server.cache import PrefixCache
+    except ImportError as e:
+        log.warning("prefix cache unavailable (%s): every request prefills from scratch", e)
+        return None
+    return PrefixCache(model, max_bytes=args.cache_bytes, cache_dir=args.cache_dir)
+
+
+def context_length(model_dir: Path, tokenizer: Any) -> int:
+    """The served model's context window: config.json's max_position_embeddings (or the like)."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        config = {}
+    for key in ("max_position_embeddings", "max_seq_len", "seq_length", "n_positions", "model_max_length"):
+        text_cfg = config.get("text_config") or {}
+        for cfg in (config, text_cfg):
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                return cfg[key]
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n < 10**7 else 4096
+
+
+def setup_logging(level: str, log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        handlers=handlers, force=True)
+
+
+def build_state(args: argparse.Namespace):
+    """Load the model and wire renderer, engine and store into a ServerState."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from server.blas import blas_in_use
+    from server.convert import resolve_model
+    from server.engine import Engine
+    from server.http import ServerState
+    from server.metrics import Metrics
+    from server.render import Renderer
+    from server.toolcalls import format_for_tokenizer
+
+    model_dir = resolve_model(args.model)
+    log.info("MLX device %s, BLAS: %s", mx.default_device(), blas_in_use())
+    log.info("loading %s", model_dir)
+    model, tokenizer = load(str(model_dir))
+    metrics = Metrics()
+
+    def on_event(name: str, value: float) -> None:
+        if name == "generated_tokens":
+            metrics.inc("generated_tokens_total", value)
+
+    engine = Engine(model, tokenizer, make_store(args, model), max_queue=args.max_queue,
+                    prefill_chunk=args.prefill_chunk, on_event=on_event)
+    renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
+    fmt = format_for_tokenizer(tokenizer)
+    ctx = context_length(model_dir, tokenizer)
+    name = args.served_model_name or model_dir.name
+    log.info("serving %s: context %d tokens, tool calls %s, tools via %s, prefix order %s", name, ctx,
+             fmt.name, "chat template" if renderer.template_tools else "system prompt (hermes)", args.prefix_order)
+    return ServerState(engine=engine, renderer=renderer, model_id=name, context_length=ctx, tool_format=fmt,
+                       api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                       request_timeout=args.request_timeout, metrics=metrics)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="warmturn-server",
+        description="Anthropic Messages API (/v1/messages, streaming, tools, count_tokens) on an mlx-lm model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=None,
+                   help="mlx-lm model directory or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default=None, help="id in /v1/models (default: the model directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback requires --api-key")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("WARMTURN_API_KEY"),
+                   help="require this key in x-api-key or Authorization: Bearer (env WARMTURN_API_KEY)")
+    p.add_argument("--prefix-order", choices=["system-first", "tools-first"], default="system-first",
+                   help="inside the system turn, render the system text before the tools or after them")
+    p.add_argument("--cache-bytes", type=int, default=None,
+                   help="prefix KV cache budget in bytes (default: a third of available memory)")
+    p.add_argument("--cache-dir", default=None, help="persist prefix-cache checkpoints in this directory")
+    p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
+    p.add_argument("--max-queue", type=int, default=8, help="requests allowed to wait for the worker (then 529)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in total")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="larger request bodies get 413")
+    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
+    p.add_argument("--log-file", default=None, help="also append the log (one JSON line per request) here")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from server.blas import maybe_reexec
+
+    args = make_parser().parse_args(argv)
+    if not is_loopback(args.host) and not args.api_key:
+        print(f"error: refusing to bind {args.host} (not loopback) without --api-key: anyone on the network "
+              f"could use the model. Pass --api-key KEY or bind 127.0.0.1.", file=sys.stderr)
+        return 2
+    if argv is None:
+        maybe_reexec()  # only for a real command line: re-exec replays sys.orig_argv
+    setup_logging(args.log_level, args.log_file)
+
+    import uvicorn
+
+    from server.http import make_app
+
+    state = build_state(args)
+    state.engine.start()
+    config = uvicorn.Config(make_app(state), host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    log.info("listening on http://%s:%d", args.host, args.port)
+    try:
+        server.run()
+    finally:
+        state.engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,437 @@
+"""HTTP routing for the Anthropic Messages API: thin handlers over wire, render and engine.
+
+Why Starlette on uvicorn: this server needs incremental SSE writes (``StreamingResponse``
+sends each event as it is produced), prompt detection of a client that went away (Starlette
+listens for ``http.disconnect`` while streaming and cancels the body iterator; before the
+stream starts we poll ``is_disconnected``), and many cheap concurrent requests (count_tokens,
+health, models) beside one long generation: on one asyncio loop they cost a coroutine each
+and never wait for the MLX worker thread. The standard library's ``http.server`` gives one
+thread per connection and no disconnect signal; a full framework adds nothing we use.
+
+Every response carries a ``request-id`` header; every error is Anthropic's
+``{"type": "error", "error": {...}, "request_id": ...}`` through :func:`send_error`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from anyio import to_thread
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from server import wire
+from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, RequestTimeout
+from server.metrics import Metrics, safe_stats
+from server.render import Renderer
+from server.toolcalls import OutputAssembler, ToolCallFormat
+
+log = logging.getLogger(__name__)
+request_log = logging.getLogger("warmturn.requests")
+
+# Names stock clients ask for; all of them are served by the loaded model.
+CLAUDE_ALIASES = (
+    "claude-opus-4-8",
+    "claude-sonnet-4-5",
+    "claude-sonnet-4-5-20250929",
+    "claude-haiku-4-5",
+    "claude-haiku-4-5-20251001",
+    "claude-opus-4-1-20250805",
+    "claude-sonnet-4-20250514",
+    "claude-3-5-haiku-20241022",
+)
+CREATED_AT = "2025-01-01T00:00:00Z"
+
+
+@dataclass
+class ServerState:
+    engine: Engine
+    renderer: Renderer
+    model_id: str
+    context_length: int
+    tool_format: ToolCallFormat
+    api_key: str | None = None
+    max_body_bytes: int = 32 * 1024 * 1024
+    request_timeout: float = 600.0
+    metrics: Metrics = field(default_factory=Metrics)
+    render_lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.error_type, self.message = status, error_type, message
+
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def request_id(request: Request) -> str:
+    return request.scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
+
+
+def send_error(request: Request, status: int, message: str, error_type: str | None = None) -> JSONResponse:
+    """The one place errors are produced: Anthropic's shape, status, and the request id."""
+    rid = request_id(request)
+    etype = error_type or _STATUS_TYPES.get(status, "api_error")
+    return JSONResponse(wire.error_body(etype, message, rid), status_code=status, headers={"request-id": rid})
+
+
+class RequestIdMiddleware:
+    """Pure ASGI: give every request an id and put it in a ``request-id`` response header."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
+
+        async def send_with_id(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"request-id"]
+                headers.append((b"request-id", rid.encode()))
+                message = dict(message, headers=headers)
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+    """Map exceptions to Anthropic errors; count the request by endpoint and status."""
+
+    @functools.wraps(handler)
+    async def wrapper(request: Request) -> Response:
+        state: ServerState = request.app.state.warmturn
+        try:
+            resp = await handler(request)
+        except ApiError as e:
+            resp = send_error(request, e.status, e.message, e.error_type)
+        except wire.RequestError as e:
+            resp = send_error(request, 400, str(e))
+        except Overloaded as e:
+            resp = send_error(request, 529, str(e))
+        except RequestTimeout as e:
+            resp = send_error(request, 504, str(e))
+        except Exception as e:  # a bug must not kill the server: 500, logged with its traceback
+            log.exception("unhandled error in %s", handler.__name__)
+            resp = send_error(request, 500, f"internal error: {type(e).__name__}: {e}")
+        state.metrics.inc("requests_total", endpoint=handler.__name__, status=str(resp.status_code))
+        return resp
+
+    return wrapper
+
+
+def check_auth(request: Request, api_key: str | None) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("x-api-key")
+    if given is None:
+        auth = request.headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+    if not given:
+        raise ApiError(401, "authentication_error", "missing API key: send it in x-api-key or Authorization: Bearer")
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise ApiError(401, "authentication_error", "invalid x-api-key")
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, "invalid_request_error", f"request body is not valid JSON: {e}") from None
+
+
+async def render(state: ServerState, req: wire.MessagesRequest):
+    """Tokenize on a worker thread (never the MLX queue); one tokenizer user at a time."""
+
+    def run():
+        with state.render_lock:
+            return state.renderer.render(req)
+
+    return await to_thread.run_sync(run)
+
+
+# --------------------------------------------------------------------------- handlers
+
+
+@guarded
+async def root(request: Request) -> Response:
+    if request.method == "HEAD":
+        return Response(status_code=200)
+    return PlainTextResponse("warmturn server: Anthropic Messages API at /v1/messages\n")
+
+
+@guarded
+async def health(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    return JSONResponse({"status": "ok", "model": state.model_id, "queue_depth": state.engine.depth,
+                         "busy": state.engine.busy})
+
+
+@guarded
+async def metrics(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    store = state.engine.store
+    text = state.metrics.render(
+        {"queue_depth": state.engine.depth, "busy": float(state.engine.busy)},
+        safe_stats(store.stats if store is not None else None),
+    )
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+
+def _models(state: ServerState) -> list[dict[str, Any]]:
+    ids = [state.model_id] + [a for a in CLAUDE_ALIASES if a != state.model_id]
+    return [wire.model_info(i, i if i == state.model_id else f"{i} (served by {state.model_id})", CREATED_AT)
+            for i in ids]
+
+
+@guarded
+async def list_models(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    check_auth(request, state.api_key)
+    q = request.query_params
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise ApiError(400, "invalid_request_error", "limit: expected an integer") from None
+    return JSONResponse(wire.page_models(_models(state), limit=limit, after_id=q.get("after_id"),
+                                         before_id=q.get("before_id")))
+
+
+@guarded
+async def get_model(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    check_auth(request, state.api_key)
+    model_id = request.path_params["model_id"]
+    for m in _models(state):
+        if m["id"] == model_id:
+            return JSONResponse(m)
+    if model_id.startswith("claude-"):  # any Claude name is served by the loaded model
+        return JSONResponse(wire.model_info(model_id, f"{model_id} (served by {state.model_id})", CREATED_AT))
+    raise ApiError(404, "not_found_error", f"model: {model_id}")
+
+
+@guarded
+async def count_tokens(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    check_auth(request, state.api_key)
+    req = wire.parse_messages_request(await read_json(request, state.max_body_bytes), count_only=True)
+    rendered = await render(state, req)
+    return JSONResponse(wire.count_tokens_body(len(rendered.tokens)))
+
+
+async def _next(q: asyncio.Queue, request: Request, poll: float = 0.25) -> object:
+    """Next engine item; raises CancelledError-like ApiError if the client went away meanwhile."""
+    while True:
+        try:
+            return await asyncio.wait_for(q.get(), poll)
+        except TimeoutError:
+            if await request.is_disconnected():
+                raise ClientGone() from None
+
+
+class ClientGone(Exception):
+    pass
+
+
+@guarded
+async def messages(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    check_auth(request, state.api_key)
+    t_start = time.monotonic()
+    req = wire.parse_messages_request(await read_json(request, state.max_body_bytes))
+    rendered = await render(state, req)
+    n = len(rendered.tokens)
+    if n >= state.context_length:
+        raise ApiError(400, "invalid_request_error",
+                       f"prompt is too long: {n} tokens > {state.context_length - 1} maximum "
+                       f"(the served model's context is {state.context_length} tokens)")
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def emit(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(q.put_nowait, item)
+        except RuntimeError:  # the loop is gone (shutdown): nobody is listening
+            pass
+
+    temperature = 1.0 if req.temperature is None else req.temperature
+    gen = GenerationRequest(
+        tokens=rendered.tokens,
+        max_tokens=min(req.max_tokens or 1, state.context_length - n),
+        emit=emit,
+        prefix_len=rendered.prefix_len,
+        temperature=temperature,
+        top_p=req.top_p or 0.0,
+        top_k=req.top_k or 0,
+        deadline=time.monotonic() + state.request_timeout,
+    )
+    state.engine.submit(gen)
+    record: dict[str, Any] = {"request_id": request_id(request), "model": req.model, "stream": req.stream,
+                              "prompt_tokens": n, "prefix_len": rendered.prefix_len}
+    try:
+        first = await _next(q, request)
+    except (ClientGone, asyncio.CancelledError):
+        gen.cancel.set()
+        record["outcome"] = "client_gone"
+        request_log.info("%s", json.dumps(record))
+        raise
+    if isinstance(first, Exception):
+        raise first
+    if isinstance(first, Done):  # cancelled or timed out before prefill finished
+        raise RequestTimeout("the request's time limit passed before generation started")
+    assert isinstance(first, Prefilled)
+    ttft: list[float] = []
+    record.update(reused=first.reused, created=first.created, prefill_ms=round(first.prefill_ms, 1),
+                  queued_ms=round(first.queued_ms, 1))
+    state.metrics.inc("prefill_tokens_total", n - 1 - first.reused)
+    state.metrics.inc("reused_tokens_total", first.reused)
+    state.metrics.observe("prefill_seconds", first.prefill_ms / 1000)
+    usage = wire.Usage(input_tokens=n - first.reused, cache_read_input_tokens=first.reused,
+                       cache_creation_input_tokens=first.created)
+    stream = wire.MessageStream(req.model, usage)
+    fmt = state.tool_format if (req.tools and req.tool_choice.type != "none") else None
+    asm = OutputAssembler(stream, req.stop_sequences, fmt, tools=None, json_mode=req.output_schema is not None)
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        """Engine items -> Anthropic events; cancels generation when the consumer stops."""
+        outcome = "cancelled"
+        output_tokens = 0
+        try:
+            for ev in stream.start():
+                yield ev
+            while True:
+                item = await q.get()
+                if isinstance(item, Exception):
+                    outcome = "error"
+                    raise item
+                if isinstance(item, Piece):
+                    if not ttft:
+                        ttft.append((time.monotonic() - t_start) * 1000)
+                        state.metrics.observe("ttft_seconds", ttft[0] / 1000)
+                    output_tokens = item.output_tokens
+                    evs, stop_hit = asm.feed(item.text)
+                    for ev in evs:
+                        yield ev
+                    if stop_hit:
+                        gen.cancel.set()
+                        for ev in asm.finish("stop", output_tokens):
+                            yield ev
+                        outcome = "stop_sequence"
+                        return
+                elif isinstance(item, Done):
+                    output_tokens = max(output_tokens, item.output_tokens)
+                    for ev in asm.finish(item.reason, output_tokens):
+                        yield ev
+                    outcome = item.reason
+                    record["decode_tps"] = round(item.decode_tps, 1)
+                    return
+        finally:
+            gen.cancel.set()  # no-op when finished; stops the worker within one token otherwise
+            record.update(outcome=outcome, output_tokens=output_tokens,
+                          ttft_ms=round(ttft[0], 1) if ttft else None,
+                          total_ms=round((time.monotonic() - t_start) * 1000, 1))
+            request_log.info("%s", json.dumps(record))
+
+    if not req.stream:
+        try:
+            async for _ in _watch_disconnect(events(), request):
+                pass
+        except ClientGone:
+            return Response(status_code=499)
+        return JSONResponse(stream.message())
+
+    async def body() -> AsyncIterator[bytes]:
+        agen = events()
+        try:
+            async for ev in agen:
+                yield wire.sse(ev)
+        except Exception as e:  # after the stream began: an `error` event, then the end
+            log.exception("generation failed mid-stream")
+            yield wire.sse(wire.error_body("api_error", f"{type(e).__name__}: {e}"))
+        finally:
+            await agen.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream",
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+
+
+async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: float = 0.25) -> AsyncIterator[Any]:
+    """Iterate ``agen``, raising :class:`ClientGone` (and closing it) if the client disconnects."""
+    it = agen.__aiter__()
+    try:
+        while True:
+            task = asyncio.ensure_future(it.__anext__())
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=poll)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    task.cancel()
+                    raise ClientGone()
+            try:
+                yield task.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        await agen.aclose()  # type: ignore[attr-defined]
+
+
+async def not_found(request: Request, exc: HTTPException) -> Response:
+    if exc.status_code == 404:
+        return send_error(request, 404, f"{request.method} {request.url.path}: no such endpoint")
+    if exc.status_code == 405:
+        return send_error(request, 405, f"{request.method} is not allowed on {request.url.path}")
+    return send_error(request, exc.status_code, str(exc.detail))
+
+
+def make_app(state: ServerState) -> Starlette:
+    routes = [
+        Route("/", root, methods=["GET", "HEAD"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/messages", messages, methods=["POST"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app.state.warmturn = state
+    app.add_middleware(RequestIdMiddleware)
+    return app

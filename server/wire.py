@@ -1,0 +1,448 @@
+"""Anthropic Messages JSON <-> dataclasses, and response events -> SSE bytes.
+
+Pure: nothing here knows about HTTP, MLX or the tokenizer. ``parse_messages_request``
+validates a decoded request body and raises :class:`RequestError` (a ``ValueError``) with
+a message fit to send back as an ``invalid_request_error``. :class:`MessageStream` turns
+the output of generation (text pieces, tool calls, the final stop reason) into Anthropic's
+streaming events and, at the same time, the equivalent non-streaming message.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Role = Literal["user", "assistant", "system"]
+StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
+
+
+class RequestError(ValueError):
+    """A request the client must fix: becomes a 400 ``invalid_request_error``."""
+
+    status = 400
+    error_type = "invalid_request_error"
+
+
+# --------------------------------------------------------------------------- request model
+
+
+@dataclass(frozen=True)
+class TextBlock:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolUseBlock:
+    id: str
+    name: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolResultBlock:
+    tool_use_id: str
+    content: str
+    is_error: bool = False
+
+
+Block = TextBlock | ToolUseBlock | ToolResultBlock
+
+
+@dataclass(frozen=True)
+class Message:
+    role: Role
+    blocks: tuple[Block, ...]
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ToolChoice:
+    type: Literal["auto", "any", "tool", "none"] = "auto"
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class MessagesRequest:
+    model: str
+    messages: tuple[Message, ...]
+    system: tuple[str, ...] = ()
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice = field(default_factory=ToolChoice)
+    max_tokens: int | None = None
+    stream: bool = False
+    stop_sequences: tuple[str, ...] = ()
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    output_schema: dict[str, Any] | None = None
+
+
+_DROPPED_BLOCKS = {"thinking", "redacted_thinking"}
+_IMAGE_BLOCKS = {"image", "document"}
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise RequestError(message)
+
+
+def _text_of(content: Any, where: str) -> str:
+    """Text of a string or a list of text blocks (tool_result content, system)."""
+    if isinstance(content, str):
+        return content
+    _require(isinstance(content, list), f"{where}: expected a string or a list of content blocks")
+    parts = []
+    for i, block in enumerate(content):
+        _require(isinstance(block, dict), f"{where}.{i}: expected an object")
+        kind = block.get("type")
+        if kind == "text":
+            _require(isinstance(block.get("text"), str), f"{where}.{i}.text: Field required")
+            parts.append(block["text"])
+        elif kind in _IMAGE_BLOCKS:
+            raise RequestError(f"{where}.{i}: {kind} content is not supported: the served model has no vision")
+        elif kind in _DROPPED_BLOCKS:
+            continue
+        else:
+            raise RequestError(f"{where}.{i}.type: unsupported content block type {kind!r}")
+    return "\n".join(parts)
+
+
+def _parse_block(block: Any, where: str) -> Block | None:
+    _require(isinstance(block, dict), f"{where}: expected an object")
+    kind = block.get("type")
+    if kind == "text":
+        _require(isinstance(block.get("text"), str), f"{where}.text: Field required")
+        return TextBlock(block["text"])
+    if kind == "tool_use":
+        _require(isinstance(block.get("id"), str), f"{where}.id: Field required")
+        _require(isinstance(block.get("name"), str), f"{where}.name: Field required")
+        inp = block.get("input", {})
+        _require(isinstance(inp, dict), f"{where}.input: expected an object")
+        return ToolUseBlock(block["id"], block["name"], inp)
+    if kind == "tool_result":
+        _require(isinstance(block.get("tool_use_id"), str), f"{where}.tool_use_id: Field required")
+        content = block.get("content", "")
+        return ToolResultBlock(
+            block["tool_use_id"], _text_of(content, f"{where}.content"), bool(block.get("is_error", False))
+        )
+    if kind in _DROPPED_BLOCKS:
+        return None
+    if kind in _IMAGE_BLOCKS:
+        raise RequestError(f"{where}: {kind} content is not supported: the served model has no vision")
+    if kind in ("server_tool_use", "web_search_tool_result", "search_result"):
+        raise RequestError(f"{where}.type: {kind!r} blocks are not supported by this server")
+    raise RequestError(f"{where}.type: unknown content block type {kind!r}")
+
+
+def _parse_message(msg: Any, where: str) -> Message:
+    _require(isinstance(msg, dict), f"{where}: expected an object")
+    role = msg.get("role")
+    _require(role in ("user", "assistant", "system"), f"{where}.role: expected 'user', 'assistant' or 'system'")
+    _require("content" in msg, f"{where}.content: Field required")
+    content = msg["content"]
+    if isinstance(content, str):
+        return Message(role, (TextBlock(content),))
+    _require(isinstance(content, list), f"{where}.content: expected a string or a list of content blocks")
+    blocks = []
+    for i, b in enumerate(content):
+        parsed = _parse_block(b, f"{where}.content.{i}")
+        if parsed is not None:
+            blocks.append(parsed)
+    if role == "system":
+        _require(all(isinstance(b, TextBlock) for b in blocks), f"{where}.content: system messages hold text only")
+    return Message(role, tuple(blocks))
+
+
+def _parse_tools(tools: Any) -> tuple[Tool, ...]:
+    _require(isinstance(tools, list), "tools: expected a list")
+    out = []
+    for i, t in enumerate(tools):
+        _require(isinstance(t, dict), f"tools.{i}: expected an object")
+        _require(isinstance(t.get("name"), str) and t["name"], f"tools.{i}.name: Field required")
+        if "input_schema" not in t:
+            # Server tools (web_search, bash_20250124, ...) carry a `type` and no schema: the
+            # model cannot run them here, so they are skipped rather than rejected.
+            _require("type" in t and t.get("type") != "custom", f"tools.{i}.input_schema: Field required")
+            continue
+        schema = t["input_schema"]
+        _require(isinstance(schema, dict), f"tools.{i}.input_schema: expected an object")
+        desc = t.get("description", "")
+        _require(isinstance(desc, str), f"tools.{i}.description: expected a string")
+        out.append(Tool(t["name"], desc, schema))
+    return tuple(out)
+
+
+def _parse_tool_choice(tc: Any) -> ToolChoice:
+    if tc is None:
+        return ToolChoice()
+    _require(isinstance(tc, dict), "tool_choice: expected an object")
+    kind = tc.get("type")
+    _require(kind in ("auto", "any", "tool", "none"), "tool_choice.type: expected auto, any, tool or none")
+    if kind == "tool":
+        _require(isinstance(tc.get("name"), str), "tool_choice.name: Field required")
+    return ToolChoice(kind, tc.get("name"))
+
+
+def _number(body: Mapping[str, Any], key: str, kind: type, lo: float, hi: float | None) -> Any:
+    v = body.get(key)
+    if v is None:
+        return None
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+    if kind is int:
+        ok = ok and float(v).is_integer()
+    _require(ok, f"{key}: expected a number")
+    _require(v >= lo and (hi is None or v <= hi), f"{key}: out of range")
+    return kind(v)
+
+
+def _output_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``output_config.format`` (or the older top-level ``output_format``) json_schema, if any."""
+    for fmt in ((body.get("output_config") or {}).get("format"), body.get("output_format")):
+        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+            schema = fmt.get("schema")
+            return schema if isinstance(schema, dict) else {}
+    return None
+
+
+def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRequest:
+    """Validate a decoded ``/v1/messages`` (or ``count_tokens``) body.
+
+    Unknown and unused fields (``metadata``, ``thinking``, ``context_management``,
+    ``cache_control``...) are ignored. Raises :class:`RequestError` on what the client must fix.
+    """
+    _require(isinstance(body, dict), "request body: expected a JSON object")
+    model = body.get("model")
+    _require(isinstance(model, str) and model != "", "model: Field required")
+    _require("messages" in body, "messages: Field required")
+    raw = body["messages"]
+    _require(isinstance(raw, list), "messages: expected a list")
+    _require(len(raw) > 0, "messages: at least one message is required")
+    messages = tuple(_parse_message(m, f"messages.{i}") for i, m in enumerate(raw))
+    max_tokens = None
+    if not count_only:
+        _require("max_tokens" in body, "max_tokens: Field required")
+        max_tokens = _number(body, "max_tokens", int, 1, None)
+        _require(max_tokens is not None, "max_tokens: Field required")
+    system: tuple[str, ...] = ()
+    if body.get("system") is not None:
+        sys_field = body["system"]
+        if isinstance(sys_field, str):
+            system = (sys_field,) if sys_field else ()
+        else:
+            _require(isinstance(sys_field, list), "system: expected a string or a list of text blocks")
+            system = tuple(_text_of([b], f"system.{i}") for i, b in enumerate(sys_field))
+    stops = body.get("stop_sequences") or []
+    _require(
+        isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
+        "stop_sequences: expected a list of non-empty strings",
+    )
+    stream = body.get("stream", False)
+    _require(isinstance(stream, bool), "stream: expected a boolean")
+    return MessagesRequest(
+        model=model,
+        messages=messages,
+        system=system,
+        tools=_parse_tools(body["tools"]) if body.get("tools") is not None else (),
+        tool_choice=_parse_tool_choice(body.get("tool_choice")),
+        max_tokens=max_tokens,
+        stream=stream,
+        stop_sequences=tuple(stops),
+        temperature=_number(body, "temperature", float, 0.0, 2.0),
+        top_p=_number(body, "top_p", float, 0.0, 1.0),
+        top_k=_number(body, "top_k", int, 0, None),
+        output_schema=_output_schema(body),
+    )
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:
+    """Anthropic's error shape."""
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
+    if request_id:
+        body["request_id"] = request_id
+    return body
+
+
+def sse(event: Mapping[str, Any]) -> bytes:
+    """One server-sent event: ``event: <type>`` and compact JSON data."""
+    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+
+
+def new_id(prefix: str) -> str:
+    """``msg_…`` / ``toolu_…`` / ``req_…`` style ids (24 random base32-ish characters)."""
+    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZabcdefghijkmnpqrstuvwxyz"
+    return prefix + "".join(secrets.choice(alphabet) for _ in range(24))
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+    def as_dict(self, output_tokens: int) -> dict[str, int]:
+        return {
+            "input_tokens": self.input_tokens,
+            "cache_creation_input_tokens": self.cache_creation_input_tokens,
+            "cache_read_input_tokens": self.cache_read_input_tokens,
+            "output_tokens": output_tokens,
+        }
+
+
+class MessageStream:
+    """Builds one assistant message as Anthropic streaming events and as a final message.
+
+    Call :meth:`start`, then :meth:`text` / :meth:`tool_use` as output arrives, then
+    :meth:`finish`. Each returns the list of event dicts to send (pass them to :func:`sse`);
+    :meth:`message` returns the non-streaming equivalent. Empty text never opens a block.
+    """
+
+    def __init__(self, model: str, usage: Usage, *, make_id: Callable[[str], str] = new_id) -> None:
+        self.model = model
+        self.usage = usage
+        self._make_id = make_id
+        self.id = make_id("msg_")
+        self._content: list[dict[str, Any]] = []
+        self._open: str | None = None  # "text" while a text block is open
+        self._final: dict[str, Any] | None = None
+
+    def start(self) -> list[dict[str, Any]]:
+        msg = self._skeleton()
+        msg["usage"] = self.usage.as_dict(0)
+        return [{"type": "message_start", "message": msg}, {"type": "ping"}]
+
+    def _skeleton(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+        }
+
+    def _close(self) -> list[dict[str, Any]]:
+        if self._open is None:
+            return []
+        self._open = None
+        return [{"type": "content_block_stop", "index": len(self._content) - 1}]
+
+    def text(self, piece: str) -> list[dict[str, Any]]:
+        if not piece:
+            return []
+        events: list[dict[str, Any]] = []
+        if self._open != "text":
+            events += self._close()
+            self._content.append({"type": "text", "text": ""})
+            self._open = "text"
+            events.append(
+                {"type": "content_block_start", "index": len(self._content) - 1,
+                 "content_block": {"type": "text", "text": ""}}
+            )
+        self._content[-1]["text"] += piece
+        events.append(
+            {"type": "content_block_delta", "index": len(self._content) - 1,
+             "delta": {"type": "text_delta", "text": piece}}
+        )
+        return events
+
+    def tool_use(self, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]]:
+        events = self._close()
+        block = {"type": "tool_use", "id": self._make_id("toolu_"), "name": name, "input": arguments}
+        self._content.append(block)
+        index = len(self._content) - 1
+        events.append(
+            {"type": "content_block_start", "index": index,
+             "content_block": {"type": "tool_use", "id": block["id"], "name": name, "input": {}}}
+        )
+        events.append(
+            {"type": "content_block_delta", "index": index,
+             "delta": {"type": "input_json_delta", "partial_json": json.dumps(arguments, ensure_ascii=False)}}
+        )
+        events.append({"type": "content_block_stop", "index": index})
+        return events
+
+    @property
+    def has_tool_use(self) -> bool:
+        return any(b["type"] == "tool_use" for b in self._content)
+
+    def finish(self, stop_reason: StopReason, output_tokens: int, stop_sequence: str | None = None) -> list[dict[str, Any]]:
+        events = self._close()
+        if not self._content:
+            # Anthropic always has at least one content block in practice; an empty text block
+            # keeps clients that index content[0] working.
+            self._content.append({"type": "text", "text": ""})
+            events += [
+                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+                {"type": "content_block_stop", "index": 0},
+            ]
+        usage = self.usage.as_dict(output_tokens)
+        self._final = self._skeleton() | {
+            "content": self._content,
+            "stop_reason": stop_reason,
+            "stop_sequence": stop_sequence,
+            "usage": usage,
+        }
+        events.append(
+            {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+             "usage": usage}
+        )
+        events.append({"type": "message_stop"})
+        return events
+
+    def message(self) -> dict[str, Any]:
+        if self._final is None:
+            raise RuntimeError("message() before finish()")
+        return self._final
+
+
+def count_tokens_body(input_tokens: int) -> dict[str, int]:
+    return {"input_tokens": input_tokens}
+
+
+def model_info(model_id: str, display_name: str, created_at: str) -> dict[str, Any]:
+    return {"type": "model", "id": model_id, "display_name": display_name, "created_at": created_at}
+
+
+def page_models(
+    models: Sequence[dict[str, Any]], *, limit: int = 20, after_id: str | None = None, before_id: str | None = None
+) -> dict[str, Any]:
+    """Anthropic's paginated list shape over ``models`` (ordered as given)."""
+    if limit < 1 or limit > 1000:
+        raise RequestError("limit: must be between 1 and 1000")
+    ids = [m["id"] for m in models]
+    lo, hi = 0, len(models)
+    if after_id is not None:
+        if after_id not in ids:
+            raise RequestError(f"after_id: unknown model {after_id!r}")
+        lo = ids.index(after_id) + 1
+    if before_id is not None:
+        if before_id not in ids:
+            raise RequestError(f"before_id: unknown model {before_id!r}")
+        hi = ids.index(before_id)
+    window = list(models[lo:hi])
+    if before_id is not None and after_id is None:
+        page = window[-limit:]
+        has_more = len(window) > limit
+    else:
+        page = window[:limit]
+        has_more = len(window) > limit
+    return {
+        "data": page,
+        "first_id": page[0]["id"] if page else None,
+        "last_id": page[-1]["id"] if page else None,
+        "has_more": has_more,
+    }
