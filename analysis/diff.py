@@ -384,6 +384,7 @@ def aggregate(pairs: Sequence[PairDiff]) -> list[VolatilePath]:
                     old, new = _changed_middle(old, new)
                 row = rows[key] = VolatilePath(key, c.region, 0, [], _short(old), _short(new), c.expected, c.poison)
             row.count += 1
+            row.poison = row.poison or c.poison
             if p.relation not in row.relations:
                 row.relations.append(p.relation)
     order = {"prefix": 0, "headers": 1, "params": 2, "messages": 3}
@@ -399,6 +400,8 @@ def _token_class(parts: Sequence[str]) -> str:
         return r"[0-9]+"
     if re.fullmatch(r"[0-9a-f]+", joined):
         return r"[0-9a-f]+"
+    if re.fullmatch(r"[0-9-]+", joined):
+        return r"[0-9-]+"
     if re.fullmatch(r"[0-9A-Fa-f-]+", joined):
         return r"[0-9A-Fa-f-]+"
     if re.fullmatch(r"[\w.:/-]+", joined):

@@ -434,7 +434,10 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     if "session" not in df:
         df["session"] = "s1"
     df["_order"] = range(len(df))
-    df = df.sort_values(["arm", "t_request", "_order"], na_position="last", kind="stable")
+    if "arm_order" not in df:  # arms keep the order they first appear in (file order)
+        first = {a: i for i, a in reversed(list(enumerate(df["arm"])))}
+        df["arm_order"] = df["arm"].map(first)
+    df = df.sort_values(["arm_order", "t_request", "_order"], na_position="last", kind="stable")
     df["turn"] = df.groupby(["arm", "session", "agent"], dropna=False).cumcount() + 1
     key = df["prefix_hash"] if "prefix_hash" in df else pd.Series([None] * len(df), index=df.index)
     key = key.where(key.notna(), df["session"].astype(str) + "/" + df["agent"].astype(str))
@@ -442,4 +445,5 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
     by_usage = df["hit_ratio"] < COLD_HIT_RATIO
     df["cls"] = ["cold" if (b if h == h else f) else "warm"
                  for b, h, f in zip(by_usage, df["hit_ratio"], first_of_prefix)]
-    return df.drop(columns="_order").sort_values(["arm", "session", "agent", "turn"], kind="stable").reset_index(drop=True)
+    return df.drop(columns="_order").sort_values(["arm_order", "session", "agent", "turn"],
+                                                 kind="stable").reset_index(drop=True)

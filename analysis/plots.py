@@ -1,0 +1,180 @@
+"""Latency plots from a flows DataFrame (``load.flows_frame``). Agg backend, PNG.
+
+Each ``plot_*(df, path)`` writes one PNG and returns the matplotlib Figure (the caller
+closes it), so tests can look at the series and labels that were drawn.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+COLORS = {"cold": "#1f77b4", "warm": "#ff7f0e"}
+_ARM_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
+
+
+def _timed(df: pd.DataFrame) -> pd.DataFrame:
+    return df[df["ttft_ms"].notna()]
+
+
+def _save(fig, path: str | Path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _empty(ax, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} in these captures", ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_ttft_per_turn(df: pd.DataFrame, path: str | Path):
+    """TTFT (s) against turn index, one grey line per session/agent, points coloured cold/warm."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    d = _timed(df)
+    for _, g in d.groupby(["arm", "session", "agent"], dropna=False):
+        ax.plot(g["turn"], g["ttft_ms"] / 1000, color="0.8", linewidth=1, zorder=1)
+    for cls in ("cold", "warm"):
+        g = d[d["cls"] == cls]
+        ax.scatter(g["turn"], g["ttft_ms"] / 1000, color=COLORS[cls], label=f"{cls} ({len(g)})", zorder=2, s=28)
+    if d.empty:
+        _empty(ax, "timed requests")
+    ax.set_xlabel("turn in session")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title("TTFT per turn")
+    ax.legend(title="class")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_cold_warm(df: pd.DataFrame, path: str | Path):
+    """Box plot of TTFT (s) per arm and class, with the individual requests as points."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    d = _timed(df)
+    groups, labels, colors = [], [], []
+    for arm in _arm_order(d):
+        for cls in ("cold", "warm"):
+            vals = d[(d["arm"] == arm) & (d["cls"] == cls)]["ttft_ms"] / 1000
+            if len(vals):
+                groups.append(vals.to_numpy())
+                labels.append(f"{arm}\n{cls}")
+                colors.append(COLORS[cls])
+    if groups:
+        bp = ax.boxplot(groups, patch_artist=True, widths=0.5)
+        for patch, c in zip(bp["boxes"], colors):
+            patch.set_facecolor(c)
+            patch.set_alpha(0.35)
+        rng = np.random.default_rng(0)
+        for i, (vals, c) in enumerate(zip(groups, colors), 1):
+            ax.scatter(i + rng.uniform(-0.08, 0.08, len(vals)), vals, color=c, s=14, zorder=3)
+        ax.set_xticks(range(1, len(labels) + 1), labels)
+    else:
+        _empty(ax, "timed requests")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_xlabel("arm / class")
+    ax.set_title("Cold vs warm TTFT")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def cost_model(df: pd.DataFrame) -> tuple[float, float] | None:
+    """Least-squares ``ttft_ms ≈ a + b · uncached_tokens`` over timed flows (None with < 2 points)."""
+    d = _timed(df)
+    d = d[d["uncached_tokens"].notna()]
+    if len(d) < 2 or d["uncached_tokens"].nunique() < 2:
+        return None
+    b, a = np.polyfit(d["uncached_tokens"].astype(float), d["ttft_ms"].astype(float), 1)
+    return float(a), float(b)
+
+
+def plot_ttft_vs_uncached(df: pd.DataFrame, path: str | Path):
+    """TTFT (s) against uncached prompt tokens, with the fitted cost line."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    d = _timed(df)
+    d = d[d["uncached_tokens"].notna()]
+    for cls in ("cold", "warm"):
+        g = d[d["cls"] == cls]
+        ax.scatter(g["uncached_tokens"], g["ttft_ms"] / 1000, color=COLORS[cls], label=f"{cls} ({len(g)})", s=28)
+    fit = cost_model(df)
+    if fit:
+        a, b = fit
+        xs = np.linspace(0, float(d["uncached_tokens"].max()), 50)
+        ax.plot(xs, (a + b * xs) / 1000, color="0.3", linestyle="--",
+                label=f"fit: {a / 1000:.2f} s + {b:.2f} ms/token")
+    if d.empty:
+        _empty(ax, "requests with usage and timings")
+    ax.set_xlabel("uncached prompt tokens (prompt − cache read)")
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title("Cost model: TTFT grows with the uncached tail")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_hit_ratio(df: pd.DataFrame, path: str | Path):
+    """Cache hit ratio (cache read / prompt tokens, %) per turn, one line per arm."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    d = df[df["hit_ratio"].notna()]
+    for i, arm in enumerate(_arm_order(d)):
+        g = d[d["arm"] == arm].groupby("turn")["hit_ratio"].mean()
+        ax.plot(g.index, g.to_numpy() * 100, marker="o", color=_ARM_COLORS[i % len(_ARM_COLORS)], label=str(arm))
+    if d.empty:
+        _empty(ax, "cache usage reports")
+    else:
+        ax.legend(title="arm")
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("turn in session")
+    ax.set_ylabel("cache hit ratio (% of prompt tokens)")
+    ax.set_title("Prompt cache hit ratio per turn")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
+    """Median TTFT per arm (bars, p10–p90 whiskers) with the speed-up over ``baseline`` written on."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    d = _timed(df)
+    arms = _arm_order(d)
+    if arms:
+        base = baseline if baseline in arms else arms[0]
+        med = [float(d[d["arm"] == a]["ttft_ms"].median()) / 1000 for a in arms]
+        lo = [float(d[d["arm"] == a]["ttft_ms"].quantile(0.1)) / 1000 for a in arms]
+        hi = [float(d[d["arm"] == a]["ttft_ms"].quantile(0.9)) / 1000 for a in arms]
+        err = np.array([[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]])
+        bars = ax.bar(range(len(arms)), med, yerr=err, capsize=6,
+                      color=[_ARM_COLORS[i % len(_ARM_COLORS)] for i in range(len(arms))], label="median TTFT")
+        base_med = med[arms.index(base)]
+        for bar, m, a in zip(bars, med, arms):
+            text = "baseline" if a == base else (f"×{base_med / m:.1f}" if m > 0 else "")
+            ax.text(bar.get_x() + bar.get_width() / 2, m / 2 if m > 0 else 0, text, ha="center", va="center",
+                    fontsize=12, fontweight="bold", color="white" if m > 0 else "black")
+        ax.set_xticks(range(len(arms)), [str(a) for a in arms])
+    else:
+        _empty(ax, "timed requests")
+    ax.set_xlabel("arm")
+    ax.set_ylabel("median time to first token (s), whiskers p10–p90")
+    ax.set_title("A/B: median TTFT per arm (speed-up vs baseline on the bars)")
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
+def _arm_order(df: pd.DataFrame) -> list:
+    if "arm" not in df or df.empty:
+        return []
+    d = df.sort_values("arm_order", kind="stable") if "arm_order" in df else df
+    return list(dict.fromkeys(d["arm"].tolist()))
+
+
+PLOTS: Sequence[tuple[str, object]] = (
+    ("ttft_per_turn.png", plot_ttft_per_turn),
+    ("ttft_cold_warm.png", plot_cold_warm),
+    ("ttft_vs_uncached.png", plot_ttft_vs_uncached),
+    ("hit_ratio.png", plot_hit_ratio),
+    ("ab_median_ttft.png", plot_ab),
+)
