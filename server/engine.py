@@ -203,6 +203,7 @@ class Engine:
         detok.reset()
         eos = set(self.tokenizer.eos_token_ids)
         n = 0
+        generated: list[int] = []
         reason: Literal["stop", "length", "cancelled", "timeout"] = "length"
         gen_start = time.monotonic()
         steps = generate_step(mx.array(tokens[-1:]), self.model, prompt_cache=kv, sampler=sampler,
@@ -211,8 +212,10 @@ class Engine:
             for token, _ in steps:
                 if token in eos:
                     reason = "stop"
+                    generated.append(token)  # the next turn renders it too (e.g. <|im_end|>)
                     break
                 n += 1
+                generated.append(token)
                 detok.add_token(token)
                 if n == 1:
                     self._on_event("ttft_ms", (time.monotonic() - req.submitted) * 1000)
@@ -232,3 +235,11 @@ class Engine:
         elapsed = time.monotonic() - gen_start
         self._on_event("generated_tokens", float(n))
         req.emit(Done(reason, n, n / elapsed if elapsed > 0 else 0.0))
+        keep_generated = getattr(self.store, "store_generated", None)
+        if keep_generated is not None and reason in ("stop", "length"):
+            # Optional extension of the store: keep prompt + answer, so the next turn, which
+            # re-renders this answer, reuses its KV state too.
+            try:
+                keep_generated(list(tokens) + generated, kv)
+            except Exception:
+                log.exception("store_generated failed (ignored)")
