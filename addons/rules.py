@@ -15,9 +15,9 @@ from typing import Any
 
 BILLING_PREFIX = "x-anthropic-billing-header:"
 
-# A system text block matching one of these (re.search) is dropped whole.
+# A system text block matching one of these (re.search; ^ is the block's start) is dropped whole.
 DEFAULT_VOLATILE_PATTERNS: tuple[str, ...] = (r"^x-anthropic-billing-header:",)
-# Text matching one of these is cut out of the system blocks that stay (and out of a string `system`).
+# Text matching one of these (re.MULTILINE) is cut out of the system blocks that stay (and out of a string `system`).
 DEFAULT_VOLATILE_FRAGMENTS: tuple[str, ...] = (r"x-anthropic-billing-header:[^\n]*\n?",)
 # Request headers dropped before forwarding (case-insensitive names).
 DEFAULT_VOLATILE_HEADERS: tuple[str, ...] = (
@@ -36,14 +36,14 @@ class Rules:
     headers: frozenset[str] = frozenset()
 
 
-def compile_patterns(patterns: Iterable[str], what: str) -> tuple[re.Pattern[str], ...]:
+def compile_patterns(patterns: Iterable[str], what: str, flags: int = 0) -> tuple[re.Pattern[str], ...]:
     """Compile regexes; raise ValueError naming the bad one."""
     out = []
     for p in patterns:
         if not p:
             continue
         try:
-            out.append(re.compile(p, re.MULTILINE))
+            out.append(re.compile(p, flags))
         except re.error as e:
             raise ValueError(f"invalid regex in {what}: {p!r}: {e}") from e
     return tuple(out)
@@ -65,7 +65,7 @@ def make_rules(
         names.add(h)
     return Rules(
         compile_patterns(patterns, "volatile_patterns"),
-        compile_patterns(fragments, "volatile_fragments"),
+        compile_patterns(fragments, "volatile_fragments", re.MULTILINE),
         frozenset(names),
     )
 
