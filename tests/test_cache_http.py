@@ -1,0 +1,87 @@
+"""The prefix cache seen through HTTP: the real server (`python -m server`) in a subprocess,
+the official anthropic SDK as the client, usage accounting on a second turn."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import ROOT, free_port
+
+pytestmark = pytest.mark.model
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+SYSTEM = "You are a terse assistant in a terminal. Answer in one short sentence. " * 6
+
+
+def start_server(*flags: str):
+    port = free_port()
+    env = dict(os.environ)
+    if os.path.exists(OPENBLAS):
+        env.setdefault("LD_PRELOAD", OPENBLAS)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError("server did not become healthy in 120 s")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def two_turns(url):
+    import anthropic
+
+    client = anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0, timeout=120)
+    msgs = [{"role": "user", "content": "Which command lists files?"}]
+    first = client.messages.create(model="claude-opus-4-8", max_tokens=6, system=SYSTEM, messages=msgs)
+    reply = "".join(b.text for b in first.content if b.type == "text") or "ls"
+    msgs += [{"role": "assistant", "content": reply}, {"role": "user", "content": "And which one shows the current directory?"}]
+    with client.messages.stream(model="claude-opus-4-8", max_tokens=6, system=SYSTEM, messages=msgs) as s:
+        second = s.get_final_message()
+    return first.usage, second.usage
+
+
+@pytest.mark.parametrize("flags", [(), ("--no-cache",)], ids=["cache", "no-cache"])
+def test_second_turn_reads_the_cache(flags):
+    proc, url = start_server(*flags)
+    try:
+        u1, u2 = two_turns(url)
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    finally:
+        stop(proc)
+    assert (u1.cache_read_input_tokens or 0) == 0
+    if flags:
+        assert (u2.cache_read_input_tokens or 0) == 0
+        assert (u2.cache_creation_input_tokens or 0) == 0
+        assert u2.input_tokens > u1.input_tokens
+    else:
+        # the whole first prompt (system, first user turn) is read back; only the new turn is input
+        assert u2.cache_read_input_tokens >= u1.input_tokens - 1
+        assert u1.cache_creation_input_tokens == u1.input_tokens - 1
+        assert u2.input_tokens < u1.input_tokens
+        assert u2.input_tokens + u2.cache_read_input_tokens > u1.input_tokens
+        assert "hits" in metrics
