@@ -1,0 +1,234 @@
+"""analysis.diff / analysis.prompt: exact changed paths, divergence in chars and tokens, poisons, patterns."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from analysis.__main__ import main
+from analysis.diff import diff_payloads, diff_records, pattern_for
+from analysis.load import load_records
+from analysis.prompt import common_prefix_len, divergence, load_tokenizer, render
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURES = ROOT / "tests" / "fixtures" / "captures"
+REAL = ROOT / "tests" / "fixtures" / "claude_code"
+
+BASE = {
+    "model": "m", "max_tokens": 64, "stream": True,
+    "system": [{"type": "text", "text": "You are helpful."}, {"type": "text", "text": "Rules: be brief."}],
+    "tools": [{"name": "Read", "description": "read", "input_schema": {"type": "object"}},
+              {"name": "Bash", "description": "bash", "input_schema": {"type": "object"}}],
+    "messages": [{"role": "user", "content": "hi"}],
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+def _paths(changes):
+    return {c.path for c in changes}
+
+
+def test_diff_finds_exactly_the_changed_paths():
+    a = copy.deepcopy(BASE)
+    b = copy.deepcopy(BASE)
+    b["system"][1]["text"] = "Rules: be very brief."
+    b["tools"][1]["description"] = "run bash"
+    b["messages"].append({"role": "assistant", "content": "hello"})
+    b["max_tokens"] = 32
+    changes = diff_payloads(a, b, {"x-stainless-retry-count": "0", "content-length": "10", "host": "h"},
+                            {"x-stainless-retry-count": "1", "content-length": "99", "host": "h"})
+    assert _paths(changes) == {"system[1].text", "tools[1].description", "messages[1]", "max_tokens",
+                               "headers.x-stainless-retry-count"}
+    by = {c.path: c for c in changes}
+    assert by["messages[1]"].expected and by["messages[1]"].region == "messages"
+    assert not by["system[1].text"].expected and by["system[1].text"].region == "prefix"
+    assert by["max_tokens"].region == "params" and (by["max_tokens"].old, by["max_tokens"].new) == (64, 32)
+    assert by["headers.x-stainless-retry-count"].poison == "volatile_header"
+
+
+def test_identical_requests_have_no_changes():
+    assert diff_payloads(BASE, copy.deepcopy(BASE), {"a": "1"}, {"a": "1"}) == []
+
+
+def test_reordered_tools_is_one_named_change():
+    b = copy.deepcopy(BASE)
+    b["tools"].reverse()
+    changes = diff_payloads(BASE, b)
+    assert [(c.path, c.action, c.poison) for c in changes] == [("tools", "reordered", "tools_reordered")]
+    assert changes[0].old == ["Read", "Bash"] and changes[0].new == ["Bash", "Read"]
+
+
+def test_cache_control_move_and_content_shape_named():
+    a = copy.deepcopy(BASE)
+    a["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]
+    b = copy.deepcopy(BASE)
+    b["messages"] = [{"role": "user", "content": "hi"}]
+    changes = diff_payloads(a, b)
+    assert [(c.path, c.poison) for c in changes] == [("messages[0].content", "content_shape")]
+    c = copy.deepcopy(a)
+    del c["messages"][0]["content"][0]["cache_control"]
+    changes = diff_payloads(a, c)
+    assert [(c.path, c.poison) for c in changes] == [("messages[0].content[0].cache_control", "cache_control_moved")]
+
+
+def test_constructed_capture_pairs_and_volatile_table():
+    rep = diff_records(load_records([CAPTURES / "constructed_volatile.jsonl"]).records)
+    assert [p.relation for p in rep.pairs] == ["turn", "turn"]
+    assert set(rep.pairs[0].paths) == {"system[1].text", "headers.x-stainless-retry-count", "messages[1]", "messages[2]"}
+    assert set(rep.pairs[1].paths) == {"system[1].text", "messages[3]", "messages[4]"}
+    table = {v.path: v for v in rep.volatile}
+    assert set(table) == {"system[1].text", "headers.x-stainless-retry-count", "messages[+]"}
+    assert table["system[1].text"].count == 2 and table["system[1].text"].region == "prefix"
+    assert (table["system[1].text"].example_old, table["system[1].text"].example_new) == ("7", "8")
+    assert table["messages[+]"].count == 4 and table["messages[+]"].expected
+    assert rep.poisons == {"volatile_header": 1, "date": 1}
+
+
+def test_divergence_at_char_level():
+    a = copy.deepcopy(BASE)
+    b = copy.deepcopy(BASE)
+    b["system"][1]["text"] = "Rules: be kind."
+    d = divergence(a, b)
+    expected = len("You are helpful.\n" + "Rules: be ")
+    assert d.shared_chars == expected
+    assert d.where == "system[1]" and d.in_prefix
+    # 40 characters either side of the divergence, newlines shown as ⏎
+    assert d.snippet_a == 'You are helpful.⏎Rules: be ⟦brief.⏎{"name":"Read","description":"rea'
+    assert d.snippet_b == 'You are helpful.⏎Rules: be ⟦kind.⏎{"name":"Read","description":"read'
+    assert d.chars_a == len(render(a).text) and d.chars_b == len(render(b).text)
+    # a message appended: everything before it is shared, the divergence is in messages
+    c = copy.deepcopy(BASE)
+    c["messages"].append({"role": "assistant", "content": "yo"})
+    d = divergence(BASE, c)
+    assert d.shared_chars == len(render(BASE).text) and d.where == "messages[1]" and not d.in_prefix
+    assert divergence(BASE, copy.deepcopy(BASE)).where == "identical"
+
+
+def test_string_and_block_content_render_the_same():
+    b = copy.deepcopy(BASE)
+    b["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    assert render(BASE).text == render(b).text
+
+
+def test_divergence_at_token_level_with_the_default_tokenizer(tokenizer):
+    stable = "You are a careful assistant. Always answer in one short sentence."
+    a = {"system": [{"type": "text", "text": stable + " Alpha team owns this repository."}], "messages": []}
+    b = {"system": [{"type": "text", "text": stable + " Beta team owns this repository."}], "messages": []}
+    d = divergence(a, b, tokenizer)
+    assert d.shared_chars == len(stable) + 1  # the space before Alpha/Beta is shared
+    # byte-level BPE splits before " Alpha"/" Beta": the shared tokens are exactly those of the stable text
+    assert d.shared_tokens == len(tokenizer.encode(stable))
+    assert d.tokens_a == len(tokenizer.encode(render(a).text))
+    ta, tb = tokenizer.encode(render(a).text), tokenizer.encode(render(b).text)
+    assert ta[: d.shared_tokens] == tb[: d.shared_tokens] and ta[d.shared_tokens] != tb[d.shared_tokens]
+
+
+def test_common_prefix_len_long_inputs():
+    x = "a" * 10_000 + "b" + "c" * 50
+    y = "a" * 10_000 + "d"
+    assert common_prefix_len(x, y) == 10_000
+    assert common_prefix_len(x, x) == len(x)
+    assert common_prefix_len([1, 2, 3], [1, 2]) == 2
+
+
+def test_billing_block_named_between_main_agent_and_subagent_real_payloads():
+    rep = diff_records(load_records([REAL / "subagent_round.jsonl"]).records)
+    relations = sorted(p.relation for p in rep.pairs)
+    assert relations == ["subagent", "turn"]
+    sub = next(p for p in rep.pairs if p.relation == "subagent")
+    billing = [c for c in sub.changes if c.poison == "billing_block"]
+    assert [c.path for c in billing] == ["system[0].text"]
+    assert "cc_is_subagent=true" in billing[0].new
+    # the prefix diverges inside the billing block, right after the shared "cc_version=2.1.197."
+    assert sub.divergence.where == "system[0]"
+    assert sub.divergence.shared_chars == len("x-anthropic-billing-header: cc_version=2.1.197.")
+    # the subagent's own tool set is one named change, not a cascade of index shifts
+    assert [c.path for c in sub.changes if c.path == "tools"] == ["tools"]
+    assert rep.poisons["billing_block"] == 1
+
+
+def test_billing_block_named_across_turns_when_cch_rotates():
+    res = load_records([CAPTURES / "constructed_ab.jsonl"])
+    rep = diff_records(res.records)
+    off_turns = [p for p in rep.pairs if p.arm == "normalize-off" and p.relation == "turn"]
+    assert len(off_turns) == 4
+    for p in off_turns:
+        assert [c.path for c in p.changes if c.poison == "billing_block"] == ["system[0].text"]
+        assert p.divergence.where == "system[0]"
+    on_turns = [p for p in rep.pairs if p.arm == "normalize-on" and p.relation == "turn"]
+    # forwarded bodies: nothing changes in the prefix once the block is stripped
+    assert all(not p.divergence.in_prefix for p in on_turns) and len(on_turns) == 4
+    assert rep.stripped == {"system_block: ^x-anthropic-billing-header:": 6}
+    # the original bodies (stripped content restored) show the block again
+    rep_orig = diff_records(res.records, original=True)
+    on_orig = [p for p in rep_orig.pairs if p.arm == "normalize-on" and p.relation == "turn"]
+    assert all("system[0].text" in p.paths for p in on_orig)
+
+
+def _addon_strip(body, patterns):
+    """Run the addon's own normalizer (addons/rules.py) with extra fragment patterns."""
+    from addons.rules import DEFAULT_VOLATILE_FRAGMENTS, make_rules, strip_body
+
+    rules = make_rules(fragments=[*DEFAULT_VOLATILE_FRAGMENTS, *patterns])
+    return strip_body(body, rules)
+
+
+def test_suggested_patterns_remove_the_volatile_content_in_the_addon_normalizer():
+    res = load_records([CAPTURES / "constructed_volatile.jsonl"])
+    rep = diff_records(res.records)
+    patterns = [s.pattern for s in rep.suggestions]
+    assert patterns and all(s.option == "volatile_fragments" for s in rep.suggestions)
+    assert rep.suggestions[0].set_arg.startswith("--set ")
+    bodies = [r["body"] for r in res.records]
+    stripped = [_addon_strip(b, patterns) for b in bodies]
+    texts = [s[0]["system"][1]["text"] for s in stripped]
+    assert texts[0] == texts[1] == texts[2]
+    for t in texts:
+        assert not re.search(r"counter: \d|2026-11-2\d", t)
+    assert "Platform: linux" in texts[0] and "End of notes." in texts[0]
+    # and every removal is recorded as a fragment by the addon
+    assert all(any(e["kind"] == "fragment" for e in s[1]) for s in stripped)
+    # after normalization the prefixes are identical: a prefix cache can reuse all of system
+    d = divergence(stripped[0][0], stripped[2][0])
+    assert not d.in_prefix
+
+
+def test_suggested_pattern_for_real_claude_code_turns_in_the_addon_normalizer():
+    res = load_records([REAL / "full_two_turns.jsonl"])
+    rep = diff_records(res.records)
+    assert len(rep.pairs) == 1 and rep.pairs[0].divergence.where == "system[2]"
+    patterns = [s.pattern for s in rep.suggestions]
+    assert patterns
+    a, b = (_addon_strip(r["body"], patterns)[0] for r in res.records)
+    assert a["system"] == b["system"]
+    assert divergence(a, b).where.startswith("tools")  # the next volatile thing is a tool description
+
+
+def test_pattern_for_returns_none_when_nothing_differs_by_line():
+    assert pattern_for("same", "same") is None
+
+
+def test_cli_json_and_text(capsys):
+    assert main(["diff", str(CAPTURES / "constructed_volatile.jsonl"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["pairs"]) == 2 and out["load"]["bad_lines"] == 0
+    assert out["poisons"]["date"]["count"] == 1
+    assert any(s["set_arg"].startswith("--set volatile_fragments=") or "volatile_fragments=" in s["set_arg"]
+               for s in out["suggestions"])
+    assert main(["diff", str(CAPTURES / "constructed_ab.jsonl"), "--session", "sess-off-1"]) == 0
+    text = capsys.readouterr().out
+    assert "billing_block" in text and "2 bad lines skipped" in text
+    assert "\x1b[" not in text  # no colours when not a TTY
+
+
+def test_cli_tokenizer_errors_cleanly(capsys, tmp_path):
+    assert main(["diff", str(CAPTURES / "constructed_volatile.jsonl"), "--tokenizer", str(tmp_path)]) == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
