@@ -1,0 +1,81 @@
+"""Subprocess helpers for the addon's integration and end-to-end tests (real mitmdump, real servers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV_BIN = ROOT / ".venv" / "bin"
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    if os.path.exists(OPENBLAS):
+        env.setdefault("LD_PRELOAD", OPENBLAS)
+    env.update(extra)
+    return env
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"port {port} not listening after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@contextmanager
+def process(cmd: list[str], port: int, log: Path, timeout: float = 60, env: dict | None = None):
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT),
+                                env=env or child_env())
+    try:
+        wait_port(port, proc, timeout, log)
+        yield proc
+    finally:
+        stop(proc)
+
+
+def mitmdump(port: int, log: Path, **options) -> contextmanager:
+    cmd = [str(VENV_BIN / "mitmdump"), "-s", str(ROOT / "addons" / "normalize.py"),
+           "--listen-host", "127.0.0.1", "--listen-port", str(port)]
+    for k, v in options.items():
+        cmd += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+    return process(cmd, port, log)
+
+
+def read_capture(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+BILLING = "x-anthropic-billing-header: cc_version=2.1.197.{}; cc_entrypoint=sdk-cli;"
