@@ -1,0 +1,190 @@
+"""analysis.plots / analysis.report: numbers, figure contents, files, self-contained HTML, make report."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import pytest
+
+from analysis.load import add_derived
+from analysis.plots import (cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn,
+                            plot_ttft_vs_uncached)
+from analysis.report import build_report, summarize
+
+ROOT = Path(__file__).resolve().parent.parent
+CAPTURES = ROOT / "tests" / "fixtures" / "captures"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows():
+    rows = []
+    t = 0.0
+    # arm "off": every request cold, TTFT 2000, 2100, 2200 (uncached 1000 tokens each)
+    for i, ttft in enumerate((2000.0, 2100.0, 2200.0)):
+        t += 1
+        rows.append({"arm": "off", "session": "a", "agent": "main", "t_request": t, "ttft_ms": ttft,
+                     "prefix_hash": f"h{i}", "input_tokens": 1000, "cache_read_tokens": 0, "cache_creation_tokens": 0})
+    # arm "on": cold 2000 then warm 200, 300, 400 (uncached 1000 / 100 tokens)
+    for i, ttft in enumerate((2000.0, 200.0, 300.0, 400.0)):
+        t += 1
+        warm = i > 0
+        rows.append({"arm": "on", "session": "b", "agent": "main", "t_request": t, "ttft_ms": ttft, "prefix_hash": "h",
+                     "input_tokens": 100 if warm else 1000, "cache_read_tokens": 900 if warm else 0,
+                     "cache_creation_tokens": 0})
+    return add_derived(pd.DataFrame(rows).assign(prompt_tokens=float("nan")))
+
+
+@pytest.fixture
+def df():
+    return _rows()
+
+
+def test_summary_numbers(df):
+    s = summarize(df).set_index(["arm", "class"])
+    assert s.loc[("off", "cold"), "count"] == 3 and s.loc[("off", "warm"), "count"] == 0
+    assert s.loc[("off", "cold"), "median_ttft_ms"] == 2100.0
+    assert math.isclose(s.loc[("off", "cold"), "p90_ttft_ms"], 2180.0)
+    assert s.loc[("on", "warm"), "median_ttft_ms"] == 300.0
+    assert math.isclose(s.loc[("on", "warm"), "p90_ttft_ms"], 380.0)
+    assert math.isclose(s.loc[("on", "warm"), "speedup_vs_cold"], 2000.0 / 300.0)
+    # baseline = first arm: "all" medians 2100 vs 350
+    assert s.loc[("on", "all"), "median_ttft_ms"] == 350.0
+    assert math.isclose(s.loc[("on", "all"), "speedup_vs_baseline"], 6.0)
+    assert math.isclose(s.loc[("on", "warm"), "median_hit_ratio"], 0.9)
+
+
+def test_cost_model_fits_the_small_tail_line(df):
+    a, b = cost_model(df)
+    # points: (1000, 2000/2100/2200/2000) and (100, 200/300/400): slope 2,000/900 ms per token
+    assert math.isclose(b, (2075 - 300) / 900, rel_tol=1e-9)
+    assert math.isclose(a, 300 - 100 * b, rel_tol=1e-9)
+
+
+def _legend(ax):
+    leg = ax.get_legend()
+    return [t.get_text() for t in leg.get_texts()] if leg else []
+
+
+def test_plot_ttft_per_turn(df, tmp_path):
+    fig = plot_ttft_per_turn(df, tmp_path / "p.png")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "turn in session" and ax.get_ylabel() == "time to first token (s)"
+    assert _legend(ax) == ["cold (4)", "warm (3)"]
+    warm = [c for c in ax.collections if c.get_label() == "warm (3)"][0]
+    assert sorted(warm.get_offsets()[:, 1].tolist()) == [0.2, 0.3, 0.4]
+    assert sorted(warm.get_offsets()[:, 0].tolist()) == [2, 3, 4]
+    assert len(ax.lines) == 2  # one line per session
+    assert (tmp_path / "p.png").read_bytes()[:8] == PNG
+    plt.close(fig)
+
+
+def test_plot_cold_warm(df, tmp_path):
+    fig = plot_cold_warm(df, tmp_path / "p.png")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["off\ncold", "on\ncold", "on\nwarm"]
+    assert ax.get_ylabel() == "time to first token (s)"
+    # box medians (the median line of each box) in seconds
+    medians = [line.get_ydata()[0] for line in ax.lines if len(line.get_xdata()) == 2
+               and line.get_ydata()[0] == line.get_ydata()[1]]
+    assert {2.1, 2.0, 0.3} <= {round(m, 3) for m in medians}
+    plt.close(fig)
+
+
+def test_plot_ttft_vs_uncached(df, tmp_path):
+    fig = plot_ttft_vs_uncached(df, tmp_path / "p.png")
+    ax = fig.axes[0]
+    assert ax.get_xlabel().startswith("uncached prompt tokens")
+    labels = _legend(ax)
+    assert labels[:2] == ["cold (4)", "warm (3)"] and labels[2].startswith("fit: ")
+    fit_line = ax.lines[0]
+    a, b = cost_model(df)
+    assert math.isclose(fit_line.get_ydata()[0], a / 1000)
+    plt.close(fig)
+
+
+def test_plot_hit_ratio(df, tmp_path):
+    fig = plot_hit_ratio(df, tmp_path / "p.png")
+    ax = fig.axes[0]
+    assert _legend(ax) == ["off", "on"]
+    on = [ln for ln in ax.lines if ln.get_label() == "on"][0]
+    assert on.get_xdata().tolist() == [1, 2, 3, 4]
+    assert [round(y, 6) for y in on.get_ydata()] == [0.0, 90.0, 90.0, 90.0]
+    assert ax.get_ylabel() == "cache hit ratio (% of prompt tokens)"
+    plt.close(fig)
+
+
+def test_plot_ab_writes_the_speedup_on_the_bars(df, tmp_path):
+    fig = plot_ab(df, tmp_path / "p.png")
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert heights == [2.1, 0.35]
+    texts = [t.get_text() for t in ax.texts]
+    assert texts == ["baseline", "×6.0"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["off", "on"]
+    plt.close(fig)
+
+
+def test_plots_handle_captures_without_timings(tmp_path):
+    empty = add_derived(pd.DataFrame({"arm": ["x"], "session": ["s"], "agent": ["main"], "t_request": [1.0],
+                                      "ttft_ms": [float("nan")], "prefix_hash": [None], "input_tokens": [None],
+                                      "cache_read_tokens": [None], "cache_creation_tokens": [None],
+                                      "prompt_tokens": [None]}))
+    for fn in (plot_ttft_per_turn, plot_cold_warm, plot_ttft_vs_uncached, plot_hit_ratio, plot_ab):
+        fig = fn(empty, tmp_path / "e.png")
+        assert any(t.get_text().startswith("no ") for t in fig.axes[0].texts)
+        assert (tmp_path / "e.png").stat().st_size > 1000
+        plt.close(fig)
+
+
+def test_build_report_on_constructed_capture(tmp_path):
+    out = tmp_path / "rep"
+    info = build_report([CAPTURES / "constructed_ab.jsonl"], out)
+    assert info["flows"] == 12 and info["bad"] == 2
+    for p in info["plots"]:
+        data = Path(p).read_bytes()
+        assert data[:8] == PNG and len(data) > 5000
+    html = (out / "report.html").read_text()
+    # self-contained: no external references of any kind, every image inline
+    assert not re.search(r"(?:src|href)\s*=\s*['\"](?!data:)", html)
+    assert "http://" not in html and "https://" not in html and "<link" not in html and "<script" not in html
+    assert html.count("src='data:image/png;base64,") == 5
+    # the summary numbers computed from the data: off cold median 3020 ms, on warm median 410 ms
+    s = summarize(pd.read_csv(out / "flows.csv")).set_index(["arm", "class"])
+    assert s.loc[("normalize-off", "cold"), "median_ttft_ms"] == 3020.0
+    assert s.loc[("normalize-on", "warm"), "median_ttft_ms"] == 410.0
+    for text in ("3,020 ms", "410 ms", "×7.19", "2 bad line(s) skipped", "billing_block"):
+        assert text in html
+    csv = pd.read_csv(out / "summary.csv")
+    assert len(csv) == 6 and set(csv["class"]) == {"cold", "warm", "all"}
+    md = (out / "report.md").read_text()
+    assert "| normalize-on | warm | 4 | 4 | 410 ms |" in md
+    assert "![ab_median_ttft.png](ab_median_ttft.png)" in md
+
+
+def test_report_cli_with_labels(tmp_path, capsys):
+    from analysis.__main__ import main
+
+    assert main(["report", str(CAPTURES / "constructed_volatile.jsonl"), str(CAPTURES / "constructed_ab.jsonl"),
+                 "--out", str(tmp_path / "r"), "--label", "first", "--label", "second"]) == 0
+    out = capsys.readouterr().out
+    assert "report.html" in out and "15 Messages flows" in out
+    csv = pd.read_csv(tmp_path / "r" / "summary.csv")
+    assert list(dict.fromkeys(csv["arm"])) == ["first", "second"]
+
+
+def test_make_report_script_uses_captures_dir(tmp_path):
+    (tmp_path / "captures").mkdir()
+    shutil.copy(CAPTURES / "constructed_ab.jsonl", tmp_path / "captures" / "warmturn-20261122.jsonl")
+    env = {**os.environ, "PY": str(ROOT / ".venv" / "bin" / "python")}
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "report.sh")], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
+    assert "report.html" in p.stdout and "bundled sample" not in p.stdout
