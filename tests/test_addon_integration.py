@@ -9,7 +9,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.addon_procs import BILLING, ROOT, VENV_BIN, child_env, mitmdump, port_open, process, read_capture
+from tests.test_addon_procs import BILLING, ROOT, VENV_BIN, child_env, mitmdump, port_open, process, read_capture
 from tests.conftest import free_port
 
 SYSTEM_TEXT = "You are a terse assistant. Answer in one short sentence."
@@ -78,7 +78,7 @@ def test_embedded_backend_streams_and_reuses_the_prefix_across_billing_suffixes(
     assert len(lines) == 2
     for line in lines:
         assert line["status"] == 200 and line["backend"] == "embedded" and line["stream"] is True
-        assert [e["kind"] for e in line["stripped"]] == ["system_block"]
+        assert [e["kind"] for e in line["stripped"]] == ["system_block", "header"]  # + x-stainless-retry-count
         assert line["request"]["body"]["system"] == [{"type": "text", "text": SYSTEM_TEXT}]
         t = line["t"]
         assert t["request"] <= t["sent"] <= t["first_byte"] <= t["first_content"] <= t["end"]

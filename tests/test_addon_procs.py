@@ -1,4 +1,4 @@
-"""Subprocess helpers for the addon's integration and end-to-end tests (real mitmdump, real servers)."""
+"""Subprocess helpers (no tests here) for the addon's integration and end-to-end tests: real mitmdump, real servers."""
 
 from __future__ import annotations
 
