@@ -1,0 +1,314 @@
+"""The live server (`python -m server`, real default model, loopback) driven by the anthropic SDK.
+
+One server subprocess for the whole module: `--max-queue 1` so the queue-full path can be
+reached, a small `--max-body-bytes` for 413, an API key for 401, the prefix cache on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import anthropic
+import httpx
+import pytest
+
+from server.blas import OPT_OUT, preload_plan
+from tests.conftest import FIXTURES, ROOT, free_port
+
+pytestmark = pytest.mark.model
+
+KEY = "test-key-123"
+MAX_BODY = 200_000
+CC = FIXTURES / "claude_code"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, model_dir):
+    port = free_port()
+    log_file = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port), "--api-key", KEY,
+           "--max-queue", "1", "--max-body-bytes", str(MAX_BODY), "--log-file", str(log_file),
+           "--cache-bytes", str(256 << 20)]
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # the server arranges OpenBLAS itself
+    env.pop(OPT_OUT, None)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_file.read_text() if log_file.exists() else ''}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.terminate()
+            pytest.fail("server did not become ready")
+        time.sleep(0.3)
+    yield {"base": base, "log": log_file, "proc": proc}
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return anthropic.Anthropic(base_url=server["base"], api_key=KEY, max_retries=0, timeout=120)
+
+
+def raw(server, method, path, **kw):
+    headers = {"x-api-key": KEY, **kw.pop("headers", {})}
+    return httpx.request(method, server["base"] + path, headers=headers, timeout=120, **kw)
+
+
+def sse_events(text: str) -> list[dict]:
+    events = []
+    for chunk in text.split("\n\n"):
+        lines = chunk.strip().splitlines()
+        if not lines:
+            continue
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: "), chunk
+        ev = json.loads(lines[1][len("data: "):])
+        assert ev["type"] == lines[0][len("event: "):]
+        events.append(ev)
+    return events
+
+
+def wait_idle(server, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        h = raw(server, "GET", "/health").json()
+        if not h["busy"] and h["queue_depth"] == 0:
+            return h
+        time.sleep(0.2)
+    pytest.fail("server stayed busy")
+
+
+HELLO = [{"role": "user", "content": "Say hello."}]
+
+
+def test_root_and_health_answer_without_credentials(server):
+    head = httpx.head(server["base"] + "/")
+    assert head.status_code == 200 and head.headers["request-id"].startswith("req_")
+    assert httpx.get(server["base"] + "/").status_code == 200
+    health = httpx.get(server["base"] + "/health").json()
+    assert health["status"] == "ok" and health["model"]
+
+
+def test_non_streaming_message(client):
+    msg = client.messages.create(model="claude-opus-4-8", max_tokens=6, messages=HELLO)
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.model == "claude-opus-4-8"  # the requested name is echoed
+    assert msg.id.startswith("msg_")
+    assert msg.content and msg.content[0].type == "text"
+    assert msg.stop_reason in ("end_turn", "max_tokens")
+    assert 1 <= msg.usage.output_tokens <= 6
+    assert msg.usage.input_tokens + msg.usage.cache_read_input_tokens > 10
+    assert msg._request_id and msg._request_id.startswith("req_")
+
+
+def test_streaming_through_the_sdk_helpers_and_count_tokens(client):
+    system = "You are a terse assistant."
+    counted = client.messages.count_tokens(model="claude-haiku-4-5-20251001", system=system, messages=HELLO)
+    with client.messages.stream(model="claude-haiku-4-5-20251001", max_tokens=8, system=system,
+                                messages=HELLO) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert final.content[0].type == "text" and final.content[0].text == text
+    assert final.usage.output_tokens >= 1
+    # count_tokens goes through the same rendering: the whole prompt is accounted for
+    assert counted.input_tokens == final.usage.input_tokens + final.usage.cache_read_input_tokens
+    assert final.usage.input_tokens > 0  # a zero here breaks Claude Code's context meter
+
+
+def test_stream_event_sequence_is_anthropics(server):
+    body = {"model": "m", "max_tokens": 5, "stream": True, "messages": HELLO}
+    r = raw(server, "POST", "/v1/messages?beta=true", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["request-id"].startswith("req_")
+    events = sse_events(r.text)
+    types = [e["type"] for e in events]
+    assert types[:3] == ["message_start", "ping", "content_block_start"]
+    assert types[-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    assert set(types[3:-3]) <= {"content_block_delta"}
+    usage = events[0]["message"]["usage"]
+    assert usage["input_tokens"] > 0 and {"cache_read_input_tokens", "cache_creation_input_tokens"} <= usage.keys()
+    assert events[-2]["delta"]["stop_reason"] in ("end_turn", "max_tokens")
+    assert events[-2]["usage"]["output_tokens"] >= 1
+
+
+def test_repeated_prompt_is_served_from_the_prefix_cache(client):
+    messages = [{"role": "user", "content": "List three colors, please."}]
+    system = "You answer in one short line. " * 20
+    client.messages.create(model="m", max_tokens=2, system=system, messages=messages)
+    again = client.messages.create(model="m", max_tokens=2, system=system, messages=messages)
+    assert again.usage.cache_read_input_tokens > 100
+    assert again.usage.input_tokens >= 1  # at least the last token is computed
+
+
+def test_claude_code_tool_round_is_accepted(server):
+    lines = (CC / "tool_round.jsonl").read_text().splitlines()
+    body = [json.loads(line)["body"] for line in lines if json.loads(line)["body"]][1]  # carries a tool_result
+    assert any(b.get("type") == "tool_result" for m in body["messages"] if isinstance(m["content"], list)
+               for b in m["content"])
+    body = dict(body, max_tokens=3)
+    r = raw(server, "POST", "/v1/messages?beta=true", json=body)
+    assert r.status_code == 200
+    events = sse_events(r.text)
+    assert events[0]["type"] == "message_start" and events[-1]["type"] == "message_stop"
+
+
+def test_models_list_and_retrieve(client, server):
+    page = client.models.list()
+    ids = [m.id for m in page.data]
+    served = raw(server, "GET", "/health").json()["model"]
+    assert ids[0] == served and "claude-opus-4-8" in ids and "claude-haiku-4-5-20251001" in ids
+    two = client.models.list(limit=2)
+    assert [m.id for m in two.data] == ids[:2] and two.has_more
+    nxt = client.models.list(limit=2, after_id=ids[1])
+    assert [m.id for m in nxt.data] == ids[2:4]
+    assert client.models.retrieve("claude-opus-4-8").id == "claude-opus-4-8"
+    with pytest.raises(anthropic.NotFoundError):
+        client.models.retrieve("mlx-community/Some-Model-8bit")  # ids may contain slashes: routed, then 404
+
+
+def assert_error(r: httpx.Response, status: int, etype: str) -> dict:
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["type"] == "error" and body["error"]["type"] == etype and body["error"]["message"]
+    assert body["request_id"] == r.headers["request-id"]
+    return body
+
+
+@pytest.mark.parametrize(
+    "content,fragment",
+    [
+        (b"{not json", "not valid JSON"),
+        (json.dumps({"model": "m", "messages": HELLO}).encode(), "max_tokens: Field required"),
+        (json.dumps({"model": "m", "max_tokens": 5}).encode(), "messages: Field required"),
+        (json.dumps({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]}]}).encode(),
+         "no vision"),
+    ],
+)
+def test_400_invalid_requests(server, content, fragment):
+    r = raw(server, "POST", "/v1/messages", content=content, headers={"content-type": "application/json"})
+    assert fragment in assert_error(r, 400, "invalid_request_error")["error"]["message"]
+
+
+def test_400_over_context_refused_before_prefill(server, client):
+    body = json.loads((CC / "full_first_turn.json").read_text())["body"]
+    before = raw(server, "GET", "/metrics").text
+    r = raw(server, "POST", "/v1/messages?beta=true", json=body)
+    msg = assert_error(r, 400, "invalid_request_error")["error"]["message"]
+    assert "prompt is too long" in msg and "8191 maximum" in msg and "8192" in msg
+    n = int(msg.split("prompt is too long: ")[1].split(" tokens")[0])
+    counted = client.messages.count_tokens(model=body["model"], system=body["system"], messages=body["messages"],
+                                           tools=body["tools"])
+    assert counted.input_tokens == n > 8192  # the count still answers, with the same number
+    prefill = [line for line in raw(server, "GET", "/metrics").text.splitlines()
+               if line.startswith("warmturn_prefill_tokens_total")]
+    assert prefill == [line for line in before.splitlines() if line.startswith("warmturn_prefill_tokens_total")]
+
+
+def test_401_bad_or_missing_key(server):
+    bad = anthropic.Anthropic(base_url=server["base"], api_key="wrong", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError) as e:
+        bad.messages.create(model="m", max_tokens=2, messages=HELLO)
+    assert e.value.status_code == 401 and e.value.body["error"]["type"] == "authentication_error"
+    r = httpx.post(server["base"] + "/v1/messages/count_tokens", json={"model": "m", "messages": HELLO})
+    assert_error(r, 401, "authentication_error")
+    r = httpx.get(server["base"] + "/v1/models", headers={"authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+
+
+def test_404_413_405(server):
+    assert_error(raw(server, "GET", "/v1/nothing-here"), 404, "not_found_error")
+    big = json.dumps({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "x" * MAX_BODY}]})
+    assert_error(raw(server, "POST", "/v1/messages", content=big, headers={"content-type": "application/json"}),
+                 413, "request_too_large")
+    assert_error(raw(server, "GET", "/v1/messages"), 405, "invalid_request_error")
+
+
+LONG = [{"role": "user", "content": "Write a very long story about a dragon who learns to bake bread, "
+                                    "with many chapters and details."}]
+
+
+def test_529_when_the_queue_is_full_then_a_cancelled_stream_leaves_the_server_healthy(server, client):
+    wait_idle(server)
+    with client.messages.stream(model="m", max_tokens=400, messages=LONG) as running:
+        for ev in running:
+            if ev.type == "content_block_delta":
+                break  # A is generating now
+        waiting: dict = {}
+
+        def queued():
+            waiting["r"] = raw(server, "POST", "/v1/messages",
+                               json={"model": "m", "max_tokens": 3, "messages": HELLO})
+
+        t = threading.Thread(target=queued)
+        t.start()
+        deadline = time.monotonic() + 30
+        while raw(server, "GET", "/health").json()["queue_depth"] < 1:
+            assert time.monotonic() < deadline, "second request never queued"
+            time.sleep(0.05)
+        with pytest.raises(anthropic.APIStatusError) as e:
+            client.messages.create(model="m", max_tokens=2, messages=HELLO)
+        assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
+    # leaving the `with` closed A's connection mid-generation: the server cancels it
+    t.join(120)
+    assert waiting["r"].status_code == 200 and waiting["r"].json()["type"] == "message"
+    wait_idle(server, timeout=30)
+    after = client.messages.create(model="m", max_tokens=3, messages=HELLO)
+    assert after.usage.output_tokens >= 1
+    log_lines = [json.loads(line.split("warmturn.requests: ", 1)[1]) for line in server["log"].read_text().splitlines()
+                 if "warmturn.requests: " in line]
+    assert any(rec["outcome"] == "cancelled" and rec["output_tokens"] < 400 for rec in log_lines)
+
+
+def test_metrics_and_request_log(server):
+    text = raw(server, "GET", "/metrics").text
+    assert "# TYPE warmturn_requests_total counter" in text
+    assert 'warmturn_requests_total{endpoint="messages",status="200"}' in text
+    assert "warmturn_queue_depth 0" in text
+    assert "warmturn_ttft_seconds_count" in text and "warmturn_generated_tokens_total" in text
+    assert "warmturn_cache_hits" in text  # the prefix cache's own stats()
+    log = server["log"].read_text()
+    assert "BLAS: OpenBLAS" in log  # the server re-exec'd itself with OpenBLAS preloaded
+    recs = [json.loads(line.split("warmturn.requests: ", 1)[1]) for line in log.splitlines()
+            if "warmturn.requests: " in line]
+    assert recs and all({"request_id", "prompt_tokens", "reused", "prefill_ms", "ttft_ms"} <= r.keys()
+                        for r in recs if r["outcome"] != "client_gone")
+
+
+def test_non_loopback_bind_without_key_is_refused():
+    r = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", str(free_port())],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--api-key" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "env,platform,cpu,lib,expected",
+    [
+        ({}, "linux", True, "/x/libblas.so.3", "/x/libblas.so.3"),
+        ({"LD_PRELOAD": "/y.so"}, "linux", True, "/x/libblas.so.3", "/x/libblas.so.3:/y.so"),
+        ({"LD_PRELOAD": "/x/openblas/libblas.so.3"}, "linux", True, "/x/libblas.so.3", None),
+        ({OPT_OUT: "1"}, "linux", True, "/x/libblas.so.3", None),
+        ({}, "darwin", True, "/x/libblas.so.3", None),
+        ({}, "linux", False, "/x/libblas.so.3", None),
+        ({}, "linux", True, None, None),
+        ({"WARMTURN_BLAS_REEXEC": "1"}, "linux", True, "/x/libblas.so.3", None),
+    ],
+)
+def test_openblas_preload_plan(env, platform, cpu, lib, expected):
+    assert preload_plan(env, platform, cpu, lib) == expected
+
