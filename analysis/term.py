@@ -92,6 +92,8 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
             out.append(f"  {s.path}{' (' + s.poison + ')' if s.poison else ''}: {_clip(s.example_old, 30)} → "
                        f"{_clip(s.example_new, 30)}")
             out.append("    " + st(s.set_arg, "green"))
+        out.append(st("  (repeat --set once per pattern; setting volatile_fragments replaces its default list, "
+                      "so also pass --set volatile_fragments='x-anthropic-billing-header:[^\\n]*\\n?')", "dim"))
     else:
         out.append("No volatile system-prompt text needing a new pattern.")
     if rep.unsuggested:
