@@ -98,8 +98,8 @@ def shrink_prefix(system: list[dict], tools: list[dict], target: int, count: Cou
     """System blocks and tools whose text totals about `target` tokens.
 
     The long last system block gets up to 35% of the budget, whole tools (in `tool_order`
-    first) fill what they can of the rest, then the system text takes what is left. The
-    first tool is always kept. Returns (system, tools, estimated tokens)."""
+    first) that fit fill the rest, then the system text takes what is left (a tiny target
+    keeps no tools). Returns (system, tools, estimated tokens)."""
     system = copy.deepcopy(system)
     fixed = sum(count(b["text"]) for b in system[:-1])
     long_text = system[-1]["text"]

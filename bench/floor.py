@@ -1,0 +1,74 @@
+"""The floor: time to prefill exactly a request's uncached tokens on top of an already-built
+KV cache, plus sampling the first token, measured with mlx-lm directly (no HTTP, no server).
+
+Run as a subprocess by the bench (so MLX gets OpenBLAS preloaded and the bench process stays
+free of MLX): `python -m bench.floor SPEC.json OUT.json`. SPEC is
+`{"model": dir, "text": str, "pairs": [[cached, new], ...], "repeats": int}`; the token ids
+come from tokenizing `text` (repeated as needed), since prefill cost depends on how many
+tokens there are and how many are cached, not on which. OUT is a list of
+`{"cached": int, "new": int, "floor_ms": float, "samples_ms": [...]}` in SPEC order.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+
+def measure(model_dir: str, text: str, pairs: list[tuple[int, int]], repeats: int = 3) -> list[dict]:
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    model, tokenizer = load(model_dir)
+    base = tokenizer.encode(text)
+    need = max(c + max(n, 1) for c, n in pairs) + 1
+    ids = (base * (need // max(1, len(base)) + 1))[:need]
+
+    def forward(tokens: list[int], cache) -> mx.array:
+        logits = model(mx.array(tokens)[None], cache=cache)
+        y = mx.argmax(logits[:, -1, :], axis=-1)
+        mx.eval(y)
+        return y
+
+    forward(ids[:8], make_prompt_cache(model))  # first-call overhead out of the way
+
+    cache = make_prompt_cache(model)
+    cur = 0
+    results: dict[int, dict] = {}
+    for i in sorted(range(len(pairs)), key=lambda k: pairs[k][0]):
+        cached, new = pairs[i]
+        new = max(new, 1)  # a full hit still recomputes the last token
+        if cur > cached:
+            trim_prompt_cache(cache, cur - cached)
+            cur = cached
+        while cur < cached:  # build the cache up to `cached` tokens (not timed)
+            step = min(512, cached - cur)
+            forward(ids[cur:cur + step], cache)
+            cur += step
+        samples = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            forward(ids[cached:cached + new], cache)
+            samples.append((time.perf_counter() - t0) * 1000.0)
+            trim_prompt_cache(cache, new)
+        results[i] = {"cached": cached, "new": new, "floor_ms": statistics.median(samples), "samples_ms": samples}
+    return [results[i] for i in range(len(pairs))]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m bench.floor SPEC.json OUT.json", file=sys.stderr)
+        return 2
+    spec = json.loads(Path(argv[0]).read_text())
+    out = measure(spec["model"], spec["text"], [tuple(p) for p in spec["pairs"]], spec.get("repeats", 3))
+    Path(argv[1]).write_text(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
