@@ -13,6 +13,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -25,6 +26,9 @@ def _timed(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _save(fig, path: str | Path):
+    for ax in fig.axes:
+        if ax.get_xlabel() == "turn in session":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return fig
@@ -66,7 +70,7 @@ def plot_cold_warm(df: pd.DataFrame, path: str | Path):
                 labels.append(f"{arm}\n{cls}")
                 colors.append(COLORS[cls])
     if groups:
-        bp = ax.boxplot(groups, patch_artist=True, widths=0.5)
+        bp = ax.boxplot(groups, patch_artist=True, widths=0.5, showfliers=False)  # points drawn below
         for patch, c in zip(bp["boxes"], colors):
             patch.set_facecolor(c)
             patch.set_alpha(0.35)
@@ -118,12 +122,14 @@ def plot_ttft_vs_uncached(df: pd.DataFrame, path: str | Path):
 
 
 def plot_hit_ratio(df: pd.DataFrame, path: str | Path):
-    """Cache hit ratio (cache read / prompt tokens, %) per turn, one line per arm."""
+    """Cache hit ratio (cache read / prompt tokens, %) per turn: one line per session, coloured by arm."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     d = df[df["hit_ratio"].notna()]
     for i, arm in enumerate(_arm_order(d)):
-        g = d[d["arm"] == arm].groupby("turn")["hit_ratio"].mean()
-        ax.plot(g.index, g.to_numpy() * 100, marker="o", color=_ARM_COLORS[i % len(_ARM_COLORS)], label=str(arm))
+        for n, (_, g) in enumerate(d[d["arm"] == arm].groupby(["session", "agent"], dropna=False, sort=False)):
+            g = g.sort_values("turn")
+            ax.plot(g["turn"], g["hit_ratio"].to_numpy() * 100, marker="o", alpha=0.8,
+                    color=_ARM_COLORS[i % len(_ARM_COLORS)], label=str(arm) if n == 0 else "_nolegend_")
     if d.empty:
         _empty(ax, "cache usage reports")
     else:
