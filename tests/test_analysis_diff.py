@@ -232,3 +232,23 @@ def test_cli_json_and_text(capsys):
 def test_cli_tokenizer_errors_cleanly(capsys, tmp_path):
     assert main(["diff", str(CAPTURES / "constructed_volatile.jsonl"), "--tokenizer", str(tmp_path)]) == 2
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_terminal_output_is_aligned_and_coloured_only_when_asked():
+    from analysis.term import Style, format_diff
+
+    rep = diff_records(load_records([CAPTURES / "constructed_volatile.jsonl"]).records)
+    plain = format_diff(rep, Style(enabled=False))
+    lines = plain.splitlines()
+    head = lines[1]
+    col = head.index("diverges at")
+    rows = lines[2:4]
+    assert all(r[col:].startswith("system[1]") for r in rows)
+    assert "\x1b[" not in plain
+    coloured = format_diff(rep, Style(enabled=True))
+    assert "\x1b[31msystem[1]\x1b[0m" in coloured  # prefix divergence in red
+    assert re_strip(coloured) == plain
+
+
+def re_strip(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)

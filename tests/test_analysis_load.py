@@ -159,3 +159,15 @@ def test_flows_frame_on_constructed_capture():
     assert on[on["cls"] == "warm"]["hit_ratio"].round(4).tolist() == [round(2000 / 2050, 4), round(2050 / 2100, 4)] * 2
     assert math.isclose(float(on["ttft_ms"].median()), 420.0)
     assert on["stripped_count"].tolist() == [1] * 6
+
+
+def test_long_loads_report_progress(monkeypatch):
+    import analysis.load as load
+
+    monkeypatch.setattr(load, "_PROGRESS_BYTES", 20_000)
+    seen = []
+    res = load_records([CAPTURES / "constructed_ab.jsonl"], progress=lambda src, done, total: seen.append((done, total)))
+    size = (CAPTURES / "constructed_ab.jsonl").stat().st_size
+    assert len(res.records) == 12
+    assert len(seen) >= size // 20_000 and seen[-1] == (size, size)
+    assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
