@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shlex
@@ -263,7 +264,13 @@ class Warmturn:
             if server is None:
                 f.response = error_response(503, "api_error", "warmturn: embedded backend is not running")
                 return
-            if not server.is_ready() and not await server.wait_ready(float(o.embedded_start_timeout)):
+            for _ in range(3):
+                if not server.is_ready() and not await server.wait_ready(float(o.embedded_start_timeout)):
+                    break
+                if await can_connect(server.host, server.port):
+                    break
+                await asyncio.sleep(1.0)  # a dead child is noticed (and restarted) within 0.5 s
+            if not server.is_ready() or not await can_connect(server.host, server.port):
                 f.response = error_response(529, "overloaded_error",
                                             f"warmturn: embedded backend {server.base_url} is not ready: "
                                             f"{server.last_error or 'still starting'}")
@@ -307,7 +314,7 @@ class Warmturn:
                 f.request.headers.pop("authorization", None)
                 f.request.headers["x-api-key"] = o.backend_api_key
             st["upstream"] = routing.route(f, backend)
-        if not await can_connect(backend.host, backend.port):
+        if self.backend.kind == "url" and not await can_connect(backend.host, backend.port):
             f.response = error_response(502, "api_error", f"warmturn: backend {name} is unreachable")
 
     # ----- response ----------------------------------------------------------------------

@@ -77,6 +77,7 @@ class EmbeddedServer:
         self.last_error: str | None = None
         self._ready = asyncio.Event()
         self._stopping = False
+        self._timed_out = False
         self._task: asyncio.Task | None = None
 
     @property
@@ -88,6 +89,8 @@ class EmbeddedServer:
         self._task = asyncio.get_running_loop().create_task(self._supervise())
 
     async def wait_ready(self, timeout: float) -> bool:
+        if self.is_ready():
+            return True
         try:
             await asyncio.wait_for(self._ready.wait(), timeout)
             return True
@@ -95,6 +98,8 @@ class EmbeddedServer:
             return False
 
     def is_ready(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            self._ready.clear()  # died since the last supervision tick
         return self._ready.is_set()
 
     async def _supervise(self) -> None:
@@ -112,6 +117,7 @@ class EmbeddedServer:
                 self.last_error = f"cannot start the embedded server ({self.python}): {e}"
                 logger.error("warmturn: %s", self.last_error)
                 return
+            self._timed_out = False
             healthy = await self._await_health()
             if healthy:
                 self._ready.set()
@@ -122,8 +128,9 @@ class EmbeddedServer:
             if self._stopping:
                 return
             rc = self.proc.returncode if self.proc else None
-            self.last_error = f"embedded server exited with code {rc}; see {self.log_path}"
-            logger.warning("warmturn: %s, restarting", self.last_error)
+            if not self._timed_out:  # after a health timeout the message is already set
+                self.last_error = f"embedded server exited with code {rc}; see {self.log_path}"
+            logger.warning("warmturn: %s; restarting", self.last_error)
             self.restarts += 1
             if time.monotonic() - started > 60:
                 backoff = 1.0
@@ -140,6 +147,7 @@ class EmbeddedServer:
             await asyncio.sleep(0.25)
         self.last_error = f"embedded server not healthy after {self.start_timeout_s:.0f} s; see {self.log_path}"
         logger.error("warmturn: %s", self.last_error)
+        self._timed_out = True
         self._terminate()
         return False
 
@@ -157,6 +165,7 @@ class EmbeddedServer:
             log.flush()
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          cwd=str(PROJECT_DIR), env=env)
+            log.write(f"=== pid {self.proc.pid}\n".encode())
         logger.info("warmturn: started embedded server pid %d on %s", self.proc.pid, self.base_url)
 
     def _terminate(self) -> None:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import time
 
 import anthropic
@@ -70,6 +73,16 @@ def test_embedded_backend_streams_and_reuses_the_prefix_across_billing_suffixes(
         lines = read_capture(cap)
         server_port = int(lines[0]["upstream"].split(":")[2].split("/")[0])
         assert port_open(server_port)
+        # the supervisor restarts a dead server; the next request waits for it instead of failing
+        pid = int(re.findall(r"=== pid (\d+)", slog.read_text())[-1])
+        os.kill(pid, signal.SIGKILL)
+        while port_open(server_port):
+            time.sleep(0.05)
+        text3, _ = stream_text(client, model="claude-opus-4-8", max_tokens=4, system=system("77c"), messages=first)
+        assert text3
+        restarted = read_capture(cap)[-1]
+        assert restarted["status"] == 200 and restarted["upstream"] != lines[0]["upstream"]
+        server_port = int(restarted["upstream"].split(":")[2].split("/")[0])
     deadline = time.monotonic() + 20
     while port_open(server_port) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -1,0 +1,89 @@
+"""The embedded-server supervisor (addons/supervisor.py) with real processes and a real HTTP listener."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from addons.supervisor import EmbeddedServer, http_status
+from tests.conftest import free_port
+
+
+class Health(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_reuses_a_server_already_answering(tmp_path):
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+
+    async def main():
+        assert await http_status("127.0.0.1", port, "/health") == 200
+        assert await http_status("127.0.0.1", port, "/nope") == 404
+        srv = EmbeddedServer("/nonexistent/python", [], port, str(tmp_path / "log"))
+        srv.start()
+        assert await srv.wait_ready(5)
+        assert srv.reused and srv.proc is None and srv.base_url == f"http://127.0.0.1:{port}"
+        srv.stop()
+
+    try:
+        asyncio.run(main())
+    finally:
+        httpd.shutdown()
+    assert not (tmp_path / "log").exists()
+
+
+def test_restarts_a_dying_child_and_stops_it(tmp_path):
+    """A 'python' that dies at once: the supervisor restarts it and never reports ready."""
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho started \"$@\" >> {tmp_path}/runs\nexit 3\n")
+    fake.chmod(0o755)
+    log = tmp_path / "server.log"
+
+    async def main():
+        srv = EmbeddedServer(str(fake), ["--model", "/m"], free_port(), str(log), start_timeout_s=5)
+        srv.start()
+        assert not await srv.wait_ready(3.5)
+        srv.stop()
+        return srv
+
+    srv = asyncio.run(main())
+    runs = (tmp_path / "runs").read_text().splitlines()
+    assert len(runs) >= 2 and srv.restarts >= 1
+    assert runs[0].startswith("started -m server --host 127.0.0.1 --port") and runs[0].endswith("--model /m")
+    assert "exited with code 3" in srv.last_error
+    assert "=== pid" in log.read_text()
+
+
+def test_child_that_never_gets_healthy_is_terminated(tmp_path):
+    sleeper = tmp_path / "python"
+    sleeper.write_text(f"#!{sys.executable}\nimport os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    sleeper.chmod(0o755)
+
+    async def main():
+        srv = EmbeddedServer(str(sleeper), [], free_port(), str(tmp_path / "log"), start_timeout_s=1.5)
+        srv.start()
+        assert not await srv.wait_ready(2.5)
+        assert "not healthy" in (srv.last_error or "")
+        srv.stop()
+        return srv
+
+    srv = asyncio.run(main())
+    pid = int((tmp_path / "pid").read_text())
+    assert srv.proc.poll() is not None
+    try:
+        os.kill(pid, 0)
+        alive = True
+    except ProcessLookupError:
+        alive = False
+    assert not alive
