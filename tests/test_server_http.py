@@ -264,6 +264,9 @@ def test_529_when_the_queue_is_full_then_a_cancelled_stream_leaves_the_server_he
         with pytest.raises(anthropic.APIStatusError) as e:
             client.messages.create(model="m", max_tokens=2, messages=HELLO)
         assert e.value.status_code == 529 and e.value.body["error"]["type"] == "overloaded_error"
+        # count_tokens only tokenizes: it answers while the worker is busy and the queue is full
+        assert client.messages.count_tokens(model="m", messages=LONG).input_tokens > 10
+        assert raw(server, "GET", "/health").json()["busy"] is True
     # leaving the `with` closed A's connection mid-generation: the server cancels it
     t.join(120)
     assert waiting["r"].status_code == 200 and waiting["r"].json()["type"] == "message"
@@ -273,6 +276,19 @@ def test_529_when_the_queue_is_full_then_a_cancelled_stream_leaves_the_server_he
     log_lines = [json.loads(line.split("warmturn.requests: ", 1)[1]) for line in server["log"].read_text().splitlines()
                  if "warmturn.requests: " in line]
     assert any(rec["outcome"] == "cancelled" and rec["output_tokens"] < 400 for rec in log_lines)
+
+
+def test_non_streaming_client_that_goes_away_cancels_its_generation(server):
+    wait_idle(server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server["base"] + "/v1/messages", headers={"x-api-key": KEY}, timeout=httpx.Timeout(60, read=2.0),
+                   json={"model": "gone-client", "max_tokens": 400, "messages": LONG})
+    wait_idle(server, timeout=30)
+    recs = [json.loads(line.split("warmturn.requests: ", 1)[1]) for line in server["log"].read_text().splitlines()
+            if "warmturn.requests: " in line]
+    gone = [r for r in recs if r["model"] == "gone-client"]
+    assert len(gone) == 1 and gone[0]["outcome"] in ("cancelled", "client_gone")
+    assert gone[0].get("output_tokens", 0) < 400
 
 
 def test_metrics_and_request_log(server):
@@ -312,3 +328,135 @@ def test_non_loopback_bind_without_key_is_refused():
 def test_openblas_preload_plan(env, platform, cpu, lib, expected):
     assert preload_plan(env, platform, cpu, lib) == expected
 
+
+
+# --------------------------------------------------------------------------- the engine, in process
+
+
+def run_engine(engine, tokens, *, on_piece=None, **kw):
+    """Submit one request and collect what the worker emits (Prefilled, Pieces, Done or an exception)."""
+    from server.engine import Done, GenerationRequest, Piece
+
+    items: list = []
+    finished = threading.Event()
+    holder: dict = {}
+
+    def emit(item):
+        items.append(item)
+        if isinstance(item, Piece) and on_piece is not None:
+            on_piece(holder["req"], item)
+        if isinstance(item, (Done, Exception)):
+            finished.set()
+
+    req = GenerationRequest(tokens=list(tokens), emit=emit, **{"max_tokens": 8, "temperature": 0.0, **kw})
+    holder["req"] = req
+    engine.submit(req)
+    assert finished.wait(180), "engine never finished the request"
+    return items
+
+
+@pytest.fixture(scope="module")
+def engine_parts(model_and_tokenizer):
+    from server.render import Renderer
+
+    model, tokenizer = model_and_tokenizer
+    rendered = Renderer(tokenizer).render(parse_request(LONG, system="You are a storyteller. " * 10))
+    return model, tokenizer, rendered
+
+
+def parse_request(messages, **kw):
+    from server.wire import parse_messages_request
+
+    return parse_messages_request({"model": "m", "max_tokens": 8, "messages": messages, **kw})
+
+
+@pytest.fixture()
+def engine(engine_parts):
+    from server.engine import Engine
+
+    model, tokenizer, _ = engine_parts
+    eng = Engine(model, tokenizer, None, max_queue=2)
+    eng.start()
+    yield eng
+    eng.stop()
+
+
+def text_of(items):
+    from server.engine import Piece
+
+    return "".join(i.text for i in items if isinstance(i, Piece))
+
+
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+def test_engine_stops_within_one_token(engine, engine_parts, how):
+    from server.engine import Done, Prefilled
+
+    def stop_at_three(req, piece):
+        if piece.output_tokens == 3:
+            if how == "cancel":
+                req.cancel.set()
+            else:
+                req.deadline = 0.0
+
+    items = run_engine(engine, engine_parts[2].tokens, on_piece=stop_at_three, max_tokens=200)
+    assert isinstance(items[0], Prefilled)
+    done = items[-1]
+    assert isinstance(done, Done)
+    assert done.reason == ("cancelled" if how == "cancel" else "timeout")
+    assert done.output_tokens == 3
+
+
+def test_engine_failure_goes_down_the_request_queue_and_the_worker_survives(engine_parts):
+    from server.engine import Done, Engine
+
+    class FailingStore:
+        """Fails on purpose: the real PrefixCache cannot be made to fail on demand."""
+
+        def fetch(self, tokens):
+            raise RuntimeError("store exploded")
+
+        def store(self, tokens, kv, checkpoints=()):
+            return 0
+
+        def stats(self):
+            return {}
+
+    model, tokenizer, rendered = engine_parts
+    eng = Engine(model, tokenizer, FailingStore())
+    eng.start()
+    try:
+        items = run_engine(eng, rendered.tokens)
+        assert isinstance(items[-1], RuntimeError) and "store exploded" in str(items[-1])
+        eng.store = None
+        assert isinstance(run_engine(eng, rendered.tokens, max_tokens=2)[-1], Done)
+    finally:
+        eng.stop()
+
+
+def test_engine_queue_is_bounded():
+    from server.engine import Engine, GenerationRequest, Overloaded
+
+    eng = Engine(None, None, max_queue=1)  # never started: nothing is consumed
+    eng.submit(GenerationRequest(tokens=[1, 2], max_tokens=1, emit=lambda item: None))
+    with pytest.raises(Overloaded):
+        eng.submit(GenerationRequest(tokens=[1, 2], max_tokens=1, emit=lambda item: None))
+    assert eng.depth == 1
+
+
+def test_engine_with_prefix_cache_warm_equals_cold(engine_parts, engine):
+    """The engine <-> store contract: a warm run reuses the prefix and yields the same tokens."""
+    from server.cache import PrefixCache
+    from server.engine import Engine, Prefilled
+
+    model, tokenizer, rendered = engine_parts
+    cold = run_engine(engine, rendered.tokens)  # no store at all
+    eng = Engine(model, tokenizer, PrefixCache(model, max_bytes=256 << 20))
+    eng.start()
+    try:
+        first = run_engine(eng, rendered.tokens, prefix_len=rendered.prefix_len)
+        warm = run_engine(eng, rendered.tokens, prefix_len=rendered.prefix_len)
+    finally:
+        eng.stop()
+    assert isinstance(first[0], Prefilled) and first[0].reused == 0 and first[0].created > 0
+    assert isinstance(warm[0], Prefilled) and warm[0].reused == len(rendered.tokens) - 1
+    assert text_of(cold) == text_of(first) == text_of(warm) != ""
