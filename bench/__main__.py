@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="mlx-lm model directory or .gguf (default: the project's default model)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny CI version: ~300-token prefix, 2 requests per arm, max_tokens 4")
+                   help="tiny CI version: ~300-token prefix, short messages, 2 requests per arm, max_tokens 4")
     p.add_argument("--target-tokens", type=int, help="system+tools prefix tokens (default 2000; smoke 300; "
                                                      "~19000 is Claude Code's full size)")
     p.add_argument("--turns", type=int, help="main-agent requests per session (default all 7; smoke 2)")
@@ -164,9 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     fixture = load_fixture()
     count = make_counter(model)
     session = build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens,
-                            main_turns=args.turns, subagent=not args.smoke)
+                            main_turns=args.turns, subagent=not args.smoke, compact=args.smoke)
     new_session = build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens, main_turns=1,
-                                subagent=False, session_tag="b")
+                                subagent=False, session_tag="b", compact=args.smoke)
     arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd))
     meta = {"date": stamp, "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "model": str(model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,

@@ -145,7 +145,7 @@ def _mark_last(messages: list[dict]) -> None:
 
 def build_session(fixture: dict, target_prefix_tokens: int, count: Counter, *, max_tokens: int = 8,
                   main_turns: int | None = None, subagent: bool = True, session_tag: str = "a",
-                  seed: int = 0) -> Session:
+                  seed: int = 0, compact: bool = False) -> Session:
     """The requests of one Claude-Code-shaped session, shrunk to `target_prefix_tokens`.
 
     `main_turns` limits the main agent's requests (None = all scripted turns);
@@ -153,8 +153,8 @@ def build_session(fixture: dict, target_prefix_tokens: int, count: Counter, *, m
     real sessions do; the subagent's prefix is half the main one."""
     rng = random.Random(f"{seed}-{session_tag}")
     session_id = "%08x-%04x-4%03x-8%03x-%012x" % tuple(rng.getrandbits(b) for b in (32, 16, 12, 12, 48))
-    main = fixture["main"]
-    sub = fixture["subagent"]
+    main = _compacted(fixture["main"]) if compact else fixture["main"]
+    sub = _compacted(fixture["subagent"]) if compact else fixture["subagent"]
     m_system, m_tools, m_tokens = shrink_prefix(main["system"], main["tools"], target_prefix_tokens, count,
                                                 MAIN_TOOL_ORDER)
     s_system, s_tools, s_tokens = shrink_prefix(sub["system"], sub["tools"], max(64, target_prefix_tokens // 2),
@@ -195,6 +195,30 @@ def build_session(fixture: dict, target_prefix_tokens: int, count: Counter, *, m
         requests.append(BenchRequest(f"main-{n}", "main", n, body(main["model"], m_system, m_tools, history),
                                      dict(base_headers)))
     return Session(requests, {"main": m_tokens, "subagent": s_tokens}, session_id)
+
+
+def _first_lines(text: str, n: int) -> str:
+    lines = text.splitlines()
+    if len(lines) <= n:
+        return text
+    closing = "\n</system-reminder>" if lines[0] == "<system-reminder>" else ""
+    return "\n".join(lines[:n]) + closing + "\n"
+
+
+def _compacted(agent: dict) -> dict:
+    """A copy of the fixture's agent material with short messages (see build_session)."""
+    agent = copy.deepcopy(agent)
+    agent["reminder"] = _first_lines(agent["reminder"], 4)
+    if "system_message" in agent:
+        agent["system_message"] = _first_lines(agent["system_message"], 1)
+    for step in agent["script"]:
+        for block in step["user"]:
+            if block.get("type") == "tool_result" and isinstance(block["content"], str):
+                block["content"] = _first_lines(block["content"], 3)
+            elif block.get("type") == "tool_result":
+                for b in block["content"]:
+                    b["text"] = _first_lines(b["text"], 3)
+    return agent
 
 
 def _subagent_requests(sub: dict, system, tools, body, base_headers, rng) -> list[BenchRequest]:
