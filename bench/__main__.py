@@ -88,12 +88,17 @@ def machine_info() -> dict:
 
 
 def floor_pairs(rows: list[dict], sessions, count) -> tuple[list[tuple[int, int]], list[tuple[str, int]]]:
-    """(cached, new) token pairs for the floor, from the reference arm's warm requests (server
-    usage); falls back to the workload's own token estimate when no usage was reported."""
+    """(cached, new) token pairs for the floor, from the reference arm's warm requests: the
+    embedded server's own log (tokens reused / prompt tokens) when present, else the
+    response usage (Anthropic's accounting: read + creation + input = prompt), else the
+    workload's own token estimate."""
     for ref in ("3-rotating-on", "1-stable", "7-direct"):
-        warm = [r for r in rows if r["arm"] == ref and r["phase"] == "warm" and not r["error"]
-                and r.get("prompt_tokens") and r.get("cache_read_input_tokens") is not None]
-        if warm:
+        warm = [r for r in rows if r["arm"] == ref and r["phase"] == "warm" and not r["error"]]
+        if warm and all(r.get("server_prompt_tokens") is not None for r in warm):
+            pairs = [(int(r["server_reused_tokens"]), int(r["server_prompt_tokens"]) - int(r["server_reused_tokens"]))
+                     for r in warm]
+            return pairs, [(r["request"], r["rep"]) for r in warm]
+        if warm and all(r.get("prompt_tokens") and r.get("cache_read_input_tokens") is not None for r in warm):
             pairs = [(int(r["cache_read_input_tokens"]), int(r["prompt_tokens"]) - int(r["cache_read_input_tokens"]))
                      for r in warm]
             return pairs, [(r["request"], r["rep"]) for r in warm]
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         pairs, keys = floor_pairs(rows, session, count)
         remaining = max(60.0, ctx.deadline - time.monotonic() + 300.0)
         if pairs:
-            progress(f"floor: mlx-lm direct, {len(pairs)} points (cached/new tokens from the server's usage)")
+            progress(f"floor: mlx-lm direct, {len(pairs)} points (cached/new tokens as the server reported them)")
             try:
                 floor_rows = measure_floor(model, fixture, pairs, args.floor_repeats, out_dir, remaining)
                 for key, fr in zip(keys, floor_rows):

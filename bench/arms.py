@@ -5,6 +5,7 @@ everything it started.
 
 from __future__ import annotations
 
+import json
 import random
 import shlex
 import socket
@@ -159,6 +160,42 @@ def make_row(arm: Arm, rep: int, req: BenchRequest, phase: str, res: Result) -> 
             "stop_reason": res.stop_reason, "error": res.error}
 
 
+REQUEST_LOG_MARK = "warmturn.requests: "
+
+
+def server_request_log(path: Path) -> list[dict]:
+    """The embedded server's per-request JSON log lines (prompt_tokens, reused, prefill_ms…),
+    warm-up requests left out, in order."""
+    out = []
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        i = line.find(REQUEST_LOG_MARK)
+        if i < 0:
+            continue
+        try:
+            rec = json.loads(line[i + len(REQUEST_LOG_MARK):])
+        except ValueError:
+            continue
+        if rec.get("model") != "warm-up":
+            out.append(rec)
+    return out
+
+
+def attach_server_log(rows: list[dict], records: list[dict]) -> None:
+    """Add the server's own view (prompt tokens, reused tokens, prefill ms) to the rows,
+    matched in order; only when the counts agree, so a mismatch never mislabels a row."""
+    if len(records) != len(rows):
+        return
+    for row, rec in zip(rows, records):
+        row["server_prompt_tokens"] = rec.get("prompt_tokens")
+        row["server_reused_tokens"] = rec.get("reused")
+        row["server_prefill_ms"] = rec.get("prefill_ms")
+        row["server_ttft_ms"] = rec.get("ttft_ms")
+
+
 class ArmRun:
     """Runs one arm once; `close()` stops whatever it started."""
 
@@ -235,4 +272,6 @@ class ArmRun:
         for p in (self.proxy, self.backend):
             if p is not None:
                 procs.stop(p)
+        if self.arm.backend == "embedded" and self.backend is not None:
+            attach_server_log(self.rows, server_request_log(self.backend.log_path))
         self.proxy = self.backend = None

@@ -26,7 +26,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
 
 
 def hit_ratio(rows: Iterable[dict]) -> float | None:
-    """Cached prompt tokens / prompt tokens, over rows that report usage."""
+    """Reused prompt tokens / prompt tokens. From the embedded server's own request log when
+    every row has it (ground truth, independent of how usage is reported), else from the
+    responses' usage (Anthropic's accounting) over the rows that report it."""
+    rows = list(rows)
+    if rows and all(r.get("server_prompt_tokens") for r in rows):
+        return sum(int(r["server_reused_tokens"] or 0) for r in rows) / sum(int(r["server_prompt_tokens"]) for r in rows)
     rows = [r for r in rows if r.get("prompt_tokens")]
     if not rows:
         return None
