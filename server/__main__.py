@@ -101,27 +101,38 @@ def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="warmturn-server",
         description="Anthropic Messages API (/v1/messages, streaming, tools, count_tokens) on an mlx-lm model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=None,
-                   help="mlx-lm model directory or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
-    p.add_argument("--served-model-name", default=None, help="id in /v1/models (default: the model directory name)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address; non-loopback requires --api-key")
-    p.add_argument("--port", type=int, default=8000)
+                   help="mlx-lm model directory or GGUF file (default: the bundled SmolLM2-135M-Instruct, "
+                        "converted once into ~/.cache/warmturn)")
+    p.add_argument("--served-model-name", default=None,
+                   help="id listed first in /v1/models (default: the model directory's name)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address; a non-loopback address requires --api-key (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("WARMTURN_API_KEY"),
-                   help="require this key in x-api-key or Authorization: Bearer (env WARMTURN_API_KEY)")
+                   help="require this key in x-api-key or Authorization: Bearer "
+                        "(default: $WARMTURN_API_KEY, else no key)")
     p.add_argument("--prefix-order", choices=["system-first", "tools-first"], default="system-first",
-                   help="inside the system turn, render the system text before the tools or after them")
+                   help="inside the system turn, render the system text before the tools or after them "
+                        "(default: system-first)")
     p.add_argument("--cache-bytes", type=int, default=None,
-                   help="prefix KV cache budget in bytes (default: a third of available memory)")
-    p.add_argument("--cache-dir", default=None, help="persist prefix-cache checkpoints in this directory")
+                   help="prefix KV cache budget in bytes (default: a third of the available memory)")
+    p.add_argument("--cache-dir", default=None,
+                   help="persist prefix-cache checkpoints in this directory (default: memory only)")
     p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
-    p.add_argument("--max-queue", type=int, default=8, help="requests allowed to wait for the worker (then 529)")
-    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in total")
-    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024, help="larger request bodies get 413")
-    p.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens per prefill step")
-    p.add_argument("--log-file", default=None, help="also append the log (one JSON line per request) here")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--max-queue", type=int, default=8,
+                   help="requests allowed to wait for the MLX worker; more get 529 (default: 8)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take, queue wait included (default: 600)")
+    p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
+                   help="larger request bodies get 413 (default: 33554432 = 32 MiB)")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per prefill step; cancellation is checked between steps (default: 512)")
+    p.add_argument("--log-file", default=None,
+                   help="also append the log, with one JSON line per request, to this file (default: stderr only)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="(default: info)")
     return p
 
 

@@ -75,10 +75,14 @@ def blas_in_use() -> str:
             libs = {line.split()[-1] for line in f if ".so" in line}
     except OSError:
         return "unknown"
+    # numpy's wheel bundles libscipy_openblas64_ with prefixed symbols: MLX cannot use it.
+    libs = {p for p in libs if "scipy_openblas" not in p}
     openblas = sorted(p for p in libs if "openblas" in p)
     if openblas:
         return f"OpenBLAS ({openblas[0]})"
     other = sorted(p for p in libs if "blas" in os.path.basename(p).lower())
-    if other:
-        return f"other BLAS ({other[0]})"
-    return "MLX's bundled reference BLAS (slow; install libopenblas0-pthread)"
+    bundled = [p for p in other if "mlx_cpu.libs" in p]
+    if bundled or not other:
+        hint = "" if os.environ.get(OPT_OUT) else "; install libopenblas0-pthread"
+        return f"MLX's bundled reference BLAS (slow{hint})"
+    return f"other BLAS ({other[0]})"
