@@ -460,3 +460,60 @@ def test_engine_with_prefix_cache_warm_equals_cold(engine_parts, engine):
     assert isinstance(first[0], Prefilled) and first[0].reused == 0 and first[0].created > 0
     assert isinstance(warm[0], Prefilled) and warm[0].reused == len(rendered.tokens) - 1
     assert text_of(cold) == text_of(first) == text_of(warm) != ""
+
+
+def test_failure_after_the_stream_began_is_an_error_event(engine_parts):
+    """A generation that fails mid-stream ends the SSE stream with Anthropic's `error` event."""
+    import uvicorn
+    from mlx_lm.models.cache import KVCache
+
+    from server.engine import Engine
+    from server.http import ServerState, make_app
+    from server.render import Renderer
+    from server.toolcalls import HERMES
+
+    class BrokenLayer(KVCache):
+        def update_and_fetch(self, keys, values):
+            raise RuntimeError("kv broke")
+
+    class BreakingStore:
+        """Breaks the KV cache after prefill, on purpose: a real store never does."""
+
+        def fetch(self, tokens):
+            from mlx_lm.models.cache import make_prompt_cache
+
+            return make_prompt_cache(model), 0
+
+        def store(self, tokens, kv, checkpoints=()):
+            kv[3] = BrokenLayer()
+            return 0
+
+        def stats(self):
+            return {"breaks": 1}
+
+    model, tokenizer, _ = engine_parts
+    engine = Engine(model, tokenizer, BreakingStore())
+    state = ServerState(engine=engine, renderer=Renderer(tokenizer), model_id="x", context_length=8192,
+                        tool_format=HERMES)
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    engine.start()
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not srv.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=60,
+                       json={"model": "m", "max_tokens": 4, "stream": True, "messages": HELLO})
+        assert r.status_code == 200
+        events = sse_events(r.text)
+        assert [e["type"] for e in events] == ["message_start", "ping", "error"]
+        assert events[-1]["error"]["type"] == "api_error" and "kv broke" in events[-1]["error"]["message"]
+        assert "warmturn_cache_breaks 1" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+        engine.stop()
