@@ -256,14 +256,18 @@ async def count_tokens(request: Request) -> Response:
     return JSONResponse(wire.count_tokens_body(len(rendered.tokens)))
 
 
-async def _next(q: asyncio.Queue, request: Request, poll: float = 0.25) -> object:
-    """Next engine item; raises CancelledError-like ApiError if the client went away meanwhile."""
+async def _next(q: asyncio.Queue, request: Request, gen: GenerationRequest, poll: float = 0.25) -> object:
+    """The first engine item; raises :class:`ClientGone` if the client went away meanwhile, or
+    :class:`RequestTimeout` if the request's time limit passed while it waited in the queue."""
     while True:
         try:
             return await asyncio.wait_for(q.get(), poll)
         except TimeoutError:
             if await request.is_disconnected():
                 raise ClientGone() from None
+            if time.monotonic() > gen.deadline + 1.0:  # still queued: the worker never saw it
+                gen.cancel.set()
+                raise RequestTimeout("the request's time limit passed while it waited in the queue") from None
 
 
 class ClientGone(Exception):
@@ -306,11 +310,13 @@ async def messages(request: Request) -> Response:
     record: dict[str, Any] = {"request_id": request_id(request), "model": req.model, "stream": req.stream,
                               "prompt_tokens": n, "prefix_len": rendered.prefix_len}
     try:
-        first = await _next(q, request)
-    except (ClientGone, asyncio.CancelledError):
+        first = await _next(q, request, gen)
+    except (ClientGone, RequestTimeout, asyncio.CancelledError) as e:
         gen.cancel.set()
-        record["outcome"] = "client_gone"
+        record["outcome"] = "timeout" if isinstance(e, RequestTimeout) else "client_gone"
         request_log.info("%s", json.dumps(record))
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)  # nobody is listening any more
         raise
     if isinstance(first, Exception):
         raise first

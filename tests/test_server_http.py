@@ -6,6 +6,7 @@ reached, a small `--max-body-bytes` for 413, an API key for 401, the prefix cach
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -464,11 +465,10 @@ def test_engine_with_prefix_cache_warm_equals_cold(engine_parts, engine):
 
 def test_failure_after_the_stream_began_is_an_error_event(engine_parts):
     """A generation that fails mid-stream ends the SSE stream with Anthropic's `error` event."""
-    import uvicorn
     from mlx_lm.models.cache import KVCache
 
     from server.engine import Engine
-    from server.http import ServerState, make_app
+    from server.http import ServerState
     from server.render import Renderer
     from server.toolcalls import HERMES
 
@@ -495,25 +495,55 @@ def test_failure_after_the_stream_began_is_an_error_event(engine_parts):
     engine = Engine(model, tokenizer, BreakingStore())
     state = ServerState(engine=engine, renderer=Renderer(tokenizer), model_id="x", context_length=8192,
                         tool_format=HERMES)
+    engine.start()
+    with serve_in_thread(state) as port:
+        try:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=60,
+                           json={"model": "m", "max_tokens": 4, "stream": True, "messages": HELLO})
+            assert r.status_code == 200
+            events = sse_events(r.text)
+            assert [e["type"] for e in events] == ["message_start", "ping", "error"]
+            assert events[-1]["error"]["type"] == "api_error" and "kv broke" in events[-1]["error"]["message"]
+            assert "warmturn_cache_breaks 1" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
+            assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+        finally:
+            engine.stop()
+
+
+def test_time_limit_while_queued_is_a_504(engine_parts):
+    from server.engine import Engine
+    from server.http import ServerState
+    from server.render import Renderer
+    from server.toolcalls import HERMES
+
+    model, tokenizer, _ = engine_parts
+    engine = Engine(model, tokenizer, None)  # never started: the request can only wait in the queue
+    state = ServerState(engine=engine, renderer=Renderer(tokenizer), model_id="x", context_length=8192,
+                        tool_format=HERMES, request_timeout=0.2)
+    with serve_in_thread(state) as port:
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=60,
+                       json={"model": "m", "max_tokens": 4, "messages": HELLO})
+    assert_error(r, 504, "timeout_error")
+    assert engine.depth == 1  # it was queued, and is marked cancelled for the worker
+
+
+@contextlib.contextmanager
+def serve_in_thread(state):
+    """The app on uvicorn in a thread of this process (for engines the test builds itself)."""
+    import uvicorn
+
+    from server.http import make_app
+
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
-    engine.start()
     thread.start()
     try:
         deadline = time.monotonic() + 30
         while not srv.started:
-            assert time.monotonic() < deadline
+            assert time.monotonic() < deadline, "in-process server did not start"
             time.sleep(0.05)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=60,
-                       json={"model": "m", "max_tokens": 4, "stream": True, "messages": HELLO})
-        assert r.status_code == 200
-        events = sse_events(r.text)
-        assert [e["type"] for e in events] == ["message_start", "ping", "error"]
-        assert events[-1]["error"]["type"] == "api_error" and "kv broke" in events[-1]["error"]["message"]
-        assert "warmturn_cache_breaks 1" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        assert httpx.get(f"http://127.0.0.1:{port}/health").json()["status"] == "ok"
+        yield port
     finally:
         srv.should_exit = True
         thread.join(10)
-        engine.stop()
