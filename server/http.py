@@ -35,7 +35,7 @@ from starlette.routing import Route
 from server import wire
 from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, RequestTimeout
 from server.metrics import Metrics, safe_stats
-from server.render import Renderer
+from server.render import Renderer, openai_tool
 from server.toolcalls import OutputAssembler, ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -333,7 +333,8 @@ async def messages(request: Request) -> Response:
                        cache_creation_input_tokens=first.created)
     stream = wire.MessageStream(req.model, usage)
     fmt = state.tool_format if (req.tools and req.tool_choice.type != "none") else None
-    asm = OutputAssembler(stream, req.stop_sequences, fmt, tools=None, json_mode=req.output_schema is not None)
+    asm = OutputAssembler(stream, req.stop_sequences, fmt, tools=[openai_tool(t) for t in req.tools],
+                          json_mode=req.output_schema is not None)
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         """Engine items -> Anthropic events; cancels generation when the consumer stops."""

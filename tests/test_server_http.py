@@ -156,6 +156,20 @@ def test_repeated_prompt_is_served_from_the_prefix_cache(client):
     assert again.usage.input_tokens >= 1  # at least the last token is computed
 
 
+def test_stop_sequence_cuts_the_live_output(client):
+    messages = [{"role": "user", "content": "Name five fruits."}]
+    free = client.messages.create(model="m", max_tokens=12, messages=messages, extra_body={"temperature": 0})
+    text = free.content[0].text
+    words = text.split()
+    assert len(words) >= 4, text
+    stop = words[2]
+    cut = client.messages.create(model="m", max_tokens=12, messages=messages, stop_sequences=[stop],
+                                 extra_body={"temperature": 0})
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == stop
+    assert cut.content[0].text == text[: text.index(stop)]
+    assert cut.usage.output_tokens < free.usage.output_tokens
+
+
 def test_claude_code_tool_round_is_accepted(server):
     lines = (CC / "tool_round.jsonl").read_text().splitlines()
     body = [json.loads(line)["body"] for line in lines if json.loads(line)["body"]][1]  # carries a tool_result
