@@ -121,6 +121,16 @@ def backend_cmd(arm: Arm, ctx: Context, port: int, cache_dir: Path | None = None
     raise ValueError(f"unknown backend {arm.backend!r}")
 
 
+def backend_model(arm: Arm, ctx: Context) -> str | None:
+    """The model name the backend accepts, when it does not take Claude's names: the addon's
+    `backend_model` rewrites every request to it."""
+    if arm.backend == "mlx_lm":
+        return BACKEND_MODEL_FOR_MLX_LM  # mlx_lm.server's alias for its --model
+    if arm.backend == "vllm_mlx":
+        return str(ctx.model)  # vllm-mlx 0.6.0 answers 404 to any other name
+    return None
+
+
 def proxy_cmd(arm: Arm, ctx: Context, port: int, backend_url: str) -> list[str]:
     mitmdump = str(Path(ctx.python).parent / "mitmdump")
     cmd = [mitmdump, "--listen-host", "127.0.0.1", "--listen-port", str(port),
@@ -129,21 +139,22 @@ def proxy_cmd(arm: Arm, ctx: Context, port: int, backend_url: str) -> list[str]:
            "--set", f"normalize={'true' if arm.normalize else 'false'}",
            "--set", f"capture_file={ctx.capture_file}", "--set", f"capture_label={arm.key}",
            "--set", "termlog_verbosity=warn", "--set", "flow_detail=0"]
-    if arm.backend == "mlx_lm":
-        cmd += ["--set", f"backend_model={BACKEND_MODEL_FOR_MLX_LM}"]
+    model = backend_model(arm, ctx)
+    if model:
+        cmd += ["--set", f"backend_model={model}"]
     return cmd
 
 
-def warm_up(arm: Arm, backend_url: str, timeout: float) -> None:
+def warm_up(arm: Arm, backend_url: str, timeout: float, model: str | None = None) -> None:
     """One tiny request straight to the backend, so lazy initialisation (first MLX kernels,
     allocator growth) is not charged to the arm's cold turn. It shares no real prefix with
     the workload."""
     if arm.backend_api == "openai":
-        body = {"model": BACKEND_MODEL_FOR_MLX_LM, "messages": [{"role": "user", "content": "hi"}],
+        body = {"model": model or "default_model", "messages": [{"role": "user", "content": "hi"}],
                 "max_tokens": 2, "stream": False}
         r = httpx.post(f"{backend_url}/v1/chat/completions", json=body, timeout=timeout)
     else:
-        body = {"model": "warm-up", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+        body = {"model": model or "warm-up", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(f"{backend_url}/v1/messages", json=body, timeout=timeout,
                        headers={"anthropic-version": "2023-06-01", "x-api-key": "bench"})
     if r.status_code != 200:
@@ -221,7 +232,7 @@ class ArmRun:
         procs.wait_http(self.backend, ready, self.ctx.start_timeout, ok=lambda r: r.status_code == 200)
         self.log(f"backend ready in {time.monotonic() - t:.1f}s")
         if warm:
-            warm_up(self.arm, self.backend_url, self.ctx.request_timeout)
+            warm_up(self.arm, self.backend_url, self.ctx.request_timeout, backend_model(self.arm, self.ctx))
 
     def start_proxy(self) -> str:
         if not self.arm.proxy:
