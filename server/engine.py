@@ -114,6 +114,7 @@ class Engine:
         self._queue: queue.Queue[GenerationRequest | None] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
         self._on_event = on_event or (lambda name, value: None)
+        self._current: GenerationRequest | None = None
         self.busy = False
 
     @property
@@ -127,18 +128,27 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            while True:  # make room for the sentinel: cancel whatever still waits
-                try:
-                    req = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if req is not None:
-                    req.cancel.set()
-                    req.emit(Done("cancelled", 0))
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+        """Cancel the running request and everything queued, then end the worker thread."""
+        if self._thread is None:
+            return
+        current = self._current
+        if current is not None:
+            current.cancel.set()
+        while True:  # make room for the sentinel: cancel whatever still waits
+            try:
+                req = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if req is not None:
+                req.cancel.set()
+                req.emit(Done("cancelled", 0))
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            log.warning("MLX worker queue refilled during shutdown; not waiting for the worker")
+            return
+        self._thread.join(timeout)
+        self._thread = None
 
     def submit(self, req: GenerationRequest) -> None:
         """Queue ``req``; raises :class:`Overloaded` at once when the queue is full."""
@@ -154,14 +164,14 @@ class Engine:
             req = self._queue.get()
             if req is None:
                 return
-            self.busy = True
+            self.busy, self._current = True, req
             try:
                 self._run(req)
             except Exception as e:  # the request's failure goes down its own queue
                 log.exception("generation failed")
                 req.emit(e)
             finally:
-                self.busy = False
+                self.busy, self._current = False, None
 
     def _run(self, req: GenerationRequest) -> None:
         import mlx.core as mx

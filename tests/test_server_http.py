@@ -561,3 +561,27 @@ def serve_in_thread(state):
     finally:
         srv.should_exit = True
         thread.join(10)
+
+
+def test_engine_stop_cancels_the_running_and_the_queued(engine_parts):
+    from server.engine import Done, Engine, GenerationRequest, Piece
+
+    model, tokenizer, rendered = engine_parts
+    eng = Engine(model, tokenizer, None, max_queue=2)
+    running_items: list = []
+    queued_items: list = []
+    generating = threading.Event()
+
+    def emit_running(item):
+        running_items.append(item)
+        if isinstance(item, Piece):
+            generating.set()
+
+    eng.start()
+    eng.submit(GenerationRequest(tokens=rendered.tokens, max_tokens=500, emit=emit_running, temperature=0.0))
+    eng.submit(GenerationRequest(tokens=rendered.tokens, max_tokens=5, emit=queued_items.append))
+    assert generating.wait(120)
+    eng.stop()
+    assert isinstance(running_items[-1], Done) and running_items[-1].reason == "cancelled"
+    assert running_items[-1].output_tokens < 500
+    assert queued_items == [Done("cancelled", 0)]
