@@ -77,3 +77,108 @@ def test_captures_ratios_floor_and_report(smoke_run):
     assert list((out / "report").glob("*.png")), "analysis report made no chart"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["arms"] == ARMS and not meta["skipped"]
+
+
+# --- fast checks of the bench's own logic (no model, no processes) ---------------------------
+
+from bench.summary import percentile, ratios, summarize_arm  # noqa: E402
+from bench.workload import billing_block, build_session, load_fixture, make_counter, with_billing  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def counter(model_dir):
+    return make_counter(model_dir)
+
+
+@pytest.mark.parametrize("target", [1000, 2000, 6000])
+def test_workload_prefix_is_shrunk_to_the_target(counter, target):
+    session = build_session(load_fixture(), target, counter)
+    first = session.requests[0].body
+    prefix = sum(counter(b["text"]) for b in first["system"]) + sum(counter(json.dumps(t)) for t in first["tools"])
+    assert 0.85 * target <= prefix <= target
+    assert first["tools"][0]["name"] == "Read"
+
+
+def test_workload_full_size_keeps_every_recorded_tool(counter):
+    session = build_session(load_fixture(), 50_000, counter)
+    assert len(session.requests[0].body["tools"]) == 24
+    sub = next(r for r in session.requests if r.agent == "subagent")
+    assert len(sub.body["tools"]) == 17
+
+
+def test_session_shape_is_claude_codes(counter):
+    session = build_session(load_fixture(), 2000, counter)
+    names = [r.name for r in session.requests]
+    assert names == ["main-1", "main-2", "main-3", "main-4", "sub-1", "sub-2", "main-5", "main-6", "main-7"]
+    mains = [r.body for r in session.requests if r.agent == "main"]
+    for prev, cur in zip(mains, mains[1:]):
+        assert cur["system"] == prev["system"] and cur["tools"] == prev["tools"]
+        assert [m["role"] for m in cur["messages"][: len(prev["messages"])]] == [m["role"] for m in prev["messages"]]
+        assert len(cur["messages"]) == len(prev["messages"]) + 2
+    for body in mains + [r.body for r in session.requests if r.agent == "subagent"]:
+        msgs = body["messages"]
+        for i, m in enumerate(msgs):  # every tool_use is answered by a tool_result in the next message
+            if m["role"] == "assistant":
+                for b in m["content"]:
+                    if b["type"] == "tool_use":
+                        nxt = msgs[i + 1]["content"]
+                        assert any(x.get("tool_use_id") == b["id"] for x in nxt if isinstance(x, dict))
+        marked = [b for m in msgs if isinstance(m["content"], list) for b in m["content"] if "cache_control" in b]
+        assert len(marked) == 1  # only the newest user block carries cache_control, as Claude Code sends it
+    sub = [r for r in session.requests if r.agent == "subagent"]
+    assert sub[0].headers["x-claude-code-agent-id"] and sub[0].body["system"] != mains[0]["system"]
+    assert sub[0].headers["x-claude-code-session-id"] == session.requests[0].headers["x-claude-code-session-id"]
+
+
+def test_rotating_billing_block_is_what_the_addon_strips():
+    import random
+    import re
+
+    from addons.rules import DEFAULT_VOLATILE_PATTERNS
+
+    rng = random.Random(1)
+    texts = {billing_block(rng, subagent=False)["text"] for _ in range(20)}
+    assert len(texts) == 20  # a new one per request
+    for t in texts:
+        assert re.match(r"^x-anthropic-billing-header: cc_version=2\.1\.197\.[0-9a-f]{3}; cc_entrypoint=cli; "
+                        r"cch=[0-9a-f]{5};$", t)
+        assert any(re.search(p, t, re.M) for p in DEFAULT_VOLATILE_PATTERNS)
+    assert billing_block(rng, subagent=True)["text"].endswith(" cc_is_subagent=true;")
+
+
+def test_with_billing_does_not_touch_the_request(counter):
+    import random
+
+    req = build_session(load_fixture(), 1000, counter).requests[0]
+    before = json.dumps(req.body)
+    body = with_billing(req, random.Random(0))
+    assert body["system"][1:] == req.body["system"] and json.dumps(req.body) == before
+
+
+def test_summary_figures_from_literal_rows():
+    def row(arm, name, agent, turn, phase, ttft, prompt=None, read=None, err=None):
+        return {"arm": arm, "rep": 0, "request": name, "agent": agent, "turn": turn, "phase": phase,
+                "ttft_ms": ttft, "prompt_tokens": prompt, "cache_read_input_tokens": read, "error": err}
+
+    rows = [row("3-rotating-on", "main-1", "main", 1, "cold", 20000.0, 2000, 0),
+            row("3-rotating-on", "main-2", "main", 2, "warm", 1000.0, 2100, 2000),
+            row("3-rotating-on", "main-3", "main", 3, "warm", 2000.0, 2200, 2100),
+            row("3-rotating-on", "main-4", "main", 4, "warm", 3000.0, 2300, 2000),
+            row("3-rotating-on", "main-5", "main", 5, "warm", 1100.0, None, None),
+            row("3-rotating-on", "main-6", "main", 6, "warm", None, err="boom"),
+            row("2-rotating-off", "main-2", "main", 2, "warm", 5000.0, 2100, 0)]
+    floors = {("main-2", 0): 500.0, ("main-3", 0): 1000.0}
+    s3 = summarize_arm("3-rotating-on", "t", rows, floors)
+    assert s3["requests"] == 6 and s3["errors"] == 1
+    assert s3["cold_ttft_s"] == 20.0
+    assert s3["warm_ttft_median_s"] == pytest.approx(1.55)
+    assert s3["warm_ttft_p90_s"] == pytest.approx(percentile([1.0, 2.0, 3.0, 1.1], 90))
+    assert s3["hit_ratio"] == pytest.approx(6100 / 6600)
+    assert s3["warm_over_floor"] == 2.0
+    assert s3["turn5_over_turn2"] == pytest.approx(1.1)
+    s2 = summarize_arm("2-rotating-off", "t", rows)
+    r = {x["ratio"]: x["value"] for x in ratios({"3-rotating-on": s3, "2-rotating-off": s2}, 0.75)}
+    assert r["(2)/(3) what normalization buys"] == pytest.approx(5.0 / 1.55)
+    assert r["(3) cold/warm"] == pytest.approx(20.0 / 1.55)
+    assert r["(4)/(3) no cache vs cache"] is None  # arm not run: n/a, never a made-up number
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 90) is None
