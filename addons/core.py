@@ -170,6 +170,28 @@ class Warmturn:
             self.server.stop()
             self.server = None
 
+    # ----- interception (HTTPS_PROXY) ----------------------------------------------------
+    def _rerouting(self, host: str | None) -> bool:
+        return self.backend.kind != "passthrough" and (host or "").lower() in routing.ANTHROPIC_HOSTS
+
+    def http_connect(self, f: http.HTTPFlow) -> None:
+        """CONNECT api.anthropic.com while rerouting: answer it ourselves, so mitmproxy's eager
+        strategy does not dial Anthropic (which fails offline and is never needed)."""
+        if f.response or not self._rerouting(f.request.host):
+            return
+        peer = f.client_conn.peername
+        if not ctx.options.allow_remote and peer and not routing.is_loopback(peer[0]):
+            f.response = http.Response.make(403, b"warmturn serves loopback clients only")
+            return
+        now = time.time()
+        f.response = http.Response(f.request.data.http_version, 200, b"Connection established", http.Headers(),
+                                   b"", None, now, now)
+
+    def tls_clienthello(self, data) -> None:
+        """Likewise, no server TLS handshake first for api.anthropic.com when it is rerouted."""
+        if self._rerouting(data.client_hello.sni):
+            data.establish_server_tls_first = False
+
     # ----- request -----------------------------------------------------------------------
     async def request(self, f: http.HTTPFlow) -> None:
         if f.response or f.error:
