@@ -433,14 +433,11 @@ class Warmturn:
             resp.content = json.dumps(translated).encode()
             resp.headers["content-type"] = "application/json"
             raw = resp.content
-        try:
-            parsed = json.loads(raw) if raw else None
-        except ValueError:
-            parsed = None
         if kind == "messages" or resp.status_code >= 400:
-            live.fold.add_body(parsed)
-        elif kind == "count_tokens" and isinstance(parsed, dict) and isinstance(parsed.get("input_tokens"), int):
-            live.fold.usage["input_tokens"] = parsed["input_tokens"]
+            try:
+                live.fold.add_body(json.loads(raw))
+            except ValueError:
+                pass
 
     def error(self, f: http.HTTPFlow) -> None:
         st = f.metadata.get(META)
