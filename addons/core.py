@@ -433,11 +433,14 @@ class Warmturn:
             resp.content = json.dumps(translated).encode()
             resp.headers["content-type"] = "application/json"
             raw = resp.content
+        try:
+            parsed = json.loads(raw) if raw else None
+        except ValueError:
+            parsed = None
         if kind == "messages" or resp.status_code >= 400:
-            try:
-                live.fold.add_body(json.loads(raw))
-            except ValueError:
-                pass
+            live.fold.add_body(parsed)
+        elif kind == "count_tokens" and isinstance(parsed, dict) and isinstance(parsed.get("input_tokens"), int):
+            live.fold.usage["input_tokens"] = parsed["input_tokens"]
 
     def error(self, f: http.HTTPFlow) -> None:
         st = f.metadata.get(META)
