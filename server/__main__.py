@@ -129,8 +129,6 @@ def make_parser() -> argparse.ArgumentParser:
                    help="larger request bodies get 413 (default: 33554432 = 32 MiB)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens per prefill step; cancellation is checked between steps (default: 512)")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="skip the tiny generation run at start-up (the first request then pays MLX's start-up cost)")
     p.add_argument("--log-file", default=None,
                    help="also append the log, with one JSON line per request, to this file (default: stderr only)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -156,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
 
     state = build_state(args)
     state.engine.start()
-    if not args.no_warmup:
-        warm = state.renderer.encode("Hello, world. This is a warm-up.") or [0, 0]
-        log.info("warm-up generation: %.1f s", state.engine.warmup(warm))
     config = uvicorn.Config(make_app(state), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)

@@ -83,7 +83,6 @@ class GenerationRequest:
     top_p: float = 0.0
     top_k: int = 0
     deadline: float = float("inf")  # time.monotonic() value
-    cacheable: bool = True  # False: neither read from nor written to the prefix store
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
 
@@ -151,27 +150,6 @@ class Engine:
         self._thread.join(timeout)
         self._thread = None
 
-    def warmup(self, tokens: Sequence[int], timeout: float = 120.0) -> float:
-        """Run one tiny uncached generation so the first real request does not pay MLX's
-        one-off start-up costs; returns the seconds it took."""
-        done = threading.Event()
-        failure: list[BaseException] = []
-
-        def emit(item: object) -> None:
-            if isinstance(item, BaseException):
-                failure.append(item)
-            if isinstance(item, (Done, BaseException)):
-                done.set()
-
-        start = time.monotonic()
-        self.submit(GenerationRequest(tokens=list(tokens), max_tokens=2, emit=emit, temperature=0.0,
-                                      cacheable=False))
-        if not done.wait(timeout):
-            raise TimeoutError("warm-up generation did not finish")
-        if failure:
-            raise failure[0]
-        return time.monotonic() - start
-
     def submit(self, req: GenerationRequest) -> None:
         """Queue ``req``; raises :class:`Overloaded` at once when the queue is full."""
         try:
@@ -208,9 +186,8 @@ class Engine:
             req.emit(Done(why, 0))
             return
         tokens = req.tokens
-        store = self.store if req.cacheable else None
-        if store is not None:
-            kv, reused = store.fetch(tokens)
+        if self.store is not None:
+            kv, reused = self.store.fetch(tokens)
         else:
             kv, reused = make_prompt_cache(self.model), 0
         rest = tokens[reused:-1]
@@ -225,8 +202,8 @@ class Engine:
                 self.model(mx.array(rest[i : i + self.prefill_chunk])[None], cache=kv)
                 mx.eval([c.state for c in kv])
         created = 0
-        if store is not None:
-            created = store.store(tokens[:-1], kv, checkpoints=[req.prefix_len] if req.prefix_len else [])
+        if self.store is not None:
+            created = self.store.store(tokens[:-1], kv, checkpoints=[req.prefix_len] if req.prefix_len else [])
         prefill_ms = (time.monotonic() - start) * 1000
         self._on_event("prefill_tokens", float(len(rest)))
         req.emit(Prefilled(reused, created, prefill_ms, queued_ms))
@@ -268,7 +245,7 @@ class Engine:
         elapsed = time.monotonic() - gen_start
         self._on_event("generated_tokens", float(n))
         req.emit(Done(reason, n, n / elapsed if elapsed > 0 else 0.0))
-        keep_generated = getattr(store, "store_generated", None)
+        keep_generated = getattr(self.store, "store_generated", None)
         if keep_generated is not None and reason in ("stop", "length"):
             # Optional extension of the store: keep prompt + answer, so the next turn, which
             # re-renders this answer, reuses its KV state too.
