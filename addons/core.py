@@ -446,9 +446,13 @@ class Warmturn:
         st = f.metadata.get(META)
         if st is None:
             return
-        self._live.pop(f.id, None)
+        live = self._live.pop(f.id, None)
         st["t"]["end"] = time.time()
         st["error"] = {"type": "proxy_error", "message": f.error.msg if f.error else "unknown error"}
+        if live is not None and live.size:  # a stream cut short: keep what was seen
+            st["size_response"] = live.size
+            st["usage"] = live.fold.usage or None
+            st["content"] = live.fold.content if st.get("kind") == "messages" else None
         self._write(f)
 
     def _write(self, f: http.HTTPFlow) -> None:

@@ -13,7 +13,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from addons import contentview, routing
 from addons.core import Warmturn
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, ROOT
 
 CC = FIXTURES / "claude_code"
 ADDON_FX = FIXTURES / "addon"
@@ -79,7 +79,7 @@ def finish_streamed(addon, f, data: bytes, chunk: int = 7, ctype="text/event-str
 
 def test_script_loads_and_registers_options():
     with taddons.context() as tctx:
-        sc = tctx.script("addons/normalize.py")
+        sc = tctx.script(str(ROOT / "addons" / "normalize.py"))
         assert type(sc.addons[0]).__name__ == "Warmturn"
         for name in ("backend", "backend_api", "normalize", "capture_file", "volatile_patterns", "allow_remote",
                      "client_api_key", "backend_api_key", "embedded_python", "embedded_port"):
@@ -307,6 +307,18 @@ def test_proxy_error_is_captured(wt):
     addon.error(f)
     line = lines(cap)[-1]
     assert line["error"] == {"type": "proxy_error", "message": "connection reset"} and line["status"] is None
+    # a stream cut mid-way keeps what the tap saw
+    f = make_flow({"model": "m", "messages": [], "stream": True})
+    run_request(addon, f)
+    f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"), content=b"")
+    addon.responseheaders(f)
+    half = SSE[: SSE.index(b"event: content_block_stop")]
+    assert f.response.stream(half) == half
+    f.error = mflow.Error("client disconnected")
+    addon.error(f)
+    line = lines(cap)[-1]
+    assert line["usage"]["input_tokens"] == 131 and line["response"]["content"][0]["text"].startswith("Let me read")
+    assert line["sizes"]["response"] == len(half) and line["t"]["first_content"] is not None
 
 
 def test_capture_every_line_is_valid_jsonl_with_all_fields(wt):
@@ -376,6 +388,34 @@ def test_routing_helpers():
     assert routing.api_kind("/v1/messages/count_tokens?beta=true") == "count_tokens"
     assert routing.api_kind("/v1/models") == "models" and routing.api_kind("/") == "other"
     assert routing.is_loopback("::1") and routing.is_loopback("::ffff:127.0.0.1") and not routing.is_loopback("10.0.0.1")
+
+
+def test_connect_to_anthropic_is_answered_locally_when_rerouting(wt):
+    addon, tctx, cap, _ = wt
+    f = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
+    addon.http_connect(f)
+    assert f.response is not None and f.response.status_code == 200
+    other = make_flow(method="CONNECT", host="example.com", port=443, path="")
+    addon.http_connect(other)
+    assert other.response is None
+    tctx.configure(addon, backend="passthrough")
+    f = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
+    addon.http_connect(f)
+    assert f.response is None, "passthrough must really connect to Anthropic"
+
+
+def test_count_tokens_is_normalized_and_its_count_captured(wt):
+    addon, tctx, cap, _ = wt
+    body = {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hi"}],
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.abc; cch=12345;"}]}
+    f = make_flow(body, path="/v1/messages/count_tokens?beta=true")
+    run_request(addon, f)
+    assert json.loads(f.request.content)["system"] == []
+    f.response = tutils.tresp(headers=http.Headers(content_type="application/json"), content=b'{"input_tokens": 42}')
+    addon.responseheaders(f)
+    addon.response(f)
+    line = lines(cap)[-1]
+    assert line["kind"] == "count_tokens" and line["usage"] == {"input_tokens": 42} and len(line["stripped"]) == 1
 
 
 def test_connect_to_anthropic_is_answered_locally_when_rerouting(wt):
