@@ -403,6 +403,8 @@ class PrefixCache:
             for k, e in list(self._entries.items()):
                 if not e.checkpoint and len(e.tokens) < n and np.array_equal(e.tokens, q[: len(e.tokens)]):
                     self._drop(k)
+        if key in self._entries:  # same hash, other tokens: the newer entry wins
+            self._drop(key)
         self._entries[key] = entry
         self._bytes += entry.nbytes
         self._evict(keep=key)
