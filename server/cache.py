@@ -241,6 +241,7 @@ class PrefixCache:
         cache_dir: str | os.PathLike | None = None,
         model_id: str | None = None,
         min_checkpoint: int = 16,
+        max_disk_bytes: int | None = None,
     ):
         self.model = model
         self.max_bytes = int(max_bytes) if max_bytes is not None else default_cache_bytes()
@@ -248,6 +249,9 @@ class PrefixCache:
             raise ValueError("max_bytes must be positive")
         self.model_id = model_id or model_identity(model)
         self.min_checkpoint = min_checkpoint
+        # Disk budget for checkpoint files (one per distinct system+tools prefix seen): by
+        # default the memory budget; the least recently used files go first.
+        self.max_disk_bytes = int(max_disk_bytes) if max_disk_bytes is not None else self.max_bytes
         self.bytes_per_token = kv_bytes_per_token(model)
         self._entries: dict[str, _Entry] = {}
         self._bytes = 0
@@ -255,7 +259,7 @@ class PrefixCache:
         self._counters = dict.fromkeys(
             (
                 "hits", "misses", "evictions", "tokens_requested", "tokens_reused", "tokens_stored",
-                "stores", "disk_loads", "disk_writes", "disk_errors", "rejected",
+                "stores", "disk_loads", "disk_writes", "disk_errors", "disk_evictions", "rejected",
             ),
             0,
         )
@@ -313,9 +317,10 @@ class PrefixCache:
         have = _kv_len(kv)
         if have < n:
             raise ValueError(f"kv holds {have} positions but {n} tokens were given")
-        cps = sorted({int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n})
+        cps = {int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n}
         with self._lock:
             covered = self._covered(q)
+            cps = sorted(cps | self._branch_points(q, cps))
             # Snapshot everything first, then commit: an exception (or a cancelled caller) never
             # leaves some of this call's entries behind without the others.
             todo = [(q[:p], True) for p in cps] + [(q, False)]
@@ -360,6 +365,19 @@ class PrefixCache:
             self._bytes = 0
 
     # -- internals --------------------------------------------------------------------------
+
+    def _branch_points(self, q: np.ndarray, cps: set[int]) -> set[int]:
+        """Where a new checkpoint parts from a stored one, e.g. two sessions whose system text
+        ends with a different working directory: the part they share becomes a checkpoint of its
+        own, so it survives eviction and restarts (on disk) for the next session too."""
+        out: set[int] = set()
+        for p in cps:
+            for e in self._entries.values():
+                if e.checkpoint:
+                    cp = common_prefix_len(e.tokens, q[:p])
+                    if self.min_checkpoint <= cp < min(len(e.tokens), p):
+                        out.add(cp)
+        return out
 
     def _covered(self, q: np.ndarray) -> int:
         best = 0
@@ -457,7 +475,31 @@ class PrefixCache:
             self._counters["disk_errors"] += 1
             return
         self._disk[(n, h)] = path
+        self._prune_disk(keep=path)
         self._counters["disk_writes"] += 1
+
+    def _prune_disk(self, keep: Path) -> None:
+        files = []
+        for key, p in self._disk.items():
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            files.append((st.st_mtime, st.st_size, key, p))
+        total = sum(f[1] for f in files)
+        for _, size, key, p in sorted(files):
+            if total <= self.max_disk_bytes:
+                break
+            if p == keep:
+                continue
+            try:
+                p.unlink()
+            except OSError as exc:
+                log.warning("prefix cache: could not remove %s: %s", p, exc)
+                continue
+            self._disk.pop(key, None)
+            total -= size
+            self._counters["disk_evictions"] += 1
 
     def _maybe_load_from_disk(self, q: np.ndarray, best_n: int, limit: int) -> _Entry | None:
         for n in sorted({n for n, _ in self._disk if best_n < n <= limit}, reverse=True):
@@ -474,6 +516,10 @@ class PrefixCache:
                 self._counters["disk_errors"] += 1
                 continue
             self._counters["disk_loads"] += 1
+            try:
+                os.utime(path)  # recently used: pruned last
+            except OSError:
+                pass
             entry = _Entry(
                 tokens=q[:n].copy(), kv=kv, nbytes=_nbytes(kv), checkpoint=True,
                 trimmable=can_trim_prompt_cache(kv),

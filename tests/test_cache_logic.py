@@ -141,3 +141,41 @@ def test_random_sessions_keep_the_invariants(model, ops):
         probe = list(e.tokens) + [49]
         assert store.fetch(probe)[1] >= min(len(e.tokens), len(probe) - 1)
         assert common_prefix_len(e.tokens, np.array(probe)) == len(e.tokens)
+
+
+def test_sessions_parting_inside_the_prefix_get_a_shared_checkpoint(model, tmp_path):
+    """Two sessions whose system turn differs only at its end (cwd, git status): the shared
+    part becomes a checkpoint, persisted, so a third session after a restart reuses it."""
+    shared = list(range(1, 25))
+    store = PrefixCache(model, max_bytes=1 << 24, cache_dir=tmp_path, min_checkpoint=4)
+    put(store, model, shared + [30, 31] + [40, 41, 42], checkpoints=[26])
+    put(store, model, shared + [32, 33] + [40, 41, 42], checkpoints=[26])
+    assert store.stats()["checkpoints"] == 3
+    assert sorted(int(f.name.split("-")[1]) for f in tmp_path.glob("*.safetensors")) == [24, 26, 26]
+    restarted = PrefixCache(model, max_bytes=1 << 24, cache_dir=tmp_path, min_checkpoint=4)
+    third = shared + [34, 35] + [40, 41, 42]
+    kv, reused = restarted.fetch(third)
+    assert reused == 24 and restarted.stats()["disk_loads"] == 1
+    for got, want in zip(kv, cold_keys(model, shared)):
+        np.testing.assert_allclose(np.array(got.keys), np.array(want.keys[..., :24, :]), rtol=1e-4, atol=1e-5)
+
+
+def test_disk_budget_removes_the_least_recently_used_files(model, tmp_path):
+    import os
+    import time
+
+    bpt = kv_bytes_per_token(model)
+    store = PrefixCache(model, max_bytes=1 << 24, cache_dir=tmp_path, min_checkpoint=4, max_disk_bytes=45 * bpt)
+    firsts = []
+    for k in range(3):  # three unrelated 20-token checkpoints; files hold 20 tokens + a header
+        toks = [k + 1] * 20 + [40, 41, 42]
+        put(store, model, toks, checkpoints=[20])
+        firsts.append(toks)
+        newest = max(tmp_path.glob("*.safetensors"), key=lambda p: p.stat().st_mtime)
+        os.utime(newest, (time.time() - 100 + k, time.time() - 100 + k))  # distinct ages
+    files = list(tmp_path.glob("*.safetensors"))
+    assert store.stats()["disk_evictions"] >= 1
+    assert sum(f.stat().st_size for f in files) <= 45 * bpt
+    restarted = PrefixCache(model, max_bytes=1 << 24, cache_dir=tmp_path, min_checkpoint=4)
+    assert restarted.fetch(firsts[-1] + [7])[1] >= 20  # the newest survived
+    assert restarted.fetch(firsts[0] + [7])[1] == 0  # the oldest went
