@@ -85,3 +85,33 @@ def test_second_turn_reads_the_cache(flags):
         assert u2.input_tokens < u1.input_tokens
         assert u2.input_tokens + u2.cache_read_input_tokens > u1.input_tokens
         assert "hits" in metrics
+
+
+def test_restart_with_cache_dir_is_warm(tmp_path):
+    """--cache-dir: the system+tools checkpoint written by the first server is read by the next."""
+    import anthropic
+
+    tools = [{"name": "read_file", "description": "Read a file from the working directory.",
+              "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}]
+
+    def ask(url, question):
+        client = anthropic.Anthropic(base_url=url, api_key="test-key", max_retries=0, timeout=120)
+        return client.messages.create(model="claude-opus-4-8", max_tokens=4, system=SYSTEM, tools=tools,
+                                      messages=[{"role": "user", "content": question}]).usage
+
+    proc, url = start_server("--cache-dir", str(tmp_path))
+    try:
+        first = ask(url, "Which command lists files?")
+    finally:
+        stop(proc)
+    assert list(tmp_path.glob("*.safetensors"))
+    proc, url = start_server("--cache-dir", str(tmp_path))
+    try:
+        after = ask(url, "Which command prints the date?")
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    finally:
+        stop(proc)
+    assert (first.cache_read_input_tokens or 0) == 0
+    # the system turn (system text + tool descriptions) came from disk: most of the prompt
+    assert after.cache_read_input_tokens > 0.7 * (after.input_tokens + after.cache_read_input_tokens)
+    assert "warmturn_cache_disk_loads 1" in metrics
