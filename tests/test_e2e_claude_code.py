@@ -13,8 +13,10 @@ from tests.test_addon_procs import ROOT, mitmdump, read_capture
 from tests.conftest import free_port
 
 CLAUDE = Path(os.environ.get("WARMTURN_CACHE", Path.home() / ".cache" / "warmturn")) / "npm" / "node_modules" / ".bin" / "claude"
-SYSTEM = "You are a terse assistant. Reply in at most five words."
-MAX_OUTPUT = 200
+SYSTEM = "You are a terse assistant. Answer in one short sentence."
+# Questions the small default model answers briefly and then stops (it samples at temperature 1).
+FIRST, SECOND = "What is the capital of France?", "And the capital of Italy?"
+MAX_OUTPUT = 64
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -50,9 +52,9 @@ def test_two_turns_through_the_addon(tmp_path):
     port = free_port()
     cap = tmp_path / "cap.jsonl"
     with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
-        first = claude(["-p", "Say hi.", "--system-prompt", SYSTEM, "--tools", ""], home, port)
+        first = claude(["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port)
         assert first.returncode == 0, first.stderr + first.stdout
-        second = claude(["-p", "Now say bye.", "--continue", "--system-prompt", SYSTEM, "--tools", ""], home, port)
+        second = claude(["-p", SECOND, "--continue", "--system-prompt", SYSTEM, "--tools", ""], home, port)
         assert second.returncode == 0, second.stderr + second.stdout
     assert first.stdout.strip() and second.stdout.strip()
     lines = read_capture(cap)
@@ -80,7 +82,7 @@ def test_interception_of_api_anthropic_com(tmp_path):
     cap, confdir = tmp_path / "cap.jsonl", tmp_path / "mitmconf"
     with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log",
                   confdir=confdir):
-        run = claude(["-p", "Say hi.", "--system-prompt", SYSTEM, "--tools", ""], home, port,
+        run = claude(["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port,
                      ca=confdir / "mitmproxy-ca-cert.pem")
     assert run.returncode == 0, run.stderr + run.stdout
     assert run.stdout.strip()
