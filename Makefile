@@ -16,7 +16,7 @@ setup:  ## create .venv, install the project and its dependencies, provision the
 	@bash scripts/setup.sh
 
 run: setup  ## start mitmdump with the warmturn addon on 127.0.0.1:$(PORT), embedded MLX backend
-	@bash scripts/run.sh
+	@PORT=$(PORT) MODEL=$(MODEL) ARGS="$(ARGS)" bash scripts/run.sh
 
 server: setup  ## start only the embedded Anthropic-compatible MLX server on 127.0.0.1:8000
 	@$(PY) -m server $(if $(MODEL),--model $(MODEL)) $(ARGS)
