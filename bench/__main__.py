@@ -19,6 +19,7 @@ from pathlib import Path
 
 from bench import procs
 from bench.arms import ROOT, ArmRun, BenchTimeout, Context, all_arms
+from bench.peer_model import peer_model_dir
 from bench.summary import ratios, summarize_arm, table, write_csv
 from bench.workload import build_session, load_fixture, make_counter, request_tokens
 
@@ -40,6 +41,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "'/opt/vllm-mlx/.venv/bin/vllm-mlx serve' (env VLLM_MLX_CMD)")
     p.add_argument("--mlx-lm-python", default=sys.executable,
                    help="Python that runs mlx_lm.server (default: this one)")
+    p.add_argument("--peer-template", choices=["tools", "native"], default="tools",
+                   help="tools (default): when the model's chat template ignores tools, the peers load a copy "
+                        "whose template renders them as warmturn's server does, so every server prefills the "
+                        "same prompt; native: the model's own template (peers then drop the tool schemas)")
     p.add_argument("--time-limit", type=float, help="seconds; no request starts after it (default 3600; "
                                                     "smoke 600)")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request (default 900)")
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     procs.install_signal_handlers()
     t0 = time.monotonic()
-    ctx = Context(model=model, out_dir=out_dir, capture_file=out_dir / "captures.jsonl",
+    peer_model = model if args.peer_template == "native" else peer_model_dir(model, out_dir)
+    ctx = Context(model=model, out_dir=out_dir, peer_model=peer_model, capture_file=out_dir / "captures.jsonl",
                   mlx_lm_python=args.mlx_lm_python, vllm_mlx_cmd=args.vllm_mlx_cmd,
                   request_timeout=args.request_timeout, deadline=t0 + args.time_limit, progress=progress, t0=t0)
     fixture = load_fixture()
@@ -174,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                                 subagent=False, session_tag="b", compact=args.smoke)
     arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd))
     meta = {"date": stamp, "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "model": str(model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,
+            "model": str(model), "peer_model": str(peer_model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,
             "estimated_prefix_tokens": session.prefix_tokens, "requests_per_session": len(session.requests),
             "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in arms]}
     progress(f"warmturn bench → {out_dir}")

@@ -66,6 +66,7 @@ class Context:
 
     model: Path
     out_dir: Path
+    peer_model: Path  # what the peer servers load (bench/peer_model.py)
     capture_file: Path
     python: str = sys.executable
     mlx_lm_python: str = sys.executable
@@ -111,12 +112,12 @@ def backend_cmd(arm: Arm, ctx: Context, port: int, cache_dir: Path | None = None
             cmd += ["--cache-dir", str(cache_dir)]
         return cmd, f"{base}/health"
     if arm.backend == "mlx_lm":
-        return [ctx.mlx_lm_python, "-m", "mlx_lm.server", "--model", str(ctx.model), "--host", "127.0.0.1",
+        return [ctx.mlx_lm_python, "-m", "mlx_lm.server", "--model", str(ctx.peer_model), "--host", "127.0.0.1",
                 "--port", str(port), *arm.server_args], f"{base}/v1/models"
     if arm.backend == "vllm_mlx":
         if not ctx.vllm_mlx_cmd:
             raise RuntimeError("vllm-mlx arm needs --vllm-mlx-cmd (see docs/bench.md)")
-        return [*shlex.split(ctx.vllm_mlx_cmd), str(ctx.model), "--host", "127.0.0.1", "--port", str(port),
+        return [*shlex.split(ctx.vllm_mlx_cmd), str(ctx.peer_model), "--host", "127.0.0.1", "--port", str(port),
                 *arm.server_args], f"{base}/v1/models"
     raise ValueError(f"unknown backend {arm.backend!r}")
 
@@ -127,7 +128,7 @@ def backend_model(arm: Arm, ctx: Context) -> str | None:
     if arm.backend == "mlx_lm":
         return BACKEND_MODEL_FOR_MLX_LM  # mlx_lm.server's alias for its --model
     if arm.backend == "vllm_mlx":
-        return str(ctx.model)  # vllm-mlx 0.6.0 answers 404 to any other name
+        return str(ctx.peer_model)  # vllm-mlx 0.6.0 answers 404 to any other name
     return None
 
 
