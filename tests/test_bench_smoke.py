@@ -182,3 +182,35 @@ def test_summary_figures_from_literal_rows():
     assert r["(3) cold/warm"] == pytest.approx(20.0 / 1.55)
     assert r["(4)/(3) no cache vs cache"] is None  # arm not run: n/a, never a made-up number
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 90) is None
+
+
+def test_peer_template_renders_the_same_prompt_as_warmturns_server(model_dir, counter, tmp_path):
+    """The peers must prefill what our server prefills: the tools-aware copy of SmolLM2's
+    template, fed the addon's OpenAI translation, gives the server's token count (±0.2%);
+    the model's own template drops the tools."""
+    from transformers import AutoTokenizer
+
+    from addons.openai_translate import to_openai_request
+    from bench.peer_model import peer_model_dir, template_handles_tools
+    from server.render import Renderer
+    from server.wire import parse_messages_request
+
+    assert not template_handles_tools(model_dir)
+    peer = peer_model_dir(model_dir, tmp_path)
+    assert peer != model_dir and template_handles_tools(peer)
+    assert (peer / "model.safetensors").resolve() == (model_dir / "model.safetensors").resolve()
+    ours = Renderer(AutoTokenizer.from_pretrained(str(model_dir)))
+    native = AutoTokenizer.from_pretrained(str(model_dir))
+    theirs = AutoTokenizer.from_pretrained(str(peer))
+    for req in build_session(load_fixture(), 1000, counter).requests:
+        n_ours = len(ours.render(parse_messages_request(req.body)).tokens)
+        o = to_openai_request(req.body, "m")
+
+        def n(tok):
+            text = tok.apply_chat_template(o["messages"], tools=o.get("tools"), tokenize=False,
+                                           add_generation_prompt=True)
+            return len(tok.encode(text, add_special_tokens=False))
+
+        assert abs(n(theirs) - n_ours) <= max(3, n_ours // 500), req.name
+        if req.name == "main-1":  # (SmolLM2's own template cannot even render tool_calls history)
+            assert n(native) < n_ours - 300  # without the copy the peers would skip the tool schemas
