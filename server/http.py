@@ -329,8 +329,12 @@ async def messages(request: Request) -> Response:
     state.metrics.inc("prefill_tokens_total", n - 1 - first.reused)
     state.metrics.inc("reused_tokens_total", first.reused)
     state.metrics.observe("prefill_seconds", first.prefill_ms / 1000)
-    usage = wire.Usage(input_tokens=n - first.reused, cache_read_input_tokens=first.reused,
-                       cache_creation_input_tokens=first.created)
+    # Anthropic's accounting: prompt = input_tokens + cache_read + cache_creation, the three disjoint.
+    # Tokens we computed and stored count as creation; input_tokens is the rest (at least the last
+    # prompt token, which is always computed and never stored), so it is never 0.
+    created = min(first.created, max(0, n - first.reused - 1))
+    usage = wire.Usage(input_tokens=n - first.reused - created, cache_read_input_tokens=first.reused,
+                       cache_creation_input_tokens=created)
     stream = wire.MessageStream(req.model, usage)
     fmt = state.tool_format if (req.tools and req.tool_choice.type != "none") else None
     asm = OutputAssembler(stream, req.stop_sequences, fmt, tools=[openai_tool(t) for t in req.tools],

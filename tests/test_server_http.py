@@ -127,7 +127,8 @@ def test_streaming_through_the_sdk_helpers_and_count_tokens(client):
     assert final.content[0].type == "text" and final.content[0].text == text
     assert final.usage.output_tokens >= 1
     # count_tokens goes through the same rendering: the whole prompt is accounted for
-    assert counted.input_tokens == final.usage.input_tokens + final.usage.cache_read_input_tokens
+    u = final.usage
+    assert counted.input_tokens == u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
     assert final.usage.input_tokens > 0  # a zero here breaks Claude Code's context meter
 
 
