@@ -406,16 +406,22 @@ async def messages(request: Request) -> Response:
 async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: float = 0.25) -> AsyncIterator[Any]:
     """Iterate ``agen``, raising :class:`ClientGone` (and closing it) if the client disconnects."""
     it = agen.__aiter__()
+    last_check = time.monotonic()
     try:
         while True:
             task = asyncio.ensure_future(it.__anext__())
             while True:
                 done, _ = await asyncio.wait({task}, timeout=poll)
-                if done:
+                # Check on a clock, not only when the engine is idle: fast decoding yields an
+                # item every few ms, and a client that left must still be noticed within `poll`.
+                if done and time.monotonic() - last_check < poll:
                     break
+                last_check = time.monotonic()
                 if await request.is_disconnected():
                     task.cancel()
                     raise ClientGone()
+                if done:
+                    break
             try:
                 yield task.result()
             except StopAsyncIteration:
