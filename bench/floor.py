@@ -29,7 +29,12 @@ def measure(model_dir: str, text: str, pairs: list[tuple[int, int]], repeats: in
     ids = (base * (need // max(1, len(base)) + 1))[:need]
 
     def forward(tokens: list[int], cache) -> mx.array:
-        logits = model(mx.array(tokens)[None], cache=cache)
+        # as mlx-lm's generate_step: all but the last token only fill the cache (their logits
+        # are never evaluated), the last one gives the logits of the first new token
+        if len(tokens) > 1:
+            model(mx.array(tokens[:-1])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        logits = model(mx.array(tokens[-1:])[None], cache=cache)
         y = mx.argmax(logits[:, -1, :], axis=-1)
         mx.eval(y)
         return y
