@@ -228,7 +228,14 @@ class ArmRun:
         cmd, ready = backend_cmd(self.arm, self.ctx, self.backend_port, self.cache_dir)
         self.log(f"starting backend: {' '.join(cmd[1:4])} … port {self.backend_port}")
         name = f"{self.arm.key}-{self.rep}-backend"
-        self.backend = procs.start(name, cmd, self.ctx.out_dir / "logs", env=procs.mlx_env(), cwd=ROOT)
+        env = procs.mlx_env()
+        if self.arm.backend == "vllm_mlx":
+            # vllm-mlx --continuous-batching persists its prefix cache under ~/.cache/vllm-mlx and
+            # reloads it at start: a private HOME per arm keeps runs (and its two arms) independent
+            home = self.ctx.out_dir / f"home-{self.arm.key}-{self.rep}"
+            home.mkdir(parents=True, exist_ok=True)
+            env["HOME"] = str(home)
+        self.backend = procs.start(name, cmd, self.ctx.out_dir / "logs", env=env, cwd=ROOT)
         t = time.monotonic()
         procs.wait_http(self.backend, ready, self.ctx.start_timeout, ok=lambda r: r.status_code == 200)
         self.log(f"backend ready in {time.monotonic() - t:.1f}s")
