@@ -113,10 +113,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("WARMTURN_API_KEY"),
                    help="require this key in x-api-key or Authorization: Bearer "
                         "(default: $WARMTURN_API_KEY, else no key)")
-    p.add_argument("--prefix-order", choices=["system-first", "tools-first"], default="system-first",
+    p.add_argument("--prefix-order", choices=["system-first", "tools-first"], default="tools-first",
                    help="inside the system turn, render the system text before the tools, or the tools first "
                         "(Anthropic's cache order: a new session whose system text ends differently still reuses "
-                        "the tools; measured in docs/cache.md) (default: system-first)")
+                        "the tools; measured in docs/cache.md) (default: tools-first)")
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="prefix KV cache budget in bytes (default: a third of the available memory)")
     p.add_argument("--cache-dir", default=None,

@@ -56,9 +56,12 @@ def test_cache_behaviour_per_arm(smoke_run):
     rows = _csv(out / "requests.csv")
     warm = {r["arm"]: r for r in rows if r["phase"] == "warm"}
     read = {a: int(r["cache_read_input_tokens"] or 0) for a, r in warm.items()}
-    # normalization strips the rotating billing block: the warm turn reuses the prefix
-    assert read["3-rotating-on"] > 5 * max(read["2-rotating-off"], 1)
-    assert read["1-stable"] > 5 * max(read["2-rotating-off"], 1)
+    # normalization strips the rotating billing block: the warm turn reuses the prefix. Without it
+    # the server (tools rendered first, the default --prefix-order) still reuses the tool
+    # descriptions, but everything from the billing block on is recomputed.
+    # (In the smoke workload the tools are ~60% of the prefix: 314 of ~500 tokens.)
+    assert 0 < read["2-rotating-off"] < 0.8 * read["3-rotating-on"]
+    assert read["1-stable"] > read["2-rotating-off"] and abs(read["1-stable"] - read["3-rotating-on"]) < 50
     assert read["4-no-cache"] == 0
     restart = next(r for r in rows if r["arm"] == "6-restart" and r["phase"] == "restart")
     assert int(restart["cache_read_input_tokens"]) > 0  # the checkpoint came back from --cache-dir
