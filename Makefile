@@ -27,8 +27,11 @@ test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
 report: setup  ## build report/ from captures/ (or the bundled sample capture)
 	@bash scripts/report.sh
 
-bench: setup  ## run the benchmarks and print their tables
+bench: setup  ## run the benchmarks and print their tables (VLLM_MLX_CMD=... adds the vllm-mlx peer arms)
 	@$(PY) -m bench $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+bench-smoke: setup  ## the tiny version of the benchmark that CI runs (one turn per arm)
+	@$(PY) -m bench --smoke $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 clean:  ## remove the virtualenv and generated reports (keeps the model cache)
 	rm -rf $(VENV) report .pytest_cache

