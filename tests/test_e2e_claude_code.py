@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_addon_procs import ROOT, mitmdump, read_capture
+from tests.procs import ROOT, mitmdump, read_capture
 from tests.conftest import free_port
 
 CLAUDE = Path(os.environ.get("WARMTURN_CACHE", Path.home() / ".cache" / "warmturn")) / "npm" / "node_modules" / ".bin" / "claude"
