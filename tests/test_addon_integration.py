@@ -57,8 +57,6 @@ def test_through_mitmdump_to_a_recording_backend(tmp_path):
 
 @pytest.mark.model
 def test_embedded_backend_streams_and_reuses_the_prefix_across_billing_suffixes(tmp_path):
-    if not (ROOT / "server" / "__main__.py").exists():
-        pytest.skip("server/ has not landed yet")
     mitm_port = free_port()
     cap, slog = tmp_path / "cap.jsonl", tmp_path / "server.log"
     with mitmdump(mitm_port, tmp_path / "mitm.log", capture_file=cap, embedded_log=slog):
