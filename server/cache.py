@@ -306,10 +306,30 @@ class PrefixCache:
             self._counters["tokens_reused"] += best_n
             return _view(best.kv, best_n), best_n
 
-    def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = ()) -> int:
+    def plan_store(self, tokens: Sequence[int], kv: list[Any]) -> int | None:
+        """What ``store(tokens, ...)`` would return now (tokens not yet covered by the store),
+        computed without copying anything, so the engine can report cache_creation_input_tokens
+        before the first token and call ``store`` once generation is over. None when `kv` is not
+        a plain ``KVCache`` list (rotating/quantized layouts may not trim back after generation
+        appended to them): the caller then stores before generating, as before."""
+        if not _is_plain_kv(kv):
+            return None
+        q = np.asarray(tokens, dtype=np.int64)
+        if len(q) == 0:
+            return 0
+        with self._lock:
+            return max(len(q) - self._covered(q), 0)
+
+    def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
+              *, owned: bool = False) -> int:
         """Snapshot `kv` (holding exactly `tokens`, or more if trimmable) as an entry, plus one
         checkpoint entry per length in `checkpoints`. Returns the number of tokens not already
-        covered by the store before this call."""
+        covered by the store before this call.
+
+        ``owned=True``: the caller hands `kv` over and never uses it again (the engine, after
+        generation). The full-length entry then keeps slices of kv's own buffers instead of a
+        copy (plain ``KVCache`` only; checkpoints are still compact copies, as they may outlive
+        the entry and go to disk)."""
         q = np.asarray(tokens, dtype=np.int64)
         n = len(q)
         if n == 0:
@@ -317,29 +337,31 @@ class PrefixCache:
         have = _kv_len(kv)
         if have < n:
             raise ValueError(f"kv holds {have} positions but {n} tokens were given")
+        owned = owned and _is_plain_kv(kv)
         cps = {int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n}
         with self._lock:
             covered = self._covered(q)
             cps = sorted(cps | self._branch_points(q, cps))
             # Snapshot everything first, then commit: an exception (or a cancelled caller) never
             # leaves some of this call's entries behind without the others.
-            todo = [(q[:p], True) for p in cps] + [(q, False)]
-            snaps = [(t, ck, self._prepare(t, kv)) for t, ck in todo]
-            for t, ck, snap in snaps:
-                self._commit(t, snap, ck)
+            todo = [(q[:p], True, False) for p in cps] + [(q, False, owned)]
+            snaps = [(t, ck, self._prepare(t, kv, own)) for t, ck, own in todo]
+            for t, ck, (snap, nbytes) in snaps:
+                self._commit(t, snap, ck, nbytes)
             self._counters["stores"] += 1
             created = max(n - covered, 0)
             self._counters["tokens_stored"] += created
             return created
 
-    def store_generated(self, tokens: Sequence[int], kv: list[Any]) -> int:
+    def store_generated(self, tokens: Sequence[int], kv: list[Any], *, owned: bool = False) -> int:
         """After generation: keep prompt + generated tokens, so the next turn, re-rendering the
         assistant message identically, reuses it too. `tokens` may be longer than what `kv`
-        holds (the last sampled token is never fed back): only the held part is stored."""
+        holds (the last sampled token is never fed back): only the held part is stored.
+        ``owned`` as in :meth:`store`."""
         n = min(len(tokens), _kv_len(kv))
         if n <= 0:
             return 0
-        return self.store(list(tokens)[:n], kv)
+        return self.store(list(tokens)[:n], kv, owned=owned)
 
     def stats(self) -> dict[str, float]:
         """Counters for /metrics and the log."""
@@ -387,17 +409,24 @@ class PrefixCache:
                 best = max(best, cp)
         return best
 
-    def _prepare(self, q: np.ndarray, kv: list[Any]) -> list[Any] | None:
-        """The snapshot to store for `q`, or None when nothing needs copying (already stored,
-        or over budget)."""
+    def _prepare(self, q: np.ndarray, kv: list[Any], owned: bool = False) -> tuple[list[Any] | None, int]:
+        """(snapshot to store for `q`, its bytes), or (None, 0) when nothing needs storing
+        (already stored, or over budget). With `owned`, the snapshot is slices of kv's buffers
+        (no copy), counted at the size of the whole buffers they keep alive."""
         existing = self._entries.get(token_hash(q))
         if existing is not None and np.array_equal(existing.tokens, q):
-            return None
+            return None, 0
         if len(q) * self.bytes_per_token > self.max_bytes:
-            return None
-        return _snapshot(kv, len(q))
+            return None, 0
+        if owned:
+            held = _nbytes(kv)  # the step-padded buffers, not only the len(q) positions
+            snap = _view(kv, len(q))
+            mx.eval([(c.keys, c.values) for c in snap])
+            return snap, held
+        snap = _snapshot(kv, len(q))
+        return snap, _nbytes(snap)
 
-    def _commit(self, q: np.ndarray, snap: list[Any] | None, checkpoint: bool) -> None:
+    def _commit(self, q: np.ndarray, snap: list[Any] | None, checkpoint: bool, nbytes: int = 0) -> None:
         key = token_hash(q)
         n = len(q)
         if snap is None:
@@ -413,7 +442,7 @@ class PrefixCache:
                 self._maybe_save(existing)
             return
         entry = _Entry(
-            tokens=q.copy(), kv=snap, nbytes=_nbytes(snap), checkpoint=checkpoint,
+            tokens=q.copy(), kv=snap, nbytes=nbytes or _nbytes(snap), checkpoint=checkpoint,
             trimmable=can_trim_prompt_cache(snap),
         )
         if entry.trimmable:

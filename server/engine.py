@@ -33,11 +33,28 @@ class PromptCacheStore(Protocol):
         ...
 
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = ()) -> int:
-        """Called right after the engine prefilled `tokens` (the prompt minus its last token) into
-        `kv`, BEFORE generation mutates kv. Snapshot what is needed (copy, never alias); also keep
-        a separate entry at each length in `checkpoints` (e.g. the end of the system+tools prefix).
-        Returns the number of tokens newly stored (Anthropic's cache_creation_input_tokens)."""
+        """Keep the KV state of `tokens` (kv may hold more positions; only len(tokens) count) and
+        a separate entry at each length in `checkpoints` (e.g. the end of the system+tools
+        prefix). Snapshot what is needed (copy, never alias). Returns the number of tokens newly
+        stored (Anthropic's cache_creation_input_tokens).
+
+        Without the optional ``plan_store`` below, the engine calls this right after prefilling
+        `tokens` (the prompt minus its last token), before generation touches kv."""
         ...
+
+    # Optional extensions, looked up with getattr (a store may lack them):
+    #
+    # plan_store(tokens, kv) -> int | None
+    #     What store(tokens, ...) would return now, computed without copying. When it returns an
+    #     int, the engine reports that as `created` before the first token and stores only after
+    #     generation is over, with one call
+    #         store(prompt + generated tokens kv holds, kv, checkpoints, owned=True)
+    #     handing kv over (the engine never touches it again), so the store may keep kv's own
+    #     buffers instead of copying them and nothing is copied before the first token. None
+    #     (e.g. a cache layout that cannot trim back after generation): store before generating.
+    #
+    # store_generated(tokens, kv)
+    #     Without plan_store: after generation, keep prompt + generated tokens as well.
 
     def stats(self) -> dict[str, float]:
         """Counters for /metrics and the log: hits, misses, evictions, bytes, entries, ..."""
@@ -202,8 +219,15 @@ class Engine:
                 self.model(mx.array(rest[i : i + self.prefill_chunk])[None], cache=kv)
                 mx.eval([c.state for c in kv])
         created = 0
+        checkpoints = [req.prefix_len] if req.prefix_len else []
+        deferred = False  # store after generation, handing kv over (see PromptCacheStore)
         if self.store is not None:
-            created = self.store.store(tokens[:-1], kv, checkpoints=[req.prefix_len] if req.prefix_len else [])
+            plan = getattr(self.store, "plan_store", None)
+            planned = plan(tokens[:-1], kv) if plan is not None else None
+            if planned is not None:
+                created, deferred = planned, True
+            else:
+                created = self.store.store(tokens[:-1], kv, checkpoints=checkpoints)
         prefill_ms = (time.monotonic() - start) * 1000
         self._on_event("prefill_tokens", float(len(rest)))
         req.emit(Prefilled(reused, created, prefill_ms, queued_ms))
@@ -245,6 +269,15 @@ class Engine:
         elapsed = time.monotonic() - gen_start
         self._on_event("generated_tokens", float(n))
         req.emit(Done(reason, n, n / elapsed if elapsed > 0 else 0.0))
+        if deferred:
+            # kv holds the prompt and every generated token fed back so far (all valid KV state,
+            # also after a cancel); the store trims it back to whatever a later request shares.
+            held = (list(tokens) + generated)[: kv[0].size()]
+            try:
+                self.store.store(held, kv, checkpoints=checkpoints, owned=True)
+            except Exception:
+                log.exception("prefix cache store failed (ignored)")
+            return
         keep_generated = getattr(self.store, "store_generated", None)
         if keep_generated is not None and reason in ("stop", "length"):
             # Optional extension of the store: keep prompt + answer, so the next turn, which

@@ -371,3 +371,65 @@ def test_corrupt_or_mismatched_files_are_ignored(mt, convo, tmp_path, caplog):
     assert reader.stats()["disk_errors"] == 2 and reader.stats()["disk_loads"] == 0
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(good.name in m for m in msgs) and any("does not match" in m for m in msgs)
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine's deferred store (plan_store before the first token, one owned store at the end)
+# ---------------------------------------------------------------------------------------------
+
+
+def turn_deferred(model, store, tokens, plen, gen=N_GEN):
+    """One request as the engine runs it with plan_store: nothing is stored before generation;
+    generation appends to kv; then kv (prompt + fed-back tokens) is handed over to the store."""
+    kv, reused = store.fetch(tokens)
+    if reused < len(tokens) - 1:
+        prefill(model, kv, tokens[reused:-1])
+    planned = store.plan_store(tokens[:-1], kv)
+    logits = prefill(model, kv, tokens[-1:])
+    out = greedy(model, kv, logits, gen)
+    held = (list(tokens) + out)[: kv[0].size()]
+    assert len(held) == len(tokens) + gen  # greedy() fed every generated token back
+    store.store(held, kv, checkpoints=[plen], owned=True)
+    return reused, planned, logits, out
+
+
+def test_deferred_owned_store_warm_equals_cold(mt, convo):
+    model, tok = mt
+    plen = prefix_len(tok)
+    store = PrefixCache(model, max_bytes=1 << 30)
+    prev = None
+    for p in list(convo) + [convo[-1]]:  # three turns, then an exact repeat
+        covered_before = store._covered(np.array(p[:-1]))
+        reused, planned, *warm = turn_deferred(model, store, p, plen)
+        assert planned == len(p) - 1 - covered_before  # what store() used to return up front
+        if prev is not None:
+            assert reused == min(common_prefix_len(np.array(prev), np.array(p)), len(p) - 1)
+            assert reused > plen
+        assert_same(warm, cold(model, p))
+        prev = p
+    s = store.stats()
+    # one entry per turn (prompt + its greedy reply, which the next prompt does not re-render:
+    # convo's assistant texts are fixed), the repeat added none, plus the checkpoint; owned
+    # entries are counted at the size of the buffers they keep alive
+    assert s["entries"] == 4 and s["checkpoints"] == 1
+    assert s["bytes"] == sum(e.nbytes for e in store._entries.values())
+    assert s["bytes"] >= sum(len(e.tokens) for e in store._entries.values()) * store.bytes_per_token
+    # the checkpoint is still a compact copy that serves a new conversation
+    other = render(tok, [{"role": "user", "content": "Something unrelated entirely."}])
+    reused, _, *warm = turn_deferred(model, store, other, plen)
+    assert reused >= plen
+    assert_same(warm, cold(model, other))
+
+
+def test_plan_store_copies_nothing_and_matches_store(mt, convo):
+    model, tok = mt
+    p1, p2, _ = convo
+    plen = prefix_len(tok)
+    store = PrefixCache(model, max_bytes=1 << 30)
+    turn(model, store, p1, plen)
+    kv, reused = store.fetch(p2)
+    prefill(model, kv, p2[reused:-1])
+    before = store.stats()
+    planned = store.plan_store(p2[:-1], kv)
+    assert store.stats() == before  # planning stores nothing
+    assert planned == store.store(p2[:-1], kv, checkpoints=[plen]) == len(p2) - 1 - reused
