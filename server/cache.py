@@ -2,7 +2,9 @@
 
 The engine (server/engine.py) talks to this module only through its ``PromptCacheStore``
 protocol: ``fetch(tokens) -> (kv, reused)``, ``store(tokens, kv, checkpoints) -> created``,
-``store_generated(tokens, kv)`` and ``stats()``.
+``stats()`` and the optional ``plan_store(tokens, kv) -> created | None`` (the engine then
+stores once, after generation, handing its kv over: ``store(..., owned=True)`` keeps the
+engine's buffers, so no KV copy happens before the first token) and ``store_generated``.
 
 Why not mlx-lm's ``LRUPromptCache`` as is (models/cache.py)? It is the right idea and this
 class keeps its rules (longest-prefix match, trim a longer entry back to the shared length,
