@@ -94,7 +94,8 @@ def build_state(args: argparse.Namespace):
              fmt.name, "chat template" if renderer.template_tools else "system prompt (hermes)", args.prefix_order)
     return ServerState(engine=engine, renderer=renderer, model_id=name, context_length=ctx, tool_format=fmt,
                        api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                       request_timeout=args.request_timeout, metrics=metrics)
+                       request_timeout=args.request_timeout, default_temperature=args.default_temperature,
+                       metrics=metrics)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -124,6 +125,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
     p.add_argument("--max-queue", type=int, default=8,
                    help="requests allowed to wait for the MLX worker; more get 529 (default: 8)")
+    p.add_argument("--default-temperature", type=float, default=1.0,
+                   help="sampling temperature for requests that set none (Claude Code's main turns send none); "
+                        "0 = greedy, steadier for small local models (default: 1.0, Anthropic's default)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, queue wait included (default: 600)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,

@@ -65,6 +65,7 @@ class ServerState:
     api_key: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     request_timeout: float = 600.0
+    default_temperature: float = 1.0
     metrics: Metrics = field(default_factory=Metrics)
     render_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -295,7 +296,7 @@ async def messages(request: Request) -> Response:
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
             pass
 
-    temperature = 1.0 if req.temperature is None else req.temperature
+    temperature = state.default_temperature if req.temperature is None else req.temperature
     gen = GenerationRequest(
         tokens=rendered.tokens,
         max_tokens=min(req.max_tokens or 1, state.context_length - n),

@@ -14,8 +14,11 @@ from tests.conftest import free_port
 
 CLAUDE = Path(os.environ.get("WARMTURN_CACHE", Path.home() / ".cache" / "warmturn")) / "npm" / "node_modules" / ".bin" / "claude"
 SYSTEM = "You are a terse assistant. Answer in one short sentence."
-# Questions the small default model answers briefly and then stops (it samples at temperature 1).
+# Questions the small default model answers briefly and then stops. Claude Code sends no
+# temperature; the embedded server is told to decode greedily then, so the answers are the
+# model's deterministic short ones rather than an occasional temperature-1 ramble.
 FIRST, SECOND = "What is the capital of France?", "And the capital of Italy?"
+GREEDY = "--default-temperature 0"
 MAX_OUTPUT = 64
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
@@ -57,7 +60,7 @@ def test_two_turns_through_the_addon(tmp_path):
     (home / "work").mkdir(parents=True)
     port = free_port()
     cap = tmp_path / "cap.jsonl"
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
+    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log", embedded_args=GREEDY):
         first = claude(["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port)
         assert first.returncode == 0, first.stderr + first.stdout
         second = claude(["-p", SECOND, "--continue", "--system-prompt", SYSTEM, "--tools", ""], home, port)
@@ -84,7 +87,7 @@ def test_interception_of_api_anthropic_com(tmp_path):
     (home / "work").mkdir(parents=True)
     port = free_port()
     cap, confdir = tmp_path / "cap.jsonl", tmp_path / "mitmconf"
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log",
+    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log", embedded_args=GREEDY,
                   confdir=confdir):
         run = claude(["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port,
                      ca=confdir / "mitmproxy-ca-cert.pem")
