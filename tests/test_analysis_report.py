@@ -123,11 +123,21 @@ def test_plot_hit_ratio(df, tmp_path):
 def test_plot_ab_writes_the_speedup_on_the_bars(df, tmp_path):
     fig = plot_ab(df, tmp_path / "p.png")
     ax = fig.axes[0]
-    heights = [p.get_height() for p in ax.patches]
-    assert heights == [2.1, 0.35]
+    # turns after the first: off 2100/2200 ms -> 2.15 s, on 200/300/400 ms -> 0.3 s
+    heights = [round(p.get_height(), 6) for p in ax.patches]
+    assert heights == [2.15, 0.3]
     texts = [t.get_text() for t in ax.texts]
-    assert texts == ["baseline", "×6.0"]
+    assert texts == ["baseline", "×7.2"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["off", "on"]
+    plt.close(fig)
+
+
+def test_plot_ab_leaves_out_each_sessions_cold_first_turn(tmp_path):
+    rows = pd.DataFrame({"arm": ["a"] * 3 + ["b"] * 3, "turn": [1, 2, 3] * 2,
+                         "ttft_ms": [9000.0, 100.0, 300.0, 8000.0, 400.0, 400.0]})
+    fig = plot_ab(rows, tmp_path / "p.png")
+    assert [round(p.get_height(), 6) for p in fig.axes[0].patches] == [0.2, 0.4]
+    assert [t.get_text() for t in fig.axes[0].texts] == ["baseline", "×0.5"]
     plt.close(fig)
 
 
