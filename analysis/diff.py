@@ -247,7 +247,8 @@ def _sort_key(path: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"[\[\]\.]+", path) if p]
 
 
-def _changed_middle(old: str, new: str) -> tuple[str, str]:
+def _common_ends(old: str, new: str) -> tuple[int, int]:
+    """Lengths of the common prefix and of the common suffix (not overlapping it) of two strings."""
     i = 0
     n = min(len(old), len(new))
     while i < n and old[i] == new[i]:
@@ -255,6 +256,11 @@ def _changed_middle(old: str, new: str) -> tuple[str, str]:
     j = 0
     while j < n - i and old[-1 - j] == new[-1 - j]:
         j += 1
+    return i, j
+
+
+def _changed_middle(old: str, new: str) -> tuple[str, str]:
+    i, j = _common_ends(old, new)
     return old[i: len(old) - j], new[i: len(new) - j]
 
 
@@ -416,13 +422,7 @@ def _escape(text: str) -> str:
 
 def _line_pattern(old: str, new: str, rest_of_line: bool = False) -> str | None:
     """A regex that matches the differing part of two versions of one line (and its label)."""
-    i = 0
-    n = min(len(old), len(new))
-    while i < n and old[i] == new[i]:
-        i += 1
-    j = 0
-    while j < n - i and old[-1 - j] == new[-1 - j]:
-        j += 1
+    i, j = _common_ends(old, new)
     # widen the change to whole words on both sides
     while i > 0 and (old[i - 1].isalnum() or old[i - 1] in "_-"):
         i -= 1
