@@ -28,11 +28,9 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> N
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"process exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
+        if port_open(port):
+            return
+        time.sleep(0.2)
     raise TimeoutError(f"port {port} not listening after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
