@@ -121,7 +121,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="prefix KV cache budget in bytes (default: a third of the available memory)")
     p.add_argument("--cache-dir", default=None,
-                   help="persist prefix-cache checkpoints in this directory (default: memory only)")
+                   help="persist prefix-cache checkpoints in this private directory, created 0700; one that other "
+                        "users can write is refused (default: memory only)")
     p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
     p.add_argument("--max-queue", type=int, default=8,
                    help="requests allowed to wait for the MLX worker; more get 529 (default: 8)")
@@ -152,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         maybe_reexec()  # only for a real command line: re-exec replays sys.orig_argv
     setup_logging(args.log_level, args.log_file)
+    if args.cache_dir and not args.no_cache:
+        from server.cache_disk import CacheDirError, ensure_private_dir
+
+        try:  # before loading the model: a directory others can write is refused at once
+            args.cache_dir = str(ensure_private_dir(args.cache_dir))
+        except CacheDirError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
 
     import uvicorn
 

@@ -32,30 +32,25 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from mlx_lm.models.cache import (
     KVCache,
     can_trim_prompt_cache,
-    load_prompt_cache,
     make_prompt_cache,
-    save_prompt_cache,
     trim_prompt_cache,
 )
-from mlx.utils import tree_flatten
+
+from server.cache_disk import DiskCache, token_hash
 
 log = logging.getLogger(__name__)
-
-FILE_FORMAT = "warmturn-prefix-1"
-_FILE_RE = re.compile(r"^(?P<model>[0-9a-f]{16})-(?P<n>\d+)-(?P<hash>[0-9a-f]{32})\.safetensors$")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,11 +76,6 @@ def default_cache_bytes() -> int:
         except (ValueError, OSError, AttributeError):
             return 2 << 30
     return int(min(max(avail // 3, 512 << 20), 64 << 30))
-
-
-def token_hash(tokens: np.ndarray) -> str:
-    """Stable 32-hex digest of a token sequence (int32 little-endian bytes)."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()[:32]
 
 
 def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
@@ -261,19 +251,17 @@ class PrefixCache:
         self._counters = dict.fromkeys(
             (
                 "hits", "misses", "evictions", "tokens_requested", "tokens_reused", "tokens_stored",
-                "stores", "disk_loads", "disk_writes", "disk_errors", "disk_evictions", "rejected",
+                "stores", "rejected",
             ),
             0,
         )
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
-        self._disk: dict[tuple[int, str], Path] = {}
-        if self.cache_dir is not None:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            self._scan_disk()
+        # on-disk checkpoints (server/cache_disk.py): a private directory, digest-checked files
+        self._disk = DiskCache(cache_dir, model, self.model_id, self.max_disk_bytes) if cache_dir else None
+        self.cache_dir = self._disk.directory if self._disk is not None else None
         log.info(
             "prefix cache: budget %.1f MiB, %d KV bytes/token (%d tokens fit), model %s, disk %s (%d files)",
             self.max_bytes / 2**20, self.bytes_per_token, self.max_bytes // max(self.bytes_per_token, 1),
-            self.model_id, self.cache_dir or "off", len(self._disk),
+            self.model_id, self.cache_dir or "off", len(self._disk or ()),
         )
 
     # -- protocol ---------------------------------------------------------------------------
@@ -296,7 +284,7 @@ class PrefixCache:
                     continue
                 if usable > best_n or (usable == best_n and best is not None and len(e.tokens) < len(best.tokens)):
                     best, best_n = e, usable
-            if self.cache_dir is not None and self._disk:
+            if self._disk:
                 loaded = self._maybe_load_from_disk(q, best_n, limit)
                 if loaded is not None:
                     best, best_n = loaded, len(loaded.tokens)
@@ -376,8 +364,9 @@ class PrefixCache:
                 max_bytes=self.max_bytes,
                 kv_bytes_per_token=self.bytes_per_token,
                 tokens_cached=int(sum(len(e.tokens) for e in self._entries.values())),
-                disk_files=len(self._disk),
             )
+            s.update(self._disk.stats() if self._disk is not None else
+                     dict.fromkeys(("disk_loads", "disk_writes", "disk_errors", "disk_evictions", "disk_files"), 0))
             req = self._counters["tokens_requested"]
             s["reuse_ratio"] = self._counters["tokens_reused"] / req if req else 0.0
             return s
@@ -470,87 +459,18 @@ class PrefixCache:
             self._drop(victim)
             self._counters["evictions"] += 1
 
-    # -- disk -------------------------------------------------------------------------------
-
-    def _path(self, n: int, h: str) -> Path:
-        assert self.cache_dir is not None
-        return self.cache_dir / f"{self.model_id}-{n}-{h}.safetensors"
-
-    def _scan_disk(self) -> None:
-        assert self.cache_dir is not None
-        for p in self.cache_dir.iterdir():
-            m = _FILE_RE.match(p.name)
-            if m and m["model"] == self.model_id:
-                self._disk[(int(m["n"]), m["hash"])] = p
+    # -- disk (the files themselves: server/cache_disk.py) -------------------------------------
 
     def _maybe_save(self, e: _Entry) -> None:
-        if self.cache_dir is None:
-            return
-        n, h = len(e.tokens), token_hash(e.tokens)
-        if (n, h) in self._disk:
-            return
-        path = self._path(n, h)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
-        meta = {
-            "format": FILE_FORMAT,
-            "model_id": self.model_id,
-            "n_tokens": str(n),
-            "tokens": ",".join(map(str, e.tokens.tolist())),
-        }
-        try:
-            save_prompt_cache(str(tmp), e.kv, meta)
-            os.replace(tmp, path)
-        except Exception as exc:  # a full disk must not fail the request
-            log.warning("prefix cache: could not write %s: %s", path, exc)
-            tmp.unlink(missing_ok=True)
-            self._counters["disk_errors"] += 1
-            return
-        self._disk[(n, h)] = path
-        self._prune_disk(keep=path)
-        self._counters["disk_writes"] += 1
-
-    def _prune_disk(self, keep: Path) -> None:
-        files = []
-        for key, p in self._disk.items():
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            files.append((st.st_mtime, st.st_size, key, p))
-        total = sum(f[1] for f in files)
-        for _, size, key, p in sorted(files):
-            if total <= self.max_disk_bytes:
-                break
-            if p == keep:
-                continue
-            try:
-                p.unlink()
-            except OSError as exc:
-                log.warning("prefix cache: could not remove %s: %s", p, exc)
-                continue
-            self._disk.pop(key, None)
-            total -= size
-            self._counters["disk_evictions"] += 1
+        if self._disk is not None:
+            self._disk.save(e.tokens, e.kv)
 
     def _maybe_load_from_disk(self, q: np.ndarray, best_n: int, limit: int) -> _Entry | None:
-        for n in sorted({n for n, _ in self._disk if best_n < n <= limit}, reverse=True):
-            h = token_hash(q[:n])
-            path = self._disk.get((n, h))
-            if path is None:
+        assert self._disk is not None
+        for n in self._disk.lengths(best_n, limit):
+            kv = self._disk.load(q[:n])
+            if kv is None:
                 continue
-            try:
-                kv, meta = load_prompt_cache(str(path), return_metadata=True)
-                self._validate(kv, meta, q[:n])
-            except Exception as exc:
-                log.warning("prefix cache: ignoring unusable cache file %s: %s", path, exc)
-                self._disk.pop((n, h), None)
-                self._counters["disk_errors"] += 1
-                continue
-            self._counters["disk_loads"] += 1
-            try:
-                os.utime(path)  # recently used: pruned last
-            except OSError:
-                pass
             entry = _Entry(
                 tokens=q[:n].copy(), kv=kv, nbytes=_nbytes(kv), checkpoint=True,
                 trimmable=can_trim_prompt_cache(kv),
@@ -559,28 +479,6 @@ class PrefixCache:
             self._entries[key] = entry
             self._bytes += entry.nbytes
             self._evict(keep=key)
-            log.info("prefix cache: loaded %d-token checkpoint from %s", n, path.name)
+            log.info("prefix cache: loaded %d-token checkpoint from disk", n)
             return entry
         return None
-
-    def _validate(self, kv: list[Any], meta: dict[str, str], q: np.ndarray) -> None:
-        if meta.get("format") != FILE_FORMAT:
-            raise ValueError(f"unknown format {meta.get('format')!r}")
-        if meta.get("model_id") != self.model_id:
-            raise ValueError(f"written for model {meta.get('model_id')!r}, loaded model is {self.model_id!r}")
-        stored = np.array([int(t) for t in meta.get("tokens", "").split(",") if t], dtype=np.int64)
-        if not np.array_equal(stored, q):
-            raise ValueError("token content does not match the file name")
-        ref = make_prompt_cache(self.model)
-        if len(kv) != len(ref) or any(type(a) is not type(b) for a, b in zip(kv, ref)):
-            raise ValueError("cache layout does not match the model")
-        if _kv_len(kv) != len(q):
-            raise ValueError(f"cache holds {_kv_len(kv)} positions, expected {len(q)}")
-        if _is_plain_kv(kv):
-            # shape check per layer against a one-token probe: heads and head dims must agree
-            self.model(mx.array([[0]]), cache=ref)
-            for a, b in zip(kv, ref):
-                if a.keys.shape[:2] != b.keys.shape[:2] or a.keys.shape[3] != b.keys.shape[3] \
-                        or a.values.shape[3] != b.values.shape[3] or a.keys.dtype != b.keys.dtype:
-                    raise ValueError("cache shapes do not match the model")
-        mx.eval([c.state for c in kv])
