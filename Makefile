@@ -7,7 +7,7 @@ PORT ?= 8080
 MODEL ?=
 ARGS ?=
 
-.PHONY: setup run server test report bench bench-smoke clean help
+.PHONY: setup run server test check-install report bench bench-smoke clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,6 +23,9 @@ server: setup  ## start only the embedded Anthropic-compatible MLX server on 127
 
 test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
 	@bash scripts/test.sh $(ARGS)
+
+check-install: setup  ## opt-in, minutes: pip install . into a fresh venv, then report + smoke bench from outside the repo
+	@bash scripts/check_install.sh
 
 report: setup  ## build report/ from captures/ (or the bundled sample capture)
 	@bash scripts/report.sh

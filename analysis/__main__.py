@@ -34,9 +34,14 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .report import build_report
+    from .report import SAMPLE_CAPTURES, build_report
 
-    summary = build_report(args.captures, args.out, labels=args.label or None, sample=args.sample)
+    captures, sample = args.captures, args.sample
+    if not captures:  # the capture bundled with the package (also in a non-editable install)
+        captures, sample = sorted(SAMPLE_CAPTURES.glob("*.jsonl")), True
+        if not captures:
+            raise ValueError(f"no CAPTURE given and no bundled sample capture in {SAMPLE_CAPTURES}")
+    summary = build_report(captures, args.out, labels=args.label or None, sample=sample)
     print(f"report: {summary['html']}")
     for k in ("md", "csv", "flows_csv"):
         print(f"        {summary[k]}")
@@ -60,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--json", action="store_true", help="machine-readable output")
     d.set_defaults(func=_diff)
     r = sub.add_parser("report", help="build report.html, report.md, PNG plots and CSV summaries")
-    r.add_argument("captures", nargs="+", metavar="CAPTURE")
+    r.add_argument("captures", nargs="*", metavar="CAPTURE",
+                   help="capture files (default: the sample capture bundled with warmturn)")
     r.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     r.add_argument("--label", action="append", metavar="LABEL",
                    help="arm label: once for all files, or once per file in order (default: the capture's "

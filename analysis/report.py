@@ -16,6 +16,7 @@ from .diff import POISONS, diff_records
 from .load import flows_frame, load_records, stderr_progress
 from .plots import PLOTS, cost_model
 
+SAMPLE_CAPTURES = Path(__file__).resolve().parent / "sample"
 SAMPLE_NOTE = ("Built from the sample capture bundled with warmturn (analysis/sample/), recorded from a real "
                "run of the tool: see analysis/sample/README.md. Run your own traffic through `make run` "
                "and `make report` uses captures/ instead.")

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--floor-repeats", type=int, help="timed repeats per floor point (default 3; smoke 1)")
     p.add_argument("--no-floor", action="store_true", help="skip the mlx-lm floor measurement")
     p.add_argument("--no-report", action="store_true", help="skip `python -m analysis report`")
-    p.add_argument("--out", type=Path, help="results folder (default bench/results/<UTC timestamp>)")
+    p.add_argument("--out", type=Path, help="results folder (default bench/results/<UTC timestamp> in a checkout, "
+                                            "else ./warmturn-bench-results/<UTC timestamp>)")
     args = p.parse_args(argv)
     smoke = args.smoke
     args.target_tokens = args.target_tokens or (300 if smoke else 2000)
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = resolve_model(args.model)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out_dir = (args.out or ROOT / "bench" / "results" / stamp).resolve()
+    results = ROOT / "bench" / "results" if (ROOT / "pyproject.toml").is_file() else Path("warmturn-bench-results")
+    out_dir = (args.out or results / stamp).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def progress(msg: str) -> None:

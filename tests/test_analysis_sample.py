@@ -94,3 +94,11 @@ def test_make_report_falls_back_to_the_sample(tmp_path):
     assert "recorded from a real run" in html
     csv = pd.read_csv(tmp_path / "report" / "summary.csv")
     assert set(csv["arm"]) == {"normalize-off", "normalize-on"}
+
+
+def test_report_without_captures_uses_the_bundled_sample(tmp_path, capsys):
+    from analysis.__main__ import main
+
+    assert main(["report", "--out", str(tmp_path)]) == 0
+    assert "12 records, 12 Messages flows" in capsys.readouterr().out
+    assert "recorded from a real run" in (tmp_path / "report.html").read_text()

