@@ -11,7 +11,7 @@ import sys
 def _diff(args: argparse.Namespace) -> int:
     from .diff import diff_records
     from .load import load_records, stderr_progress
-    from .prompt import load_tokenizer
+    from .divergence import load_tokenizer
     from .term import format_diff
 
     res = load_records(args.captures, progress=stderr_progress)

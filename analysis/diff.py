@@ -24,8 +24,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deepdiff import DeepDiff
+from deepdiff.helper import notpresent
 
-from .prompt import Divergence, Tokenizer, divergence
+from .divergence import Divergence, Tokenizer, divergence
 from .sessions import group
 
 # Headers that differ on every request for reasons no cache cares about.
@@ -162,10 +163,6 @@ def _region(keys: Sequence) -> str:
     return "params"
 
 
-def _missing(x) -> bool:
-    return type(x).__name__ == "NotPresent"
-
-
 _ACTIONS = {
     "values_changed": "changed", "type_changes": "type_changed",
     "dictionary_item_added": "added", "iterable_item_added": "added", "attribute_added": "added",
@@ -202,7 +199,7 @@ def _tree_changes(tree) -> list[tuple[list, str, Any, Any]]:
         action = _ACTIONS.get(report_type, report_type)
         for level in levels:
             out.append((level.path(output_format="list"), action,
-                        None if _missing(level.t1) else level.t1, None if _missing(level.t2) else level.t2))
+                        None if level.t1 is notpresent else level.t1, None if level.t2 is notpresent else level.t2))
     return out
 
 
@@ -368,7 +365,8 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
     return DiffReport(pairs_out, volatile, poisons, suggestions, stripped, unsuggested)
 
 
-def _short(v: Any, n: int = 80) -> Any:
+def _clip_value(v: Any, n: int = 80) -> Any:
+    """Long strings and containers cut to ``n`` characters for display; other values as they are."""
     if isinstance(v, str) and len(v) > n:
         return v[: n - 1] + "…"
     if isinstance(v, (dict, list)):
@@ -388,7 +386,7 @@ def aggregate(pairs: Sequence[PairDiff]) -> list[VolatilePath]:
                 old, new = c.old, c.new
                 if isinstance(old, str) and isinstance(new, str):
                     old, new = _changed_middle(old, new)
-                row = rows[key] = VolatilePath(key, c.region, 0, [], _short(old), _short(new), c.expected, c.poison)
+                row = rows[key] = VolatilePath(key, c.region, 0, [], _clip_value(old), _clip_value(new), c.expected, c.poison)
             row.count += 1
             row.poison = row.poison or c.poison
             if p.relation not in row.relations:
@@ -452,45 +450,34 @@ def _apply(patterns: Sequence[str], text: str) -> str:
 def pattern_for(old: str, new: str) -> list[str] | None:
     """Fragment patterns that make ``old`` and ``new`` equal once removed, or None.
 
-    Lines are matched with difflib; each replaced line pair gets a pattern anchored on the
-    stable text before the change. Falls back to removing the whole changed lines.
+    Lines are matched with difflib. One pass over the changed lines builds three candidate sets,
+    tried from the narrowest: the changed token of each replaced line (anchored on the stable text
+    before it), the rest of each replaced line from that anchor, and whole changed lines from
+    their stable label (``Label:``) on.
     """
     la, lb = old.splitlines(), new.splitlines()
-    sm = difflib.SequenceMatcher(a=la, b=lb, autojunk=False)
-    patterns: list[str] = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        if tag != "replace":
-            continue
-        for x, y in zip(la[i1:i2], lb[j1:j2]):
-            p = _line_pattern(x, y)
-            if p and p not in patterns:
-                patterns.append(p)
-    if patterns and _apply(patterns, old) == _apply(patterns, new):
-        return patterns
-    # from the stable start of each changed line to its end
-    rest = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        if tag != "replace":
-            continue
-        for x, y in zip(la[i1:i2], lb[j1:j2]):
-            p = _line_pattern(x, y, rest_of_line=True)
-            if p and p not in rest:
-                rest.append(p)
-    if rest and _apply(rest, old) == _apply(rest, new):
-        return rest
-    # broader: whole lines from their stable label on
-    broad = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
+    token: list[str] = []
+    rest: list[str] = []
+    whole: list[str] = []
+    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=la, b=lb, autojunk=False).get_opcodes():
         if tag == "equal":
             continue
+        if tag == "replace":
+            for x, y in zip(la[i1:i2], lb[j1:j2]):
+                _add(token, _line_pattern(x, y))
+                _add(rest, _line_pattern(x, y, rest_of_line=True))
         for x in la[i1:i2] + lb[j1:j2]:
             label = re.match(r"\s*[^:=\n]{1,40}[:=]", x)
-            p = (_escape(label.group(0).lstrip()) + r"[^\n]*\n?") if label else ("^" + _escape(x) + r"\n?")
-            if p not in broad:
-                broad.append(p)
-    if broad and _apply(broad, old) == _apply(broad, new):
-        return broad
+            _add(whole, (_escape(label.group(0).lstrip()) + r"[^\n]*\n?") if label else ("^" + _escape(x) + r"\n?"))
+    for patterns in (token, rest, whole):
+        if patterns and _apply(patterns, old) == _apply(patterns, new):
+            return patterns
     return None
+
+
+def _add(patterns: list[str], p: str | None) -> None:
+    if p and p not in patterns:
+        patterns.append(p)
 
 
 def suggest(pairs: Sequence[PairDiff], option: str = "volatile_fragments") -> tuple[list[Suggestion], list[str]]:
@@ -520,5 +507,5 @@ def suggest(pairs: Sequence[PairDiff], option: str = "volatile_fragments") -> tu
                     continue
                 seen.add(pat)
                 mo, mn = _changed_middle(c.old, c.new)
-                out.append(Suggestion(c.path, pat, option, c.poison, _short(mo, 60), _short(mn, 60)))
+                out.append(Suggestion(c.path, pat, option, c.poison, _clip_value(mo, 60), _clip_value(mn, 60)))
     return out, unsuggested

@@ -28,7 +28,10 @@ from pathlib import Path
 import pandas as pd
 
 SCHEMA = 1
-COLD_HIT_RATIO = 0.1  # cache_read / prompt below this counts as "≈ 0", i.e. cold
+# A flow is warm when the prefix cache served at least this share of its prompt (cache read /
+# prompt tokens). A turn that read 28% from the cache still prefilled 72% of its prompt: cold.
+WARM_HIT_RATIO = 0.8
+UNLABELLED = "unlabelled"  # the arm of flows without a label (A/B arms come only from labels)
 _PROGRESS_BYTES = 8 << 20  # show progress for files larger than this
 
 
@@ -356,7 +359,9 @@ def stderr_progress(source: str, done: int, total: int) -> None:
 
 def load_records(paths: Iterable[str | Path], labels: Sequence[str] | None = None,
                  progress: Callable[[str, int, int], None] | None = None) -> LoadResult:
-    """Read every file; label records with ``labels[i]`` (else their own label, else the file stem)."""
+    """Read every file; the arm of each record is ``labels[i]``, else its own capture label, else
+    ``unlabelled``. Arms come only from labels: files are not arms (two files of one unlabelled
+    run are one arm), and unlabelled flows never become an A/B arm of their own."""
     paths = list(paths)
     if labels and len(labels) not in (1, len(paths)):
         raise ValueError(f"{len(labels)} labels for {len(paths)} files: give one, or one per file")
@@ -366,7 +371,8 @@ def load_records(paths: Iterable[str | Path], labels: Sequence[str] | None = Non
         recs = read_file(p, stats, progress)
         forced = (labels[i] if len(labels) == len(paths) else labels[0]) if labels else None
         for r in recs:
-            r["arm"] = forced or r.get("label") or Path(p).stem
+            r["arm"] = forced or r.get("label") or UNLABELLED
+            r["labelled"] = bool(forced or r.get("label"))
         records.extend(recs)
     return LoadResult(records, stats)
 
@@ -391,11 +397,13 @@ def flows_frame(records: Sequence[dict]) -> pd.DataFrame:
     for r in msgs:
         u = r.get("usage") or {}
         t = r.get("t") or {}
-        inp, read, cre = _num(u.get("input_tokens")), _num(u.get("cache_read_input_tokens")), _num(u.get("cache_creation_input_tokens"))
-        prompt = sum(x for x in (inp, read, cre) if x == x) if inp == inp else float("nan")
+        inp, read = _num(u.get("input_tokens")), _num(u.get("cache_read_input_tokens"))
+        cre = _num(u.get("cache_creation_input_tokens"))
+        prompt = float("nan") if pd.isna(inp) else sum(x for x in (inp, read, cre) if not pd.isna(x))
         rows.append({
-            "arm": r.get("arm"), "source": Path(r["source"]).name, "line": r["line"], "id": r["id"],
-            "session": r.get("session"), "agent": r.get("agent") or "main", "is_subagent": bool(r.get("is_subagent")),
+            "arm": r.get("arm"), "labelled": bool(r.get("labelled", r.get("label"))), "source": Path(r["source"]).name,
+            "line": r["line"], "id": r["id"], "session": r.get("session"), "agent": r.get("agent") or "main",
+            "side": r.get("side"), "is_subagent": bool(r.get("is_subagent")),
             "model": r.get("model"), "status": r.get("status"),
             "error_type": (r.get("error") or {}).get("type") if isinstance(r.get("error"), dict) else None,
             "normalize": r.get("normalize"), "t_request": _num(t.get("request")),
@@ -404,7 +412,7 @@ def flows_frame(records: Sequence[dict]) -> pd.DataFrame:
             "cache_read_tokens": read, "cache_creation_tokens": cre, "prompt_tokens": prompt,
             "prefix_hash": r.get("prefix_hash"), "stripped_count": len(r.get("stripped") or []),
         })
-    cols = ["arm", "source", "line", "id", "session", "agent", "is_subagent", "model", "status", "error_type",
+    cols = ["arm", "labelled", "source", "line", "id", "session", "agent", "side", "is_subagent", "model", "status", "error_type",
             "normalize", "t_request", "ttfb_ms", "ttft_ms", "total_ms", "input_tokens", "output_tokens",
             "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "prefix_hash", "stripped_count"]
     df = pd.DataFrame(rows, columns=cols)
@@ -412,12 +420,13 @@ def flows_frame(records: Sequence[dict]) -> pd.DataFrame:
 
 
 def add_derived(df: pd.DataFrame) -> pd.DataFrame:
-    """Add ``uncached_tokens``, ``hit_ratio``, ``turn`` and ``cls`` (cold/warm) to a flows frame.
+    """Add ``uncached_tokens``, ``hit_ratio``, ``turn`` and ``cls`` to a flows frame.
 
-    Pure over the columns, so tests can build frames from literal rows. Cold means: the cache
-    reported reading ≈ nothing (``hit_ratio`` < 0.1), or, when the backend reports no cache
-    usage, the first request of its prefix hash within its arm (the first of its session when
-    there is no hash either).
+    Pure over the columns, so tests can build frames from literal rows. ``cls`` is ``warm`` when
+    the cache served at least 80% of the prompt (``hit_ratio`` >= ``WARM_HIT_RATIO``), ``cold``
+    otherwise; when the backend reports no cache usage, ``cold`` is the first request of its
+    prefix hash within its arm (the first of its session when there is no hash either). Side
+    requests (``side``: Claude Code's title request) have no turn number and ``cls`` ``side``.
     """
     df = df.copy()
     for c in ("input_tokens", "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "t_request", "ttft_ms"):
@@ -438,12 +447,12 @@ def add_derived(df: pd.DataFrame) -> pd.DataFrame:
         first = {a: i for i, a in reversed(list(enumerate(df["arm"])))}
         df["arm_order"] = df["arm"].map(first)
     df = df.sort_values(["arm_order", "t_request", "_order"], na_position="last", kind="stable")
-    df["turn"] = df.groupby(["arm", "session", "agent"], dropna=False).cumcount() + 1
+    side = df["side"].notna() if "side" in df else pd.Series(False, index=df.index)
+    df["turn"] = (df[~side].groupby(["arm", "session", "agent"], dropna=False).cumcount() + 1).astype("Int64")
     key = df["prefix_hash"] if "prefix_hash" in df else pd.Series([None] * len(df), index=df.index)
     key = key.where(key.notna(), df["session"].astype(str) + "/" + df["agent"].astype(str))
     first_of_prefix = ~pd.DataFrame({"arm": df["arm"], "k": key}).duplicated()
-    by_usage = df["hit_ratio"] < COLD_HIT_RATIO
-    df["cls"] = ["cold" if (b if h == h else f) else "warm"
-                 for b, h, f in zip(by_usage, df["hit_ratio"], first_of_prefix)]
+    cold = (df["hit_ratio"] < WARM_HIT_RATIO).where(df["hit_ratio"].notna(), first_of_prefix)
+    df["cls"] = cold.map({True: "cold", False: "warm"}).where(~side, "side")
     return df.drop(columns="_order").sort_values(["arm_order", "session", "agent", "turn"],
                                                  kind="stable").reset_index(drop=True)

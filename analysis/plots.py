@@ -1,31 +1,37 @@
-"""Latency plots from a flows DataFrame (``load.flows_frame``). Agg backend, PNG.
+"""Latency plots from a flows DataFrame (``load.flows_frame``), written as PNG.
 
-Each ``plot_*(df, path)`` writes one PNG and returns the matplotlib Figure (the caller
-closes it), so tests can look at the series and labels that were drawn.
+Each ``plot_*(df, path)`` writes one PNG and returns the matplotlib ``Figure``, so tests can
+look at the series and labels that were drawn. Figures are made with ``matplotlib.figure.Figure``
+directly, not through pyplot: no global backend switch, no figure registry to close, and the
+caller's own matplotlib set-up is left alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 COLORS = {"cold": "#1f77b4", "warm": "#ff7f0e"}
 _ARM_COLORS = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c"]
 
 
+def _turns(df: pd.DataFrame) -> pd.DataFrame:
+    """Conversation turns: side requests (the title request) left out."""
+    return df[df["cls"] != "side"] if "cls" in df else df
+
+
 def _timed(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["ttft_ms"].notna()]
+    """Turns with a measured TTFT (the only ones a latency plot can draw)."""
+    d = _turns(df)
+    return d[d["ttft_ms"].notna()]
 
 
-def _save(fig, path: str | Path):
+def _save(fig: Figure, path: str | Path) -> Figure:
     for ax in fig.axes:
         if ax.get_xlabel() == "turn in session":
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -40,13 +46,14 @@ def _empty(ax, what: str) -> None:
 
 def plot_ttft_per_turn(df: pd.DataFrame, path: str | Path):
     """TTFT (s) against turn index, one grey line per session/agent, points coloured cold/warm."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     d = _timed(df)
     for _, g in d.groupby(["arm", "session", "agent"], dropna=False):
         ax.plot(g["turn"], g["ttft_ms"] / 1000, color="0.8", linewidth=1, zorder=1)
     for cls in ("cold", "warm"):
         g = d[d["cls"] == cls]
-        ax.scatter(g["turn"], g["ttft_ms"] / 1000, color=COLORS[cls], label=f"{cls} ({len(g)})", zorder=2, s=28)
+        ax.scatter(g["turn"], g["ttft_ms"] / 1000, color=COLORS[cls], label=f"{cls} ({len(g)} timed)", zorder=2, s=28)
     if d.empty:
         _empty(ax, "timed requests")
     ax.set_xlabel("turn in session")
@@ -59,16 +66,16 @@ def plot_ttft_per_turn(df: pd.DataFrame, path: str | Path):
 
 def plot_cold_warm(df: pd.DataFrame, path: str | Path):
     """Box plot of TTFT (s) per arm and class, with the individual requests as points."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     d = _timed(df)
-    groups, labels, colors = [], [], []
-    for arm in _arm_order(d):
-        for cls in ("cold", "warm"):
-            vals = d[(d["arm"] == arm) & (d["cls"] == cls)]["ttft_ms"] / 1000
-            if len(vals):
-                groups.append(vals.to_numpy())
-                labels.append(f"{arm}\n{cls}")
-                colors.append(COLORS[cls])
+    rank = {a: i for i, a in enumerate(arm_order(d))}
+    boxes = sorted(((arm, cls, g["ttft_ms"].to_numpy() / 1000)
+                    for (arm, cls), g in d[d["cls"].isin(list(COLORS))].groupby(["arm", "cls"])),
+                   key=lambda b: (rank[b[0]], b[1]))  # arms in file order, cold before warm
+    groups = [vals for _, _, vals in boxes]
+    labels = [f"{arm}\n{cls}" for arm, cls, _ in boxes]
+    colors = [COLORS[cls] for _, cls, _ in boxes]
     if groups:
         bp = ax.boxplot(groups, patch_artist=True, widths=0.5, showfliers=False)  # points drawn below
         for patch, c in zip(bp["boxes"], colors):
@@ -99,12 +106,13 @@ def cost_model(df: pd.DataFrame) -> tuple[float, float] | None:
 
 def plot_ttft_vs_uncached(df: pd.DataFrame, path: str | Path):
     """TTFT (s) against uncached prompt tokens, with the fitted cost line."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
     d = _timed(df)
     d = d[d["uncached_tokens"].notna()]
     for cls in ("cold", "warm"):
         g = d[d["cls"] == cls]
-        ax.scatter(g["uncached_tokens"], g["ttft_ms"] / 1000, color=COLORS[cls], label=f"{cls} ({len(g)})", s=28)
+        ax.scatter(g["uncached_tokens"], g["ttft_ms"] / 1000, color=COLORS[cls], label=f"{cls} ({len(g)} timed)", s=28)
     fit = cost_model(df)
     if fit:
         a, b = fit
@@ -123,9 +131,11 @@ def plot_ttft_vs_uncached(df: pd.DataFrame, path: str | Path):
 
 def plot_hit_ratio(df: pd.DataFrame, path: str | Path):
     """Cache hit ratio (cache read / prompt tokens, %) per turn: one line per session, coloured by arm."""
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    d = df[df["hit_ratio"].notna()]
-    for i, arm in enumerate(_arm_order(d)):
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    d = _turns(df)
+    d = d[d["hit_ratio"].notna()]
+    for i, arm in enumerate(arm_order(d)):
         for n, (_, g) in enumerate(d[d["arm"] == arm].groupby(["session", "agent"], dropna=False, sort=False)):
             g = g.sort_values("turn")
             ax.plot(g["turn"], g["hit_ratio"].to_numpy() * 100, marker="o", alpha=0.8,
@@ -143,26 +153,31 @@ def plot_hit_ratio(df: pd.DataFrame, path: str | Path):
 
 
 def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
-    """Median TTFT per arm (bars, p10–p90 whiskers) with the speed-up over ``baseline`` written on.
+    """Median TTFT per labelled arm (bars, p10–p90 whiskers) with the speed-up over ``baseline``.
 
-    Each session's first turn is cold in every arm, so it is left out where an arm has later
-    turns: the bars compare the turns a cache can help (an arm with first turns only, e.g. a
-    restart, keeps them)."""
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * df["arm"].nunique() if "arm" in df else 8), 4.5))
+    Arms come only from labels: unlabelled flows are drawn (as one bar) only when no flow has a
+    label. Each session's first turn is cold in every arm, so it is left out where an arm has
+    later turns: the bars compare the turns a cache can help (an arm with first turns only, e.g.
+    a restart, keeps them)."""
     d = _timed(df)
+    labelled = labelled_arms(d)
+    if labelled:
+        d = d[d["arm"].isin(labelled)]
     if "turn" in d:
         later = d[d["turn"] > 1]
         d = pd.concat([later, d[~d["arm"].isin(later["arm"])]])
-    arms = _arm_order(d)
+    arms = arm_order(d)
+    fig = Figure(figsize=(max(8, 1.1 * len(arms)), 4.5))
+    ax = fig.subplots()
     if arms:
         base = baseline if baseline in arms else arms[0]
-        med = [float(d[d["arm"] == a]["ttft_ms"].median()) / 1000 for a in arms]
-        lo = [float(d[d["arm"] == a]["ttft_ms"].quantile(0.1)) / 1000 for a in arms]
-        hi = [float(d[d["arm"] == a]["ttft_ms"].quantile(0.9)) / 1000 for a in arms]
-        err = np.array([[m - l for m, l in zip(med, lo)], [h - m for m, h in zip(med, hi)]])
+        q = d.groupby("arm")["ttft_ms"].agg(
+            median="median", lo=lambda x: x.quantile(0.1), hi=lambda x: x.quantile(0.9)).reindex(arms) / 1000
+        med = q["median"].to_numpy()
+        err = np.vstack([med - q["lo"].to_numpy(), q["hi"].to_numpy() - med])
         bars = ax.bar(range(len(arms)), med, yerr=err, capsize=6,
                       color=[_ARM_COLORS[i % len(_ARM_COLORS)] for i in range(len(arms))], label="median TTFT")
-        base_med = med[arms.index(base)]
+        base_med = q.loc[base, "median"]
         for bar, m, a in zip(bars, med, arms):
             text = "baseline" if a == base else (f"×{base_med / m:.1f}" if m > 0 else "")
             ax.text(bar.get_x() + bar.get_width() / 2, m / 2 if m > 0 else 0, text, ha="center", va="center",
@@ -171,25 +186,32 @@ def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
                       rotation=20 if len(arms) > 4 else 0, ha="right" if len(arms) > 4 else "center")
     else:
         _empty(ax, "timed requests")
-    ax.set_xlabel("arm")
+    ax.set_xlabel("arm (from labels)")
     ax.set_ylabel("median TTFT after turn 1 (s), whiskers p10–p90")
     ax.set_title("A/B: median time to first token per arm (speed-up vs baseline on the bars)")
-    fig.tight_layout()
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)
 
 
-def _arm_order(df: pd.DataFrame) -> list:
+def arm_order(df: pd.DataFrame) -> list:
+    """The arms in the order they first appear (file order)."""
     if "arm" not in df or df.empty:
         return []
     d = df.sort_values("arm_order", kind="stable") if "arm_order" in df else df
     return list(dict.fromkeys(d["arm"].tolist()))
 
 
-PLOTS: Sequence[tuple[str, object]] = (
-    ("ttft_per_turn.png", plot_ttft_per_turn),
-    ("ttft_cold_warm.png", plot_cold_warm),
-    ("ttft_vs_uncached.png", plot_ttft_vs_uncached),
-    ("hit_ratio.png", plot_hit_ratio),
-    ("ab_median_ttft.png", plot_ab),
+def labelled_arms(df: pd.DataFrame) -> list:
+    """The arms that come from a label (``--label`` or the capture's ``capture_label``), in order."""
+    if "labelled" not in df:
+        return arm_order(df)
+    return arm_order(df[df["labelled"].astype(bool)])
+
+
+PLOTS: Sequence[tuple[str, str, Callable[..., Figure]]] = (
+    ("ttft_per_turn.png", "Time to first token per turn", plot_ttft_per_turn),
+    ("ttft_cold_warm.png", "Cold vs warm time to first token", plot_cold_warm),
+    ("ttft_vs_uncached.png", "Time to first token against the uncached prompt (cost model)", plot_ttft_vs_uncached),
+    ("hit_ratio.png", "Prompt cache hit ratio per turn", plot_hit_ratio),
+    ("ab_median_ttft.png", "A/B: median time to first token per labelled arm", plot_ab),
 )

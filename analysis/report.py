@@ -9,48 +9,62 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 
 from .diff import POISONS, diff_records
 from .load import flows_frame, load_records, stderr_progress
-from .plots import PLOTS, cost_model
+from .plots import PLOTS, arm_order, cost_model, labelled_arms
 
 SAMPLE_CAPTURES = Path(__file__).resolve().parent / "sample"
-SAMPLE_NOTE = ("Built from the sample capture bundled with warmturn (analysis/sample/), recorded from a real "
-               "run of the tool: see analysis/sample/README.md. Run your own traffic through `make run` "
-               "and `make report` uses captures/ instead.")
+# Markdown; the HTML report renders its `code` spans as <code>, never as literal backticks.
+SAMPLE_NOTE = ("Built from the sample capture bundled with warmturn (`analysis/sample/`), recorded from a real "
+               "run of the tool: see `analysis/sample/README.md`. Run your own traffic through `make run` "
+               "and `make report` uses `captures/` instead.")
+CLASS_NOTE = ("Warm = the prefix cache served at least 80% of the prompt (cache read / prompt tokens); anything "
+              "less is cold: a turn that read 28% from the cache still prefilled 72% of its prompt. Without "
+              "cache usage from the backend, cold = the first request of its prefix. Arms come only from labels "
+              "(`--label`, or the capture's `capture_label`); the baseline arm is the first labelled arm. Side "
+              "requests (Claude Code's title request) are not turns and are left out of these numbers.")
+
+
+def _html_text(text: str) -> str:
+    """Escape for HTML, turning Markdown `code` spans into <code> elements."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+CLASSES = ("cold", "warm", "all")
 
 
 def summarize(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     """Per arm and class (cold, warm, all): count, median and p90 TTFT, speed-ups.
 
-    ``speedup_vs_cold`` = the arm's cold median / this row's median; ``speedup_vs_baseline`` =
-    the baseline arm's median for the same class / this row's median (baseline: the first arm).
+    Side requests (the title request) are left out. ``speedup_vs_cold`` = the arm's cold median
+    / this row's median; ``speedup_vs_baseline`` = the baseline arm's median for the same class /
+    this row's median, for labelled arms only (baseline: the first labelled arm): an A/B compares
+    arms someone named, never "unlabelled" flows against labelled ones.
     """
-    d = df[df["ttft_ms"].notna()]
-    arms = list(dict.fromkeys(df.sort_values("arm_order", kind="stable")["arm"])) if "arm_order" in df \
-        else list(dict.fromkeys(df["arm"]))
-    base = baseline if baseline in arms else (arms[0] if arms else None)
-    rows = []
-    for arm in arms:
-        da = d[d["arm"] == arm]
-        for cls in ("cold", "warm", "all"):
-            g = da if cls == "all" else da[da["cls"] == cls]
-            n_all = int(((df["arm"] == arm) & ((df["cls"] == cls) if cls != "all" else True)).sum())
-            rows.append({"arm": arm, "class": cls, "count": n_all, "timed": len(g),
-                         "median_ttft_ms": float(g["ttft_ms"].median()) if len(g) else math.nan,
-                         "p90_ttft_ms": float(g["ttft_ms"].quantile(0.9)) if len(g) else math.nan,
-                         "median_hit_ratio": float(g["hit_ratio"].median()) if g["hit_ratio"].notna().any() else math.nan})
-    s = pd.DataFrame(rows, columns=["arm", "class", "count", "timed", "median_ttft_ms", "p90_ttft_ms",
-                                    "median_hit_ratio"])
+    turns = df[df["cls"] != "side"] if "cls" in df else df
+    arms = arm_order(turns)
+    both = pd.concat([turns, turns.assign(cls="all")])  # each flow counted in its class and in "all"
+    timed = both[both["ttft_ms"].notna()]
+    stats = timed.groupby(["arm", "cls"]).agg(
+        timed=("ttft_ms", "size"), median_ttft_ms=("ttft_ms", "median"),
+        p90_ttft_ms=("ttft_ms", lambda x: x.quantile(0.9)), median_hit_ratio=("hit_ratio", "median"))
+    counts = both.groupby(["arm", "cls"]).size().rename("count")
+    index = pd.MultiIndex.from_product([arms, CLASSES], names=["arm", "class"])
+    s = stats.join(counts, how="outer").rename_axis(["arm", "class"]).reindex(index)
+    s[["count", "timed"]] = s[["count", "timed"]].fillna(0).astype(int)
+    s = s.reset_index()[["arm", "class", "count", "timed", "median_ttft_ms", "p90_ttft_ms", "median_hit_ratio"]]
     cold = s[s["class"] == "cold"].set_index("arm")["median_ttft_ms"]
     s["speedup_vs_cold"] = s["arm"].map(cold) / s["median_ttft_ms"]
+    labelled = labelled_arms(turns)
+    base = baseline if baseline in labelled else (labelled[0] if labelled else None)
+    s["speedup_vs_baseline"] = math.nan
     if base is not None:
         base_med = s[s["arm"] == base].set_index("class")["median_ttft_ms"]
-        s["speedup_vs_baseline"] = s["class"].map(base_med) / s["median_ttft_ms"]
-    else:
-        s["speedup_vs_baseline"] = math.nan
+        rows = s["arm"].isin(labelled)
+        s.loc[rows, "speedup_vs_baseline"] = s.loc[rows, "class"].map(base_med) / s.loc[rows, "median_ttft_ms"]
     return s
 
 
@@ -96,6 +110,16 @@ th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}img{max-wid
 .note{background:#fff8e1;border-left:4px solid #f0b400;padding:.5em 1em}code{background:#f3f3f3;padding:0 3px}"""
 
 
+def _class_counts(df: pd.DataFrame) -> str:
+    """Requests per class, and how many of them have a TTFT (what the plots' legends count)."""
+    parts = []
+    for cls in ("cold", "warm"):
+        d = df[df["cls"] == cls]
+        parts.append(f"{cls}: {len(d)} ({int(d['ttft_ms'].notna().sum())} timed)")
+    side = int((df["cls"] == "side").sum())
+    return "Requests by class: " + ", ".join(parts) + (f"; side requests (title): {side}." if side else ".")
+
+
 def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
                  sample: bool = False, baseline: str | None = None) -> dict:
     """Read captures, write plots, CSVs, report.html and report.md into ``out``; return a summary dict."""
@@ -110,9 +134,8 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     csv = out / "summary.csv"
     summary.to_csv(csv, index=False)
     images: dict[str, bytes] = {}
-    for name, fn in PLOTS:
-        fig = fn(df, out / name)
-        plt.close(fig)
+    for name, _, fn in PLOTS:
+        fn(df, out / name)
         images[name] = (out / name).read_bytes()
     diff = diff_records(res.records)
     fit = cost_model(df)
@@ -124,7 +147,7 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     facts = [
         f"{len(df)} Messages flows in {df['session'].nunique() if len(df) else 0} sessions, "
         f"{res.stats.records} records read from {len(res.stats.files)} file(s), {res.stats.bad} bad line(s) skipped.",
-        f"Cold requests: {int((df['cls'] == 'cold').sum())}, warm: {int((df['cls'] == 'warm').sum())}.",
+        _class_counts(df),
     ]
     if fit:
         facts.append(f"Cost model (least squares over all timed flows): TTFT ≈ {fit[0]:,.0f} ms + "
@@ -135,15 +158,15 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
              f"</head><body><h1>{title}</h1>"]
     if sample:
-        parts.append(f"<p class='note'>{html.escape(SAMPLE_NOTE)}</p>")
+        parts.append(f"<p class='note'>{_html_text(SAMPLE_NOTE)}</p>")
     parts.append("<p>Sources: " + ", ".join(f"<code>{html.escape(Path(p).name)}</code>" for p in captures) + "</p>")
     parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>")
     parts.append("<h2>Summary: TTFT per arm and class</h2>" + _html_table(heads, rows))
-    parts.append("<p>Cold = the cache read ≈ nothing (hit ratio &lt; 10%), or, without cache usage from the "
-                 "backend, the first request of its prefix. Baseline arm = the first arm.</p>")
-    for name, _ in PLOTS:
+    parts.append(f"<p>{_html_text(CLASS_NOTE)}</p>")
+    for name, caption, _ in PLOTS:
         data = base64.b64encode(images[name]).decode("ascii")
-        parts.append(f"<h3>{html.escape(name)}</h3><img alt='{html.escape(name)}' src='data:image/png;base64,{data}'>")
+        parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
+                     f"src='data:image/png;base64,{data}'>")
     parts.append("<h2>What changes between requests</h2>" + _html_table(vol_heads, vol_rows))
     if poisons:
         parts.append("<h3>Known cache poisons</h3><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in poisons) + "</ul>")
@@ -157,9 +180,11 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     md = [f"# {title}", ""]
     if sample:
         md += [f"> {SAMPLE_NOTE}", ""]
-    md += [f"- {f}" for f in facts] + ["", "## Summary: TTFT per arm and class", "", _md_table(heads, rows), ""]
-    md += [f"![{name}]({name})" for name, _ in PLOTS] + ["", "## What changes between requests", "",
-                                                          _md_table(vol_heads, vol_rows), ""]
+    md += [f"- {f}" for f in facts] + ["", "## Summary: TTFT per arm and class", "", _md_table(heads, rows), "",
+                                        CLASS_NOTE, ""]
+    for name, caption, _ in PLOTS:
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    md += ["## What changes between requests", "", _md_table(vol_heads, vol_rows), ""]
     if poisons:
         md += ["### Known cache poisons", ""] + [f"- {p}" for p in poisons] + [""]
     if sug:
@@ -167,5 +192,5 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     return {"html": str(html_path), "md": str(md_path), "csv": str(csv), "flows_csv": str(flows_csv),
-            "plots": [str(out / n) for n, _ in PLOTS], "records": res.stats.records, "flows": len(df),
+            "plots": [str(out / n) for n, _, _ in PLOTS], "records": res.stats.records, "flows": len(df),
             "bad": res.stats.bad, "summary": summary, "seconds": time.monotonic() - t0}

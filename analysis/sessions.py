@@ -24,8 +24,23 @@ def _first_user_text(body: dict | None) -> str | None:
     return None
 
 
-def _short(text: str) -> str:
+def _text_hash(text: str) -> str:
+    """The first 8 hex digits of the text's SHA-256: a short, stable name for a conversation."""
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:8]
+
+
+def side_request(body: dict | None) -> str | None:
+    """The kind of a side request (not a conversation turn), or None for a turn.
+
+    ``title``: Claude Code's conversation-title request, sent beside the first interactive turn:
+    it asks for structured output (``output_config.format``, a JSON schema) and carries no tools.
+    """
+    if not isinstance(body, dict):
+        return None
+    out = body.get("output_config")
+    if isinstance(out, dict) and isinstance(out.get("format"), dict) and not body.get("tools"):
+        return "title"
+    return None
 
 
 def assign_sessions(records: Sequence[dict]) -> None:
@@ -34,16 +49,18 @@ def assign_sessions(records: Sequence[dict]) -> None:
     ``session``: the Claude Code session id, else ``conv-<hash of the first user message>``.
     ``agent``: ``main``, the ``x-claude-code-agent-id`` value, or ``sub-<hash>`` for a subagent
     known only from its billing block.
+    ``side``: the side-request kind (``title``) or None: side requests are no turn of any agent.
     """
     for r in records:
         body = r.get("original") or r.get("body")
         first = _first_user_text(body)
         sid = r.get("session_id")
-        r["session"] = str(sid) if sid else (f"conv-{_short(first)}" if first is not None else "unknown")
+        r["session"] = str(sid) if sid else (f"conv-{_text_hash(first)}" if first is not None else "unknown")
+        r["side"] = side_request(body)
         if r.get("agent_id"):
             r["agent"] = str(r["agent_id"])
         elif r.get("is_subagent"):
-            r["agent"] = f"sub-{_short(first or '')}"
+            r["agent"] = f"sub-{_text_hash(first or '')}"
         else:
             r["agent"] = "main"
 
@@ -54,10 +71,12 @@ def order_key(r: dict) -> tuple:
 
 
 def group(records: Sequence[dict]) -> dict[tuple[str, str, str], list[dict]]:
-    """``{(arm, session, agent): [records in request order]}`` for Messages flows."""
+    """``{(arm, session, agent): [turns in request order]}`` for Messages flows (side requests left out)."""
     msgs = [r for r in records if r.get("kind") == "messages" and isinstance(r.get("body"), dict)]
     assign_sessions(msgs)
     out: dict[tuple[str, str, str], list[dict]] = {}
     for r in sorted(msgs, key=order_key):
+        if r["side"]:
+            continue
         out.setdefault((str(r.get("arm")), r["session"], r["agent"]), []).append(r)
     return out

@@ -1,4 +1,4 @@
-"""analysis.diff / analysis.prompt: exact changed paths, divergence in chars and tokens, poisons, patterns."""
+"""analysis.diff / analysis.divergence: exact changed paths, divergence in chars and tokens, poisons, patterns."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from analysis.__main__ import main
 from analysis.diff import diff_payloads, diff_records, pattern_for
 from analysis.load import load_records
-from analysis.prompt import common_prefix_len, divergence, load_tokenizer, render
+from analysis.divergence import divergence, flatten_prompt, load_tokenizer, shared_prefix_len
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"
@@ -103,19 +103,19 @@ def test_divergence_at_char_level():
     # 40 characters either side of the divergence, newlines shown as ⏎
     assert d.snippet_a == 'You are helpful.⏎Rules: be ⟦brief.⏎{"name":"Read","description":"rea'
     assert d.snippet_b == 'You are helpful.⏎Rules: be ⟦kind.⏎{"name":"Read","description":"read'
-    assert d.chars_a == len(render(a).text) and d.chars_b == len(render(b).text)
+    assert d.chars_a == len(flatten_prompt(a).text) and d.chars_b == len(flatten_prompt(b).text)
     # a message appended: everything before it is shared, the divergence is in messages
     c = copy.deepcopy(BASE)
     c["messages"].append({"role": "assistant", "content": "yo"})
     d = divergence(BASE, c)
-    assert d.shared_chars == len(render(BASE).text) and d.where == "messages[1]" and not d.in_prefix
+    assert d.shared_chars == len(flatten_prompt(BASE).text) and d.where == "messages[1]" and not d.in_prefix
     assert divergence(BASE, copy.deepcopy(BASE)).where == "identical"
 
 
 def test_string_and_block_content_render_the_same():
     b = copy.deepcopy(BASE)
     b["messages"] = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
-    assert render(BASE).text == render(b).text
+    assert flatten_prompt(BASE).text == flatten_prompt(b).text
 
 
 def test_divergence_at_token_level_with_the_default_tokenizer(tokenizer):
@@ -126,17 +126,17 @@ def test_divergence_at_token_level_with_the_default_tokenizer(tokenizer):
     assert d.shared_chars == len(stable) + 1  # the space before Alpha/Beta is shared
     # byte-level BPE splits before " Alpha"/" Beta": the shared tokens are exactly those of the stable text
     assert d.shared_tokens == len(tokenizer.encode(stable))
-    assert d.tokens_a == len(tokenizer.encode(render(a).text))
-    ta, tb = tokenizer.encode(render(a).text), tokenizer.encode(render(b).text)
+    assert d.tokens_a == len(tokenizer.encode(flatten_prompt(a).text))
+    ta, tb = tokenizer.encode(flatten_prompt(a).text), tokenizer.encode(flatten_prompt(b).text)
     assert ta[: d.shared_tokens] == tb[: d.shared_tokens] and ta[d.shared_tokens] != tb[d.shared_tokens]
 
 
 def test_common_prefix_len_long_inputs():
     x = "a" * 10_000 + "b" + "c" * 50
     y = "a" * 10_000 + "d"
-    assert common_prefix_len(x, y) == 10_000
-    assert common_prefix_len(x, x) == len(x)
-    assert common_prefix_len([1, 2, 3], [1, 2]) == 2
+    assert shared_prefix_len(x, y) == 10_000
+    assert shared_prefix_len(x, x) == len(x)
+    assert shared_prefix_len([1, 2, 3], [1, 2]) == 2
 
 
 def test_billing_block_named_between_main_agent_and_subagent_real_payloads():

@@ -7,13 +7,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import pytest
 
-from analysis.load import add_derived
+from analysis.load import add_derived, load_records
 from analysis.plots import (cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn,
                             plot_ttft_vs_uncached)
 from analysis.report import build_report, summarize
@@ -76,13 +76,12 @@ def test_plot_ttft_per_turn(df, tmp_path):
     fig = plot_ttft_per_turn(df, tmp_path / "p.png")
     ax = fig.axes[0]
     assert ax.get_xlabel() == "turn in session" and ax.get_ylabel() == "time to first token (s)"
-    assert _legend(ax) == ["cold (4)", "warm (3)"]
-    warm = [c for c in ax.collections if c.get_label() == "warm (3)"][0]
+    assert _legend(ax) == ["cold (4 timed)", "warm (3 timed)"]
+    warm = [c for c in ax.collections if c.get_label() == "warm (3 timed)"][0]
     assert sorted(warm.get_offsets()[:, 1].tolist()) == [0.2, 0.3, 0.4]
     assert sorted(warm.get_offsets()[:, 0].tolist()) == [2, 3, 4]
     assert len(ax.lines) == 2  # one line per session
     assert (tmp_path / "p.png").read_bytes()[:8] == PNG
-    plt.close(fig)
 
 
 def test_plot_cold_warm(df, tmp_path):
@@ -94,7 +93,6 @@ def test_plot_cold_warm(df, tmp_path):
     medians = [line.get_ydata()[0] for line in ax.lines if len(line.get_xdata()) == 2
                and line.get_ydata()[0] == line.get_ydata()[1]]
     assert {2.1, 2.0, 0.3} <= {round(m, 3) for m in medians}
-    plt.close(fig)
 
 
 def test_plot_ttft_vs_uncached(df, tmp_path):
@@ -102,11 +100,10 @@ def test_plot_ttft_vs_uncached(df, tmp_path):
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("uncached prompt tokens")
     labels = _legend(ax)
-    assert labels[:2] == ["cold (4)", "warm (3)"] and labels[2].startswith("fit: ")
+    assert labels[:2] == ["cold (4 timed)", "warm (3 timed)"] and labels[2].startswith("fit: ")
     fit_line = ax.lines[0]
     a, b = cost_model(df)
     assert math.isclose(fit_line.get_ydata()[0], a / 1000)
-    plt.close(fig)
 
 
 def test_plot_hit_ratio(df, tmp_path):
@@ -117,7 +114,6 @@ def test_plot_hit_ratio(df, tmp_path):
     assert on.get_xdata().tolist() == [1, 2, 3, 4]
     assert [round(y, 6) for y in on.get_ydata()] == [0.0, 90.0, 90.0, 90.0]
     assert ax.get_ylabel() == "cache hit ratio (% of prompt tokens)"
-    plt.close(fig)
 
 
 def test_plot_ab_writes_the_speedup_on_the_bars(df, tmp_path):
@@ -129,7 +125,6 @@ def test_plot_ab_writes_the_speedup_on_the_bars(df, tmp_path):
     texts = [t.get_text() for t in ax.texts]
     assert texts == ["baseline", "×7.2"]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["off", "on"]
-    plt.close(fig)
 
 
 def test_plot_ab_leaves_out_each_sessions_cold_first_turn(tmp_path):
@@ -138,7 +133,6 @@ def test_plot_ab_leaves_out_each_sessions_cold_first_turn(tmp_path):
     fig = plot_ab(rows, tmp_path / "p.png")
     assert [round(p.get_height(), 6) for p in fig.axes[0].patches] == [0.2, 0.4]
     assert [t.get_text() for t in fig.axes[0].texts] == ["baseline", "×0.5"]
-    plt.close(fig)
 
 
 def test_plots_handle_captures_without_timings(tmp_path):
@@ -150,7 +144,6 @@ def test_plots_handle_captures_without_timings(tmp_path):
         fig = fn(empty, tmp_path / "e.png")
         assert any(t.get_text().startswith("no ") for t in fig.axes[0].texts)
         assert (tmp_path / "e.png").stat().st_size > 1000
-        plt.close(fig)
 
 
 def test_build_report_on_constructed_capture(tmp_path):
@@ -175,7 +168,55 @@ def test_build_report_on_constructed_capture(tmp_path):
     assert len(csv) == 6 and set(csv["class"]) == {"cold", "warm", "all"}
     md = (out / "report.md").read_text()
     assert "| normalize-on | warm | 4 | 4 | 410 ms |" in md
-    assert "![ab_median_ttft.png](ab_median_ttft.png)" in md
+    # readable section titles (not file names), and no Markdown backticks leaking into the HTML
+    assert "### A/B: median time to first token per labelled arm" in md and "](ab_median_ttft.png)" in md
+    assert "<h3>Time to first token per turn</h3>" in html and "<h3>ttft_per_turn.png" not in html
+    assert "`" not in re.sub(r"<img[^>]*>", "", html)
+    # the header's per-class counts are what the legends count
+    assert "Requests by class: cold: 8 (8 timed), warm: 4 (4 timed)." in html
+
+
+def _flows(rows: list[tuple]) -> pd.DataFrame:
+    cols = ["arm", "labelled", "session", "agent", "side", "t_request", "ttft_ms", "input_tokens",
+            "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "prefix_hash"]
+    return add_derived(pd.DataFrame([dict(zip(cols, r)) for r in rows], columns=cols))
+
+
+def test_a_turn_with_28_percent_cached_is_cold():
+    df = _flows([("a", True, "s", "main", None, 1.0, 20000.0, 1000, 0, 0, None, "h"),
+                 ("a", True, "s", "main", None, 2.0, 27000.0, 720, 280, 0, None, "h"),  # 28% read
+                 ("a", True, "s", "main", None, 3.0, 490.0, 10, 990, 0, None, "h")])  # 99% read
+    assert df["cls"].tolist() == ["cold", "cold", "warm"]
+    assert df["hit_ratio"].round(2).tolist() == [0.0, 0.28, 0.99]
+
+
+def test_ab_arms_come_only_from_labels(tmp_path):
+    # one capture file: a labelled run and unlabelled flows from another run
+    df = _flows([("on", True, "s1", "main", None, 1.0, 9000.0, 900, 0, 900, None, "h"),
+                 ("on", True, "s1", "main", None, 2.0, 300.0, 10, 900, 10, None, "h"),
+                 ("unlabelled", False, "s2", "main", None, 3.0, 2500.0, 900, 0, 900, None, "h2"),
+                 ("unlabelled", False, "s2", "main", None, 4.0, 2400.0, 900, 0, 900, None, "h2")])
+    s = summarize(df).set_index(["arm", "class"])
+    assert s.loc[("on", "all"), "speedup_vs_baseline"] == 1.0
+    assert s["speedup_vs_baseline"].xs("unlabelled").isna().all()  # no A/B against unlabelled flows
+    fig = plot_ab(df, tmp_path / "ab.png")
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["on"]
+    # without any label, the flows are one arm, never one arm per file
+    real = ROOT / "tests" / "fixtures" / "claude_code"
+    res = load_records([real / "small_two_turns.jsonl", real / "tool_round.jsonl"])
+    assert {r["arm"] for r in res.records} == {"unlabelled"}
+
+
+def test_side_requests_are_outside_turn_numbering():
+    df = _flows([("a", True, "s", "main", None, 1.0, 9000.0, 900, 0, 900, None, "h"),
+                 ("a", True, "s", "main", "title", 1.1, 800.0, 60, 0, 60, None, "t"),
+                 ("a", True, "s", "main", None, 2.0, 300.0, 10, 900, 10, None, "h")])
+    main = df[df["side"].isna()]
+    assert main["turn"].tolist() == [1, 2] and main["cls"].tolist() == ["cold", "warm"]
+    side = df[df["side"].notna()]
+    assert side["cls"].tolist() == ["side"] and side["turn"].isna().all()
+    s = summarize(df).set_index(["arm", "class"])
+    assert s.loc[("a", "all"), "count"] == 2
 
 
 def test_report_cli_with_labels(tmp_path, capsys):
@@ -198,3 +239,14 @@ def test_make_report_script_uses_captures_dir(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "report" / "report.html").stat().st_size > 10_000
     assert "report.html" in p.stdout and "bundled sample" not in p.stdout
+
+
+def test_building_a_report_leaves_matplotlib_global_state_alone(tmp_path):
+    # a caller that chose its own backend keeps it (no matplotlib.use() at import or while plotting)
+    code = ("import matplotlib; matplotlib.use('svg'); "
+            "from analysis.report import build_report; "
+            f"build_report([{str(CAPTURES / 'constructed_ab.jsonl')!r}], {str(tmp_path)!r}); "
+            "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.returncode == 0, p.stderr[-2000:]

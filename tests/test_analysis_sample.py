@@ -13,7 +13,7 @@ import pytest
 
 from analysis.diff import diff_records
 from analysis.load import flows_frame, load_records
-from analysis.prompt import load_tokenizer
+from analysis.divergence import load_tokenizer
 from analysis.report import build_report
 
 ROOT = Path(__file__).resolve().parent.parent

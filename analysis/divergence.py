@@ -1,4 +1,4 @@
-"""The prompt in model order, and where two prompts stop sharing a prefix.
+"""Prompt divergence: where two requests' prompts stop sharing a prefix.
 
 A prefix cache can reuse exactly the tokens two consecutive prompts share from the start.
 This module renders an Anthropic request the way a backend lays it out — system text
@@ -25,7 +25,9 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class Rendered:
+class FlatPrompt:
+    """A request flattened to text in model order, with the request part of every character."""
+
     text: str
     segments: tuple[Segment, ...]
 
@@ -75,8 +77,11 @@ def _block_text(block) -> str:
     return json.dumps(block, ensure_ascii=False, sort_keys=True)
 
 
-def render(body: dict | None) -> Rendered:
-    """Render a Messages request body in model order: system blocks, tools, messages.
+def flatten_prompt(body: dict | None) -> FlatPrompt:
+    """Flatten a Messages request body to text in model order: system blocks, tools, messages.
+
+    An approximation of what a backend renders (no chat template), enough to locate the first
+    difference between two requests.
 
     Tools are JSON in the order and key order the client sent (a reordering is a real change
     for a byte-level cache); a message whose content is a string and the same content as a
@@ -105,10 +110,10 @@ def render(body: dict | None) -> Rendered:
         segs.append(Segment(where, pos, pos + len(piece)))
         pieces.append(piece)
         pos += len(piece)
-    return Rendered("".join(pieces), tuple(segs))
+    return FlatPrompt("".join(pieces), tuple(segs))
 
 
-def common_prefix_len(a: Sequence, b: Sequence) -> int:
+def shared_prefix_len(a: Sequence, b: Sequence) -> int:
     """Length of the longest common prefix (chunked comparison: fast on 100K-char prompts)."""
     n = min(len(a), len(b))
     lo = 0
@@ -161,8 +166,8 @@ def _snippet(text: str, pos: int, width: int = 40) -> str:
 def divergence(a: dict | None, b: dict | None, tokenizer: Tokenizer | None = None,
                _cache: dict | None = None) -> Divergence:
     """Shared prefix of ``a`` and ``b`` in model order, in characters (and tokens if given)."""
-    ra, rb = render(a), render(b)
-    n = common_prefix_len(ra.text, rb.text)
+    ra, rb = flatten_prompt(a), flatten_prompt(b)
+    n = shared_prefix_len(ra.text, rb.text)
     if n == len(ra.text) == len(rb.text):
         where = "identical"
     else:
@@ -173,6 +178,6 @@ def divergence(a: dict | None, b: dict | None, tokenizer: Tokenizer | None = Non
         cache = _cache if _cache is not None else {}
         ta = cache.get(ra.text) or cache.setdefault(ra.text, tokenizer.encode(ra.text))
         tb = cache.get(rb.text) or cache.setdefault(rb.text, tokenizer.encode(rb.text))
-        d = Divergence(**{**d.__dict__, "shared_tokens": common_prefix_len(ta, tb),
+        d = Divergence(**{**d.__dict__, "shared_tokens": shared_prefix_len(ta, tb),
                           "tokens_a": len(ta), "tokens_b": len(tb)})
     return d
