@@ -93,7 +93,8 @@ def build_state(args: argparse.Namespace):
     log.info("serving %s: context %d tokens, tool calls %s, tools via %s, prefix order %s", name, ctx,
              fmt.name, "chat template" if renderer.template_tools else "system prompt (hermes)", args.prefix_order)
     return ServerState(engine=engine, renderer=renderer, model_id=name, context_length=ctx, tool_format=fmt,
-                       api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                       api_key=args.api_key, bind_host=args.host, allowed_hosts=tuple(args.allowed_hosts),
+                       max_body_bytes=args.max_body_bytes,
                        request_timeout=args.request_timeout, default_temperature=args.default_temperature,
                        metrics=metrics)
 
@@ -112,8 +113,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="bind address; a non-loopback address requires --api-key (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
     p.add_argument("--api-key", default=os.environ.get("WARMTURN_API_KEY"),
-                   help="require this key in x-api-key or Authorization: Bearer "
-                        "(default: $WARMTURN_API_KEY, else no key)")
+                   help="require this key in x-api-key or Authorization: Bearer on /v1/* and /metrics "
+                        "(default: $WARMTURN_API_KEY, else no key; an empty key is refused)")
+    p.add_argument("--allowed-hosts", type=lambda v: [h for h in v.split(",") if h.strip()], default=[],
+                   help="comma-separated extra names the Host header may carry (the bound address, loopback "
+                        "names and IP literals are always accepted; other names are refused as DNS rebinding); "
+                        "'*' accepts any (default: none)")
     p.add_argument("--prefix-order", choices=["system-first", "tools-first"], default="tools-first",
                    help="inside the system turn, render the system text before the tools, or the tools first "
                         "(Anthropic's cache order: a new session whose system text ends differently still reuses "
@@ -146,6 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     from server.blas import maybe_reexec
 
     args = make_parser().parse_args(argv)
+    if args.api_key is not None and not args.api_key.strip():
+        given = argv if argv is not None else sys.argv[1:]
+        src = "--api-key" if any(a.startswith("--api-key") for a in given) else "WARMTURN_API_KEY"
+        print(f"error: {src} is set but empty: every request would be refused. Set a key, or unset "
+              f"{src} to run without one.", file=sys.stderr)
+        return 2
+    if args.api_key is not None:
+        args.api_key = args.api_key.strip()  # headers are compared stripped
     if not is_loopback(args.host) and not args.api_key:
         print(f"error: refusing to bind {args.host} (not loopback) without --api-key: anyone on the network "
               f"could use the model. Pass --api-key KEY or bind 127.0.0.1.", file=sys.stderr)

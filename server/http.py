@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import hmac
 import json
 import logging
 import threading
@@ -34,6 +33,7 @@ from starlette.routing import Route
 
 from server import wire
 from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, RequestTimeout
+from server.guard import GuardMiddleware
 from server.metrics import Metrics, safe_stats
 from server.render import Renderer, openai_tool
 from server.toolcalls import OutputAssembler, ToolCallFormat
@@ -63,6 +63,8 @@ class ServerState:
     context_length: int
     tool_format: ToolCallFormat
     api_key: str | None = None
+    bind_host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()  # extra Host names (--allowed-hosts), see server/guard.py
     max_body_bytes: int = 32 * 1024 * 1024
     request_timeout: float = 600.0
     default_temperature: float = 1.0
@@ -138,27 +140,19 @@ def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Requ
             resp = send_error(request, 529, str(e))
         except RequestTimeout as e:
             resp = send_error(request, 504, str(e))
-        except Exception as e:  # a bug must not kill the server: 500, logged with its traceback
-            log.exception("unhandled error in %s", handler.__name__)
-            resp = send_error(request, 500, f"internal error: {type(e).__name__}: {e}")
+        except Exception:  # a bug must not kill the server: 500, logged with its traceback
+            log.exception("unhandled error in %s (request %s)", handler.__name__, request_id(request))
+            resp = send_error(request, 500, internal_error_message(request))
         state.metrics.inc("requests_total", endpoint=handler.__name__, status=str(resp.status_code))
         return resp
 
     return wrapper
 
 
-def check_auth(request: Request, api_key: str | None) -> None:
-    if api_key is None:
-        return
-    given = request.headers.get("x-api-key")
-    if given is None:
-        auth = request.headers.get("authorization", "")
-        if auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-    if not given:
-        raise ApiError(401, "authentication_error", "missing API key: send it in x-api-key or Authorization: Bearer")
-    if not hmac.compare_digest(given.encode(), api_key.encode()):
-        raise ApiError(401, "authentication_error", "invalid x-api-key")
+def internal_error_message(request: Request) -> str:
+    """What a client sees of a server bug: no exception text (it can hold paths, prompt
+    fragments or library internals), only the id to find the traceback in the log."""
+    return f"internal server error; the server log has the details under request id {request_id(request)}"
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -171,11 +165,21 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
-    raw = b"".join(chunks)
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, "invalid_request_error", f"request body is not valid JSON: {e}") from None
+    return wire.decode_json(b"".join(chunks))
+
+
+COUNT_LIMIT_CONTEXTS = 8  # count_tokens counts prompts up to 8 context windows long
+
+
+def refuse_before_tokenizing(state: ServerState, req: wire.MessagesRequest, limit: int) -> None:
+    """400 when the prompt certainly has more than `limit` tokens, judged from a lower bound
+    computed without the tokenizer (``Renderer.min_tokens``): a 30 MB prompt is refused at
+    once instead of after a minute of tokenizing."""
+    floor = state.renderer.min_tokens(req)
+    if floor > limit:
+        raise ApiError(400, "invalid_request_error",
+                       f"prompt is too long: at least {floor} tokens > {limit} maximum "
+                       f"(the served model's context is {state.context_length} tokens)")
 
 
 async def render(state: ServerState, req: wire.MessagesRequest):
@@ -225,7 +229,6 @@ def _models(state: ServerState) -> list[dict[str, Any]]:
 @guarded
 async def list_models(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
-    check_auth(request, state.api_key)
     q = request.query_params
     try:
         limit = int(q.get("limit", "20"))
@@ -238,7 +241,6 @@ async def list_models(request: Request) -> Response:
 @guarded
 async def get_model(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
-    check_auth(request, state.api_key)
     model_id = request.path_params["model_id"]
     for m in _models(state):
         if m["id"] == model_id:
@@ -251,8 +253,8 @@ async def get_model(request: Request) -> Response:
 @guarded
 async def count_tokens(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
-    check_auth(request, state.api_key)
     req = wire.parse_messages_request(await read_json(request, state.max_body_bytes), count_only=True)
+    refuse_before_tokenizing(state, req, COUNT_LIMIT_CONTEXTS * state.context_length)
     rendered = await render(state, req)
     return JSONResponse(wire.count_tokens_body(len(rendered.tokens)))
 
@@ -278,9 +280,9 @@ class ClientGone(Exception):
 @guarded
 async def messages(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
-    check_auth(request, state.api_key)
     t_start = time.monotonic()
     req = wire.parse_messages_request(await read_json(request, state.max_body_bytes))
+    refuse_before_tokenizing(state, req, state.context_length - 1)
     rendered = await render(state, req)
     n = len(rendered.tokens)
     if n >= state.context_length:
@@ -395,8 +397,10 @@ async def messages(request: Request) -> Response:
             async for ev in agen:
                 yield wire.sse(ev)
         except Exception as e:  # after the stream began: an `error` event, then the end
-            log.exception("generation failed mid-stream")
-            yield wire.sse(wire.error_body("api_error", f"{type(e).__name__}: {e}"))
+            log.exception("generation failed mid-stream (request %s)", request_id(request))
+            known = isinstance(e, (wire.RequestError, ApiError))
+            yield wire.sse(wire.error_body(getattr(e, "error_type", "api_error"),
+                                           str(e) if known else internal_error_message(request)))
         finally:
             await agen.aclose()
 
@@ -450,6 +454,11 @@ def make_app(state: ServerState) -> Starlette:
         Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    app.router.redirect_slashes = False  # POST /v1/messages/ is a 404 error body, not a 307
     app.state.warmturn = state
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(GuardMiddleware, bind_host=state.bind_host, allowed_hosts=state.allowed_hosts,
+                       api_key=state.api_key,
+                       on_refusal=lambda status: state.metrics.inc("requests_total", endpoint="guard",
+                                                                   status=str(status)))
+    app.add_middleware(RequestIdMiddleware)  # added last: outermost, so refusals carry the id too
     return app

@@ -100,6 +100,53 @@ def tail_instructions(req: MessagesRequest) -> list[str]:
     return notes
 
 
+def _byte_level_alphabet() -> frozenset[str]:
+    """The 256 characters a byte-level BPE vocabulary spells bytes with (GPT-2's scheme:
+    printable Latin-1 bytes stand for themselves, the other 68 are shifted to U+0100 on)."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    shifted = [0x100 + i for i in range(256 - len(printable))]
+    return frozenset(map(chr, printable + shifted))
+
+
+def _has_type(node: Any, name: str) -> bool:
+    """Whether a tokenizers component spec is `name` or a Sequence containing it."""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == name:
+        return True
+    parts = node.get("pretokenizers") or node.get("decoders") or []
+    return any(_has_type(p, name) for p in parts)
+
+
+def longest_token_bytes(tokenizer: Any) -> int | None:
+    """The most UTF-8 bytes one token can stand for, when the tokenizer guarantees the bound
+    ``tokens >= utf8_bytes(text) / longest`` for any text it encodes: a byte-level BPE
+    (``tokenizers`` ByteLevel pre-tokenizer and decoder, no normalizer that could shrink the
+    text), every vocabulary entry spelled in the byte alphabet (one character = one byte),
+    added tokens by their UTF-8 length. None for anything else (no cheap bound is used then)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        backend = getattr(getattr(tokenizer, "_tokenizer", None), "backend_tokenizer", None)
+    try:
+        spec = json.loads(backend.to_str())
+    except Exception:  # noqa: BLE001 - not a `tokenizers` tokenizer: no bound
+        return None
+    model = spec.get("model") or {}
+    vocab = model.get("vocab")
+    if spec.get("normalizer") is not None or model.get("type") != "BPE" or not isinstance(vocab, dict) \
+            or not _has_type(spec.get("pre_tokenizer"), "ByteLevel") or not _has_type(spec.get("decoder"), "ByteLevel"):
+        return None
+    alphabet = _byte_level_alphabet()
+    longest = 0
+    for piece in vocab:
+        if not alphabet.issuperset(piece):
+            return None
+        longest = max(longest, len(piece))
+    for added in spec.get("added_tokens") or []:
+        longest = max(longest, len(str(added.get("content", "")).encode("utf-8")))
+    return longest or None
+
+
 class Renderer:
     """Renders :class:`MessagesRequest` objects to tokens with one tokenizer's chat template."""
 
@@ -108,6 +155,7 @@ class Renderer:
             raise ValueError(f"prefix_order must be 'system-first' or 'tools-first', not {prefix_order!r}")
         self.tokenizer = tokenizer
         self.prefix_order = prefix_order
+        self.longest_token = longest_token_bytes(tokenizer)
         template = getattr(tokenizer, "chat_template", None)
         custom = getattr(tokenizer, "_chat_template", None)
         self.template_tools = custom is not None or (isinstance(template, str) and "tools" in template)
@@ -221,6 +269,25 @@ class Renderer:
         return folded
 
     # -- tokens
+
+    def min_tokens(self, req: MessagesRequest) -> int:
+        """A lower bound on ``len(self.render(req).tokens)`` computed without tokenizing (0 when
+        the tokenizer offers no bound, see :func:`longest_token_bytes`). It counts only text every
+        chat template keeps, stripped (templates may ``trim``): the system strings, user text and
+        tool results. Assistant history is left out (reasoning templates drop parts of it); so
+        are tool schemas (templates serialise them their own way)."""
+        if not self.longest_token:
+            return 0
+        n = sum(len(s.strip().encode("utf-8")) for s in req.system)
+        for m in req.messages:
+            if m.role != "user":
+                continue
+            for b in m.blocks:
+                if isinstance(b, TextBlock):
+                    n += len(b.text.strip().encode("utf-8"))
+                elif isinstance(b, ToolResultBlock):
+                    n += len(b.content.strip().encode("utf-8"))
+        return n // self.longest_token
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -2,7 +2,9 @@
 
 Pure: nothing here knows about HTTP, MLX or the tokenizer. ``parse_messages_request``
 validates a decoded request body and raises :class:`RequestError` (a ``ValueError``) with
-a message fit to send back as an ``invalid_request_error``. :class:`MessageStream` turns
+a message fit to send back as an ``invalid_request_error``; :func:`decode_json` turns the raw
+bytes into that body, refusing what would break later stages (deep nesting, huge integers,
+lone surrogates) with the path of the offending field. :class:`MessageStream` turns
 the output of generation (text pieces, tool calls, the final stop reason) into Anthropic's
 streaming events and, at the same time, the equivalent non-streaming message.
 """
@@ -10,6 +12,7 @@ streaming events and, at the same time, the equivalent non-streaming message.
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +27,104 @@ class RequestError(ValueError):
 
     status = 400
     error_type = "invalid_request_error"
+
+
+# --------------------------------------------------------------------------- JSON decoding
+
+MAX_JSON_DEPTH = 64  # Claude Code's deepest tool schema nests ~12 levels inside the body
+MAX_INT_DIGITS = 20  # every integer field fits in 64 bits; longer ones are refused, not parsed
+
+
+class _LongInt(str):
+    """An integer literal with too many digits, kept as text so its field can be named."""
+
+
+def _parse_int(text: str) -> int | _LongInt:
+    return _LongInt(text) if len(text.lstrip("-")) > MAX_INT_DIGITS else int(text)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _problem(value: Any, depth: int) -> str | None:
+    """What is wrong with this one value (not its children), or None."""
+    if depth > MAX_JSON_DEPTH:
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, _LongInt):
+        return f"integer with {len(value.lstrip('-'))} digits (at most {MAX_INT_DIGITS})"
+    if isinstance(value, str) and not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"lone surrogate {value[e.start]!r} at character {e.start}: not valid Unicode text"
+    return None
+
+
+def _children(value: Any) -> list[tuple[str, Any]]:
+    if isinstance(value, dict):
+        return [(k, v) for k, v in value.items()]
+    if isinstance(value, list):
+        return [(str(i), v) for i, v in enumerate(value)]
+    return []
+
+
+def _locate(root: Any) -> tuple[str, str] | None:
+    """(dotted path, problem) of the first bad value, depth first; keys count as values."""
+    stack: list[tuple[Any, tuple[str, ...], int]] = [(root, (), 0)]
+    while stack:
+        value, path, depth = stack.pop()
+        why = _problem(value, depth)
+        if why:
+            return ".".join(path) or "request body", why
+        for key, child in reversed(_children(value)):
+            key_why = _problem(key, 0) if isinstance(value, dict) else None
+            if key_why:
+                return ".".join(path + (f"<key {key.encode('utf-8', 'backslashreplace').decode()!r}>",)), key_why
+            stack.append((child, path + (key,), depth + 1))
+    return None
+
+
+def _first_problem(root: Any) -> bool:
+    """True if anything in `root` is too deep, too long an integer or not valid Unicode. The
+    fast pass: no paths are built (a large body holds millions of values)."""
+    stack: list[tuple[Any, int]] = [(root, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if _problem(value, depth):
+            return True
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if _problem(k, 0):
+                    return True
+                stack.append((v, depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return False
+
+
+def decode_json(raw: bytes) -> Any:
+    """Decode a request body. Raises :class:`RequestError` naming the field for invalid UTF-8 or
+    JSON, NaN/Infinity, nesting deeper than ``MAX_JSON_DEPTH``, integers longer than
+    ``MAX_INT_DIGITS`` digits and lone surrogates (``"\\ud800"`` escapes) in any string or key."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"request body: not valid UTF-8 at byte {e.start}") from None
+    try:
+        body = json.loads(text, parse_int=_parse_int, parse_constant=_no_constants)
+    except RecursionError:
+        raise RequestError(f"request body: JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    except json.JSONDecodeError as e:
+        raise RequestError(f"request body is not valid JSON: {e}") from None
+    except ValueError as e:  # NaN / Infinity
+        raise RequestError(f"request body: {e}") from None
+    if _first_problem(body):
+        where, why = _locate(body) or ("request body", "invalid")
+        if len(where) > 120:
+            where = where[:60] + "…" + where[-40:]
+        raise RequestError(f"{where}: {why}")
+    return body
 
 
 # --------------------------------------------------------------------------- request model
@@ -95,30 +196,38 @@ def _require(cond: bool, message: str) -> None:
         raise RequestError(message)
 
 
+def _block_type(block: dict[str, Any], where: str) -> Any:
+    kind = block.get("type")
+    _require(isinstance(kind, str), f"{where}.type: expected a string")
+    return kind
+
+
 def _text_of(content: Any, where: str) -> str:
     """Text of a string or a list of text blocks (tool_result content, system)."""
     if isinstance(content, str):
         return content
     _require(isinstance(content, list), f"{where}: expected a string or a list of content blocks")
-    parts = []
-    for i, block in enumerate(content):
-        _require(isinstance(block, dict), f"{where}.{i}: expected an object")
-        kind = block.get("type")
-        if kind == "text":
-            _require(isinstance(block.get("text"), str), f"{where}.{i}.text: Field required")
-            parts.append(block["text"])
-        elif kind in _IMAGE_BLOCKS:
-            raise RequestError(f"{where}.{i}: {kind} content is not supported: the served model has no vision")
-        elif kind in _DROPPED_BLOCKS:
-            continue
-        else:
-            raise RequestError(f"{where}.{i}.type: unsupported content block type {kind!r}")
-    return "\n".join(parts)
+    parts = (_text_block(block, f"{where}.{i}") for i, block in enumerate(content))
+    return "\n".join(p for p in parts if p is not None)
+
+
+def _text_block(block: Any, where: str) -> str | None:
+    """The text of one text block (None for a dropped thinking block)."""
+    _require(isinstance(block, dict), f"{where}: expected an object")
+    kind = _block_type(block, where)
+    if kind == "text":
+        _require(isinstance(block.get("text"), str), f"{where}.text: Field required")
+        return block["text"]
+    if kind in _IMAGE_BLOCKS:
+        raise RequestError(f"{where}: {kind} content is not supported: the served model has no vision")
+    if kind in _DROPPED_BLOCKS:
+        return None
+    raise RequestError(f"{where}.type: unsupported content block type {kind!r}")
 
 
 def _parse_block(block: Any, where: str) -> Block | None:
     _require(isinstance(block, dict), f"{where}: expected an object")
-    kind = block.get("type")
+    kind = _block_type(block, where)
     if kind == "text":
         _require(isinstance(block.get("text"), str), f"{where}.text: Field required")
         return TextBlock(block["text"])
@@ -196,19 +305,30 @@ def _number(body: Mapping[str, Any], key: str, kind: type, lo: float, hi: float 
     v = body.get(key)
     if v is None:
         return None
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind is int:
-        ok = ok and float(v).is_integer()
-    _require(ok, f"{key}: expected a number")
+    _require(isinstance(v, (int, float)) and not isinstance(v, (bool, _LongInt)), f"{key}: expected a number")
+    if isinstance(v, float):
+        _require(math.isfinite(v), f"{key}: expected a finite number")
+        if kind is int:
+            _require(v.is_integer(), f"{key}: expected an integer")
+            v = int(v)
+    # compared as Python numbers (exact for any int): no float() of a huge integer
     _require(v >= lo and (hi is None or v <= hi), f"{key}: out of range")
+    if kind is int:
+        _require(v < 2**63, f"{key}: out of range")
     return kind(v)
 
 
 def _output_schema(body: Mapping[str, Any]) -> dict[str, Any] | None:
     """``output_config.format`` (or the older top-level ``output_format``) json_schema, if any."""
-    for fmt in ((body.get("output_config") or {}).get("format"), body.get("output_format")):
-        if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
-            schema = fmt.get("schema")
+    config = body.get("output_config")
+    _require(config is None or isinstance(config, dict), "output_config: expected an object")
+    fmt = (config or {}).get("format")
+    _require(fmt is None or isinstance(fmt, dict), "output_config.format: expected an object")
+    old = body.get("output_format")
+    _require(old is None or isinstance(old, dict), "output_format: expected an object")
+    for f in (fmt, old):
+        if isinstance(f, dict) and f.get("type") == "json_schema":
+            schema = f.get("schema")
             return schema if isinstance(schema, dict) else {}
     return None
 
@@ -227,11 +347,11 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
     _require(isinstance(raw, list), "messages: expected a list")
     _require(len(raw) > 0, "messages: at least one message is required")
     messages = tuple(_parse_message(m, f"messages.{i}") for i, m in enumerate(raw))
-    max_tokens = None
+    max_tokens = _number(body, "max_tokens", int, 1, None)  # checked when present, even for a count
     if not count_only:
-        _require("max_tokens" in body, "max_tokens: Field required")
-        max_tokens = _number(body, "max_tokens", int, 1, None)
         _require(max_tokens is not None, "max_tokens: Field required")
+    else:
+        max_tokens = None
     system: tuple[str, ...] = ()
     if body.get("system") is not None:
         sys_field = body["system"]
@@ -239,7 +359,7 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
             system = (sys_field,) if sys_field else ()
         else:
             _require(isinstance(sys_field, list), "system: expected a string or a list of text blocks")
-            system = tuple(_text_of([b], f"system.{i}") for i, b in enumerate(sys_field))
+            system = tuple(_text_block(b, f"system.{i}") or "" for i, b in enumerate(sys_field))
     stops = body.get("stop_sequences") or []
     _require(
         isinstance(stops, list) and all(isinstance(s, str) and s for s in stops),
