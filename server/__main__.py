@@ -142,6 +142,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="prompt tokens per prefill step; cancellation is checked between steps (default: 512)")
     p.add_argument("--log-file", default=None,
                    help="also append the log, with one JSON line per request, to this file (default: stderr only)")
+    p.add_argument("--parent-fd", type=int, default=None,
+                   help="exit when this inherited pipe closes: the embedded-server launcher passes the read end "
+                        "of a pipe only it can write, so the server never outlives it, even after kill -9 "
+                        "(default: none)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="(default: info)")
     return p
@@ -166,6 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         maybe_reexec()  # only for a real command line: re-exec replays sys.orig_argv
     setup_logging(args.log_level, args.log_file)
+    if args.parent_fd is not None:
+        from server.lifeline import watch_parent
+
+        watch_parent(args.parent_fd)  # before the model loads: a dead parent stops that too
     if args.cache_dir and not args.no_cache:
         from server.cache_disk import CacheDirError, ensure_private_dir
 
