@@ -26,6 +26,8 @@ from typing import Any
 from deepdiff import DeepDiff
 from deepdiff.helper import notpresent
 
+from warmturn import rules
+
 from .divergence import Divergence, Tokenizer, divergence
 from .sessions import group
 
@@ -353,7 +355,7 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
     stripped: dict[str, int] = {}
     for r in records:
         for e in r.get("stripped") or []:
-            key = f"{e.get('kind')}: {e.get('pattern')}"
+            key = rules.stripped_from_json(e).label  # entries were validated when loaded
             stripped[key] = stripped.get(key, 0) + 1
     volatile = aggregate(pairs_out)
     poisons: dict[str, int] = {}
@@ -442,9 +444,8 @@ def _line_pattern(old: str, new: str, rest_of_line: bool = False) -> str | None:
 
 
 def _apply(patterns: Sequence[str], text: str) -> str:
-    for p in patterns:
-        text = re.compile(p, re.MULTILINE).sub("", text)
-    return text
+    """``text`` as the addon forwards it with ``patterns`` as its volatile_fragments (its own rules engine)."""
+    return rules.Rules.make(patterns=(), fragments=patterns, headers=()).strip_text(text)[0]
 
 
 def pattern_for(old: str, new: str) -> list[str] | None:

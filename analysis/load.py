@@ -16,9 +16,7 @@ sent it). Lines that cannot be read are counted, never fatal.
 
 from __future__ import annotations
 
-import copy
 import json
-import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +24,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+
+from warmturn import protocol, rules
 
 SCHEMA = 1
 # A flow is warm when the prefix cache served at least this share of its prompt (cache read /
@@ -64,54 +64,13 @@ class LoadResult:
 
 # --------------------------------------------------------------------------- restoring
 
-
-_PATH_TOKEN = re.compile(r"([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
-
-
-def parse_path(path: str) -> list[str | int]:
-    """``system[2].text`` -> ``["system", 2, "text"]``; raises ValueError on junk."""
-    out: list[str | int] = []
-    pos = 0
-    for m in _PATH_TOKEN.finditer(path):
-        gap = path[pos : m.start()]
-        if gap not in ("", "."):
-            raise ValueError(f"bad path {path!r}")
-        out.append(m.group(1) if m.group(1) is not None else int(m.group(2)))
-        pos = m.end()
-    if pos != len(path) or not out:
-        raise ValueError(f"bad path {path!r}")
-    return out
+# The addon's own rules module undoes what it stripped (docs/capture-format.md, ``stripped``).
+parse_path = rules.parse_path
 
 
 def restore_original(body: dict | None, headers: dict | None, stripped: Sequence[dict]) -> tuple[dict | None, dict]:
-    """The client's original body and headers: the forwarded ones with ``stripped`` put back.
-
-    Entries are undone in reverse order, as docs/capture-format.md prescribes.
-    """
-    body = copy.deepcopy(body)
-    headers = dict(headers or {})
-    for entry in reversed(list(stripped or [])):
-        kind = entry.get("kind")
-        if kind == "header":
-            headers[str(entry.get("name", "")).lower()] = entry.get("value")
-        elif body is None:
-            continue
-        elif kind == "system_block":
-            system = body.get("system")
-            if isinstance(system, str):
-                system = [{"type": "text", "text": system}]
-            system = list(system or [])
-            system.insert(int(entry.get("index", 0)), entry.get("block"))
-            body["system"] = system
-        elif kind == "fragment":
-            keys = parse_path(str(entry.get("path", "")))
-            parent = body
-            for k in keys[:-1]:
-                parent = parent[k]
-            text = parent[keys[-1]]
-            off = int(entry.get("offset", 0))
-            parent[keys[-1]] = text[:off] + str(entry.get("text", "")) + text[off:]
-    return body, headers
+    """The client's original body and headers: the forwarded ones with ``stripped`` put back."""
+    return rules.restore(body, headers, stripped)
 
 
 # --------------------------------------------------------------------------- record building
@@ -128,41 +87,6 @@ def _lower_headers(headers) -> dict[str, str]:
                 out[name] = f"{out[name]}, {h.get('value', '')}" if name in out else h.get("value", "")
         return out
     return {}
-
-
-def _session_from_metadata(body: dict | None) -> str | None:
-    """Claude Code puts a JSON string with ``session_id`` into ``metadata.user_id``."""
-    if not isinstance(body, dict):
-        return None
-    uid = (body.get("metadata") or {}).get("user_id") if isinstance(body.get("metadata"), dict) else None
-    if not isinstance(uid, str):
-        return None
-    try:
-        data = json.loads(uid)
-    except ValueError:
-        m = re.search(r"session_([0-9a-f-]{8,})", uid)
-        return m.group(1) if m else None
-    return data.get("session_id") if isinstance(data, dict) else None
-
-
-def _billing_says_subagent(body: dict | None) -> bool:
-    if not isinstance(body, dict) or not isinstance(body.get("system"), list):
-        return False
-    for block in body["system"]:
-        if isinstance(block, dict) and "cc_is_subagent=true" in str(block.get("text", "")):
-            return True
-    return False
-
-
-def _kind_from_path(path: str, body) -> str:
-    p = path.split("?")[0]
-    if p.endswith("/count_tokens"):
-        return "count_tokens"
-    if p.endswith("/messages") or (not p and isinstance(body, dict) and "messages" in body):
-        return "messages"
-    if p.endswith("/models"):
-        return "models"
-    return "other"
 
 
 def _base_record(source: str, line: int) -> dict:
@@ -206,31 +130,11 @@ def record_from_body(body: dict, source: str, line: int, headers: dict | None = 
     rec["original"], rec["original_headers"] = body, dict(rec["headers"])
     rec["model"] = body.get("model")
     rec["stream"] = body.get("stream")
-    rec["session_id"] = rec["headers"].get("x-claude-code-session-id") or _session_from_metadata(body)
-    rec["agent_id"] = rec["headers"].get("x-claude-code-agent-id")
-    rec["is_subagent"] = bool(rec["agent_id"]) or _billing_says_subagent(body)
+    rec["session_id"] = protocol.session_id(rec["headers"], body)
+    rec["agent_id"] = protocol.agent_id(rec["headers"])
+    rec["is_subagent"] = protocol.is_subagent(rec["headers"], body)
     rec["shape"] = "raw"
     return rec
-
-
-def _parse_sse_usage(text: str) -> tuple[dict | None, str | None]:
-    usage: dict = {}
-    stop = None
-    for raw in text.splitlines():
-        if not raw.startswith("data:"):
-            continue
-        try:
-            ev = json.loads(raw[5:].strip())
-        except ValueError:
-            continue
-        if not isinstance(ev, dict):
-            continue
-        if ev.get("type") == "message_start":
-            usage.update((ev.get("message") or {}).get("usage") or {})
-        elif ev.get("type") == "message_delta":
-            usage.update({k: v for k, v in (ev.get("usage") or {}).items() if v is not None})
-            stop = (ev.get("delta") or {}).get("stop_reason") or stop
-    return (usage or None), stop
 
 
 def records_from_har(har: dict, source: str, stats: LoadStats) -> list[dict]:
@@ -251,7 +155,7 @@ def records_from_har(har: dict, source: str, stats: LoadStats) -> list[dict]:
             url = str(req.get("url", ""))
             path = "/" + url.split("://", 1)[-1].split("/", 1)[-1] if "://" in url else url
             rec = record_from_body(body, source, i, req.get("headers"))
-            rec["kind"] = _kind_from_path(path, body)
+            rec["kind"] = protocol.request_kind(path, body)
             rec["shape"] = "har"
             resp = entry.get("response") or {}
             rec["status"] = resp.get("status")
@@ -268,15 +172,8 @@ def records_from_har(har: dict, source: str, stats: LoadStats) -> list[dict]:
                     rec["total_ms"] = float(entry["time"])
             content = (resp.get("content") or {}).get("text")
             if isinstance(content, str) and content:
-                if "data:" in content[:2000]:
-                    rec["usage"], rec["stop_reason"] = _parse_sse_usage(content)
-                else:
-                    try:
-                        rb = json.loads(content)
-                        if isinstance(rb, dict):
-                            rec["usage"], rec["stop_reason"] = rb.get("usage"), rb.get("stop_reason")
-                    except ValueError:
-                        pass
+                fold = protocol.MessageFold().add_bytes(content.encode("utf-8"))
+                rec["usage"], rec["stop_reason"] = fold.usage or None, fold.stop_reason
             out.append(rec)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             stats._bad(source, i, f"HAR entry: {e}")
@@ -296,7 +193,7 @@ def _classify_line(obj, source: str, line: int, stats: LoadStats) -> list[dict]:
         if not isinstance(body, dict):
             return []  # HEAD / and other body-less requests: nothing to analyse
         rec = record_from_body(body, source, line, obj.get("headers"))
-        rec["kind"] = _kind_from_path(str(obj.get("path") or ""), body)
+        rec["kind"] = protocol.request_kind(str(obj.get("path") or ""), body)
         rec["shape"] = "request-log"
         if isinstance(obj.get("t"), (int, float)):
             rec["t"] = {"request": float(obj["t"])}

@@ -20,6 +20,7 @@ import httpx
 from bench import procs
 from bench.client import Result, send
 from bench.workload import BenchRequest, Session, with_billing
+from warmturn.plumbing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND_MODEL_FOR_MLX_LM = "default_model"  # mlx_lm.server's alias for its --model
@@ -81,12 +82,6 @@ class Context:
 
 class BenchTimeout(Exception):
     """The bench's time limit was reached; the remaining work is skipped."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_port(proc: procs.Proc, port: int, timeout: float) -> None:

@@ -1,8 +1,9 @@
 """The bench's client: send one Messages request, stream the SSE answer, time it.
 
 Timing is taken on the client side (what a user waits for): TTFB at the first body byte,
-TTFT at the first `content_block_delta`. Usage comes from `message_start` merged with
-`message_delta`, as Anthropic's accounting defines it.
+TTFT at the first `content_block_delta`. The stream is decoded and folded by the shared
+protocol module (usage from `message_start` merged with `message_delta`, as Anthropic's
+accounting defines it).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+
+from warmturn.protocol import MessageFold, SSEDecoder
 
 
 @dataclass
@@ -39,28 +42,10 @@ class Result:
         return None if v is None else int(v)
 
 
-def fold_event(result: Result, event: str, data: dict, now_ms: float) -> None:
-    """Update `result` with one SSE event (pure apart from the result it mutates)."""
-    kind = data.get("type", event)
-    if kind == "message_start":
-        result.usage.update({k: v for k, v in (data.get("message", {}).get("usage") or {}).items()
-                             if v is not None})
-    elif kind == "content_block_delta":
-        if result.ttft_ms is None:
-            result.ttft_ms = now_ms
-        delta = data.get("delta") or {}
-        result.text += delta.get("text") or delta.get("partial_json") or delta.get("thinking") or ""
-    elif kind == "message_delta":
-        result.usage.update({k: v for k, v in (data.get("usage") or {}).items() if v is not None})
-        result.stop_reason = (data.get("delta") or {}).get("stop_reason") or result.stop_reason
-    elif kind == "error":
-        err = data.get("error") or {}
-        result.error = f"{err.get('type', 'error')}: {err.get('message', '')}"
-
-
 def send(client: httpx.Client, base_url: str, body: dict, headers: dict[str, str], timeout: float) -> Result:
     """POST body to base_url/v1/messages?beta=true and stream the answer."""
     result = Result()
+    decoder, fold = SSEDecoder(), MessageFold()
     t0 = time.perf_counter()
     ms = lambda: (time.perf_counter() - t0) * 1000.0  # noqa: E731
     try:
@@ -76,23 +61,19 @@ def send(client: httpx.Client, base_url: str, body: dict, headers: dict[str, str
                 except ValueError:
                     result.error = f"HTTP {resp.status_code}: {raw[:200]!r}"
                 return result
-            event, data_lines = "", []
-            for line in resp.iter_lines():
-                if result.ttfb_ms is None:
+            for chunk in resp.iter_bytes():
+                if result.ttfb_ms is None and chunk:
                     result.ttfb_ms = ms()
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data_lines.append(line[5:].lstrip())
-                elif line == "" and data_lines:
-                    try:
-                        data = json.loads("\n".join(data_lines))
-                    except ValueError:
-                        data = {}
-                    fold_event(result, event, data, ms())
-                    event, data_lines = "", []
+                for ev in decoder.feed(chunk):
+                    if fold.add(ev):
+                        result.ttft_ms = ms()
+            for ev in decoder.flush():
+                fold.add(ev)
     except httpx.HTTPError as e:
         result.error = f"{type(e).__name__}: {e}"
+    result.usage, result.stop_reason, result.text = fold.usage, fold.stop_reason, fold.text
+    if fold.error and result.error is None:
+        result.error = f"{fold.error['type']}: {fold.error['message']}"
     result.total_ms = ms()
     if result.ttft_ms is None and result.error is None:
         result.error = "no content_block_delta in the stream"

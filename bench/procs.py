@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,20 +20,15 @@ from pathlib import Path
 
 import httpx
 
+from warmturn.plumbing import openblas_env
+
 log = logging.getLogger(__name__)
-
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-
 
 def mlx_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a subprocess running MLX: OpenBLAS preloaded on Linux when installed
-    (MLX's CPU backend is ~30x faster at matmul with it), unbuffered output."""
-    env = dict(os.environ)
+    (see warmturn.plumbing), unbuffered output."""
+    env = openblas_env()
     env["PYTHONUNBUFFERED"] = "1"
-    if sys.platform.startswith("linux") and Path(OPENBLAS).exists():
-        preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p]
-        if OPENBLAS not in preload:
-            env["LD_PRELOAD"] = ":".join([OPENBLAS, *preload])
     env.update(extra or {})
     return env
 

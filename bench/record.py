@@ -29,19 +29,8 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-SECRET_HEADERS = {"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie"}
-REDACTED = "<redacted>"
-
-
-def redact_headers(headers) -> dict[str, str]:
-    """Headers as a dict (lower-case names, repeated values joined), credentials redacted."""
-    out: dict[str, str] = {}
-    for name, value in headers.items():
-        key = name.lower()
-        value = REDACTED if key in SECRET_HEADERS else value
-        out[key] = f"{out[key]}, {value}" if key in out else value
-    return out
-
+from warmturn.protocol import (MessageStream, Usage, agent_id, encode_sse, error_for_status, model_info,
+                               page_models, redact_headers, redact_json, request_kind)
 
 def is_plain_prompt(body: dict) -> bool:
     """True when the last user/assistant message is a user turn without tool_result (a fresh prompt).
@@ -60,7 +49,7 @@ def is_plain_prompt(body: dict) -> bool:
 def choose_reply(body: dict, headers: dict[str, str], tool_use: tuple[str, dict] | None) -> list[dict]:
     """Content blocks to answer a Messages request with."""
     tool_names = {t.get("name") for t in body.get("tools") or []}
-    is_subagent = "x-claude-code-agent-id" in headers
+    is_subagent = agent_id(headers) is not None
     if tool_use and not is_subagent and tool_use[0] in tool_names and is_plain_prompt(body):
         return [
             {"type": "text", "text": "Let me look."},
@@ -72,32 +61,18 @@ def choose_reply(body: dict, headers: dict[str, str], tool_use: tuple[str, dict]
     return [{"type": "text", "text": "Done: the file says hello." if not is_subagent else "Subagent result: nothing found."}]
 
 
-def sse(event: str, data: dict) -> bytes:
-    return f"event: {event}\ndata: {json.dumps(data)}\n\n".encode()
-
-
-def stream_events(message: dict, blocks: list[dict]) -> list[bytes]:
-    """The SSE events of a streamed message with these content blocks."""
-    start = dict(message, content=[], stop_reason=None)
-    events = [sse("message_start", {"type": "message_start", "message": start})]
-    for i, block in enumerate(blocks):
+def reply(body: dict, blocks: list[dict]) -> tuple[dict, list[dict]]:
+    """The message answering ``body`` with these content blocks and its stream events (the shared
+    event builder's)."""
+    stream = MessageStream(body.get("model", "recorder"), Usage(max(1, len(json.dumps(body)) // 4)))
+    events = stream.start(ping=False)
+    for block in blocks:
         if block["type"] == "text":
-            events.append(sse("content_block_start", {"type": "content_block_start", "index": i,
-                                                      "content_block": {"type": "text", "text": ""}}))
-            events.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                      "delta": {"type": "text_delta", "text": block["text"]}}))
+            events += stream.text(block["text"])
         else:
-            events.append(sse("content_block_start", {"type": "content_block_start", "index": i,
-                                                      "content_block": dict(block, input={})}))
-            events.append(sse("content_block_delta", {"type": "content_block_delta", "index": i,
-                                                      "delta": {"type": "input_json_delta",
-                                                                "partial_json": json.dumps(block["input"])}}))
-        events.append(sse("content_block_stop", {"type": "content_block_stop", "index": i}))
-    events.append(sse("message_delta", {"type": "message_delta",
-                                        "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-                                        "usage": {"output_tokens": message["usage"]["output_tokens"]}}))
-    events.append(sse("message_stop", {"type": "message_stop"}))
-    return events
+            events += stream.tool_use(block["name"], block["input"], id=block["id"])
+    events += stream.finish("tool_use" if stream.has_tool_use else "end_turn", 8)
+    return stream.message(), events
 
 
 class Recorder(ThreadingHTTPServer):
@@ -126,7 +101,7 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
     def _record(self, body_bytes: bytes) -> tuple[dict, dict | None]:
-        headers = redact_headers(self.headers)
+        headers = redact_headers(self.headers.items())
         try:
             body = json.loads(body_bytes) if body_bytes else None
         except ValueError:
@@ -136,9 +111,7 @@ class Handler(BaseHTTPRequestHandler):
         if body is None and body_bytes:
             record["body_text"] = body_bytes[:65536].decode("utf-8", "replace")
         if isinstance(body, dict):
-            for k in list(body):
-                if k.lower() in SECRET_HEADERS:
-                    body[k] = REDACTED
+            record["body"] = redact_json(body)
         self.server.log_request_record(record)
         return headers, body
 
@@ -158,10 +131,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         self._record(b"")
-        if self.path.startswith("/v1/models"):
-            self._json(200, {"data": [{"type": "model", "id": "claude-opus-4-8", "display_name": "recorder",
-                                       "created_at": "2026-01-01T00:00:00Z"}],
-                             "has_more": False, "first_id": "claude-opus-4-8", "last_id": "claude-opus-4-8"})
+        if request_kind(self.path) == "models":
+            self._json(200, page_models([model_info("claude-opus-4-8", "recorder", "2026-01-01T00:00:00Z")]))
         else:
             self._json(200, {"ok": True})
 
@@ -169,21 +140,17 @@ class Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         headers, body = self._record(self.rfile.read(length))
         if not isinstance(body, dict):
-            self._json(400, {"type": "error", "error": {"type": "invalid_request_error", "message": "body must be JSON"}})
+            self._json(400, error_for_status(400, "body must be JSON"))
             return
-        if self.path.startswith("/v1/messages/count_tokens"):
+        kind = request_kind(self.path)
+        if kind == "count_tokens":
             self._json(200, {"input_tokens": max(1, len(json.dumps(body)) // 4)})
             return
-        if not self.path.startswith("/v1/messages"):
-            self._json(404, {"type": "error", "error": {"type": "not_found_error", "message": self.path}})
+        if kind != "messages":
+            self._json(404, error_for_status(404, self.path))
             return
         blocks = choose_reply(body, headers, self.server.tool_use)
-        message = {"id": f"msg_{uuid.uuid4().hex[:24]}", "type": "message", "role": "assistant",
-                   "model": body.get("model", "recorder"), "content": blocks,
-                   "stop_reason": "tool_use" if blocks[-1]["type"] == "tool_use" else "end_turn",
-                   "stop_sequence": None,
-                   "usage": {"input_tokens": max(1, len(json.dumps(body)) // 4), "output_tokens": 8,
-                             "cache_read_input_tokens": 0, "cache_creation_input_tokens": 0}}
+        message, events = reply(body, blocks)
         if not body.get("stream"):
             self._json(200, message)
             return
@@ -192,8 +159,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("cache-control", "no-cache")
         self.send_header("connection", "close")
         self.end_headers()
-        for chunk in stream_events(message, blocks):
-            self.wfile.write(chunk)
+        for event in events:
+            self.wfile.write(encode_sse(event))
             self.wfile.flush()
         self.close_connection = True
 

@@ -6,7 +6,6 @@ argparse lives in :func:`main` only; everything else is built by small functions
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -14,16 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from warmturn.plumbing import is_loopback
+
 log = logging.getLogger("server")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def make_store(args: argparse.Namespace, model: Any):

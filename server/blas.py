@@ -1,9 +1,9 @@
 """Make MLX's Linux CPU backend use OpenBLAS instead of its bundled reference BLAS.
 
 mlx-cpu's Linux wheel links a slow reference BLAS (an fp32 1024² matmul at ~5 GFLOP/s);
-Debian's OpenBLAS, preloaded, runs the same matmul ~50x faster (docs/server.md has the
-prefill numbers). The dynamic loader only honours ``LD_PRELOAD`` at process start, so
-:func:`maybe_reexec` re-executes the current command once with it set, before MLX is
+Debian's OpenBLAS, preloaded, is much faster (the measured figure is in
+:mod:`warmturn.plumbing`, which also knows where OpenBLAS lives). The dynamic loader only
+honours ``LD_PRELOAD`` at process start, so :func:`maybe_reexec` re-executes the current command once with it set, before MLX is
 imported. Opt out with ``WARMTURN_NO_OPENBLAS=1``. Metal and CUDA builds are left alone.
 """
 
@@ -13,17 +13,13 @@ import importlib.metadata
 import logging
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+
+from warmturn.plumbing import OPENBLAS_OPT_OUT as OPT_OUT, find_openblas, openblas_env
 
 log = logging.getLogger(__name__)
 
-OPT_OUT = "WARMTURN_NO_OPENBLAS"
 _REEXEC_MARK = "WARMTURN_BLAS_REEXEC"
-CANDIDATES = (
-    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3",
-    "/usr/lib64/libopenblas.so.0",
-)
 
 
 def _installed(dist: str) -> bool:
@@ -34,20 +30,12 @@ def _installed(dist: str) -> bool:
         return False
 
 
-def find_openblas(candidates: Sequence[str] = CANDIDATES) -> str | None:
-    return next((p for p in candidates if os.path.isfile(p)), None)
-
-
 def preload_plan(env: Mapping[str, str], platform: str, cpu_backend: bool, library: str | None) -> str | None:
     """The ``LD_PRELOAD`` value to re-exec with, or None when nothing should happen. Pure."""
-    if platform != "linux" or not cpu_backend or library is None:
+    if platform != "linux" or not cpu_backend or library is None or env.get(_REEXEC_MARK):
         return None
-    if env.get(OPT_OUT, "") not in ("", "0") or env.get(_REEXEC_MARK):
-        return None
-    current = env.get("LD_PRELOAD", "")
-    if "openblas" in current or library in current.split(":"):
-        return None
-    return f"{library}:{current}" if current else library
+    planned = openblas_env(env, platform, library).get("LD_PRELOAD")
+    return planned if planned != env.get("LD_PRELOAD") else None
 
 
 def maybe_reexec() -> None:

@@ -32,6 +32,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from server import wire
+from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model
 from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, RequestTimeout
 from server.guard import GuardMiddleware
 from server.metrics import Metrics, safe_stats
@@ -41,18 +42,6 @@ from server.toolcalls import OutputAssembler, ToolCallFormat
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("warmturn.requests")
 
-# Names stock clients ask for; all of them are served by the loaded model.
-CLAUDE_ALIASES = (
-    "claude-opus-4-8",
-    "claude-sonnet-4-5",
-    "claude-sonnet-4-5-20250929",
-    "claude-haiku-4-5",
-    "claude-haiku-4-5-20251001",
-    "claude-opus-4-1-20250805",
-    "claude-sonnet-4-20250514",
-    "claude-3-5-haiku-20241022",
-)
-CREATED_AT = "2025-01-01T00:00:00Z"
 
 
 @dataclass
@@ -78,20 +67,6 @@ class ApiError(Exception):
         self.status, self.error_type, self.message = status, error_type, message
 
 
-_STATUS_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-
-
 def request_id(request: Request) -> str:
     return request.scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
 
@@ -99,7 +74,7 @@ def request_id(request: Request) -> str:
 def send_error(request: Request, status: int, message: str, error_type: str | None = None) -> JSONResponse:
     """The one place errors are produced: Anthropic's shape, status, and the request id."""
     rid = request_id(request)
-    etype = error_type or _STATUS_TYPES.get(status, "api_error")
+    etype = error_type or error_type_for(status)
     return JSONResponse(wire.error_body(etype, message, rid), status_code=status, headers={"request-id": rid})
 
 
@@ -221,8 +196,8 @@ async def metrics(request: Request) -> Response:
 
 
 def _models(state: ServerState) -> list[dict[str, Any]]:
-    ids = [state.model_id] + [a for a in CLAUDE_ALIASES if a != state.model_id]
-    return [wire.model_info(i, i if i == state.model_id else f"{i} (served by {state.model_id})", CREATED_AT)
+    ids = [state.model_id] + [a for a in CLAUDE_MODELS if a != state.model_id]
+    return [wire.model_info(i, i if i == state.model_id else f"{i} (served by {state.model_id})", MODELS_CREATED_AT)
             for i in ids]
 
 
@@ -245,8 +220,8 @@ async def get_model(request: Request) -> Response:
     for m in _models(state):
         if m["id"] == model_id:
             return JSONResponse(m)
-    if model_id.startswith("claude-"):  # any Claude name is served by the loaded model
-        return JSONResponse(wire.model_info(model_id, f"{model_id} (served by {state.model_id})", CREATED_AT))
+    if is_claude_model(model_id):  # any Claude name is served by the loaded model
+        return JSONResponse(wire.model_info(model_id, f"{model_id} (served by {state.model_id})", MODELS_CREATED_AT))
     raise ApiError(404, "not_found_error", f"model: {model_id}")
 
 

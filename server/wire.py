@@ -1,32 +1,36 @@
-"""Anthropic Messages JSON <-> dataclasses, and response events -> SSE bytes.
+"""Anthropic Messages request JSON -> dataclasses, for the server.
 
 Pure: nothing here knows about HTTP, MLX or the tokenizer. ``parse_messages_request``
 validates a decoded request body and raises :class:`RequestError` (a ``ValueError``) with
 a message fit to send back as an ``invalid_request_error``; :func:`decode_json` turns the raw
 bytes into that body, refusing what would break later stages (deep nesting, huge integers,
-lone surrogates) with the path of the offending field. :class:`MessageStream` turns
-the output of generation (text pieces, tool calls, the final stop reason) into Anthropic's
-streaming events and, at the same time, the equivalent non-streaming message.
+lone surrogates) with the path of the offending field. The response side (the event builder
+:class:`MessageStream`, SSE encoding as :func:`sse`, :func:`error_body`, model listings) is
+:mod:`warmturn.protocol`'s, shared with the addon, the bench and the analysis, and re-exported here.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import secrets
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+# The response side (errors, SSE, the event builder, model listings) is the shared protocol module's.
+from warmturn.protocol import (  # noqa: F401  (re-exported: server code imports them from here)
+    MessageStream,
+    RequestError,
+    StopReason,
+    Usage,
+    encode_sse as sse,
+    error_body,
+    model_info,
+    new_id,
+    page_models,
+)
+
 Role = Literal["user", "assistant", "system"]
-StopReason = Literal["end_turn", "max_tokens", "stop_sequence", "tool_use"]
-
-
-class RequestError(ValueError):
-    """A request the client must fix: becomes a 400 ``invalid_request_error``."""
-
-    status = 400
-    error_type = "invalid_request_error"
 
 
 # --------------------------------------------------------------------------- JSON decoding
@@ -386,183 +390,5 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
 # --------------------------------------------------------------------------- responses
 
 
-def error_body(error_type: str, message: str, request_id: str | None = None) -> dict[str, Any]:
-    """Anthropic's error shape."""
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type, "message": message}}
-    if request_id:
-        body["request_id"] = request_id
-    return body
-
-
-def sse(event: Mapping[str, Any]) -> bytes:
-    """One server-sent event: ``event: <type>`` and compact JSON data."""
-    data = json.dumps(event, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
-
-
-def new_id(prefix: str) -> str:
-    """``msg_…`` / ``toolu_…`` / ``req_…`` style ids (24 random base32-ish characters)."""
-    alphabet = "0123456789ABCDEFGHJKMNPQRSTVWXYZabcdefghijkmnpqrstuvwxyz"
-    return prefix + "".join(secrets.choice(alphabet) for _ in range(24))
-
-
-@dataclass(frozen=True)
-class Usage:
-    input_tokens: int
-    cache_read_input_tokens: int = 0
-    cache_creation_input_tokens: int = 0
-
-    def as_dict(self, output_tokens: int) -> dict[str, int]:
-        return {
-            "input_tokens": self.input_tokens,
-            "cache_creation_input_tokens": self.cache_creation_input_tokens,
-            "cache_read_input_tokens": self.cache_read_input_tokens,
-            "output_tokens": output_tokens,
-        }
-
-
-class MessageStream:
-    """Builds one assistant message as Anthropic streaming events and as a final message.
-
-    Call :meth:`start`, then :meth:`text` / :meth:`tool_use` as output arrives, then
-    :meth:`finish`. Each returns the list of event dicts to send (pass them to :func:`sse`);
-    :meth:`message` returns the non-streaming equivalent. Empty text never opens a block.
-    """
-
-    def __init__(self, model: str, usage: Usage, *, make_id: Callable[[str], str] = new_id) -> None:
-        self.model = model
-        self.usage = usage
-        self._make_id = make_id
-        self.id = make_id("msg_")
-        self._content: list[dict[str, Any]] = []
-        self._open: str | None = None  # "text" while a text block is open
-        self._final: dict[str, Any] | None = None
-
-    def start(self) -> list[dict[str, Any]]:
-        msg = self._skeleton()
-        msg["usage"] = self.usage.as_dict(0)
-        return [{"type": "message_start", "message": msg}, {"type": "ping"}]
-
-    def _skeleton(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "type": "message",
-            "role": "assistant",
-            "model": self.model,
-            "content": [],
-            "stop_reason": None,
-            "stop_sequence": None,
-        }
-
-    def _close(self) -> list[dict[str, Any]]:
-        if self._open is None:
-            return []
-        self._open = None
-        return [{"type": "content_block_stop", "index": len(self._content) - 1}]
-
-    def text(self, piece: str) -> list[dict[str, Any]]:
-        if not piece:
-            return []
-        events: list[dict[str, Any]] = []
-        if self._open != "text":
-            events += self._close()
-            self._content.append({"type": "text", "text": ""})
-            self._open = "text"
-            events.append(
-                {"type": "content_block_start", "index": len(self._content) - 1,
-                 "content_block": {"type": "text", "text": ""}}
-            )
-        self._content[-1]["text"] += piece
-        events.append(
-            {"type": "content_block_delta", "index": len(self._content) - 1,
-             "delta": {"type": "text_delta", "text": piece}}
-        )
-        return events
-
-    def tool_use(self, name: str, arguments: dict[str, Any]) -> list[dict[str, Any]]:
-        events = self._close()
-        block = {"type": "tool_use", "id": self._make_id("toolu_"), "name": name, "input": arguments}
-        self._content.append(block)
-        index = len(self._content) - 1
-        events.append(
-            {"type": "content_block_start", "index": index,
-             "content_block": {"type": "tool_use", "id": block["id"], "name": name, "input": {}}}
-        )
-        events.append(
-            {"type": "content_block_delta", "index": index,
-             "delta": {"type": "input_json_delta", "partial_json": json.dumps(arguments, ensure_ascii=False)}}
-        )
-        events.append({"type": "content_block_stop", "index": index})
-        return events
-
-    @property
-    def has_tool_use(self) -> bool:
-        return any(b["type"] == "tool_use" for b in self._content)
-
-    def finish(self, stop_reason: StopReason, output_tokens: int, stop_sequence: str | None = None) -> list[dict[str, Any]]:
-        events = self._close()
-        if not self._content:
-            # Anthropic always has at least one content block in practice; an empty text block
-            # keeps clients that index content[0] working.
-            self._content.append({"type": "text", "text": ""})
-            events += [
-                {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
-                {"type": "content_block_stop", "index": 0},
-            ]
-        usage = self.usage.as_dict(output_tokens)
-        self._final = self._skeleton() | {
-            "content": self._content,
-            "stop_reason": stop_reason,
-            "stop_sequence": stop_sequence,
-            "usage": usage,
-        }
-        events.append(
-            {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-             "usage": usage}
-        )
-        events.append({"type": "message_stop"})
-        return events
-
-    def message(self) -> dict[str, Any]:
-        if self._final is None:
-            raise RuntimeError("message() before finish()")
-        return self._final
-
-
 def count_tokens_body(input_tokens: int) -> dict[str, int]:
     return {"input_tokens": input_tokens}
-
-
-def model_info(model_id: str, display_name: str, created_at: str) -> dict[str, Any]:
-    return {"type": "model", "id": model_id, "display_name": display_name, "created_at": created_at}
-
-
-def page_models(
-    models: Sequence[dict[str, Any]], *, limit: int = 20, after_id: str | None = None, before_id: str | None = None
-) -> dict[str, Any]:
-    """Anthropic's paginated list shape over ``models`` (ordered as given)."""
-    if limit < 1 or limit > 1000:
-        raise RequestError("limit: must be between 1 and 1000")
-    ids = [m["id"] for m in models]
-    lo, hi = 0, len(models)
-    if after_id is not None:
-        if after_id not in ids:
-            raise RequestError(f"after_id: unknown model {after_id!r}")
-        lo = ids.index(after_id) + 1
-    if before_id is not None:
-        if before_id not in ids:
-            raise RequestError(f"before_id: unknown model {before_id!r}")
-        hi = ids.index(before_id)
-    window = list(models[lo:hi])
-    if before_id is not None and after_id is None:
-        page = window[-limit:]
-        has_more = len(window) > limit
-    else:
-        page = window[:limit]
-        has_more = len(window) > limit
-    return {
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": has_more,
-    }

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from warmturn.plumbing import openblas_env
+
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
-
-
 def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    if os.path.exists(OPENBLAS):
-        env.setdefault("LD_PRELOAD", OPENBLAS)
+    env = openblas_env()
     env.update(extra)
     return env
 

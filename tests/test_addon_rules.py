@@ -1,4 +1,4 @@
-"""Normalization rules (addons/rules.py) on real Claude Code payloads, plus properties."""
+"""Normalization rules (warmturn/rules.py) on real Claude Code payloads, plus properties."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from addons import rules
+from warmturn import protocol, rules
 from tests.conftest import FIXTURES
 
 CC = FIXTURES / "claude_code"
@@ -25,7 +25,11 @@ def recorded_bodies():
     return out
 
 
-RULES = rules.make_rules()
+RULES = rules.Rules.make()
+
+
+def restore_body(body, stripped):
+    return rules.restore(body, None, stripped)[0]
 
 BILLING_VARIANTS = [
     "x-anthropic-billing-header: cc_version=2.1.197.3f2; cc_entrypoint=cli;",
@@ -43,77 +47,77 @@ def test_recorded_payloads_lose_exactly_the_billing_block():
     for body in bodies:
         original = copy.deepcopy(body)
         assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
-        new, stripped = rules.strip_body(body, RULES)
+        new, stripped = RULES.apply(body)
         assert body == original, "input must not be mutated"
-        assert [e["kind"] for e in stripped] == ["system_block"]
-        assert stripped[0]["block"] == original["system"][0]
+        assert [e.kind for e in stripped] == ["system_block"]
+        assert stripped[0].block == original["system"][0]
         assert new["system"] == original["system"][1:]
         assert {k: v for k, v in new.items() if k != "system"} == {k: v for k, v in original.items() if k != "system"}
-        assert rules.restore_body(new, stripped) == original
+        assert restore_body(new, stripped) == original
 
 
 @pytest.mark.parametrize("text", BILLING_VARIANTS)
 def test_every_billing_variant_is_dropped(text):
     body = {"system": [{"type": "text", "text": text}, {"type": "text", "text": "You are terse."}], "messages": []}
-    new, stripped = rules.strip_body(body, RULES)
+    new, stripped = RULES.apply(body)
     assert new["system"] == [{"type": "text", "text": "You are terse."}]
-    assert stripped[0]["index"] == 0 and stripped[0]["pattern"] == "^x-anthropic-billing-header:"
+    assert stripped[0].index == 0 and stripped[0].pattern == "^x-anthropic-billing-header:"
 
 
 def test_billing_info_fields():
-    info = rules.parse_billing(BILLING_VARIANTS[4])
+    info = protocol.parse_billing(BILLING_VARIANTS[4])
     assert info.present and info.is_subagent
     assert info.fields == {"cc_version": "2.1.197.5b8", "cc_entrypoint": "cli", "cch": "00f3e", "cc_is_subagent": "true"}
-    assert not rules.parse_billing("You are Claude Code").present
+    assert not protocol.parse_billing("You are Claude Code").present
     sub = [b for b in recorded_bodies() if "cc_is_subagent=true" in b["system"][0]["text"]]
-    assert sub and rules.find_billing(sub[0]).is_subagent
+    assert sub and protocol.find_billing(sub[0]).is_subagent
 
 
 def test_fragment_inside_a_kept_block_and_string_system():
     text = "Intro\nx-anthropic-billing-header: cc_version=2.1.1.abc; cch=12345;\nRest of prompt"
     body = {"system": [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}], "messages": []}
-    new, stripped = rules.strip_body(body, RULES)
+    new, stripped = RULES.apply(body)
     assert new["system"] == [{"type": "text", "text": "Intro\nRest of prompt", "cache_control": {"type": "ephemeral"}}]
-    assert stripped[0]["kind"] == "fragment" and stripped[0]["path"] == "system[0].text" and stripped[0]["offset"] == 6
-    assert rules.restore_body(new, stripped) == body
+    assert stripped[0].kind == "fragment" and stripped[0].path == "system[0].text" and stripped[0].offset == 6
+    assert restore_body(new, stripped) == body
 
     body2 = {"system": "x-anthropic-billing-header: cc_version=1; \nBe brief.", "messages": []}
-    new2, stripped2 = rules.strip_body(body2, RULES)
-    assert new2["system"] == "Be brief." and rules.restore_body(new2, stripped2) == body2
+    new2, stripped2 = RULES.apply(body2)
+    assert new2["system"] == "Be brief." and restore_body(new2, stripped2) == body2
 
 
 def test_custom_patterns_and_multiple_fragments():
-    r = rules.make_rules([r"^Session started at"], [r"\d{4}-\d\d-\d\d"], [])
+    r = rules.Rules.make([r"^Session started at"], [r"\d{4}-\d\d-\d\d"], [])
     body = {"system": [{"type": "text", "text": "Session started at 10:00"},
                        {"type": "text", "text": "Today 2026-11-22, tomorrow 2026-11-23."}], "messages": [1]}
-    new, stripped = rules.strip_body(body, r)
+    new, stripped = r.apply(body)
     assert new["system"] == [{"type": "text", "text": "Today , tomorrow ."}]
-    assert [e["kind"] for e in stripped] == ["system_block", "fragment", "fragment"]
-    assert rules.restore_body(new, stripped) == body
+    assert [e.kind for e in stripped] == ["system_block", "fragment", "fragment"]
+    assert restore_body(new, stripped) == body
 
 
 def test_bad_options_raise_value_error():
     with pytest.raises(ValueError, match="volatile_patterns"):
-        rules.make_rules(["(unclosed"], [], [])
+        rules.Rules.make(["(unclosed"], [], [])
     with pytest.raises(ValueError, match="volatile_fragments"):
-        rules.make_rules([], ["[z-a]"], [])
+        rules.Rules.make([], ["[z-a]"], [])
     with pytest.raises(ValueError, match="header name"):
-        rules.make_rules([], [], ["bad header"])
+        rules.Rules.make([], [], ["bad header"])
 
 
 def test_headers():
-    kept, stripped = rules.strip_headers(
+    kept, stripped = RULES.apply_headers(
         [("X-Stainless-Retry-Count", "0"), ("x-claude-code-session-id", "s"), ("x-client-request-id", "r1"),
-         ("x-api-key", "k")], RULES)
+         ("x-api-key", "k")])
     assert kept == [("x-claude-code-session-id", "s"), ("x-api-key", "k")]
-    assert [e["name"] for e in stripped] == ["X-Stainless-Retry-Count", "x-client-request-id"]
+    assert [e.name for e in stripped] == ["X-Stainless-Retry-Count", "x-client-request-id"]
 
 
 def test_prefix_stats_equal_across_sessions_after_stripping():
     a = {"system": [{"type": "text", "text": BILLING_VARIANTS[0]}, {"type": "text", "text": "P"}], "tools": [{"name": "x"}]}
     b = {"system": [{"type": "text", "text": BILLING_VARIANTS[1]}, {"type": "text", "text": "P"}], "tools": [{"name": "x"}]}
     assert rules.prefix_stats(a)[0] != rules.prefix_stats(b)[0]
-    na, nb = rules.strip_body(a, RULES)[0], rules.strip_body(b, RULES)[0]
+    na, nb = RULES.apply(a)[0], RULES.apply(b)[0]
     assert rules.prefix_stats(na) == rules.prefix_stats(nb)
     assert rules.prefix_stats(na)[1] == 1 + len('[{"name":"x"}]')
 
@@ -152,14 +156,14 @@ def payloads(draw):
 def test_nothing_else_changes(case):
     body, n_billing = case
     original = copy.deepcopy(body)
-    new, stripped = rules.strip_body(body, RULES)
+    new, stripped = RULES.apply(body)
     assert body == original
     if isinstance(original["system"], str) or n_billing == 0:
         assert new is body and stripped == []
         return
-    assert len(stripped) == n_billing and all(e["kind"] == "system_block" for e in stripped)
+    assert len(stripped) == n_billing and all(e.kind == "system_block" for e in stripped)
     assert new["system"] == [b for b in original["system"] if "x-anthropic-billing-header:" not in str(b.get("text", ""))]
     assert {k: v for k, v in new.items() if k != "system"} == {k: v for k, v in original.items() if k != "system"}
     assert list(new) == list(original), "key order kept"
-    assert rules.restore_body(new, stripped) == original
+    assert restore_body(new, stripped) == original
     assert json.loads(rules.encode_body(new)) == new

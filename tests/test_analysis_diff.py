@@ -174,11 +174,10 @@ def test_billing_block_named_across_turns_when_cch_rotates():
 
 
 def _addon_strip(body, patterns):
-    """Run the addon's own normalizer (addons/rules.py) with extra fragment patterns."""
-    from addons.rules import DEFAULT_VOLATILE_FRAGMENTS, make_rules, strip_body
+    """Run the addon's own normalizer (warmturn/rules.py) with extra fragment patterns."""
+    from warmturn.rules import DEFAULT_VOLATILE_FRAGMENTS, Rules
 
-    rules = make_rules(fragments=[*DEFAULT_VOLATILE_FRAGMENTS, *patterns])
-    return strip_body(body, rules)
+    return Rules.make(fragments=[*DEFAULT_VOLATILE_FRAGMENTS, *patterns]).apply(body)
 
 
 def test_suggested_patterns_remove_the_volatile_content_in_the_addon_normalizer():
@@ -195,7 +194,7 @@ def test_suggested_patterns_remove_the_volatile_content_in_the_addon_normalizer(
         assert not re.search(r"counter: \d|2026-11-2\d", t)
     assert "Platform: linux" in texts[0] and "End of notes." in texts[0]
     # and every removal is recorded as a fragment by the addon
-    assert all(any(e["kind"] == "fragment" for e in s[1]) for s in stripped)
+    assert all(any(e.kind == "fragment" for e in s[1]) for s in stripped)
     # after normalization the prefixes are identical: a prefix cache can reuse all of system
     d = divergence(stripped[0][0], stripped[2][0])
     assert not d.in_prefix

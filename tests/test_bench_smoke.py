@@ -137,7 +137,7 @@ def test_rotating_billing_block_is_what_the_addon_strips():
     import random
     import re
 
-    from addons.rules import DEFAULT_VOLATILE_PATTERNS
+    from warmturn.rules import DEFAULT_VOLATILE_PATTERNS
 
     rng = random.Random(1)
     texts = {billing_block(rng, subagent=False)["text"] for _ in range(20)}

@@ -3,7 +3,6 @@ the official anthropic SDK as the client, usage accounting on a second turn."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -12,18 +11,16 @@ import httpx
 import pytest
 
 from conftest import ROOT, free_port
+from warmturn.plumbing import openblas_env
 
 pytestmark = pytest.mark.model
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 SYSTEM = "You are a terse assistant in a terminal. Answer in one short sentence. " * 6
 
 
 def start_server(*flags: str):
     port = free_port()
-    env = dict(os.environ)
-    if os.path.exists(OPENBLAS):
-        env.setdefault("LD_PRELOAD", OPENBLAS)
+    env = openblas_env()
     proc = subprocess.Popen(
         [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

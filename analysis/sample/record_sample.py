@@ -14,9 +14,7 @@ request with ``capture_label`` set to the arm.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,7 +25,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+if str(ROOT) not in sys.path:  # run as a script: the repository's packages
+    sys.path.insert(0, str(ROOT))
+
+from warmturn.plumbing import free_port, openblas_env  # noqa: E402
 
 RULES = [
     "Read the relevant files before proposing a change, and quote the lines you rely on.",
@@ -60,12 +61,6 @@ SYSTEM = ("You are a coding assistant working in a terminal on the user's reposi
 QUESTIONS = ["What does make test run?", "Which file should I read first?", "Say done in one word."]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_health(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -84,10 +79,8 @@ def _wait_health(port: int, proc: subprocess.Popen, timeout: float) -> None:
 def run_arm(out: Path, label: str, normalize: bool, sessions: int, logdir: Path) -> None:
     import anthropic
 
-    mport, sport = _free_port(), _free_port()
-    env = dict(os.environ)
-    if os.path.exists(OPENBLAS):
-        env.setdefault("LD_PRELOAD", OPENBLAS)
+    mport, sport = free_port(), free_port()
+    env = openblas_env()
     cmd = [str(VENV_BIN / "mitmdump"), "-s", str(ROOT / "addons" / "normalize.py"),
            "--listen-host", "127.0.0.1", "--listen-port", str(mport),
            "--set", f"normalize={'true' if normalize else 'false'}", "--set", f"capture_file={out}",
