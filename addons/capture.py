@@ -1,56 +1,33 @@
-"""Capture records (docs/capture-format.md, schema 1): redaction, record building, JSONL append.
+"""Capture: one JSONL record per API flow (docs/capture-format.md, schema 1).
 
-Records are built from a flow and the plain-data state the addon keeps in
-`flow.metadata["warmturn"]`, so finished flows (e.g. loaded into mitmweb) can be exported
-the same way as live ones.
+Records are built from a flow and its :class:`~addons.state.FlowState` (live, or the plain data
+left on a finished flow), so flows loaded into mitmweb are exported the same way as live ones
+(command ``warmturn.export``). ``capture_file`` follows mitmproxy's ``save_stream_file``
+convention: strftime() codes in the path (``{date}`` is kept as a synonym of ``%Y%m%d``), a
+new file whenever the formatted path changes, missing directories created.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
-from mitmproxy import http
+import mitmproxy.types
+from mitmproxy import command, ctx, exceptions, flow, http
+from mitmproxy.log import ALERT
+
+from warmturn.protocol import redact_headers, redact_json
+
+from .state import FlowState
+
+logger = logging.getLogger(__name__)
 
 SCHEMA = 1
-REDACTED = "<redacted>"
-SECRET_NAMES = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie"})
 BODY_TEXT_LIMIT = 64 * 1024
-META = "warmturn"
-
-
-def redact_headers(headers: http.Headers | None) -> dict[str, str]:
-    """Headers as a dict (multi-valued joined with ", "), credential values redacted."""
-    out: dict[str, str] = {}
-    if headers is None:
-        return out
-    for name in headers.keys():
-        lname = name.lower()
-        if lname in SECRET_NAMES:
-            out[lname] = REDACTED
-        else:
-            out[lname] = ", ".join(headers.get_all(name))
-    return out
-
-
-def redact_json(obj: Any) -> Any:
-    """A copy of a JSON value with credential-named keys' values redacted (any depth)."""
-    if isinstance(obj, dict):
-        return {k: (REDACTED if isinstance(k, str) and k.lower() in SECRET_NAMES else redact_json(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact_json(v) for v in obj]
-    return obj
-
-
-def redact_stripped(entries: list[dict]) -> list[dict]:
-    out = []
-    for e in entries:
-        if e.get("kind") == "header" and str(e.get("name", "")).lower() in SECRET_NAMES:
-            e = {**e, "value": REDACTED}
-        out.append(e)
-    return out
 
 
 def _ms(a: float | None, b: float | None) -> float | None:
@@ -59,22 +36,22 @@ def _ms(a: float | None, b: float | None) -> float | None:
     return round((b - a) * 1000.0, 3)
 
 
+def _headers(headers: http.Headers | None) -> dict[str, str]:
+    return redact_headers(headers.items(multi=True) if headers is not None else None)
+
+
 def build_record(flow: http.HTTPFlow, label: str | None = None) -> dict[str, Any]:
-    """The capture record of a flow the addon handled (state in flow.metadata["warmturn"])."""
-    st: dict[str, Any] = flow.metadata.get(META) or {}
+    """The capture record of a flow (any HTTP flow: one warmturn did not admit gets defaults)."""
+    st = FlowState.of(flow) or FlowState()
     req = flow.request
-    t = dict(st.get("t") or {})
-    for key in ("request", "sent", "response_headers", "first_byte", "first_content", "end"):
-        t.setdefault(key, None)
+    t = dict(vars(st.t))
     if t["request"] is None:
         t["request"] = req.timestamp_end or req.timestamp_start
     if t["end"] is None and flow.response is not None:
         t["end"] = flow.response.timestamp_end
-    body_info: dict[str, Any] = {"headers": redact_headers(req.headers)}
-    if "body" in st:
-        body_info["body"] = redact_json(st["body"])
-        if st["body"] is None:
-            body_info["body_text"] = st.get("body_text")
+    body_info: dict[str, Any] = {"headers": _headers(req.headers)}
+    if st.translated_from is not None:
+        body_info["body"] = redact_json(st.translated_from)
     else:
         raw = req.get_content(strict=False) if req.raw_content is not None else b""
         try:
@@ -84,60 +61,59 @@ def build_record(flow: http.HTTPFlow, label: str | None = None) -> dict[str, Any
         if body_info["body"] is None:
             body_info["body_text"] = (raw or b"")[:BODY_TEXT_LIMIT].decode("utf-8", "replace")
     resp = flow.response
-    error = st.get("error")
+    error = st.error
     if error is None and flow.error is not None:
         error = {"type": "proxy_error", "message": flow.error.msg}
     client = flow.client_conn.peername
-    rec: dict[str, Any] = {
+    admitted = FlowState.of(flow) is not None
+    return {
         "schema": SCHEMA,
         "id": flow.id,
-        "kind": st.get("kind", "other"),
-        "label": label if label else None,
+        "kind": st.kind,
+        "label": label or None,
         "method": req.method,
-        "path": st.get("path", req.path),
+        "path": st.path if admitted else req.path,
         "client": f"{client[0]}:{client[1]}" if client else None,
-        "mode": st.get("mode"),
-        "backend": st.get("backend"),
-        "backend_api": st.get("backend_api"),
-        "upstream": st.get("upstream", req.url),
-        "normalize": bool(st.get("normalize", False)),
-        "session_id": st.get("session_id"),
-        "agent_id": st.get("agent_id"),
-        "is_subagent": bool(st.get("is_subagent", False)),
-        "model": st.get("model"),
-        "stream": bool(st.get("stream", False)),
+        "mode": st.mode if admitted else None,
+        "backend": st.backend if admitted else None,
+        "backend_api": st.backend_api if admitted else None,
+        "upstream": st.upstream or req.url,
+        "normalize": st.normalize,
+        "session_id": st.session_id,
+        "agent_id": st.agent_id,
+        "is_subagent": st.is_subagent,
+        "model": st.model,
+        "stream": st.stream,
         "status": resp.status_code if resp is not None else None,
         "error": error,
         "t": t,
         "ttfb_ms": _ms(t["request"], t["first_byte"]),
         "ttft_ms": _ms(t["request"], t["first_content"]),
         "total_ms": _ms(t["request"], t["end"]),
-        "usage": st.get("usage") or None,
-        "stop_reason": st.get("stop_reason"),
-        "prefix_hash": st.get("prefix_hash"),
-        "prefix_chars": st.get("prefix_chars"),
-        "stripped": redact_stripped(st.get("stripped") or []),
+        "usage": st.usage or None,
+        "stop_reason": st.stop_reason,
+        "prefix_hash": st.prefix_hash,
+        "prefix_chars": st.prefix_chars,
+        "stripped": [e.redacted().to_json() for e in st.stripped],
         "sizes": {
-            "request_original": st.get("size_original", len(req.raw_content or b"")),
-            "request_forwarded": st.get("size_forwarded", len(req.raw_content or b"")),
-            "response": st.get("size_response", len(resp.raw_content or b"") if resp is not None else 0),
+            "request_original": st.size_original if st.size_original is not None else len(req.raw_content or b""),
+            "request_forwarded": st.size_forwarded if st.size_forwarded is not None else len(req.raw_content or b""),
+            "response": st.size_response if st.size_response is not None else
+            (len(resp.raw_content or b"") if resp is not None else 0),
         },
         "request": body_info,
-        "response": (
-            {"headers": redact_headers(resp.headers), "content": st.get("content")} if resp is not None else None
-        ),
+        "response": {"headers": _headers(resp.headers), "content": st.content} if resp is not None else None,
     }
-    return rec
 
 
-def expand_path(template: str, when: datetime.datetime | None = None) -> str:
-    """`{date}` in the capture_file option becomes YYYYMMDD (local date of the write)."""
+def expand_path(spec: str, when: datetime.datetime | None = None) -> str:
+    """The capture path for ``when`` (now): strftime() codes expanded, ``{date}`` = ``%Y%m%d``, ``~`` expanded."""
     when = when or datetime.datetime.now()
-    return os.path.expanduser(template.replace("{date}", when.strftime("%Y%m%d")))
+    return when.strftime(os.path.expanduser(spec.replace("{date}", "%Y%m%d")))
 
 
 def append_record(path: str, record: dict[str, Any]) -> None:
-    """Append one JSONL line with a single write() on an O_APPEND descriptor."""
+    """Append one JSONL line with a single write() on an O_APPEND descriptor (private file, 0600)."""
     line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode("utf-8")
     parent = os.path.dirname(path)
     if parent:
@@ -147,3 +123,56 @@ def append_record(path: str, record: dict[str, Any]) -> None:
         os.write(fd, line)
     finally:
         os.close(fd)
+
+
+class Capture:
+    def load(self, loader) -> None:
+        loader.add_option("capture_file", str, "captures/warmturn-%Y%m%d.jsonl",
+                          "JSONL capture log, one line per API flow (docs/capture-format.md). The path can use "
+                          "Python strftime() codes, like save_stream_file ('{date}' is a synonym of %Y%m%d); a new "
+                          "file starts whenever the formatted path changes; relative paths are relative to the "
+                          "working directory; empty disables.")
+        loader.add_option("capture_label", str, "",
+                          "Free-form label written into every capture record (e.g. normalize-off).")
+
+    def configure(self, updated: set[str]) -> None:
+        if "capture_file" in updated and ctx.options.capture_file:
+            try:
+                expand_path(ctx.options.capture_file)
+            except ValueError as e:
+                raise exceptions.OptionsError(f"capture_file: {e}") from e
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        if flow.live:
+            self._finish(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        if flow.live:
+            self._finish(flow)
+
+    def _finish(self, flow: http.HTTPFlow) -> None:
+        state = FlowState.of(flow)
+        if state is None or state.captured:
+            return
+        state.captured = True
+        spec = ctx.options.capture_file
+        if spec:
+            path = expand_path(spec)
+            try:
+                append_record(path, build_record(flow, ctx.options.capture_label))
+            except OSError as e:
+                logger.log(ALERT, "warmturn: cannot write capture %s: %s", path, e)
+        state.freeze(flow)
+
+    @command.command("warmturn.export")
+    def export(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> None:
+        """Append the selected HTTP flows to a capture file (docs/capture-format.md)."""
+        n = 0
+        try:
+            for fl in flows:
+                if isinstance(fl, http.HTTPFlow):
+                    append_record(str(path), build_record(fl, ctx.options.capture_label))
+                    n += 1
+        except OSError as e:
+            raise exceptions.CommandError(f"cannot write {path}: {e}") from e
+        logger.info("warmturn: exported %d flows to %s", n, path)

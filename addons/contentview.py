@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
 from mitmproxy import contentviews, http
 
-from .capture import META
-from .sse import MessageFold, SSEDecoder
+from warmturn.protocol import MessageFold, request_kind
+from warmturn.rules import Stripped
+
+from .state import FlowState
 
 
 def _short(text: str, n: int = 400) -> str:
@@ -16,19 +17,14 @@ def _short(text: str, n: int = 400) -> str:
     return text if len(text) <= n else text[:n] + f"… ({len(text)} chars)"
 
 
-def render_request(body: dict, stripped: list[dict]) -> str:
+def render_request(body: dict, stripped: list[Stripped]) -> str:
     lines = [f"model: {body.get('model')}  stream: {body.get('stream', False)}  max_tokens: {body.get('max_tokens')}"]
     params = {k: v for k, v in body.items() if k not in ("model", "stream", "max_tokens", "system", "tools", "messages")}
     for k, v in params.items():
         lines.append(f"{k}: {_short(json.dumps(v, ensure_ascii=False), 200)}")
     lines.append("")
     for e in stripped:
-        if e.get("kind") == "system_block":
-            lines.append(f"system (STRIPPED, was [{e['index']}]): {_short(e['block'].get('text', ''), 200)}")
-        elif e.get("kind") == "fragment":
-            lines.append(f"{e['path']} (STRIPPED fragment @{e['offset']}): {_short(e['text'], 200)}")
-        elif e.get("kind") == "header":
-            lines.append(f"header (STRIPPED): {e['name']}")
+        lines.append(f"STRIPPED {e.describe()}: {e.preview(200)}")
     system = body.get("system")
     if isinstance(system, str):
         lines.append(f"system: {_short(system)}")
@@ -84,18 +80,6 @@ def render_fold(fold: MessageFold) -> str:
     return "\n".join(lines)
 
 
-def fold_response(data: bytes) -> MessageFold:
-    fold = MessageFold()
-    text = data.lstrip()
-    if text.startswith(b"{"):
-        fold.add_body(json.loads(data))
-        return fold
-    dec = SSEDecoder()
-    for ev in dec.feed(data) + dec.flush():
-        fold.add(ev)
-    return fold
-
-
 class AnthropicContentview(contentviews.Contentview):
     name = "Anthropic"
 
@@ -103,22 +87,18 @@ class AnthropicContentview(contentviews.Contentview):
         msg = metadata.http_message
         if isinstance(msg, http.Request):
             body = json.loads(data)
-            stripped: list[Any] = []
-            if metadata.flow is not None:
-                stripped = (metadata.flow.metadata.get(META) or {}).get("stripped") or []
+            state = FlowState.of(metadata.flow) if isinstance(metadata.flow, http.HTTPFlow) else None
+            stripped = state.stripped if state is not None else []
             if not isinstance(body, dict):
                 raise ValueError("not a Messages request")
             return render_request(body, stripped)
-        return render_fold(fold_response(data))
+        return render_fold(MessageFold().add_bytes(data))
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
         f = metadata.flow
         if not isinstance(f, http.HTTPFlow) or not data:
             return -1
-        path = f.request.path.split("?", 1)[0]
-        if not path.endswith("/v1/messages") and not path.endswith("/v1/messages/count_tokens"):
-            return -1
-        return 2
+        return 2 if request_kind(f.request.path) in ("messages", "count_tokens") else -1
 
 
 _registered = False

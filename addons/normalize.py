@@ -2,7 +2,11 @@
 
 Strips cache-busting content from Claude Code's Anthropic API requests, routes them to a
 backend (the embedded MLX server by default), streams responses through while timing them,
-and appends one capture line per flow. Imports only the standard library and mitmproxy.
+and appends one capture line per flow. Imports only the standard library, mitmproxy and the
+project's stdlib-only `warmturn/` package (found through the repository root below).
+
+Six small addons, in hook order: gate (who and what), normalize (strip), route (the backend
+adapter), tap (stream timing and usage), capture (JSONL), supervise (the embedded server).
 """
 
 import os
@@ -12,8 +16,20 @@ _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
+from addons.capture import Capture  # noqa: E402
 from addons.contentview import register_contentview  # noqa: E402
-from addons.core import Warmturn  # noqa: E402
+from addons.gate import Gate  # noqa: E402
+from addons.normalization import Normalize  # noqa: E402
+from addons.route import Route  # noqa: E402
+from addons.supervise import Supervise  # noqa: E402
+from addons.tap import Tap  # noqa: E402
+
+
+def make_addons() -> list:
+    """The addon chain, in the order mitmproxy must call its hooks."""
+    supervise = Supervise()
+    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), supervise]
+
 
 register_contentview()
-addons = [Warmturn()]
+addons = make_addons()

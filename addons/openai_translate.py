@@ -7,25 +7,12 @@ can sit behind the addon while the client keeps speaking Anthropic's Messages AP
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
-from .sse import SSEDecoder, encode_event
+from warmturn.protocol import MessageStream, SSEDecoder, encode_sse, new_id
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                 "function_call": "tool_use", "content_filter": "refusal"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error",
-               503: "overloaded_error", 529: "overloaded_error"}
-
-
-def error_type_for(status: int) -> str:
-    return ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
-def anthropic_error(kind: str, message: str) -> dict:
-    return {"type": "error", "error": {"type": kind, "message": message}}
-
 
 def _text_of(content: Any) -> str:
     if isinstance(content, str):
@@ -175,124 +162,84 @@ def from_openai_response(resp: dict, model: str) -> dict:
         content.append({"type": "text", "text": msg["content"]})
     for call in msg.get("tool_calls") or []:
         fn = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
+        content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu_"),
                         "name": fn.get("name", ""), "input": _tool_input(fn.get("arguments"))})
     usage = usage_from_openai(resp.get("usage")) or {"input_tokens": 0, "output_tokens": 0}
-    return {"id": f"msg_{resp.get('id') or uuid.uuid4().hex}", "type": "message", "role": "assistant",
+    return {"id": f"msg_{resp.get('id')}" if resp.get("id") else new_id("msg_"), "type": "message", "role": "assistant",
             "model": model, "content": content,
             "stop_reason": STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
             "stop_sequence": None, "usage": usage}
 
 
-def error_from_openai(status: int, raw: bytes, backend: str) -> dict:
-    """Any backend error body as Anthropic's error shape, naming the backend."""
-    message = raw[:2000].decode("utf-8", "replace").strip()
-    try:
-        body = json.loads(raw)
-        err = body.get("error") if isinstance(body, dict) else None
-        if isinstance(err, dict):
-            message = str(err.get("message") or message)
-        elif isinstance(err, str):
-            message = err
-    except ValueError:
-        pass
-    return anthropic_error(error_type_for(status), f"backend {backend} returned HTTP {status}: {message}")
-
-
 class StreamTranslator:
-    """OpenAI Chat Completions SSE bytes in, Anthropic Messages SSE bytes out (chunk by chunk)."""
+    """OpenAI Chat Completions SSE bytes in, Anthropic Messages SSE bytes out (chunk by chunk).
+
+    The Anthropic side is built by the shared event builder (:class:`warmturn.protocol.MessageStream`).
+    """
 
     def __init__(self, model: str) -> None:
         self.model = model
         self._dec = SSEDecoder()
-        self._started = False
+        self._msg: MessageStream | None = None
         self._finished = False
         self._block: tuple[str, int | None] | None = None  # ("text", None) | ("tool", openai index)
-        self._index = -1
         self._stop = "end_turn"
         self._usage: dict[str, int] = {}
 
     def feed(self, chunk: bytes) -> bytes:
         events = self._dec.feed(chunk) if chunk else self._dec.flush()
-        out = [self._event(ev.data) for ev in events]
+        out = [e for ev in events for e in self._event(ev.data)]
         if not chunk:
-            out.append(self._finish())
-        return b"".join(out)
+            out += self._finish()
+        return b"".join(encode_sse(e) for e in out)
 
-    def _start(self, chunk_id: str | None) -> bytes:
-        if self._started:
-            return b""
-        self._started = True
-        return encode_event("message_start", {"type": "message_start", "message": {
-            "id": f"msg_{chunk_id or uuid.uuid4().hex}", "type": "message", "role": "assistant",
-            "model": self.model, "content": [], "stop_reason": None, "stop_sequence": None,
-            "usage": {"input_tokens": 0, "output_tokens": 0}}})
+    def _message(self, chunk_id: str | None) -> tuple[MessageStream, list[dict]]:
+        """The message being built, and its ``message_start`` when this is its first event."""
+        if self._msg is None:
+            self._msg = MessageStream(self.model, {"input_tokens": 0}, id=f"msg_{chunk_id}" if chunk_id else None)
+            return self._msg, self._msg.start(ping=False)
+        return self._msg, []
 
-    def _close(self) -> bytes:
-        if self._block is None:
-            return b""
-        self._block = None
-        return encode_event("content_block_stop", {"type": "content_block_stop", "index": self._index})
-
-    def _open(self, block: tuple[str, int | None], content_block: dict) -> bytes:
-        out = self._close()
-        self._index += 1
-        self._block = block
-        return out + encode_event("content_block_start", {"type": "content_block_start", "index": self._index,
-                                                          "content_block": content_block})
-
-    def _event(self, data: str) -> bytes:
+    def _event(self, data: str) -> list[dict]:
         if self._finished:
-            return b""
+            return []
         if data.strip() == "[DONE]":
             return self._finish()
         try:
             obj = json.loads(data)
         except ValueError:
-            return b""
+            return []
         if not isinstance(obj, dict):
-            return b""
+            return []
         if "error" in obj:
             err = obj["error"]
             msg = err.get("message") if isinstance(err, dict) else str(err)
             self._finished = True
-            return self._start(None) + encode_event("error", anthropic_error("api_error", f"backend error: {msg}"))
-        out = [self._start(obj.get("id"))]
+            stream, out = self._message(None)
+            return out + stream.error("api_error", f"backend error: {msg}")
+        stream, out = self._message(obj.get("id"))
         if obj.get("usage"):
             self._usage = usage_from_openai(obj["usage"])
         for choice in obj.get("choices") or []:
             delta = choice.get("delta") or {}
             text = delta.get("content")
             if text:
-                if self._block != ("text", None):
-                    out.append(self._open(("text", None), {"type": "text", "text": ""}))
-                out.append(encode_event("content_block_delta", {"type": "content_block_delta", "index": self._index,
-                                                                "delta": {"type": "text_delta", "text": text}}))
+                self._block = ("text", None)
+                out += stream.text(text)
             for call in delta.get("tool_calls") or []:
                 key = ("tool", call.get("index", 0))
                 fn = call.get("function") or {}
                 if self._block != key:
-                    out.append(self._open(key, {"type": "tool_use",
-                                                "id": call.get("id") or f"toolu_{uuid.uuid4().hex[:24]}",
-                                                "name": fn.get("name", ""), "input": {}}))
-                args = fn.get("arguments")
-                if args:
-                    out.append(encode_event("content_block_delta", {
-                        "type": "content_block_delta", "index": self._index,
-                        "delta": {"type": "input_json_delta", "partial_json": args}}))
+                    self._block = key
+                    out += stream.open_tool(fn.get("name", ""), call.get("id") or None)
+                out += stream.tool_input(fn.get("arguments") or "")
             if choice.get("finish_reason"):
                 self._stop = STOP_REASONS.get(choice["finish_reason"], "end_turn")
-        return b"".join(out)
+        return out
 
-    def _finish(self) -> bytes:
+    def _finish(self) -> list[dict]:
         if self._finished:
-            return b""
+            return []
         self._finished = True
-        usage = self._usage or {"output_tokens": 0}
-        return b"".join([
-            self._start(None), self._close(),
-            encode_event("message_delta", {"type": "message_delta",
-                                           "delta": {"stop_reason": self._stop, "stop_sequence": None},
-                                           "usage": usage}),
-            encode_event("message_stop", {"type": "message_stop"}),
-        ])
+        stream, out = self._message(None)
+        return out + stream.finish(self._stop, usage=self._usage or {"output_tokens": 0}, empty_block=False)

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 
 from mitmproxy import http
 
+from warmturn.plumbing import is_loopback
+
 ANTHROPIC_HOSTS = frozenset({"api.anthropic.com"})
 ANTHROPIC_URL = "https://api.anthropic.com"
-LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
 
 
 @dataclass(frozen=True)
 class Backend:
-    """A parsed backend option: kind embedded | url | passthrough."""
+    """Where requests go (the parsed ``backend`` option): kind embedded | url | passthrough.
+    What the backend speaks is a :class:`addons.backends.BackendAdapter`'s business."""
 
     kind: str
     scheme: str = "http"
@@ -46,18 +47,6 @@ def parse_backend(value: str) -> Backend:
     except ValueError as e:
         raise ValueError(f"backend URL has a bad port: {value!r}") from e
     return Backend("url", u.scheme, u.hostname, port, u.path.rstrip("/"))
-
-
-def is_loopback(host: str) -> bool:
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        addr = ipaddress.ip_address(host.split("%")[0])
-    except ValueError:
-        return False
-    if addr.version == 6 and addr.ipv4_mapped:
-        addr = addr.ipv4_mapped
-    return addr.is_loopback
 
 
 def mode_of(flow: http.HTTPFlow) -> str:
@@ -91,18 +80,6 @@ def is_api_flow(flow: http.HTTPFlow) -> bool:
     if flow.request.pretty_host.lower() in ANTHROPIC_HOSTS:
         return True
     return kind == "regular" and addressed_to_proxy(flow)
-
-
-def api_kind(path: str) -> str:
-    """Capture `kind` of a request path (query ignored)."""
-    p = path.split("?", 1)[0].rstrip("/")
-    if p.endswith("/v1/messages/count_tokens"):
-        return "count_tokens"
-    if p.endswith("/v1/messages"):
-        return "messages"
-    if p.endswith("/v1/models") or "/v1/models/" in p:
-        return "models"
-    return "other"
 
 
 def route(flow: http.HTTPFlow, backend: Backend, path: str | None = None) -> str:

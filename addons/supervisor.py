@@ -10,26 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
+
+from warmturn.plumbing import free_port, openblas_env
 
 logger = logging.getLogger(__name__)
 
 ADDON_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = ADDON_DIR.parent
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 
 def default_python() -> str:
     return str(PROJECT_DIR / ".venv" / "bin" / "python")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> int | None:
@@ -154,9 +148,7 @@ class EmbeddedServer:
     def _spawn(self) -> None:
         self.port = self.configured_port or free_port()
         cmd = [self.python, "-m", "server", "--host", self.host, "--port", str(self.port), *self.args]
-        env = dict(os.environ)
-        if "LD_PRELOAD" not in env and os.path.exists(OPENBLAS):
-            env["LD_PRELOAD"] = OPENBLAS  # MLX's CPU matmul is ~30x faster with OpenBLAS
+        env = openblas_env()  # the server would re-exec itself to get it; this saves the round
         parent = os.path.dirname(self.log_path)
         if parent:
             os.makedirs(parent, exist_ok=True)

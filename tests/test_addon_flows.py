@@ -9,11 +9,14 @@ import socket
 import pytest
 from mitmproxy import exceptions, http
 from mitmproxy.proxy.mode_specs import ProxyMode
+from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 
 from addons import contentview, routing
-from addons.core import Warmturn
+from addons.normalize import make_addons
+from addons.state import META, FlowState
 from tests.conftest import FIXTURES, ROOT
+from warmturn import plumbing, protocol
 
 CC = FIXTURES / "claude_code"
 ADDON_FX = FIXTURES / "addon"
@@ -50,21 +53,49 @@ def listener():
     s.close()
 
 
+class Chain:
+    """warmturn's addon chain as mitmproxy runs it: every hook goes through the real AddonManager,
+    so each of the six addons sees it in order."""
+
+    def __init__(self, tctx: taddons.context, addons: list) -> None:
+        self.tctx, self.addons = tctx, addons
+        self.gate, self.capture = addons[0], addons[4]
+        self.export = self.capture.export
+
+    def _run(self, hook) -> None:
+        asyncio.run(self.tctx.master.addons.handle_lifecycle(hook))
+
+    def http_connect(self, f):
+        self._run(http_layer.HttpConnectHook(f))
+
+    def request(self, f):
+        self._run(http_layer.HttpRequestHook(f))
+
+    def responseheaders(self, f):
+        self._run(http_layer.HttpResponseHeadersHook(f))
+
+    def response(self, f):
+        self._run(http_layer.HttpResponseHook(f))
+
+    def error(self, f):
+        self._run(http_layer.HttpErrorHook(f))
+
+
 @pytest.fixture
 def wt(tmp_path, listener):
-    addon = Warmturn()
+    addons = make_addons()
     cap = tmp_path / "cap.jsonl"
-    with taddons.context(addon) as tctx:
-        tctx.configure(addon, backend=f"http://127.0.0.1:{listener}", capture_file=str(cap))
-        yield addon, tctx, cap, listener
+    with taddons.context(*addons) as tctx:
+        tctx.configure(addons[0], backend=f"http://127.0.0.1:{listener}", capture_file=str(cap))
+        yield Chain(tctx, addons), tctx, cap, listener
 
 
 def lines(cap):
     return [json.loads(x) for x in cap.read_text().splitlines()]
 
 
-def run_request(addon, f):
-    asyncio.run(addon.request(f))
+def run_request(chain, f):
+    chain.request(f)
 
 
 def finish_streamed(addon, f, data: bytes, chunk: int = 7, ctype="text/event-stream") -> bytes:
@@ -80,7 +111,7 @@ def finish_streamed(addon, f, data: bytes, chunk: int = 7, ctype="text/event-str
 def test_script_loads_and_registers_options():
     with taddons.context() as tctx:
         sc = tctx.script(str(ROOT / "addons" / "normalize.py"))
-        assert type(sc.addons[0]).__name__ == "Warmturn"
+        assert [type(a).__name__ for a in sc.addons] == ["Gate", "Normalize", "Route", "Tap", "Capture", "Supervise"]
         for name in ("backend", "backend_api", "normalize", "capture_file", "volatile_patterns", "allow_remote",
                      "client_api_key", "backend_api_key", "embedded_python", "embedded_port"):
             assert name in tctx.options
@@ -97,10 +128,10 @@ def test_script_loads_and_registers_options():
     ({"embedded_port": 70000}, "embedded_port"),
 ])
 def test_bad_options_are_rejected(opts, match):
-    addon = Warmturn()
-    with taddons.context(addon) as tctx:
+    addons = make_addons()
+    with taddons.context(*addons) as tctx:
         with pytest.raises(exceptions.OptionsError, match=match):
-            tctx.configure(addon, **opts)
+            tctx.configure(addons[0], **opts)
 
 
 def test_regular_mode_request_to_proxy_is_normalized_and_routed(wt):
@@ -181,7 +212,7 @@ def test_reverse_mode_is_rerouted(wt):
 
 def test_passthrough_keeps_destination_but_normalizes(wt):
     addon, tctx, cap, port = wt
-    tctx.configure(addon, backend="passthrough")
+    tctx.configure(addon.gate, backend="passthrough")
     body = recorded("small_two_turns.jsonl")["body"]
     f = make_flow(body, host="api.anthropic.com", port=443, scheme="https")
     run_request(addon, f)
@@ -197,7 +228,7 @@ def test_other_hosts_and_paths_pass_untouched(wt):
     raw = json.dumps(recorded("small_two_turns.jsonl")["body"]).encode()
     f = make_flow(raw=raw, host="example.com", port=80)
     run_request(addon, f)
-    assert f.request.host == "example.com" and f.request.content == raw and "warmturn" not in f.metadata
+    assert f.request.host == "example.com" and f.request.content == raw and META not in f.metadata
     f.response = tutils.tresp()
     addon.responseheaders(f)
     assert f.response.stream is False
@@ -207,7 +238,7 @@ def test_other_hosts_and_paths_pass_untouched(wt):
 
 def test_normalize_off_forwards_bytes_untouched(wt):
     addon, tctx, cap, port = wt
-    tctx.configure(addon, normalize=False, capture_label="normalize-off")
+    tctx.configure(addon.gate, normalize=False, capture_label="normalize-off")
     raw = json.dumps(recorded("small_two_turns.jsonl")["body"], indent=2).encode()
     f = make_flow(raw=raw, headers={"x-stainless-retry-count": "1"})
     run_request(addon, f)
@@ -270,7 +301,7 @@ def test_remote_clients_refused_unless_allowed(wt):
     run_request(addon, f)
     assert f.response.status_code == 403
     assert json.loads(f.response.content)["error"]["type"] == "permission_error"
-    tctx.configure(addon, allow_remote=True, client_api_key="club")
+    tctx.configure(addon.gate, allow_remote=True, client_api_key="club")
     f = make_flow({"model": "m", "messages": []}, peer="192.168.1.20", sockname=("192.168.1.5", 8080),
                   host="192.168.1.5", headers={"x-api-key": "wrong"})
     run_request(addon, f)
@@ -286,7 +317,7 @@ def test_backend_down_gives_anthropic_error_and_capture(wt):
     addon, tctx, cap, _ = wt
     from tests.conftest import free_port
     dead = free_port()
-    tctx.configure(addon, backend=f"http://127.0.0.1:{dead}")
+    tctx.configure(addon.gate, backend=f"http://127.0.0.1:{dead}")
     f = make_flow({"model": "m", "messages": [], "stream": True})
     run_request(addon, f)
     assert f.response.status_code == 502
@@ -385,9 +416,10 @@ def test_contentview_renders_request_and_stream(wt):
 def test_routing_helpers():
     assert routing.parse_backend("http://h:8000/base/").url_for("/v1/messages") == "http://h:8000/base/v1/messages"
     assert routing.parse_backend("https://h").url_for("/x") == "https://h/x"
-    assert routing.api_kind("/v1/messages/count_tokens?beta=true") == "count_tokens"
-    assert routing.api_kind("/v1/models") == "models" and routing.api_kind("/") == "other"
-    assert routing.is_loopback("::1") and routing.is_loopback("::ffff:127.0.0.1") and not routing.is_loopback("10.0.0.1")
+    assert protocol.request_kind("/v1/messages/count_tokens?beta=true") == "count_tokens"
+    assert protocol.request_kind("/v1/models") == "models" and protocol.request_kind("/") == "other"
+    assert plumbing.is_loopback("::1") and plumbing.is_loopback("::ffff:127.0.0.1")
+    assert plumbing.is_loopback("[::1]") and not plumbing.is_loopback("10.0.0.1")
 
 
 def test_connect_to_anthropic_is_answered_locally_when_rerouting(wt):
@@ -398,7 +430,7 @@ def test_connect_to_anthropic_is_answered_locally_when_rerouting(wt):
     other = make_flow(method="CONNECT", host="example.com", port=443, path="")
     addon.http_connect(other)
     assert other.response is None
-    tctx.configure(addon, backend="passthrough")
+    tctx.configure(addon.gate, backend="passthrough")
     f = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
     addon.http_connect(f)
     assert f.response is None, "passthrough must really connect to Anthropic"
@@ -416,3 +448,47 @@ def test_count_tokens_is_normalized_and_its_count_captured(wt):
     addon.response(f)
     line = lines(cap)[-1]
     assert line["kind"] == "count_tokens" and line["usage"] == {"input_tokens": 42} and len(line["stripped"]) == 1
+
+
+def test_state_is_typed_while_live_then_plain_data_that_mitmproxy_can_save(wt, tmp_path):
+    addon, tctx, cap, _ = wt
+    f = make_flow(recorded("small_two_turns.jsonl")["body"], headers={"x-stainless-retry-count": "0"})
+    run_request(addon, f)
+    state = f.metadata[META]
+    assert isinstance(state, FlowState) and [e.kind for e in state.stripped] == ["system_block", "header"]
+    finish_streamed(addon, f, SSE)
+    assert isinstance(f.metadata[META], dict), "frozen once captured"
+    from mitmproxy import io
+    saved = tmp_path / "flows"
+    with open(saved, "wb") as fh:
+        io.FlowWriter(fh).add(f)  # tnetstring: fails on anything but plain data
+    with open(saved, "rb") as fh:
+        [loaded] = list(io.FlowReader(fh).stream())
+    assert FlowState.of(loaded).stripped == state.stripped and FlowState.of(loaded).usage["output_tokens"] == 12
+    # a flow loaded from a file is not live: the chain leaves it alone (no second capture line)
+    assert not loaded.live
+    addon.request(loaded)
+    addon.response(loaded)
+    assert len(lines(cap)) == 1
+    out = tmp_path / "export.jsonl"
+    addon.export([loaded], str(out))
+    assert lines(out)[0]["stripped"] == lines(cap)[0]["stripped"]
+
+
+def test_backend_model_is_mapped_on_every_route(wt):
+    addon, tctx, cap, port = wt
+    tctx.configure(addon.gate, backend_model="local-model")
+    for path in ("/v1/messages?beta=true", "/v1/messages/count_tokens?beta=true"):
+        f = make_flow({"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hi"}]}, path=path)
+        run_request(addon, f)
+        assert json.loads(f.request.content)["model"] == "local-model", path
+
+
+def test_non_loopback_connect_is_refused(wt):
+    addon, tctx, cap, _ = wt
+    f = make_flow(method="CONNECT", host="127.0.0.1", port=22, path="", peer="192.168.1.20")
+    addon.http_connect(f)
+    assert f.response is not None and f.response.status_code == 403
+    ok = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
+    addon.http_connect(ok)
+    assert ok.response.status_code == 200 and "content-length" not in ok.response.headers

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from addons import openai_translate as ot
-from addons.sse import MessageFold, SSEDecoder
+from addons.backends import OpenAIAdapter
+from addons.routing import parse_backend
+from warmturn.protocol import MessageFold, SSEDecoder
 from tests.conftest import FIXTURES
 
 OPENAI_SSE = (FIXTURES / "addon" / "openai_stream.sse").read_bytes()
@@ -96,6 +98,7 @@ def test_non_streamed_response_and_errors():
     assert msg["content"] == [{"type": "text", "text": "Hi"}, {"type": "tool_use", "id": "call_9", "name": "Read", "input": {"p": 1}}]
     assert msg["stop_reason"] == "tool_use" and msg["usage"] == {"input_tokens": 10, "output_tokens": 3}
     assert msg["model"] == "claude-x" and msg["type"] == "message"
-    err = ot.error_from_openai(404, b'{"error": {"message": "no such model", "type": "not_found"}}', "http://b:1")
+    map_error = OpenAIAdapter(parse_backend("http://b:1")).map_error
+    err = map_error(404, b'{"error": {"message": "no such model", "type": "not_found"}}', "http://b:1")
     assert err == {"type": "error", "error": {"type": "not_found_error", "message": "backend http://b:1 returned HTTP 404: no such model"}}
-    assert ot.error_from_openai(503, b"busy", "b")["error"]["type"] == "overloaded_error"
+    assert map_error(503, b"busy", "b")["error"]["type"] == "overloaded_error"

@@ -1,0 +1,242 @@
+"""Backend adapters: what each kind of engine behind the addon needs, in one class per engine.
+
+The seam
+--------
+The route addon hands every admitted API flow to one :class:`BackendAdapter`, chosen from the
+``backend`` and ``backend_api`` options by :func:`make_adapter`. An adapter owns everything that
+depends on *what* the backend is (where it is, ``backend``, is :class:`addons.routing.Backend`):
+
+- :meth:`BackendAdapter.prepare` (request hook, async): point the flow at the backend and rewrite
+  it for the engine (the model name on *every* route, credentials, paths, a translation), or
+  answer locally by returning a response (e.g. an engine without ``count_tokens``);
+- :meth:`BackendAdapter.stream_translator`: a per-flow ``bytes -> bytes`` rewriter of the
+  response stream into Anthropic SSE (None: the engine already speaks it);
+- :meth:`BackendAdapter.finish_response` (response hook): a buffered response made Anthropic's,
+  including :meth:`BackendAdapter.map_error`, the engine's error bodies as Anthropic errors.
+
+Implementations: :class:`AnthropicAdapter` (any Anthropic Messages engine, or ``passthrough``),
+:class:`EmbeddedAdapter` (the supervised ``python -m server``), :class:`OpenAIAdapter` (Chat
+Completions engines, translated both ways).
+
+Adding an engine is one class: subclass the adapter of the API it speaks and override what
+differs (its model-name mapping, its usage-chunk shapes in :meth:`stream_translator`, its error
+bodies in :meth:`map_error`), then return it from :func:`make_adapter` (e.g. for a new
+``backend_api`` value). Keep engine quirks here, not in the hooks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from mitmproxy import http
+
+from warmturn.protocol import (CLAUDE_MODELS, error_for_status, is_error_body, model_info,
+                               page_models)
+from warmturn.rules import encode_body
+
+from . import openai_translate, routing
+from .state import FlowState
+from .supervisor import EmbeddedServer, can_connect
+
+
+def error_response(status: int, message: str) -> http.Response:
+    """An Anthropic-shaped error response, typed by the one status map (warmturn.protocol)."""
+    return json_response(error_for_status(status, message), status)
+
+
+def json_response(obj: Any, status: int = 200) -> http.Response:
+    return http.Response.make(status, json.dumps(obj).encode(), {"content-type": "application/json"})
+
+
+def models_listing() -> dict:
+    """``GET /v1/models`` for a backend that cannot answer it: the Claude names clients ask for."""
+    return page_models([model_info(m) for m in CLAUDE_MODELS], limit=1000)
+
+
+class BackendAdapter(Protocol):
+    """One kind of backend engine (see the module docstring for the seam)."""
+
+    target: routing.Backend
+
+    async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
+        """Route and rewrite the request; a returned response answers the client instead."""
+        ...
+
+    def stream_translator(self, state: FlowState) -> Callable[[bytes], bytes] | None:
+        """A rewriter of this flow's SSE response chunks into Anthropic's, or None."""
+        ...
+
+    def finish_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """Make a buffered (non-streamed) response Anthropic's, in place."""
+        ...
+
+    def map_error(self, status: int, raw: bytes, upstream: str) -> dict:
+        """The engine's error body as Anthropic's error shape."""
+        ...
+
+
+class AnthropicAdapter:
+    """An engine that speaks Anthropic's Messages API (vLLM, SGLang, llama.cpp, LM Studio…), or
+    ``passthrough`` (the original destination, nothing rewritten but normalization)."""
+
+    api = "anthropic"
+    #: routes whose JSON body carries a ``model`` to map to ``backend_model``
+    MODEL_ROUTES = ("messages", "count_tokens")
+
+    def __init__(self, target: routing.Backend, api_key: str = "", model: str = "") -> None:
+        self.target = target
+        self.api_key = api_key
+        self.model = model
+
+    @property
+    def name(self) -> str:
+        return self.target.url_for("") if self.target.kind == "url" else self.target.kind
+
+    async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
+        if self.target.kind == "passthrough":
+            state.upstream = routing.route(flow, self.target)
+            return None
+        self.rewrite(flow, state)
+        state.upstream = routing.route(flow, self.target)
+        return await self.check_reachable()
+
+    def rewrite(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        """The engine's request rewrites: model name and credentials."""
+        if self.model and state.kind in self.MODEL_ROUTES and isinstance(state.body, dict):
+            flow.request.content = encode_body({**state.body, "model": self.model})
+        if self.api_key:
+            flow.request.headers.pop("authorization", None)
+            flow.request.headers["x-api-key"] = self.api_key
+
+    async def check_reachable(self) -> http.Response | None:
+        if self.target.kind == "url" and not await can_connect(self.target.host, self.target.port):
+            return error_response(502, f"warmturn: backend {self.name} is unreachable")
+        return None
+
+    def stream_translator(self, state: FlowState) -> Callable[[bytes], bytes] | None:
+        return None
+
+    def map_error(self, status: int, raw: bytes, upstream: str) -> dict:
+        """Any error body as Anthropic's, typed by status, its message kept and the backend named."""
+        message = raw[:2000].decode("utf-8", "replace").strip()
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        err = body.get("error") if isinstance(body, dict) else None
+        if isinstance(err, dict):
+            message = str(err.get("message") or message)
+        elif isinstance(err, str):
+            message = err
+        return error_for_status(status, f"backend {upstream} returned HTTP {status}: {message}")
+
+    def finish_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        resp = flow.response
+        if state.kind == "models" and resp.status_code >= 400:
+            flow.response = json_response(models_listing())
+            return
+        if resp.status_code >= 400:
+            raw = resp.get_content(strict=False) or b""
+            try:
+                shaped = is_error_body(json.loads(raw))
+            except ValueError:
+                shaped = False
+            if not shaped:
+                resp.content = json.dumps(self.map_error(resp.status_code, raw, state.upstream or "?")).encode()
+                resp.headers["content-type"] = "application/json"
+
+
+class EmbeddedAdapter(AnthropicAdapter):
+    """The embedded ``python -m server`` (Anthropic API), started and watched by the supervise addon."""
+
+    def __init__(self, server: Callable[[], EmbeddedServer | None], start_timeout: Callable[[], float],
+                 api_key: str = "", model: str = "") -> None:
+        super().__init__(routing.Backend("embedded"), api_key, model)
+        self._server = server
+        self._start_timeout = start_timeout
+
+    async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
+        server = self._server()
+        if server is None:
+            return error_response(503, "warmturn: embedded backend is not running")
+        for _ in range(3):
+            if not server.is_ready() and not await server.wait_ready(self._start_timeout()):
+                break
+            if await can_connect(server.host, server.port):
+                break
+            await asyncio.sleep(1.0)  # a dead child is noticed (and restarted) within 0.5 s
+        if not server.is_ready() or not await can_connect(server.host, server.port):
+            return error_response(529, f"warmturn: embedded backend {server.base_url} is not "
+                                                           f"ready: {server.last_error or 'still starting'}")
+        self.rewrite(flow, state)
+        state.upstream = routing.route(flow, routing.parse_backend(server.base_url))
+        return None
+
+
+class OpenAIAdapter(AnthropicAdapter):
+    """An OpenAI Chat Completions engine (mlx_lm.server, vLLM, Ollama…): requests and responses,
+    streamed or not, translated by :mod:`addons.openai_translate`."""
+
+    api = "openai"
+
+    async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
+        if state.kind == "models":
+            return json_response(models_listing())
+        if state.kind == "count_tokens":
+            # OpenAI engines have no count endpoint: a rough estimate (~4 chars/token), documented.
+            return json_response({"input_tokens": max(1, len(flow.request.raw_content or b"") // 4)})
+        if state.kind == "messages":
+            if not isinstance(state.body, dict):
+                return error_response(400, "request body is not a JSON object")
+            try:
+                oa = openai_translate.to_openai_request(state.body, self.model or None)
+            except ValueError as e:
+                return error_response(400, str(e))
+            state.translated_from = state.body
+            req = flow.request
+            req.content = json.dumps(oa, ensure_ascii=False).encode()
+            req.headers["content-type"] = "application/json"
+            for h in [h for h in req.headers if h.lower().startswith("anthropic-")]:
+                req.headers.pop(h, None)
+            key = self.api_key or req.headers.get("x-api-key")
+            req.headers.pop("x-api-key", None)
+            if key:
+                req.headers["authorization"] = f"Bearer {key}"
+            state.upstream = routing.route(flow, self.target, "/v1/chat/completions")
+        else:
+            state.upstream = routing.route(flow, self.target)
+        return await self.check_reachable()
+
+    def stream_translator(self, state: FlowState) -> Callable[[bytes], bytes] | None:
+        if state.translated_from is None:
+            return None
+        return openai_translate.StreamTranslator(state.model or "").feed
+
+    def finish_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
+        resp = flow.response
+        if state.translated_from is None or state.kind != "messages" or resp.status_code >= 400:
+            super().finish_response(flow, state)
+            return
+        try:
+            raw = resp.get_content(strict=False) or b""
+            translated = openai_translate.from_openai_response(json.loads(raw), state.model or "")
+        except (ValueError, AttributeError, TypeError) as e:
+            translated = error_for_status(502, f"backend {state.upstream} sent an unreadable response: {e}")
+            resp.status_code = 502
+        resp.content = json.dumps(translated).encode()
+        resp.headers["content-type"] = "application/json"
+
+
+def make_adapter(target: routing.Backend, api: str, *, api_key: str = "", model: str = "",
+                 server: Callable[[], EmbeddedServer | None] = lambda: None,
+                 start_timeout: Callable[[], float] = lambda: 600.0) -> BackendAdapter:
+    """The adapter for the ``backend`` / ``backend_api`` options. The embedded server speaks
+    Anthropic's API and ``passthrough`` keeps the real one, whatever ``backend_api`` says."""
+    if target.kind == "embedded":
+        return EmbeddedAdapter(server, start_timeout, api_key, model)
+    if api == "openai" and target.kind == "url":
+        return OpenAIAdapter(target, api_key, model)
+    return AnthropicAdapter(target, api_key, model)

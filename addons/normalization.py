@@ -1,0 +1,84 @@
+"""Normalize: strip cache-busting content from admitted API requests (rules: :mod:`warmturn.rules`).
+
+Parses the request body once (the state keeps it for the route addon), records the client's
+identity (session, agent, subagent), applies the ``volatile_*`` rules when ``normalize`` is on,
+and notes what it removed on the flow (comment and marker in mitmweb).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from mitmproxy import ctx, exceptions, http
+
+from warmturn import protocol, rules
+
+from .state import FlowState
+
+
+class Normalize:
+    def __init__(self) -> None:
+        self.rules = rules.Rules.make()
+
+    def load(self, loader) -> None:
+        loader.add_option("normalize", bool, True,
+                          "Strip volatile system blocks, fragments and headers before forwarding. false forwards "
+                          "payloads untouched (the A/B 'off' arm); captures are still written.")
+        loader.add_option("volatile_patterns", Sequence[str], list(rules.DEFAULT_VOLATILE_PATTERNS),
+                          "Regexes (re.search, multiline): a system text block matching one is dropped whole.")
+        loader.add_option("volatile_fragments", Sequence[str], list(rules.DEFAULT_VOLATILE_FRAGMENTS),
+                          "Regexes: matching text is cut out of the system blocks that stay (and out of a string "
+                          "system prompt).")
+        loader.add_option("volatile_headers", Sequence[str], list(rules.DEFAULT_VOLATILE_HEADERS),
+                          "Request header names dropped before forwarding (case-insensitive). Session and agent "
+                          "id headers are kept: routers use them for cache affinity.")
+
+    def configure(self, updated: set[str]) -> None:
+        if updated & {"volatile_patterns", "volatile_fragments", "volatile_headers"}:
+            o = ctx.options
+            try:
+                self.rules = rules.Rules.make(o.volatile_patterns, o.volatile_fragments, o.volatile_headers)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        state = FlowState.of(flow)
+        if state is None:
+            return
+        req = flow.request
+        raw = req.get_content(strict=False) or b""
+        state.size_original = len(raw)
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+        state.session_id = protocol.session_id(req.headers, body)
+        state.agent_id = protocol.agent_id(req.headers)
+        state.is_subagent = protocol.is_subagent(req.headers, body)
+        if isinstance(body, dict):
+            state.model = body.get("model") if isinstance(body.get("model"), str) else None
+            state.stream = bool(body.get("stream", False))
+        if state.normalize:
+            if state.kind in ("messages", "count_tokens"):
+                new_body, stripped = self.rules.apply(body)
+                if stripped:
+                    body = new_body
+                    req.content = rules.encode_body(body)
+                    state.stripped.extend(stripped)
+            _, dropped = self.rules.apply_headers(req.headers.items(multi=True))
+            for e in dropped:
+                req.headers.pop(e.name, None)
+            state.stripped.extend(dropped)
+        state.body = body
+        if state.kind in ("messages", "count_tokens"):
+            state.prefix_hash, state.prefix_chars = rules.prefix_stats(body)
+        if state.stripped:
+            tail = f"; stable system+tools prefix now {state.prefix_chars} chars" if state.prefix_chars else ""
+            flow.comment = "warmturn stripped: " + rules.describe(state.stripped) + tail
+            flow.marked = ":scissors:"

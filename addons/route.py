@@ -1,0 +1,88 @@
+"""Route: send admitted API flows to the backend through its adapter (:mod:`addons.backends`).
+
+Parses ``backend`` / ``backend_api`` / ``backend_api_key`` / ``backend_model`` once in
+``configure`` into one :class:`~addons.backends.BackendAdapter`. When rerouting, it also answers
+``CONNECT api.anthropic.com`` itself and skips the server-first TLS handshake, so nothing dials
+Anthropic (which fails offline and is never needed).
+"""
+
+from __future__ import annotations
+
+import time
+
+from mitmproxy import ctx, exceptions, http, tls
+
+from . import routing
+from .backends import BackendAdapter, make_adapter
+from .state import FlowState
+from .supervise import Supervise
+
+
+class Route:
+    def __init__(self, supervise: Supervise) -> None:
+        self.supervise = supervise
+        self.target = routing.parse_backend("embedded")
+        self.adapter: BackendAdapter = self._make("anthropic", "", "")
+
+    def load(self, loader) -> None:
+        loader.add_option("backend", str, "embedded",
+                          "Where Anthropic API requests go: 'embedded' (start and supervise the project's MLX "
+                          "server, python -m server), 'passthrough' (keep the original destination: capture and "
+                          "normalize only), or a base URL such as http://127.0.0.1:8000.")
+        loader.add_option("backend_api", str, "anthropic",
+                          "API the backend speaks: 'anthropic' (Messages API) or 'openai' (Chat Completions; "
+                          "the addon translates requests and streamed responses both ways).",
+                          choices=("anthropic", "openai"))
+        loader.add_option("backend_api_key", str, "",
+                          "Credential sent to the backend instead of the client's (x-api-key for anthropic, "
+                          "Authorization: Bearer for openai). Empty forwards the client's.")
+        loader.add_option("backend_model", str, "",
+                          "Model name sent to the backend instead of the client's claude-* name (e.g. "
+                          "'default_model' for mlx_lm.server), on every route that names a model. Empty "
+                          "forwards the client's.")
+
+    def _make(self, api: str, key: str, model: str) -> BackendAdapter:
+        return make_adapter(self.target, api, api_key=key, model=model, server=lambda: self.supervise.server,
+                            start_timeout=lambda: float(ctx.options.embedded_start_timeout))
+
+    def configure(self, updated: set[str]) -> None:
+        o = ctx.options
+        if "backend" in updated:
+            try:
+                self.target = routing.parse_backend(o.backend)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from e
+        if "backend_api" in updated and o.backend_api not in ("anthropic", "openai"):
+            raise exceptions.OptionsError(f"backend_api must be 'anthropic' or 'openai', not {o.backend_api!r}")
+        if updated & {"backend", "backend_api", "backend_api_key", "backend_model"}:
+            self.adapter = self._make(o.backend_api, o.backend_api_key, o.backend_model)
+
+    def _rerouting(self, host: str | None) -> bool:
+        return self.target.kind != "passthrough" and (host or "").lower() in routing.ANTHROPIC_HOSTS
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or not self._rerouting(flow.request.host):
+            return
+        reply = http.Response.make(200)
+        reply.headers.pop("content-length", None)  # RFC 9110 9.3.6: none in a 2xx reply to CONNECT
+        reply.http_version = flow.request.http_version
+        reply.reason = "Connection established"
+        flow.response = reply
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        if self._rerouting(data.client_hello.sni):
+            data.establish_server_tls_first = False
+
+    async def request(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live:
+            return
+        state = FlowState.of(flow)
+        if state is None:
+            return
+        adapter = self.adapter
+        state.live.adapter = adapter
+        answer = await adapter.prepare(flow, state)
+        if answer is not None:
+            flow.response = answer
+        state.size_forwarded = len(flow.request.raw_content or b"")
+        state.t.sent = time.time()
