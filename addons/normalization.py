@@ -44,9 +44,7 @@ class Normalize:
                 raise exceptions.OptionsError(str(e)) from e
 
     def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
-            return
-        state = FlowState.of(flow)
+        state = FlowState.pending(flow)
         if state is None:
             return
         req = flow.request

@@ -74,9 +74,7 @@ class Route:
             data.establish_server_tls_first = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live:
-            return
-        state = FlowState.of(flow)
+        state = FlowState.pending(flow)
         if state is None:
             return
         adapter = self.adapter

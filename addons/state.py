@@ -95,6 +95,14 @@ class FlowState:
             return cls.from_json(value)
         return None
 
+    @classmethod
+    def pending(cls, flow: http.HTTPFlow) -> FlowState | None:
+        """The state of an admitted flow still on its way to the backend: live (mitmproxy's guard:
+        not loaded from a file), with no response or error yet. None otherwise."""
+        if flow.response or flow.error or not flow.live:
+            return None
+        return cls.of(flow)
+
     def attach(self, flow: http.HTTPFlow) -> FlowState:
         flow.metadata[META] = self
         return self
