@@ -142,6 +142,9 @@ class Capture:
             except ValueError as e:
                 raise exceptions.OptionsError(f"capture_file: {e}") from e
 
+    def done(self) -> None:
+        FlowState.freeze_all()  # runs before mitmproxy's Save addon writes the unfinished flows
+
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live:
             self._finish(flow)

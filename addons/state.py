@@ -11,6 +11,7 @@ capture line is written it is replaced by its plain-data form (:meth:`FlowState.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from .backends import BackendAdapter
 
 META = "warmturn.state"
+_unfrozen: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()  # admitted flows still holding a dataclass
 
 
 @dataclass
@@ -105,11 +107,13 @@ class FlowState:
 
     def attach(self, flow: http.HTTPFlow) -> FlowState:
         flow.metadata[META] = self
+        _unfrozen.add(flow)
         return self
 
     def freeze(self, flow: http.HTTPFlow) -> None:
         """Replace the live state by its plain-data form (the flow can then be saved)."""
         flow.metadata[META] = self.to_json()
+        _unfrozen.discard(flow)
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -123,6 +127,16 @@ class FlowState:
                 value = [e.to_json() for e in value]
             out[f.name] = value
         return out
+
+    @classmethod
+    def freeze_all(cls) -> None:
+        """Freeze every admitted flow that never finished (at shutdown, before mitmproxy's Save
+        addon writes unfinished flows: it can only serialize plain data)."""
+        for flow in list(_unfrozen):
+            state = flow.metadata.get(META)
+            if isinstance(state, FlowState):
+                state.freeze(flow)
+        _unfrozen.clear()
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FlowState:

@@ -475,6 +475,17 @@ def test_state_is_typed_while_live_then_plain_data_that_mitmproxy_can_save(wt, t
     assert lines(out)[0]["stripped"] == lines(cap)[0]["stripped"]
 
 
+def test_unfinished_flows_are_saveable_at_shutdown(wt, tmp_path):
+    addon, tctx, cap, _ = wt
+    f = make_flow({"model": "m", "messages": [], "stream": True})
+    run_request(addon, f)  # the stream never ends: mitmproxy shuts down mid-flow
+    from mitmproxy import hooks, io
+    asyncio.run(tctx.master.addons.trigger_event(hooks.DoneHook()))
+    with open(tmp_path / "flows", "wb") as fh:
+        io.FlowWriter(fh).add(f)
+    assert FlowState.of(f).kind == "messages" and not cap.exists()
+
+
 def test_backend_model_is_mapped_on_every_route(wt):
     addon, tctx, cap, port = wt
     tctx.configure(addon.gate, backend_model="local-model")
