@@ -48,6 +48,37 @@ BLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
 "$V/warmturn-bench" --smoke --out bench > bench.log 2>&1 || { tail -40 bench.log >&2; say "ERROR: smoke bench failed"; exit 1; }
 tail -15 bench.log
 test -s bench/summary.csv
-say "warmturn-proxy --help"
-"$V/warmturn-proxy" --help >/dev/null
+say "warmturn-proxy: the installed addon answers (backend unreachable: an Anthropic-shaped error)"
+"$V/python" - "$V/warmturn-proxy" <<'PY'
+import json, socket, subprocess, sys, time, urllib.error, urllib.request
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+port, dead = free_port(), free_port()
+proc = subprocess.Popen([sys.argv[1], "--listen-port", str(port), "--set", f"backend=http://127.0.0.1:{dead}",
+                         "--set", "capture_file="], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+try:
+    body = json.dumps({"model": "claude-opus-4-8", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]})
+    for _ in range(120):
+        try:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/messages", body.encode(),
+                                         {"content-type": "application/json", "anthropic-version": "2023-06-01"})
+            urllib.request.urlopen(req, timeout=10)
+            raise SystemExit("expected an error status from an unreachable backend")
+        except urllib.error.HTTPError as e:
+            err = json.loads(e.read())
+            assert err["type"] == "error" and err["error"]["type"], err
+            print(f"[check-install] warmturn-proxy answered {e.code} {err['error']['type']}")
+            break
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(0.5)
+    else:
+        raise SystemExit("warmturn-proxy did not listen")
+finally:
+    proc.terminate()
+    out = proc.communicate(timeout=30)[0]
+    if proc.returncode not in (0, -15):
+        print(out.decode(errors="replace")[-2000:])
+PY
 say "OK: the non-editable install builds the report and runs the smoke bench from $WORK/outside"
