@@ -48,7 +48,7 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
     """The human-readable diff report."""
     st = style or Style()
     out: list[str] = []
-    out.append(st("Consecutive requests", "bold") + f" ({len(rep.pairs)} pairs)")
+    out.append(st("Consecutive requests", "bold") + f" ({len(rep.pairs)} pairs, by session and turn)")
     rows = []
     for p in rep.pairs:
         d = p.divergence
@@ -56,17 +56,20 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
         tok = f"{d.shared_tokens}/{d.tokens_b}" if d.shared_tokens is not None else "-"
         where = d.where
         where = st(where, "red") if d.in_prefix else st(where, "green") if where in ("identical", "end") else where
-        rows.append([p.relation, p.session[:12], p.agent[:12], f"{p.a_id[-10:]}→{p.b_id[-10:]}",
+        rows.append([p.relation, p.session[:12], p.agent[:12], _turns(p),
                      f"{d.shared_chars}/{d.chars_b}", f"{share:.0%}", tok, where, len(p.changes)])
-    out.append(table(["relation", "session", "agent", "pair", "shared chars", "share", "shared tokens",
+    out.append(table(["relation", "session", "agent", "turns", "shared chars", "share", "shared tokens",
                       "diverges at", "changes"], rows, st))
     for p in rep.pairs:
         if p.divergence.in_prefix:
-            out.append(f"  {p.relation} {p.b_id}: prefix diverges at {p.divergence.where}:")
+            out.append(f"  {p.label}: prefix diverges at {p.divergence.where}:")
             out.append("    before: " + st(p.divergence.snippet_a, "dim"))
             out.append("    after:  " + p.divergence.snippet_b)
+    if rep.side:
+        out.append("  side requests, not turns (left out of the pairs): "
+                   + ", ".join(f"{k} ×{n}" for k, n in rep.side.items()))
     out.append("")
-    out.append(st("Volatile paths", "bold"))
+    out.append(st("What changes in the prompt (system, tools, message content: what a prefix cache sees)", "bold"))
     rows = []
     for v in rep.volatile:
         region = st(v.region, "red") if v.region == "prefix" else v.region
@@ -74,11 +77,24 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
             region = st("messages (growth, expected)", "green")
         rows.append([v.path, region, v.count, ",".join(v.relations), v.poison or "",
                      _clip(v.example_old, 36), _clip(v.example_new, 36)])
-    out.append(table(["path", "where", "times", "seen in", "known as", "old", "new"], rows, st))
-    if rep.poisons:
+    out.append(table(["path", "where", "times", "seen in", "known as", "old", "new"], rows, st)
+               if rows else "  nothing")
+    if rep.outside:
         out.append("")
-        out.append(st("Known cache poisons", "bold"))
-        for name, n in sorted(rep.poisons.items(), key=lambda kv: -kv[1]):
+        out.append(st("Changes outside the prompt (headers, metadata, safeguards, diagnostics…): "
+                      "harmless to the KV cache", "bold"))
+        rows = [[v.path, v.count, ",".join(v.relations), v.poison or "", _clip(v.example_old, 36),
+                 _clip(v.example_new, 36)] for v in rep.outside]
+        out.append(table(["path", "times", "seen in", "known as", "old", "new"], rows, st))
+    in_prompt: dict[str, int] = {}
+    for p in rep.pairs:
+        for c in p.changes:
+            if c.poison and c.in_prompt:
+                in_prompt[c.poison] = in_prompt.get(c.poison, 0) + 1
+    if in_prompt:
+        out.append("")
+        out.append(st("Known cache poisons in the prompt", "bold"))
+        for name, n in sorted(in_prompt.items(), key=lambda kv: -kv[1]):
             out.append(f"  {st(name, 'yellow')} ×{n}: {POISONS.get(name, '')}")
     if rep.stripped:
         out.append("")
@@ -97,6 +113,14 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
     else:
         out.append("No volatile system-prompt text needing a new pattern.")
     if rep.unsuggested:
-        out.append("  No pattern for: " + ", ".join(rep.unsuggested)
-                   + " (tools and wholly different prompts cannot be normalized by text patterns)")
+        out.append("Still different after these patterns:")
+        out.extend(f"  {u}" for u in rep.unsuggested)
     return "\n".join(out)
+
+
+def _turns(p) -> str:
+    if p.relation == "turn":
+        return f"{p.a_turn}→{p.b_turn}"
+    if p.relation == "session":
+        return f"{p.a_session[:8]}…→1"
+    return f"main {p.a_turn}→1"

@@ -85,7 +85,9 @@ def test_constructed_capture_pairs_and_volatile_table():
     assert set(rep.pairs[0].paths) == {"system[1].text", "headers.x-stainless-retry-count", "messages[1]", "messages[2]"}
     assert set(rep.pairs[1].paths) == {"system[1].text", "messages[3]", "messages[4]"}
     table = {v.path: v for v in rep.volatile}
-    assert set(table) == {"system[1].text", "headers.x-stainless-retry-count", "messages[+]"}
+    assert set(table) == {"system[1].text", "messages[+]"}
+    # a header is outside the prompt: listed apart, as harmless to the KV cache
+    assert [(v.path, v.in_prompt) for v in rep.outside] == [("headers.x-stainless-retry-count", False)]
     assert table["system[1].text"].count == 2 and table["system[1].text"].region == "prefix"
     assert (table["system[1].text"].example_old, table["system[1].text"].example_new) == ("7", "8")
     assert table["messages[+]"].count == 4 and table["messages[+]"].expected
@@ -251,3 +253,95 @@ def test_terminal_output_is_aligned_and_coloured_only_when_asked():
 
 def re_strip(text: str) -> str:
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+# --------------------------------------------------------------------------- real captures, issue 11
+
+REAL_ALL = [REAL / n for n in ("small_two_turns.jsonl", "tool_round.jsonl", "full_two_turns.jsonl",
+                               "full_tool_round.jsonl", "subagent_round.jsonl")]
+
+
+def _system_texts(records) -> list[str]:
+    return [b.get("text", "") for r in records for b in (r["body"] or {}).get("system") or [] if isinstance(b, dict)]
+
+
+def test_no_suggestion_from_different_sessions_stable_text_or_matching_a_stable_line():
+    """2.1.197: `--system-prompt "You are a terse assistant."` in one session and "... terse coding
+    assistant." in another once gave `You are a terse [^\\n]*?(?=\\.)`, which deletes instructions."""
+    res = load_records(REAL_ALL)
+    rep = diff_records(res.records)
+    assert rep.suggestions
+    for s in rep.suggestions:
+        assert not s.pattern.startswith("You are"), s.pattern
+    # no pattern removes anything from a line every request of a session shares with the others
+    from analysis.sessions import group
+
+    for recs in group(res.records).values():
+        texts = [_system_texts([r]) for r in recs]
+        stable = set.intersection(*({line for t in ts for line in t.splitlines()} for ts in texts))
+        for s in rep.suggestions:
+            if len(recs) > 1:  # on a stable line a pattern may cut a per-machine value (a path), never words
+                cut = [m.group(0) for line in stable for m in re.finditer(s.pattern, line) if m.group(0)]
+                if s.poison == "model_identity":  # only the model's name variant, not the sentence around it
+                    assert set(cut) <= {" (1M context)", "[1m]"}, (s.pattern, cut[:3])
+                else:
+                    assert all(re.fullmatch(r"[^\s`]*/[^\s`]*|[0-9a-f-]+", c) for c in cut), (s.pattern, cut[:3])
+    # the different --system-prompt texts are named as such, not patterned
+    assert any("different" in u for u in rep.unsuggested)
+
+
+def test_cross_session_patterns_generalize_the_path_instead_of_one_machines_value():
+    # derived from two sessions with HOME /tmp/rec/home_full and /tmp/rec/home_fulltool …
+    rep = diff_records(load_records([REAL / "full_two_turns.jsonl", REAL / "full_tool_round.jsonl"]).records)
+    cross = [s for s in rep.suggestions if s.poison in ("environment", "path")]
+    assert cross and all("home_full" not in s.pattern and "/tmp/rec" not in s.pattern for s in cross)
+    # … and they remove a third machine's paths too: the subagent recording ran under another HOME
+    third = next(r["body"] for r in load_records([REAL / "subagent_round.jsonl"]).records if r["body"])
+    text = third["system"][2]["text"]
+    home = re.search(r"memory at `(/tmp/rec/[^/]+)/", text).group(1)
+    assert "home_full" not in home
+    out, entries = _addon_strip(third, [s.pattern for s in cross])
+    assert all(home not in b["text"] for b in out["system"])
+    cut = [e for e in entries if e["kind"] == "fragment"]
+    texts = {e["text"] for e in cut}
+    assert {f"{home}/.claude/projects/-tmp-rec-home-agent-work/memory/", f"{home}/work"} <= texts
+    assert texts <= {f"{home}/.claude/projects/-tmp-rec-home-agent-work/memory/", f"{home}/work", "true", "false"}
+    assert {e["path"] for e in cut} == {"system[1].text"}  # the main prompt (the billing block dropped before it)
+    # what stays different is named, with the fix for the rest of the environment (git status)
+    assert any("exclude-dynamic-system-prompt-sections" in u for u in rep.unsuggested)
+
+
+def test_fields_and_headers_outside_the_prompt_are_listed_apart_as_harmless():
+    rep = diff_records(load_records(REAL_ALL).records)
+    outside = {v.path for v in rep.outside}
+    assert {"metadata.user_id", "headers.x-claude-code-session-id", "max_tokens"} <= outside
+    assert all(not v.in_prompt for v in rep.outside)
+    prompt = {v.path for v in rep.volatile}
+    assert not prompt & outside
+    assert all(p.startswith(("system", "tools", "messages")) for p in prompt)
+    assert not any("cache_control" in p for p in prompt)
+    from analysis.term import Style, format_diff
+
+    text = format_diff(rep, Style(enabled=False))
+    assert "harmless to the KV cache" in text
+
+
+def test_session_prefix_and_divergences_labelled_by_session(capsys):
+    records = load_records([REAL / "full_two_turns.jsonl", REAL / "small_two_turns.jsonl"]).records
+    rep = diff_records(records, session="000e094a-43e")  # the 12 characters the table prints
+    assert {p.session for p in rep.pairs if p.relation == "turn"} == {"000e094a-43ee-49f8-be53-53c0b30efef8"}
+    with pytest.raises(ValueError, match="no session starts with"):
+        diff_records(records, session="ffffffff")
+    assert main(["diff", str(REAL / "full_two_turns.jsonl"), "--session", "000e094a-43e"]) == 0
+    text = capsys.readouterr().out
+    assert "session 000e094a-43e main turn 1→2: prefix diverges at system[2]" in text
+    assert "full_two_turns.jsonl:" not in text  # no flow ids
+    assert main(["diff", str(REAL / "full_two_turns.jsonl"), "--session", "nope"]) == 2
+
+
+def test_a_path_given_a_pattern_is_not_also_reported_without_one(capsys):
+    rep = diff_records(load_records([CAPTURES / "constructed_volatile.jsonl"]).records)
+    assert rep.suggestions and rep.unsuggested == []
+    rep = diff_records(load_records([REAL / "full_two_turns.jsonl"]).records)
+    sugg = {s.path for s in rep.suggestions}
+    assert sugg == {"system[2].text"} and not any(u.startswith("system[2].text") for u in rep.unsuggested)
