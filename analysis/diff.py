@@ -733,17 +733,15 @@ def _block_path(path: str) -> str:
 
 
 def check_with_addon_rules(patterns: Sequence[str], a_body: dict, b_body: dict, path: str) -> str | None:
-    """Run the addon's own normalizer (addons/rules.py) with these fragment patterns on both bodies.
+    """Run the addon's own rules engine (``warmturn.rules``) with these fragment patterns on both bodies.
 
     ``"equal"`` when the text at ``path`` becomes the same, ``"closer"`` when it shares a longer
     prefix and fewer differing lines than before, None otherwise or when a pattern cuts anything
     elsewhere in the system prompt."""
-    from addons.rules import make_rules, strip_body
-
-    rules = make_rules(patterns=(), fragments=list(patterns), headers=())
-    (sa, ea), (sb, eb) = strip_body(a_body, rules), strip_body(b_body, rules)
+    engine = rules.Rules.make(patterns=(), fragments=list(patterns), headers=())
+    (sa, ea), (sb, eb) = engine.apply(a_body), engine.apply(b_body)
     target = _block_path(path)
-    if any(e.get("path") != target for e in ea + eb):
+    if any(getattr(e, "path", None) != target for e in ea + eb):
         return None
     before = (_text(_get(a_body, target)) or "", _text(_get(b_body, target)) or "")
     after = (_text(_get(sa, target)) or "", _text(_get(sb, target)) or "")

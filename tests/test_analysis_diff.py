@@ -302,11 +302,11 @@ def test_cross_session_patterns_generalize_the_path_instead_of_one_machines_valu
     assert "home_full" not in home
     out, entries = _addon_strip(third, [s.pattern for s in cross])
     assert all(home not in b["text"] for b in out["system"])
-    cut = [e for e in entries if e["kind"] == "fragment"]
-    texts = {e["text"] for e in cut}
+    cut = [e for e in entries if e.kind == "fragment"]
+    texts = {e.text for e in cut}
     assert {f"{home}/.claude/projects/-tmp-rec-home-agent-work/memory/", f"{home}/work"} <= texts
     assert texts <= {f"{home}/.claude/projects/-tmp-rec-home-agent-work/memory/", f"{home}/work", "true", "false"}
-    assert {e["path"] for e in cut} == {"system[1].text"}  # the main prompt (the billing block dropped before it)
+    assert {e.path for e in cut} == {"system[1].text"}  # the main prompt (the billing block dropped before it)
     # what stays different is named, with the fix for the rest of the environment (git status)
     assert any("exclude-dynamic-system-prompt-sections" in u for u in rep.unsuggested)
 

@@ -156,6 +156,8 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
 
 def test_wheel_carries_package_data_and_entry_points(wheel):
     names = set(wheel.namelist())
+    for pkg in PACKAGES:  # every first-party package, including the shared stdlib-only warmturn/
+        assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
     for data in ("bench/fixtures/session.json", "analysis/sample/sample-capture.jsonl", "addons/normalize.py"):
         assert any(n.endswith(data) for n in names), f"{data} missing from the wheel"
     assert not any(n.startswith("tests/") for n in names)
