@@ -10,7 +10,7 @@ CLAUDE_CODE_VERSION=2.1.197
 SMOLLM_VERSION=0.1.2
 say() { echo "[setup] $*" >&2; }
 
-# 1. Debian packages: OpenBLAS makes MLX's CPU backend ~50x faster at matmul on Linux.
+# 1. Debian packages: OpenBLAS makes MLX's CPU backend much faster on Linux (the measured figure: warmturn/plumbing.py).
 if [[ "$(uname -s)" == Linux ]] && command -v dpkg-query >/dev/null; then
   if ! dpkg-query -W -f='${Status}' libopenblas0-pthread 2>/dev/null | grep -q "ok installed"; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo -n"
