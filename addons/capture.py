@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import os
+import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,7 +21,7 @@ import mitmproxy.types
 from mitmproxy import command, ctx, exceptions, flow, http
 from mitmproxy.log import ALERT
 
-from warmturn.protocol import redact_headers, redact_json
+from warmturn.protocol import REDACTED, is_secret_name, redact_headers, redact_json
 
 from .state import FlowState
 
@@ -28,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 SCHEMA = 1
 BODY_TEXT_LIMIT = 64 * 1024
+MAX_BODY_DEFAULT = 4 * 1024 * 1024  # capture_max_body: larger request bodies are not stored whole
 
 
 def _ms(a: float | None, b: float | None) -> float | None:
@@ -40,7 +42,56 @@ def _headers(headers: http.Headers | None) -> dict[str, str]:
     return redact_headers(headers.items(multi=True) if headers is not None else None)
 
 
-def build_record(flow: http.HTTPFlow, label: str | None = None) -> dict[str, Any]:
+def redact_query(url_or_path: str) -> str:
+    """A path or URL with the values of credential-named query parameters redacted."""
+    head, sep, query = url_or_path.partition("?")
+    if not sep:
+        return url_or_path
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
+    if not any(is_secret_name(k) for k, _ in pairs):
+        return url_or_path
+    return head + "?" + urllib.parse.urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in pairs])
+
+
+def redact_text(text: str, content_type: str) -> str:
+    """A non-JSON body as text: form fields with credential names redacted."""
+    if "application/x-www-form-urlencoded" in content_type.lower() or (
+            "=" in text and "&" in text and " " not in text.strip()):
+        return redact_query("?" + text)[1:]
+    return text
+
+
+def _body_info(req: http.Request, st: FlowState, max_body: int) -> dict[str, Any]:
+    """The request's headers and body (JSON, else text) for the record, redacted and capped: a
+    body over `max_body` bytes keeps only its first BODY_TEXT_LIMIT bytes, and ``truncated``
+    says how long it was."""
+    info: dict[str, Any] = {"headers": _headers(req.headers)}
+    raw = req.get_content(strict=False) if req.raw_content is not None else b""
+    raw = raw or b""
+    size = st.size_original if st.size_original is not None else len(raw)
+    if size > max_body or len(raw) > max_body:
+        info["body"] = None
+        info["body_text"] = redact_text(raw[:BODY_TEXT_LIMIT].decode("utf-8", "replace"),
+                                        req.headers.get("content-type", ""))
+        info["truncated"] = {"original_bytes": max(size, len(raw)),
+                             "kept_bytes": len(info["body_text"].encode("utf-8"))}
+        return info
+    try:
+        if st.translated_from is not None:
+            info["body"] = redact_json(st.translated_from)
+        else:
+            info["body"] = redact_json(json.loads(raw)) if raw else None
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to walk
+        info["body"] = None
+    if info["body"] is None:
+        text = raw[:BODY_TEXT_LIMIT].decode("utf-8", "replace")
+        info["body_text"] = redact_text(text, req.headers.get("content-type", ""))
+        if len(raw) > BODY_TEXT_LIMIT:
+            info["truncated"] = {"original_bytes": len(raw), "kept_bytes": len(info["body_text"].encode("utf-8"))}
+    return info
+
+
+def build_record(flow: http.HTTPFlow, label: str | None = None, max_body: int = MAX_BODY_DEFAULT) -> dict[str, Any]:
     """The capture record of a flow (any HTTP flow: one warmturn did not admit gets defaults)."""
     st = FlowState.of(flow) or FlowState()
     req = flow.request
@@ -49,17 +100,7 @@ def build_record(flow: http.HTTPFlow, label: str | None = None) -> dict[str, Any
         t["request"] = req.timestamp_end or req.timestamp_start
     if t["end"] is None and flow.response is not None:
         t["end"] = flow.response.timestamp_end
-    body_info: dict[str, Any] = {"headers": _headers(req.headers)}
-    if st.translated_from is not None:
-        body_info["body"] = redact_json(st.translated_from)
-    else:
-        raw = req.get_content(strict=False) if req.raw_content is not None else b""
-        try:
-            body_info["body"] = redact_json(json.loads(raw)) if raw else None
-        except ValueError:
-            body_info["body"] = None
-        if body_info["body"] is None:
-            body_info["body_text"] = (raw or b"")[:BODY_TEXT_LIMIT].decode("utf-8", "replace")
+    body_info = _body_info(req, st, max_body)
     resp = flow.response
     error = st.error
     if error is None and flow.error is not None:
@@ -72,12 +113,12 @@ def build_record(flow: http.HTTPFlow, label: str | None = None) -> dict[str, Any
         "kind": st.kind,
         "label": label or None,
         "method": req.method,
-        "path": st.path if admitted else req.path,
+        "path": redact_query(st.path if admitted else req.path),
         "client": f"{client[0]}:{client[1]}" if client else None,
         "mode": st.mode if admitted else None,
         "backend": st.backend if admitted else None,
         "backend_api": st.backend_api if admitted else None,
-        "upstream": st.upstream or req.url,
+        "upstream": redact_query(st.upstream or req.url),
         "normalize": st.normalize,
         "session_id": st.session_id,
         "agent_id": st.agent_id,
@@ -112,15 +153,36 @@ def expand_path(spec: str, when: datetime.datetime | None = None) -> str:
     return when.strftime(os.path.expanduser(spec.replace("{date}", "%Y%m%d")))
 
 
+def encode_line(record: dict[str, Any]) -> bytes:
+    """One JSONL line, always valid UTF-8 JSON: a lone surrogate in any string (a client may send
+    ``"\\ud800"``) falls back to ASCII escapes; a body nested too deep to encode is replaced
+    by its text."""
+    try:
+        text = json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str)
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        return (json.dumps(record, ensure_ascii=True, separators=(",", ":"), default=str) + "\n").encode()
+    except RecursionError:
+        request = dict(record.get("request") or {})
+        request["body"] = None
+        request.setdefault("body_text", "<body nested too deep to store>")
+        return encode_line({**record, "request": request})
+
+
 def append_record(path: str, record: dict[str, Any]) -> None:
-    """Append one JSONL line with a single write() on an O_APPEND descriptor (private file, 0600)."""
-    line = (json.dumps(record, ensure_ascii=False, separators=(",", ":"), default=str) + "\n").encode("utf-8")
+    """Append one JSONL line on an O_APPEND descriptor (private file, 0600). A short write (a
+    signal, a nearly full disk) is continued until the whole line is written."""
+    line = memoryview(encode_line(record))
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        os.write(fd, line)
+        while line:
+            written = os.write(fd, line)
+            if written <= 0:
+                raise OSError(f"write returned {written}")
+            line = line[written:]
     finally:
         os.close(fd)
 
@@ -134,6 +196,9 @@ class Capture:
                           "working directory; empty disables.")
         loader.add_option("capture_label", str, "",
                           "Free-form label written into every capture record (e.g. normalize-off).")
+        loader.add_option("capture_max_body", int, MAX_BODY_DEFAULT,
+                          "Request bodies larger than this many bytes are not stored whole: the record keeps "
+                          "their first 64 KiB as text and request.truncated gives the original length.")
 
     def configure(self, updated: set[str]) -> None:
         if "capture_file" in updated and ctx.options.capture_file:
@@ -162,7 +227,14 @@ class Capture:
         if spec:
             path = expand_path(spec)
             try:
-                append_record(path, build_record(flow, ctx.options.capture_label))
+                record = build_record(flow, ctx.options.capture_label, ctx.options.capture_max_body)
+            except Exception as e:  # noqa: BLE001 - one odd flow still gets its line
+                logger.exception("warmturn: cannot build the capture record of flow %s", flow.id)
+                record = {"schema": SCHEMA, "id": flow.id, "kind": state.kind, "method": flow.request.method,
+                          "status": flow.response.status_code if flow.response is not None else None,
+                          "error": {"type": "capture_error", "message": f"record not built: {type(e).__name__}"}}
+            try:
+                append_record(path, record)
             except OSError as e:
                 logger.log(ALERT, "warmturn: cannot write capture %s: %s", path, e)
         state.freeze(flow)

@@ -7,7 +7,9 @@ and notes what it removed on the flow (comment and marker in mitmweb).
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,6 +18,21 @@ from mitmproxy import ctx, exceptions, http
 from warmturn import protocol, rules
 
 from .state import FlowState
+
+logger = logging.getLogger(__name__)
+
+#: bodies larger than this are parsed and re-encoded on a worker thread, not on mitmproxy's loop
+OFF_LOOP_BYTES = 512 * 1024
+
+
+def parse_body(raw: bytes) -> object:
+    """The decoded JSON body, or None (not JSON, nested too deep for the decoder, or not UTF-8)."""
+    if not raw:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 class Normalize:
@@ -43,19 +60,34 @@ class Normalize:
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from e
 
-    def request(self, flow: http.HTTPFlow) -> None:
+    async def request(self, flow: http.HTTPFlow) -> None:
         state = FlowState.pending(flow)
         if state is None:
             return
         req = flow.request
         raw = req.get_content(strict=False) or b""
         state.size_original = len(raw)
-        body: Any = None
-        if raw:
-            try:
-                body = json.loads(raw)
-            except ValueError:
-                body = None
+        big = len(raw) > OFF_LOOP_BYTES
+        body: Any = await asyncio.to_thread(parse_body, raw) if big else parse_body(raw)
+        try:
+            if big:
+                await asyncio.to_thread(self._apply, flow, state, body)
+            else:
+                self._apply(flow, state, body)
+        except Exception as e:  # noqa: BLE001 - an odd body is forwarded as the client sent it
+            logger.warning("warmturn: not normalizing flow %s (%s: %s); forwarding it unchanged",
+                           flow.id, type(e).__name__, e)
+            req.content = raw
+            state.stripped.clear()
+            state.body = body
+        if state.stripped:
+            tail = f"; stable system+tools prefix now {state.prefix_chars} chars" if state.prefix_chars else ""
+            flow.comment = "warmturn stripped: " + rules.describe(state.stripped) + tail
+            flow.marked = ":scissors:"
+
+    def _apply(self, flow: http.HTTPFlow, state: FlowState, body: Any) -> None:
+        """Identity, normalization and prefix statistics of one parsed body (pure of the loop)."""
+        req = flow.request
         state.session_id = protocol.session_id(req.headers, body)
         state.agent_id = protocol.agent_id(req.headers)
         state.is_subagent = protocol.is_subagent(req.headers, body)
@@ -76,7 +108,3 @@ class Normalize:
         state.body = body
         if state.kind in ("messages", "count_tokens"):
             state.prefix_hash, state.prefix_chars = rules.prefix_stats(body)
-        if state.stripped:
-            tail = f"; stable system+tools prefix now {state.prefix_chars} chars" if state.prefix_chars else ""
-            flow.comment = "warmturn stripped: " + rules.describe(state.stripped) + tail
-            flow.marked = ":scissors:"

@@ -8,19 +8,24 @@ Anthropic (which fails offline and is never needed).
 
 from __future__ import annotations
 
+import logging
 import time
 
 from mitmproxy import ctx, exceptions, http, tls
 
 from . import routing
-from .backends import BackendAdapter, make_adapter
+from .backends import BackendAdapter, error_response, make_adapter
+from .relay import TOKEN_HEADER, Relay
 from .state import FlowState
 from .supervise import Supervise
+
+logger = logging.getLogger(__name__)
 
 
 class Route:
     def __init__(self, supervise: Supervise) -> None:
         self.supervise = supervise
+        self.relay = Relay()  # finishes responses of plain-HTTP backends that die mid-request
         self.target = routing.parse_backend("embedded")
         self.adapter: BackendAdapter = self._make("anthropic", "", "")
 
@@ -57,6 +62,12 @@ class Route:
         if updated & {"backend", "backend_api", "backend_api_key", "backend_model"}:
             self.adapter = self._make(o.backend_api, o.backend_api_key, o.backend_model)
 
+    async def running(self) -> None:
+        await self.relay.start()
+
+    def done(self) -> None:
+        self.relay.close()
+
     def _rerouting(self, host: str | None) -> bool:
         return self.target.kind != "passthrough" and (host or "").lower() in routing.ANTHROPIC_HOSTS
 
@@ -79,8 +90,32 @@ class Route:
             return
         adapter = self.adapter
         state.live.adapter = adapter
-        answer = await adapter.prepare(flow, state)
+        try:
+            answer = await adapter.prepare(flow, state)
+        except Exception as e:  # noqa: BLE001 - a bug here must still give the client Anthropic's shape
+            logger.exception("warmturn: routing flow %s failed", flow.id)
+            answer = error_response(502, f"warmturn: could not route this request ({type(e).__name__})")
         if answer is not None:
             flow.response = answer
+        else:
+            self._via_relay(flow, adapter)
         state.size_forwarded = len(flow.request.raw_content or b"")
         state.t.sent = time.time()
+
+    def _via_relay(self, flow: http.HTTPFlow, adapter: BackendAdapter) -> None:
+        """Send a flow bound for a plain-HTTP backend through the relay (:mod:`addons.relay`)."""
+        req = flow.request
+        if not self.relay.port or req.scheme != "http" or self.target.kind == "passthrough":
+            return
+        token = self.relay.register(req.host, req.port, getattr(adapter, "api", "anthropic"))
+        host_header = req.headers.get("host")
+        req.host, req.port = "127.0.0.1", self.relay.port
+        if host_header is not None:
+            req.headers["host"] = host_header  # the backend still sees its own name
+        req.headers[TOKEN_HEADER.decode()] = token
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        flow.request.headers.pop(TOKEN_HEADER.decode(), None)  # spent: not for the capture or the view
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        flow.request.headers.pop(TOKEN_HEADER.decode(), None)

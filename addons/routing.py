@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
+import socket
 import urllib.parse
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from mitmproxy import http
@@ -59,16 +63,93 @@ def mode_type(flow: http.HTTPFlow) -> str:
     return mode.type_name if mode is not None else "regular"
 
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def canonical_ip(host: str) -> IPAddress | None:
+    """The address a host string names without DNS, in every spelling a socket accepts:
+    ``127.1``, ``2130706433``, ``0x7f.0.0.1`` and ``0177.0.0.1`` (inet_aton's legacy forms),
+    ``[::1]``, ``::1%lo``, ``::ffff:127.0.0.1`` (unwrapped to IPv4). None for a name."""
+    h = host.strip().lower().rstrip(".")
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    h = h.split("%", 1)[0]
+    try:
+        ip: IPAddress = ipaddress.ip_address(h)
+    except ValueError:
+        if not h or ":" in h:
+            return None
+        try:
+            ip = ipaddress.IPv4Address(socket.inet_aton(h))
+        except OSError:
+            return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip
+
+
+@functools.lru_cache(maxsize=256)
+def is_local_ip(ip: IPAddress) -> bool:
+    """An address of this machine: loopback, unspecified (``0.0.0.0`` reaches local listeners),
+    or one a socket can bind to (an interface address)."""
+    if ip.is_loopback or ip.is_unspecified:
+        return True
+    family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((str(ip), 0))
+        return True
+    except OSError:
+        return False
+
+
+def names_proxy(host: str, port: int, listen: Iterable[tuple[str, int]]) -> bool | None:
+    """Whether ``host:port`` is one of the proxy's own listening addresses (`listen`: host,
+    port pairs; an empty host or ``0.0.0.0``/``::`` listens on every local address). None when
+    `host` is a name that only DNS could tell (callers resolve it and ask again per address)."""
+    ports = {p for _, p in listen}
+    if port not in ports:
+        return False
+    if is_loopback(host):
+        ip: IPAddress | None = ipaddress.ip_address("127.0.0.1")
+    else:
+        ip = canonical_ip(host)
+    if ip is None:
+        return None
+    for lhost, lport in listen:
+        if lport != port:
+            continue
+        lip = canonical_ip(lhost) if lhost else None
+        if lip is None or lip.is_unspecified:
+            if is_local_ip(ip):
+                return True
+        elif lip == ip or (lip.is_loopback and ip.is_loopback) or (ip.is_unspecified and is_local_ip(lip)):
+            return True
+    return False
+
+
+def proxy_listen_addrs(flow: http.HTTPFlow | None = None) -> list[tuple[str, int]]:
+    """The proxy's listening (host, port) pairs, from mitmproxy's proxyserver addon (plus the
+    address this flow's client connected to)."""
+    out: list[tuple[str, int]] = []
+    try:
+        from mitmproxy import ctx
+
+        server = ctx.master.addons.get("proxyserver")
+        out = [(str(a[0]), int(a[1])) for a in server.listen_addrs()] if server is not None else []
+    except Exception:  # noqa: BLE001 - no master (unit tests): only the flow's own socket
+        out = []
+    sock = flow.client_conn.sockname if flow is not None else None
+    if sock:
+        out.append((str(sock[0]), int(sock[1])))
+    return out
+
+
 def addressed_to_proxy(flow: http.HTTPFlow) -> bool:
-    """True for a plain request sent to mitmproxy itself (ANTHROPIC_BASE_URL=http://proxy)."""
-    sock = flow.client_conn.sockname
-    if not sock:
-        return False
+    """True for a plain request sent to mitmproxy itself (ANTHROPIC_BASE_URL=http://proxy),
+    under any spelling of a loopback or local address (``127.1``, ``[::ffff:127.0.0.1]``…)."""
     req = flow.request
-    if req.port != sock[1]:
-        return False
-    host = req.host
-    return host == sock[0] or (is_loopback(host) and is_loopback(sock[0]))
+    return bool(names_proxy(req.host, req.port, proxy_listen_addrs(flow)))
 
 
 def is_api_flow(flow: http.HTTPFlow) -> bool:

@@ -6,6 +6,7 @@ import asyncio
 import os
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from addons.supervisor import EmbeddedServer, http_status
@@ -43,26 +44,59 @@ def test_reuses_a_server_already_answering(tmp_path):
     assert not (tmp_path / "log").exists()
 
 
-def test_restarts_a_dying_child_and_stops_it(tmp_path):
-    """A 'python' that dies at once: the supervisor restarts it and never reports ready."""
+def test_a_crash_looping_child_fails_fast_and_is_given_up(tmp_path):
+    """A 'python' that dies at once (issue 12 item 9): waiting requests learn it at once, with the
+    exit code and the last log lines; after three exits in a row it is not restarted again."""
     fake = tmp_path / "python"
-    fake.write_text(f"#!/bin/sh\necho started \"$@\" >> {tmp_path}/runs\nexit 3\n")
+    fake.write_text(f"#!/bin/sh\necho started \"$@\" >> {tmp_path}/runs\necho 'boom: no model here' >&2\nexit 3\n")
     fake.chmod(0o755)
     log = tmp_path / "server.log"
 
     async def main():
-        srv = EmbeddedServer(str(fake), ["--model", "/m"], free_port(), str(log), start_timeout_s=5)
+        srv = EmbeddedServer(str(fake), ["--model", "/m"], free_port(), str(log), start_timeout_s=600)
         srv.start()
-        assert not await srv.wait_ready(3.5)
+        t0 = time.monotonic()
+        assert not await srv.wait_ready(600)
+        waited = time.monotonic() - t0
+        first_error = srv.last_error
+        for _ in range(200):  # the restarts back off 1 s, then 2 s
+            if srv.gave_up:
+                break
+            await asyncio.sleep(0.05)
+        assert not await srv.wait_ready(600)
+        srv.stop()
+        return srv, waited, first_error
+
+    srv, waited, first_error = asyncio.run(main())
+    assert waited < 60  # not the 600 s start timeout
+    assert "exited with code 3" in first_error and "boom: no model here" in first_error
+    runs = (tmp_path / "runs").read_text().splitlines()
+    assert srv.gave_up and len(runs) == 3 and srv.restarts == 2
+    assert runs[0].startswith("started -m server --host 127.0.0.1 --port") and runs[0].endswith("--model /m")
+    assert "--parent-fd" in runs[0]
+    assert "not restarted" in srv.last_error
+    assert "=== pid" in log.read_text()
+
+
+def test_a_usage_error_is_not_restarted(tmp_path):
+    fake = tmp_path / "python"
+    fake.write_text(f"#!/bin/sh\necho run >> {tmp_path}/runs\necho 'error: cache directory is unsafe' >&2\nexit 2\n")
+    fake.chmod(0o755)
+
+    async def main():
+        srv = EmbeddedServer(str(fake), [], free_port(), str(tmp_path / "log"))
+        srv.start()
+        assert not await srv.wait_ready(600)
+        for _ in range(100):
+            if srv.gave_up:
+                break
+            await asyncio.sleep(0.02)
         srv.stop()
         return srv
 
     srv = asyncio.run(main())
-    runs = (tmp_path / "runs").read_text().splitlines()
-    assert len(runs) >= 2 and srv.restarts >= 1
-    assert runs[0].startswith("started -m server --host 127.0.0.1 --port") and runs[0].endswith("--model /m")
-    assert "exited with code 3" in srv.last_error
-    assert "=== pid" in log.read_text()
+    assert srv.gave_up and (tmp_path / "runs").read_text().count("run") == 1
+    assert "exited with code 2" in srv.last_error and "cache directory is unsafe" in srv.last_error
 
 
 def test_child_that_never_gets_healthy_is_terminated(tmp_path):
@@ -76,6 +110,7 @@ def test_child_that_never_gets_healthy_is_terminated(tmp_path):
         assert not await srv.wait_ready(2.5)
         assert "not healthy" in (srv.last_error or "")
         srv.stop()
+        assert await srv.stopped(15)
         return srv
 
     srv = asyncio.run(main())

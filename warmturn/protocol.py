@@ -536,11 +536,38 @@ def page_models(models: Sequence[dict[str, Any]], *, limit: int = 20, after_id: 
 
 REDACTED = "<redacted>"
 SECRET_NAMES = frozenset({"x-api-key", "authorization", "proxy-authorization", "cookie", "set-cookie"})
+#: name parts that mark a credential wherever they appear (``x-auth-token``, ``api_key``, ``accessToken``…)
+SECRET_WORDS = ("password", "passwd", "passphrase", "secret", "token", "apikey", "cookie", "credential",
+                "authorization", "session", "sessid")
+#: name parts that mark one only as a whole part (``key`` but not ``keyboard``, ``auth`` but not ``author``)
+SECRET_PARTS = frozenset({"key", "auth", "oauth", "pwd", "pass", "sid", "jwt", "bearer"})
+#: names that match but are not credentials: Claude Code's session id is captured as a field anyway
+NOT_SECRET = frozenset({"x-claude-code-session-id", "session_id", "sessionid"})
+_NAME_PARTS = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+
+
+def _name_parts(name: str) -> list[str]:
+    """``X-Auth-Token`` -> x, auth, token; ``accessToken`` -> access, token; ``API_KEY`` -> api, key."""
+    return [p.lower() for p in _NAME_PARTS.findall(name)]
 
 
 def is_secret_name(name: str) -> bool:
-    """A header or JSON key whose value is a credential and never reaches a log or capture."""
-    return name.lower() in SECRET_NAMES
+    """A header, JSON key, form field or query parameter whose value may be a credential and
+    never reaches a log or capture: any name with a part such as key, token, secret, auth,
+    password, cookie or session (counts like ``max_tokens`` and ``input_tokens`` excepted)."""
+    low = name.lower()
+    if low in SECRET_NAMES:
+        return True
+    if low in NOT_SECRET:
+        return False
+    for part in _name_parts(name):
+        if part in SECRET_PARTS:
+            return True
+        if part.endswith("tokens") or part.startswith("tokeniz"):
+            continue  # token counts and tokenizer names
+        if any(w in part for w in SECRET_WORDS):
+            return True
+    return False
 
 
 def _pairs(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Iterable[tuple[str, str]]:
