@@ -35,8 +35,9 @@ class Route:
                           "server, python -m server), 'passthrough' (keep the original destination: capture and "
                           "normalize only), or a base URL such as http://127.0.0.1:8000.")
         loader.add_option("backend_api", str, "anthropic",
-                          "API the backend speaks: 'anthropic' (Messages API) or 'openai' (Chat Completions; "
-                          "the addon translates requests and streamed responses both ways).",
+                          "API a URL backend speaks: 'anthropic' (Messages API) or 'openai' (Chat Completions; "
+                          "the addon translates requests and streamed responses both ways). The embedded server "
+                          "speaks Anthropic's API and passthrough keeps the real one, whatever this says.",
                           choices=("anthropic", "openai"))
         loader.add_option("backend_api_key", str, "",
                           "Credential sent to the backend instead of the client's (x-api-key for anthropic, "
