@@ -93,7 +93,8 @@ def _body_info(req: http.Request, st: FlowState, max_body: int) -> dict[str, Any
 
 def build_record(flow: http.HTTPFlow, label: str | None = None, max_body: int = MAX_BODY_DEFAULT) -> dict[str, Any]:
     """The capture record of a flow (any HTTP flow: one warmturn did not admit gets defaults)."""
-    st = FlowState.of(flow) or FlowState()
+    admitted = FlowState.of(flow)
+    st = admitted or FlowState()
     req = flow.request
     t = dict(vars(st.t))
     if t["request"] is None:
@@ -106,7 +107,6 @@ def build_record(flow: http.HTTPFlow, label: str | None = None, max_body: int = 
     if error is None and flow.error is not None:
         error = {"type": "proxy_error", "message": flow.error.msg}
     client = flow.client_conn.peername
-    admitted = FlowState.of(flow) is not None
     return {
         "schema": SCHEMA,
         "id": flow.id,

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from mitmproxy import http
 
-from warmturn.protocol import MessageFold, SSEDecoder
+from warmturn.protocol import MessageFold, RequestKind, SSEDecoder
 from warmturn.rules import Stripped, stripped_from_json
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ class Live:
 class FlowState:
     """Everything warmturn learns about one API flow; capture writes it out as one JSONL line."""
 
-    kind: str = "other"
+    kind: RequestKind = "other"
     path: str = ""
     mode: str = "regular"
     backend: str = ""

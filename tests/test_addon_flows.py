@@ -503,3 +503,14 @@ def test_non_loopback_connect_is_refused(wt):
     ok = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
     addon.http_connect(ok)
     assert ok.response.status_code == 200 and "content-length" not in ok.response.headers
+
+
+def test_embedded_backend_not_running_is_a_503_overloaded_error(wt):
+    addon, tctx, cap, _ = wt
+    tctx.configure(addon.gate, backend="embedded")  # mitmproxy is not "running" here: no server started
+    f = make_flow({"model": "m", "messages": [], "stream": True})
+    run_request(addon, f)
+    assert f.response.status_code == 503
+    assert json.loads(f.response.content)["error"]["type"] == protocol.error_type_for(503) == "overloaded_error"
+    addon.response(f)
+    assert lines(cap)[-1]["error"]["type"] == "overloaded_error"
