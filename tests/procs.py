@@ -64,7 +64,8 @@ def mitmdump(port: int, log: Path, **options) -> contextmanager:
     cmd = [str(VENV_BIN / "mitmdump"), "-s", str(ROOT / "addons" / "normalize.py"),
            "--listen-host", "127.0.0.1", "--listen-port", str(port)]
     for k, v in options.items():
-        cmd += ["--set", f"{k}={str(v).lower() if isinstance(v, bool) else v}"]
+        for item in v if isinstance(v, (list, tuple)) else [v]:  # a list sets a Sequence[str] option
+            cmd += ["--set", f"{k}={str(item).lower() if isinstance(item, bool) else item}"]
     return process(cmd, port, log)
 
 
