@@ -39,6 +39,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vllm-mlx-cmd", default=os.environ.get("VLLM_MLX_CMD", ""),
                    help="opt-in vllm-mlx peer arms: command prefix that serves a model, e.g. "
                         "'/opt/vllm-mlx/.venv/bin/vllm-mlx serve' (env VLLM_MLX_CMD)")
+    p.add_argument("--vllm", action="store_true", default=os.environ.get("WARMTURN_BENCH_VLLM") == "1",
+                   help="opt-in vLLM arms (8-vllm-*): vLLM CPU from `make vllm` behind the addon, on the default "
+                        "model exported as HF weights (env WARMTURN_BENCH_VLLM=1)")
     p.add_argument("--mlx-lm-python", default=sys.executable,
                    help="Python that runs mlx_lm.server (default: this one)")
     p.add_argument("--peer-template", choices=["tools", "native"], default="tools",
@@ -63,8 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def select_arms(spec: str, vllm_mlx: bool):
-    arms = all_arms(vllm_mlx=vllm_mlx)
+def select_arms(spec: str, vllm_mlx: bool, vllm: bool = False):
+    arms = all_arms(vllm_mlx=vllm_mlx, vllm=vllm)
     if not spec:
         return arms
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
@@ -180,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                             main_turns=args.turns, subagent=not args.smoke, compact=args.smoke)
     new_session = build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens, main_turns=1,
                                 subagent=False, session_tag="b", compact=args.smoke)
-    arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd))
+    arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd), vllm=args.vllm)
     meta = {"date": stamp, "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "model": str(model), "peer_model": str(peer_model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,
             "estimated_prefix_tokens": session.prefix_tokens, "requests_per_session": len(session.requests),

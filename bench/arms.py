@@ -30,16 +30,24 @@ BACKEND_MODEL_FOR_MLX_LM = "default_model"  # mlx_lm.server's alias for its --mo
 class Arm:
     key: str  # short id, also the capture label: "1-stable"
     title: str
-    backend: str = "embedded"  # embedded | mlx_lm | vllm_mlx
+    backend: str = "embedded"  # embedded | mlx_lm | vllm_mlx | vllm
     billing: bool = True  # rotating billing block at system[0], a new one per request
     normalize: bool = True
     proxy: bool = True  # through mitmdump + addons/normalize.py
     server_args: tuple[str, ...] = ()
     backend_api: str = "anthropic"
     restart: bool = False  # arm 6: prime, restart with --cache-dir, measure a new session's first turn
+    volatile: bool = False  # a per-request line vLLM does not strip (VOLATILE_LINE) at the top of the system text
 
 
-def all_arms(vllm_mlx: bool = False) -> list[Arm]:
+# A per-request line that engines do not know (vLLM strips only Claude Code's billing block), and the
+# addon pattern that cuts it (arm 8-vllm-volatile-on sets it with volatile_fragments).
+VOLATILE_LINE = "request-nonce: {}\n"
+VOLATILE_FRAGMENT = r"request-nonce: [0-9a-f]{32}\n"
+VLLM_MODEL = "smollm2"  # --served-model-name in scripts/vllm-cpu.sh
+
+
+def all_arms(vllm_mlx: bool = False, vllm: bool = False) -> list[Arm]:
     arms = [
         Arm("1-stable", "stable prefix, no billing block (normalize on)", billing=False),
         Arm("2-rotating-off", "rotating billing block, normalize=false", normalize=False),
@@ -53,6 +61,15 @@ def all_arms(vllm_mlx: bool = False) -> list[Arm]:
             Arm("5-vllm-mlx", "peer: vllm-mlx default mode, its /v1/messages behind the addon", backend="vllm_mlx"),
             Arm("5-vllm-mlx-cb", "peer: vllm-mlx --continuous-batching behind the addon", backend="vllm_mlx",
                 server_args=("--continuous-batching",)),
+        ]
+    if vllm:
+        arms += [
+            Arm("8-vllm-billing-off", "peer: vLLM (CPU, float32), rotating billing block, normalize=false "
+                "(vLLM strips the billing block itself)", backend="vllm", normalize=False),
+            Arm("8-vllm-volatile-off", "peer: vLLM, billing + a per-request line vLLM does not strip, "
+                "normalize=false", backend="vllm", normalize=False, volatile=True),
+            Arm("8-vllm-volatile-on", "peer: vLLM, billing + the same line, normalize=true (addon pattern for it)",
+                backend="vllm", volatile=True),
         ]
     arms += [
         Arm("6-restart", "restart with --cache-dir: a new session's first turn", restart=True),
@@ -114,6 +131,8 @@ def backend_cmd(arm: Arm, ctx: Context, port: int, cache_dir: Path | None = None
             raise RuntimeError("vllm-mlx arm needs --vllm-mlx-cmd (see docs/bench.md)")
         return [*shlex.split(ctx.vllm_mlx_cmd), str(ctx.peer_model), "--host", "127.0.0.1", "--port", str(port),
                 *arm.server_args], f"{base}/v1/models"
+    if arm.backend == "vllm":  # scripts/vllm-cpu.sh serve (make vllm): a later --port wins
+        return ["bash", str(ROOT / "scripts" / "vllm-cpu.sh"), "serve", "--port", str(port)], f"{base}/health"
     raise ValueError(f"unknown backend {arm.backend!r}")
 
 
@@ -124,6 +143,8 @@ def backend_model(arm: Arm, ctx: Context) -> str | None:
         return BACKEND_MODEL_FOR_MLX_LM  # mlx_lm.server's alias for its --model
     if arm.backend == "vllm_mlx":
         return str(ctx.peer_model)  # vllm-mlx 0.6.0 answers 404 to any other name
+    if arm.backend == "vllm":
+        return VLLM_MODEL
     return None
 
 
@@ -138,6 +159,9 @@ def proxy_cmd(arm: Arm, ctx: Context, port: int, backend_url: str) -> list[str]:
     model = backend_model(arm, ctx)
     if model:
         cmd += ["--set", f"backend_model={model}"]
+    if arm.volatile:
+        cmd += ["--set", f"volatile_fragments={VOLATILE_FRAGMENT}",
+                "--set", r"volatile_fragments=x-anthropic-billing-header:[^\n]*\n?"]
     return cmd
 
 
@@ -165,6 +189,14 @@ def make_row(arm: Arm, rep: int, req: BenchRequest, phase: str, res: Result) -> 
             "cache_creation_input_tokens": u.get("cache_creation_input_tokens"),
             "output_tokens": u.get("output_tokens"), "prompt_tokens": res.prompt_tokens,
             "stop_reason": res.stop_reason, "error": res.error}
+
+
+def with_volatile_line(body: dict, rng: random.Random) -> dict:
+    """A copy of `body` whose first non-billing system block starts with a fresh VOLATILE_LINE."""
+    system = [dict(b) for b in body["system"]]
+    i = next(i for i, b in enumerate(system) if not b.get("text", "").startswith("x-anthropic-billing-header"))
+    system[i]["text"] = VOLATILE_LINE.format(f"{rng.getrandbits(128):032x}") + system[i]["text"]
+    return {**body, "system": system}
 
 
 REQUEST_LOG_MARK = "warmturn.requests: "
@@ -223,7 +255,7 @@ class ArmRun:
         cmd, ready = backend_cmd(self.arm, self.ctx, self.backend_port, self.cache_dir)
         self.log(f"starting backend: {' '.join(cmd[1:4])} … port {self.backend_port}")
         name = f"{self.arm.key}-{self.rep}-backend"
-        env = procs.mlx_env()
+        env = procs.mlx_env() if self.arm.backend != "vllm" else None  # vLLM: torch brings its own BLAS
         if self.arm.backend == "vllm_mlx":
             # vllm-mlx --continuous-batching persists its prefix cache under ~/.cache/vllm-mlx and
             # reloads it at start: a private HOME per arm keeps runs (and its two arms) independent
@@ -250,6 +282,8 @@ class ArmRun:
         if time.monotonic() > self.ctx.deadline:
             raise BenchTimeout(f"time limit reached before {self.arm.key} {req.name}")
         body = with_billing(req, self.rng) if self.arm.billing else req.body
+        if self.arm.volatile:
+            body = with_volatile_line(body, self.rng)
         headers = dict(req.headers, **{"x-api-key": "bench-not-a-key"})
         res = send(client, base, body, headers, self.ctx.request_timeout)
         row = make_row(self.arm, self.rep, req, phase, res)
