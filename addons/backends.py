@@ -29,17 +29,26 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, get_args
 
 from mitmproxy import http
 
-from warmturn.protocol import (CLAUDE_MODELS, error_for_status, is_error_body, model_info,
+from warmturn.protocol import (CLAUDE_MODELS, ErrorType, error_for_status, is_error_body, model_info,
                                page_models)
 from warmturn.rules import encode_body
 
 from . import openai_translate, routing
 from .state import FlowState
 from .supervisor import EmbeddedServer, can_connect
+
+
+#: the error types Anthropic's API (and so its clients) know; engines invent others (vLLM: NotFoundError…)
+ANTHROPIC_ERROR_TYPES = frozenset(get_args(ErrorType))
+
+
+def is_anthropic_error(body: Any) -> bool:
+    """An Anthropic-shaped error body whose type is one of Anthropic's own."""
+    return is_error_body(body) and body["error"].get("type") in ANTHROPIC_ERROR_TYPES
 
 
 def error_response(status: int, message: str) -> http.Response:
@@ -141,9 +150,11 @@ class AnthropicAdapter:
         if resp.status_code >= 400:
             raw = resp.get_content(strict=False) or b""
             try:
-                shaped = is_error_body(json.loads(raw))
+                shaped = is_anthropic_error(json.loads(raw))
             except ValueError:
                 shaped = False
+            # vLLM answers in Anthropic's shape with its own types ({"type": "NotFoundError"}):
+            # only bodies typed the way Anthropic's clients expect pass as they are
             if not shaped:
                 resp.content = json.dumps(self.map_error(resp.status_code, raw, state.upstream or "?")).encode()
                 resp.headers["content-type"] = "application/json"
@@ -186,8 +197,13 @@ class OpenAIAdapter(AnthropicAdapter):
         if state.kind == "models":
             return json_response(models_listing())
         if state.kind == "count_tokens":
-            # OpenAI engines have no count endpoint: a rough estimate (~4 chars/token), documented.
-            return json_response({"input_tokens": max(1, len(flow.request.raw_content or b"") // 4)})
+            # Some OpenAI engines also count Anthropic requests (vLLM serves /v1/messages/count_tokens
+            # next to Chat Completions): ask, with the model name mapped; finish_response estimates
+            # when the route does not exist there.
+            self.rewrite(flow, state)
+            self.bearer(flow.request)
+            state.upstream = routing.route(flow, self.target)
+            return await self.check_reachable()
         if state.kind == "messages":
             if not isinstance(state.body, dict):
                 return error_response(400, "request body is not a JSON object")
@@ -201,22 +217,37 @@ class OpenAIAdapter(AnthropicAdapter):
             req.headers["content-type"] = "application/json"
             for h in [h for h in req.headers if h.lower().startswith("anthropic-")]:
                 req.headers.pop(h, None)
-            key = self.api_key or req.headers.get("x-api-key")
-            req.headers.pop("x-api-key", None)
-            if key:
-                req.headers["authorization"] = f"Bearer {key}"
+            self.bearer(req)
             state.upstream = routing.route(flow, self.target, "/v1/chat/completions")
         else:
             state.upstream = routing.route(flow, self.target)
         return await self.check_reachable()
+
+    def bearer(self, req: http.Request) -> None:
+        """OpenAI-style credentials: the key (backend_api_key, else the client's) as a Bearer token."""
+        key = self.api_key or req.headers.get("x-api-key")
+        req.headers.pop("x-api-key", None)
+        if key:
+            req.headers["authorization"] = f"Bearer {key}"
 
     def stream_translator(self, state: FlowState) -> Callable[[bytes], bytes] | None:
         if state.translated_from is None:
             return None
         return openai_translate.StreamTranslator(state.model or "").feed
 
+    #: statuses of an engine without a count_tokens route (mlx_lm.server, Ollama…)
+    NO_ROUTE = (404, 405, 501)
+
     def finish_response(self, flow: http.HTTPFlow, state: FlowState) -> None:
         resp = flow.response
+        if state.kind == "count_tokens" and resp.status_code in self.NO_ROUTE:
+            try:
+                engine_error = is_error_body(json.loads(resp.get_content(strict=False) or b""))
+            except ValueError:
+                engine_error = False
+            if not engine_error:  # no such route: a rough estimate (~4 chars/token), documented
+                flow.response = json_response({"input_tokens": max(1, len(flow.request.raw_content or b"") // 4)})
+                return
         if state.translated_from is None or state.kind != "messages" or resp.status_code >= 400:
             super().finish_response(flow, state)
             return

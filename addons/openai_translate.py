@@ -153,6 +153,14 @@ def _tool_input(arguments: Any) -> Any:
     return value if isinstance(value, dict) else {"value": value}
 
 
+def stop_reason(finish_reason: str | None, called_tools: bool) -> str:
+    """Anthropic's stop_reason for an OpenAI finish_reason. A turn that called tools is ``tool_use``
+    even when the engine says ``stop`` (vLLM does, for a named ``tool_choice``): Claude Code runs the
+    tools only on ``tool_use``."""
+    stop = STOP_REASONS.get(finish_reason or "stop", "end_turn")
+    return "tool_use" if called_tools and stop == "end_turn" else stop
+
+
 def from_openai_response(resp: dict, model: str) -> dict:
     """A non-streamed Chat Completions response as an Anthropic Message."""
     choice = (resp.get("choices") or [{}])[0]
@@ -165,9 +173,10 @@ def from_openai_response(resp: dict, model: str) -> dict:
         content.append({"type": "tool_use", "id": call.get("id") or new_id("toolu_"),
                         "name": fn.get("name", ""), "input": _tool_input(fn.get("arguments"))})
     usage = usage_from_openai(resp.get("usage")) or {"input_tokens": 0, "output_tokens": 0}
+    stop = stop_reason(choice.get("finish_reason"), any(b["type"] == "tool_use" for b in content))
     return {"id": f"msg_{resp.get('id')}" if resp.get("id") else new_id("msg_"), "type": "message", "role": "assistant",
             "model": model, "content": content,
-            "stop_reason": STOP_REASONS.get(choice.get("finish_reason") or "stop", "end_turn"),
+            "stop_reason": stop,
             "stop_sequence": None, "usage": usage}
 
 
@@ -183,10 +192,14 @@ class StreamTranslator:
         self._msg: MessageStream | None = None
         self._finished = False
         self._block: tuple[str, int | None] | None = None  # ("text", None) | ("tool", openai index)
-        self._stop = "end_turn"
+        self._finish_reason: str | None = None
+        self._called_tools = False
         self._usage: dict[str, int] = {}
 
     def feed(self, chunk: bytes) -> bytes:
+        """Translate one chunk (b"" at the end of the stream). The result may be empty: an OpenAI
+        chunk can carry nothing Anthropic streams (vLLM's separate ``"choices": []`` usage chunk),
+        and the caller must not pass an empty chunk on as one (see addons/tap.py)."""
         events = self._dec.feed(chunk) if chunk else self._dec.flush()
         out = [e for ev in events for e in self._event(ev.data)]
         if not chunk:
@@ -231,10 +244,11 @@ class StreamTranslator:
                 fn = call.get("function") or {}
                 if self._block != key:
                     self._block = key
+                    self._called_tools = True
                     out += stream.open_tool(fn.get("name", ""), call.get("id") or None)
                 out += stream.tool_input(fn.get("arguments") or "")
             if choice.get("finish_reason"):
-                self._stop = STOP_REASONS.get(choice["finish_reason"], "end_turn")
+                self._finish_reason = choice["finish_reason"]
         return out
 
     def _finish(self) -> list[dict]:
@@ -242,4 +256,5 @@ class StreamTranslator:
             return []
         self._finished = True
         stream, out = self._message(None)
-        return out + stream.finish(self._stop, usage=self._usage or {"output_tokens": 0}, empty_block=False)
+        stop = stop_reason(self._finish_reason, self._called_tools)
+        return out + stream.finish(stop, usage=self._usage or {"output_tokens": 0}, empty_block=False)

@@ -23,11 +23,16 @@ logger = logging.getLogger(__name__)
 VIEW_COPY_LIMIT = 8 * 1024 * 1024  # the stream kept for mitmweb's view
 
 
-def make_tap(state: FlowState) -> Callable[[bytes], bytes]:
-    """The stream callable of one flow (mitmproxy calls it per chunk, then with b"")."""
+def make_tap(state: FlowState) -> Callable[[bytes], list[bytes]]:
+    """The stream callable of one flow (mitmproxy calls it per chunk, then with b"").
+
+    It returns a list of chunks to send, empty when there is nothing: mitmproxy writes each
+    returned chunk as an HTTP/1 chunk, and a zero-length one is the chunked body's terminator, so
+    a translator that has nothing to say for a chunk (vLLM's separate usage chunk) must not
+    become b"" mid-stream (the client would never see message_delta or message_stop)."""
     t, live = state.t, state.live
 
-    def tap(chunk: bytes) -> bytes:
+    def tap(chunk: bytes) -> list[bytes]:
         now = time.time()
         if chunk and t.first_byte is None:
             t.first_byte = now
@@ -42,7 +47,7 @@ def make_tap(state: FlowState) -> Callable[[bytes], bytes]:
         live.size += len(out)
         if len(live.copy) + len(out) <= VIEW_COPY_LIMIT:
             live.copy += out
-        return out
+        return [out] if out else []
 
     return tap
 

@@ -103,7 +103,7 @@ def finish_streamed(addon, f, data: bytes, chunk: int = 7, ctype="text/event-str
     addon.responseheaders(f)
     tap = f.response.stream
     assert callable(tap)
-    out = b"".join(tap(data[i:i + chunk]) for i in range(0, len(data), chunk)) + tap(b"")
+    out = b"".join(b"".join(tap(data[i:i + chunk])) for i in range(0, len(data), chunk)) + b"".join(tap(b""))
     addon.response(f)
     return out
 
@@ -344,7 +344,7 @@ def test_proxy_error_is_captured(wt):
     f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream"), content=b"")
     addon.responseheaders(f)
     half = SSE[: SSE.index(b"event: content_block_stop")]
-    assert f.response.stream(half) == half
+    assert f.response.stream(half) == [half]
     f.error = mflow.Error("client disconnected")
     addon.error(f)
     line = lines(cap)[-1]
