@@ -131,6 +131,8 @@ def build_record(flow: http.HTTPFlow, label: str | None = None, max_body: int = 
         "ttfb_ms": _ms(t["request"], t["first_byte"]),
         "ttft_ms": _ms(t["request"], t["first_content"]),
         "total_ms": _ms(t["request"], t["end"]),
+        "queue_ms": st.queue_ms,
+        "prefill_ms": st.prefill_ms,
         "usage": st.usage or None,
         "stop_reason": st.stop_reason,
         "prefix_hash": st.prefix_hash,

@@ -75,6 +75,9 @@ class FlowState:
     size_original: int | None = None
     size_forwarded: int | None = None
     size_response: int | None = None
+    #: the backend's own timings of this request, when it reports them (the embedded server does)
+    queue_ms: float | None = None
+    prefill_ms: float | None = None
     #: the normalized Anthropic body when what was forwarded is a translation of it (backend_api=openai)
     translated_from: Any = None
     usage: dict[str, int] | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -21,6 +22,19 @@ from .state import FlowState, Live
 logger = logging.getLogger(__name__)
 
 VIEW_COPY_LIMIT = 8 * 1024 * 1024  # the stream kept for mitmweb's view
+# Response headers in which a backend reports its own timings (docs/server.md): state field -> header
+BACKEND_TIMINGS = {"queue_ms": "x-warmturn-queue-ms", "prefill_ms": "x-warmturn-prefill-ms"}
+
+
+def read_backend_timings(state: FlowState, headers: http.Headers) -> None:
+    """The backend's queue wait and prefill time, from its response headers (absent or junk: None)."""
+    for field_name, header in BACKEND_TIMINGS.items():
+        try:
+            value = float(headers.get(header, ""))
+        except ValueError:
+            continue
+        if math.isfinite(value) and value >= 0:
+            setattr(state, field_name, value)
 
 
 def make_tap(state: FlowState) -> Callable[[bytes], list[bytes]]:
@@ -69,6 +83,7 @@ class Tap:
             return
         state.t.response_headers = time.time()
         resp = flow.response
+        read_backend_timings(state, resp.headers)
         if "text/event-stream" in resp.headers.get("content-type", "") and resp.status_code < 400:
             adapter = state.live.adapter
             state.live.translate = adapter.stream_translator(state) if adapter is not None else None

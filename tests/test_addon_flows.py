@@ -368,7 +368,7 @@ def test_capture_every_line_is_valid_jsonl_with_all_fields(wt):
     assert len(raw_lines) == len((CC / "tool_round.jsonl").read_text().splitlines())
     fields = {"schema", "id", "kind", "label", "method", "path", "client", "mode", "backend", "backend_api", "upstream",
               "normalize", "session_id", "agent_id", "is_subagent", "model", "stream", "status", "error", "t",
-              "ttfb_ms", "ttft_ms", "total_ms", "usage", "stop_reason", "prefix_hash", "prefix_chars", "stripped",
+              "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason", "prefix_hash", "prefix_chars", "stripped",
               "sizes", "request", "response"}
     kinds = set()
     for raw in raw_lines:
@@ -514,3 +514,24 @@ def test_embedded_backend_not_running_is_a_503_overloaded_error(wt):
     assert json.loads(f.response.content)["error"]["type"] == protocol.error_type_for(503) == "overloaded_error"
     addon.response(f)
     assert lines(cap)[-1]["error"]["type"] == "overloaded_error"
+
+
+def test_backend_queue_wait_and_prefill_are_captured(wt):
+    addon, tctx, cap, _ = wt
+    f = make_flow({"model": "m", "messages": [], "stream": True})
+    run_request(addon, f)
+    f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream", x_warmturn_queue_ms="1520.5",
+                                                   x_warmturn_prefill_ms="310.25"), content=b"")
+    addon.responseheaders(f)
+    f.response.stream(SSE)
+    f.response.stream(b"")
+    addon.response(f)
+    line = lines(cap)[-1]
+    assert (line["queue_ms"], line["prefill_ms"]) == (1520.5, 310.25)
+    g = make_flow({"model": "m", "messages": []})
+    run_request(addon, g)
+    g.response = tutils.tresp(headers=http.Headers(content_type="application/json", x_warmturn_queue_ms="nan"),
+                              content=b'{"type":"message","content":[],"usage":{"input_tokens":1,"output_tokens":1}}')
+    addon.responseheaders(g)
+    addon.response(g)
+    assert (lines(cap)[-1]["queue_ms"], lines(cap)[-1]["prefill_ms"]) == (None, None)
