@@ -186,7 +186,7 @@ def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
                       rotation=20 if len(arms) > 4 else 0, ha="right" if len(arms) > 4 else "center")
     else:
         _empty(ax, "timed requests")
-    ax.set_xlabel("arm (from labels)")
+    ax.set_xlabel("arm")
     ax.set_ylabel("median TTFT after turn 1 (s), whiskers p10–p90")
     ax.set_title("A/B: median time to first token per arm (speed-up vs baseline on the bars)")
     ax.grid(alpha=0.3, axis="y")
