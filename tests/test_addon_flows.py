@@ -368,8 +368,8 @@ def test_capture_every_line_is_valid_jsonl_with_all_fields(wt):
     assert len(raw_lines) == len((CC / "tool_round.jsonl").read_text().splitlines())
     fields = {"schema", "id", "kind", "label", "method", "path", "client", "mode", "backend", "backend_api", "upstream",
               "normalize", "session_id", "agent_id", "is_subagent", "model", "stream", "status", "error", "t",
-              "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason", "prefix_hash", "prefix_chars", "stripped",
-              "sizes", "request", "response"}
+              "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason", "prefix_hash",
+              "prefix_chars", "stripped", "sizes", "request", "response"}
     kinds = set()
     for raw in raw_lines:
         rec = json.loads(raw)
