@@ -29,7 +29,7 @@ import secrets
 import time
 from dataclasses import dataclass
 
-from warmturn.protocol import error_for_status
+from warmturn.protocol import encode_sse, error_for_status
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def stream_error_event(api: str, message: str) -> bytes:
     """The SSE bytes that tell a client its stream failed, in the backend's API."""
     if api == "openai":
         return b"data: " + json.dumps({"error": {"message": message, "type": "server_error"}}).encode() + b"\n\n"
-    return b"event: error\ndata: " + json.dumps(error_for_status(502, message)).encode() + b"\n\n"
+    return encode_sse(error_for_status(502, message))
 
 
 async def _copy_body(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
