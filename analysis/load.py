@@ -94,7 +94,8 @@ def _base_record(source: str, line: int) -> dict:
         "source": source, "line": line, "id": f"{Path(source).name}:{line}", "kind": "messages",
         "label": None, "normalize": None, "session_id": None, "agent_id": None, "is_subagent": False,
         "model": None, "stream": None, "status": None, "error": None, "t": {}, "ttfb_ms": None,
-        "ttft_ms": None, "total_ms": None, "usage": None, "stop_reason": None, "prefix_hash": None,
+        "queue_ms": None, "prefill_ms": None, "ttft_ms": None, "total_ms": None, "usage": None, "stop_reason": None,
+        "prefix_hash": None,
         "stripped": [], "headers": {}, "body": None, "original": None, "original_headers": {},
         "shape": None,
     }
@@ -106,7 +107,8 @@ def record_from_capture(obj: dict, source: str, line: int) -> dict:
         raise ValueError(f"unsupported schema {obj.get('schema')!r}")
     rec = _base_record(source, line)
     for k in ("kind", "label", "normalize", "session_id", "agent_id", "model", "stream", "status",
-              "error", "ttfb_ms", "ttft_ms", "total_ms", "usage", "stop_reason", "prefix_hash"):
+              "error", "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason",
+              "prefix_hash"):
         if k in obj:
             rec[k] = obj[k]
     rec["id"] = str(obj.get("id") or rec["id"])
@@ -305,13 +307,15 @@ def flows_frame(records: Sequence[dict]) -> pd.DataFrame:
             "error_type": (r.get("error") or {}).get("type") if isinstance(r.get("error"), dict) else None,
             "normalize": r.get("normalize"), "t_request": _num(t.get("request")),
             "ttfb_ms": _num(r.get("ttfb_ms")), "ttft_ms": _num(r.get("ttft_ms")), "total_ms": _num(r.get("total_ms")),
+            "queue_ms": _num(r.get("queue_ms")), "prefill_ms": _num(r.get("prefill_ms")),
             "input_tokens": inp, "output_tokens": _num(u.get("output_tokens")),
             "cache_read_tokens": read, "cache_creation_tokens": cre, "prompt_tokens": prompt,
             "prefix_hash": r.get("prefix_hash"), "stripped_count": len(r.get("stripped") or []),
         })
-    cols = ["arm", "labelled", "source", "line", "id", "session", "agent", "side", "is_subagent", "model", "status", "error_type",
-            "normalize", "t_request", "ttfb_ms", "ttft_ms", "total_ms", "input_tokens", "output_tokens",
-            "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "prefix_hash", "stripped_count"]
+    cols = ["arm", "labelled", "source", "line", "id", "session", "agent", "side", "is_subagent", "model", "status",
+            "error_type", "normalize", "t_request", "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms",
+            "input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "prefix_hash",
+            "stripped_count"]
     df = pd.DataFrame(rows, columns=cols)
     return add_derived(df)
 

@@ -37,7 +37,8 @@ CLASSES = ("cold", "warm", "all")
 
 
 def summarize(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
-    """Per arm and class (cold, warm, all): count, median and p90 TTFT, speed-ups.
+    """Per arm and class (cold, warm, all): count, median and p90 TTFT, speed-ups, and the median
+    queue wait the backend reported (``queue_ms``: time before its engine started the request).
 
     Side requests (the title request) are left out. ``speedup_vs_cold`` = the arm's cold median
     / this row's median; ``speedup_vs_baseline`` = the baseline arm's median for the same class /
@@ -45,17 +46,21 @@ def summarize(df: pd.DataFrame, baseline: str | None = None) -> pd.DataFrame:
     arms someone named, never "unlabelled" flows against labelled ones.
     """
     turns = df[df["cls"] != "side"] if "cls" in df else df
+    if "queue_ms" not in turns:
+        turns = turns.assign(queue_ms=math.nan)
     arms = arm_order(turns)
     both = pd.concat([turns, turns.assign(cls="all")])  # each flow counted in its class and in "all"
     timed = both[both["ttft_ms"].notna()]
     stats = timed.groupby(["arm", "cls"]).agg(
         timed=("ttft_ms", "size"), median_ttft_ms=("ttft_ms", "median"),
-        p90_ttft_ms=("ttft_ms", lambda x: x.quantile(0.9)), median_hit_ratio=("hit_ratio", "median"))
+        p90_ttft_ms=("ttft_ms", lambda x: x.quantile(0.9)), median_hit_ratio=("hit_ratio", "median"),
+        median_queue_ms=("queue_ms", "median"))
     counts = both.groupby(["arm", "cls"]).size().rename("count")
     index = pd.MultiIndex.from_product([arms, CLASSES], names=["arm", "class"])
     s = stats.join(counts, how="outer").rename_axis(["arm", "class"]).reindex(index)
     s[["count", "timed"]] = s[["count", "timed"]].fillna(0).astype(int)
-    s = s.reset_index()[["arm", "class", "count", "timed", "median_ttft_ms", "p90_ttft_ms", "median_hit_ratio"]]
+    s = s.reset_index()[["arm", "class", "count", "timed", "median_ttft_ms", "p90_ttft_ms", "median_hit_ratio",
+                         "median_queue_ms"]]
     cold = s[s["class"] == "cold"].set_index("arm")["median_ttft_ms"]
     s["speedup_vs_cold"] = s["arm"].map(cold) / s["median_ttft_ms"]
     labelled = labelled_arms(turns)
@@ -83,7 +88,8 @@ def _fmt(v, kind: str = "") -> str:
 _SUMMARY_COLS = [("arm", "arm", ""), ("class", "class", ""), ("count", "requests", ""), ("timed", "timed", ""),
                  ("median_ttft_ms", "median TTFT", "ms"), ("p90_ttft_ms", "p90 TTFT", "ms"),
                  ("median_hit_ratio", "median hit ratio", "%"), ("speedup_vs_cold", "speed-up vs cold", "x"),
-                 ("speedup_vs_baseline", "speed-up vs baseline arm", "x")]
+                 ("speedup_vs_baseline", "speed-up vs baseline arm", "x"),
+                 ("median_queue_ms", "median queue wait", "ms")]
 
 
 def summary_rows(s: pd.DataFrame) -> tuple[list[str], list[list[str]]]:

@@ -16,7 +16,7 @@ import pytest
 from analysis.load import add_derived, load_records
 from analysis.plots import (cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn,
                             plot_ttft_vs_uncached)
-from analysis.report import build_report, summarize
+from analysis.report import build_report, summarize, summary_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"
@@ -205,6 +205,17 @@ def test_ab_arms_come_only_from_labels(tmp_path):
     real = ROOT / "tests" / "fixtures" / "claude_code"
     res = load_records([real / "small_two_turns.jsonl", real / "tool_round.jsonl"])
     assert {r["arm"] for r in res.records} == {"unlabelled"}
+
+
+def test_summary_reports_the_backends_queue_wait():
+    df = _flows([("a", True, "s", "main", None, 1.0, 9000.0, 900, 0, 0, None, "h"),
+                 ("a", True, "s", "main", None, 2.0, 300.0, 10, 900, 0, None, "h"),
+                 ("a", True, "s", "main", None, 3.0, 400.0, 10, 910, 0, None, "h")])
+    df["queue_ms"] = [0.5, 2500.0, 1.5]
+    s = summarize(df).set_index(["arm", "class"])
+    assert s.loc[("a", "warm"), "median_queue_ms"] == 1250.75 and s.loc[("a", "all"), "median_queue_ms"] == 1.5
+    heads, rows = summary_rows(s.reset_index())
+    assert heads[-1] == "median queue wait" and rows[1][-1] == "1,251 ms"
 
 
 def test_side_requests_are_outside_turn_numbering():
