@@ -13,6 +13,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any
@@ -53,12 +54,16 @@ def redact_query(url_or_path: str) -> str:
     return head + "?" + urllib.parse.urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in pairs])
 
 
-def redact_text(text: str, content_type: str) -> str:
-    """A non-JSON body as text: form fields with credential names redacted."""
-    if "application/x-www-form-urlencoded" in content_type.lower() or (
-            "=" in text and "&" in text and " " not in text.strip()):
-        return redact_query("?" + text)[1:]
-    return text
+_FORM_PAIR = re.compile(r"([A-Za-z0-9_.\-\[\]]+)=([^&\s]*)")
+_JSON_PAIR = re.compile(r'"((?:[^"\\]|\\.){1,200})"(\s*:\s*)("(?:[^"\\]|\\.)*"|[^,{}\[\]\s"]+)')
+
+
+def redact_text(text: str, content_type: str = "") -> str:
+    """A body kept as text (not JSON, too deep or too big to parse): every ``name=value`` form
+    field and every ``"name": value`` pair whose name looks like a credential is redacted,
+    whatever the content type says."""
+    text = _FORM_PAIR.sub(lambda m: f"{m[1]}={REDACTED}" if is_secret_name(m[1]) else m[0], text)
+    return _JSON_PAIR.sub(lambda m: f'"{m[1]}"{m[2]}"{REDACTED}"' if is_secret_name(m[1]) else m[0], text)
 
 
 def _body_info(req: http.Request, st: FlowState, max_body: int) -> dict[str, Any]:

@@ -111,13 +111,18 @@ class Gate:
         if not ctx.options.allow_remote and is_remote(flow) and flow.killable:
             flow.kill()
 
-    def http_connect(self, flow: http.HTTPFlow) -> None:
+    async def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live:
             return
         if not ctx.options.allow_remote and is_remote(flow):
             logger.warning("warmturn: refused CONNECT %s:%s from non-loopback client %s", flow.request.host,
                            flow.request.port, flow.client_conn.peername[0])
             flow.response = error_response(403, "warmturn serves loopback clients only (addon option allow_remote)")
+            return
+        if await targets_proxy(flow.request.host, flow.request.port, routing.proxy_listen_addrs(flow)):
+            logger.warning("warmturn: refused CONNECT to the proxy itself (%s:%s)", flow.request.host,
+                           flow.request.port)
+            flow.response = error_response(400, LOOP_MESSAGE)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
