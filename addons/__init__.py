@@ -1,1 +1,4 @@
-"""warmturn's mitmproxy addon package (stdlib + mitmproxy only). Entry script: addons/normalize.py."""
+"""warmturn's mitmproxy addon package: stdlib + mitmproxy + the stdlib-only `warmturn/` core.
+
+Entry script: addons/normalize.py.
+"""
