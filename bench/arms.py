@@ -264,7 +264,9 @@ class ArmRun:
             env["HOME"] = str(home)
         self.backend = procs.start(name, cmd, self.ctx.out_dir / "logs", env=env, cwd=ROOT)
         t = time.monotonic()
-        procs.wait_http(self.backend, ready, self.ctx.start_timeout, ok=lambda r: r.status_code == 200)
+        # vLLM's start-up is minutes of torch.compile warm-up on a small CPU (cached after the first)
+        timeout = self.ctx.start_timeout * (2 if self.arm.backend == "vllm" else 1)
+        procs.wait_http(self.backend, ready, timeout, ok=lambda r: r.status_code == 200)
         self.log(f"backend ready in {time.monotonic() - t:.1f}s")
         if warm:
             warm_up(self.arm, self.backend_url, self.ctx.request_timeout, backend_model(self.arm, self.ctx))
