@@ -161,3 +161,17 @@ def test_volatile_fragment_vllm_misses_goes_from_0_to_90_percent_hits(proxies, v
     print(f"{api}: prefix-cache hits normalize=false {off:.1%}, normalize=true {on:.1%}")
     assert off == 0.0
     assert on >= 0.90
+
+
+def test_vllm_generates_mlx_lms_greedy_tokens(vllm_url, model_dir):
+    """Same weights in every engine: vLLM on the HF export (float32) decodes greedily the tokens
+    mlx-lm decodes from the embedded server's model directory."""
+    from server.hf_export import VERIFY_PROMPTS, greedy_tokens
+
+    want = greedy_tokens(model_dir)
+    for prompt, ids in zip(VERIFY_PROMPTS, want, strict=True):
+        r = httpx.post(f"{vllm_url}/v1/chat/completions", timeout=300, json={
+            "model": VLLM_MODEL, "messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
+            "temperature": 0, "return_token_ids": True})
+        got = r.json()["choices"][0]["token_ids"]
+        assert got[:len(ids)] == ids, prompt
