@@ -6,8 +6,11 @@ PY := $(VENV)/bin/python
 PORT ?= 8080
 MODEL ?=
 ARGS ?=
+# A make variable's raw text as one single-quoted shell word: values with spaces, quotes or $ reach the
+# scripts intact (they parse ARGS with shell quoting rules; make would otherwise expand $ and split words).
+shq = '$(subst ','\'',$(value $(1)))'
 
-.PHONY: setup run server test check-install report bench bench-smoke vllm vllm-serve test-engines clean help
+.PHONY: setup run server claude test check-install report bench bench-smoke vllm vllm-serve test-engines clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -16,10 +19,13 @@ setup:  ## create .venv, install the project and its dependencies, provision the
 	@bash scripts/setup.sh
 
 run: setup  ## start mitmdump with the warmturn addon on 127.0.0.1:$(PORT), embedded MLX backend
-	@PORT=$(PORT) MODEL=$(MODEL) ARGS="$(ARGS)" bash scripts/run.sh
+	@PORT=$(call shq,PORT) MODEL=$(call shq,MODEL) ARGS=$(call shq,ARGS) bash scripts/run.sh
 
 server: setup  ## start only the embedded Anthropic-compatible MLX server on 127.0.0.1:8000
-	@$(PY) -m server $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	@MODEL=$(call shq,MODEL) ARGS=$(call shq,ARGS) bash scripts/server.sh
+
+claude: setup  ## Claude Code (the CLI setup installed) pointed at `make run` on $(PORT); ARGS go to claude
+	@PORT=$(call shq,PORT) ARGS=$(call shq,ARGS) bash scripts/claude.sh
 
 test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
 	@bash scripts/test.sh $(ARGS)

@@ -1,25 +1,28 @@
 #!/usr/bin/env bash
 # `make run`: mitmdump with the warmturn addon on 127.0.0.1:$PORT, embedded MLX backend.
-# Extra mitmdump arguments can be passed in ARGS, e.g. ARGS="--set normalize=false".
+# Extra mitmdump arguments go in ARGS, parsed with shell quoting rules (never evaluated), e.g.
+#   ARGS="--set normalize=false"   or   ARGS="--set embedded_args='--default-temperature 0.7'"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-8080}
 MODEL=${MODEL:-}
 VENV=${VENV:-.venv}
-extra=()
-if [[ -n "$MODEL" ]]; then extra+=(--set "embedded_args=--model $MODEL"); fi
-cat >&2 <<MSG
-warmturn: mitmdump on http://127.0.0.1:${PORT} -> embedded MLX server (starting now; its log: captures/embedded-server.log)
-captures: captures/warmturn-$(date +%Y%m%d).jsonl      (make report turns them into report/report.html)
+PY="$VENV/bin/python"
+source scripts/lib.sh
 
-Point Claude Code at it (in another terminal):
-  ANTHROPIC_BASE_URL=http://127.0.0.1:${PORT} ANTHROPIC_API_KEY=local \\
-  CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \\
-  claude --exclude-dynamic-system-prompt-sections
-or intercept api.anthropic.com instead (see docs/addon.md):
-  HTTPS_PROXY=http://127.0.0.1:${PORT} NODE_EXTRA_CA_CERTS=\$HOME/.mitmproxy/mitmproxy-ca-cert.pem claude
-Stop with Ctrl-C (the embedded server stops with it).
-MSG
-# shellcheck disable=SC2086
-exec "$VENV/bin/mitmdump" -s addons/normalize.py --listen-host 127.0.0.1 --listen-port "$PORT" \
-  "${extra[@]}" ${ARGS:-}
+check_port "$PORT"
+PORT=$((10#$PORT))
+split_words "${ARGS:-}"
+extra=("${WORDS[@]}")
+if [[ -n "$MODEL" ]]; then extra=(--set "embedded_args=--model $("$PY" -c 'import shlex, sys; print(shlex.quote(sys.argv[1]))' "$MODEL")" "${extra[@]}"); fi
+if ! port_free "$PORT"; then
+  next=$(( PORT < 65535 ? PORT + 1 : 8082 ))
+  echo "warmturn: port $PORT on 127.0.0.1 is already in use (another make run, or another program)." >&2
+  echo "warmturn: start on another port:  make run PORT=$next    and then:  make claude PORT=$next" >&2
+  exit 1
+fi
+
+# addons/banner.py prints how to point Claude Code at it, once mitmdump is up for good (not after a
+# failed start-up); exec keeps Ctrl-C going straight to mitmdump.
+exec "$VENV/bin/mitmdump" -s addons/normalize.py -s addons/banner.py --listen-host 127.0.0.1 --listen-port "$PORT" \
+  "${extra[@]}"

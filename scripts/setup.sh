@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Idempotent set-up for warmturn: Debian packages (Linux), .venv with Python 3.12, the project
 # and its pinned dependencies, the default model (converted once into ~/.cache/warmturn), and
-# for tests the Claude Code CLI from npm. Quick when everything is already in place.
+# the Claude Code CLI from npm (make claude, end-to-end tests). Quick when everything is in place.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 CACHE=${WARMTURN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warmturn}
-CLAUDE_CODE_VERSION=2.1.197
+source scripts/versions.sh  # CLAUDE_CODE_VERSION (current release) and CLAUDE_CODE_OLDER_VERSION
 SMOLLM_VERSION=0.1.2
 say() { echo "[setup] $*" >&2; }
 
@@ -63,15 +63,23 @@ fi
 # 4. The default model, converted once into the user cache (keyed by the GGUF's hash).
 "$PY" -m server.convert >/dev/null
 
-# 5. Claude Code CLI for the end-to-end tests and the benchmark workload (npm, into the cache).
-if [[ "${WARMTURN_SKIP_CLAUDE:-0}" != 1 ]] && command -v npm >/dev/null; then
-  CC="$CACHE/npm/node_modules/.bin/claude"
-  if [[ ! -x "$CC" ]] || ! "$CC" --version 2>/dev/null | grep -q "$CLAUDE_CODE_VERSION"; then
-    say "installing @anthropic-ai/claude-code@$CLAUDE_CODE_VERSION into $CACHE/npm (npm)"
-    mkdir -p "$CACHE/npm"
-    npm install --no-audit --no-fund --loglevel=error --prefix "$CACHE/npm" \
-      "@anthropic-ai/claude-code@$CLAUDE_CODE_VERSION" >/dev/null 2>&1 \
-      || say "WARNING: npm install of Claude Code failed; its end-to-end tests will fail"
+# 5. Claude Code CLI (npm, into the cache): the current release for make claude and the end-to-end
+#    tests, and an older one kept for the older end-to-end case and the bench workload.
+install_claude_code() {  # VERSION DIR
+  local cc="$2/node_modules/.bin/claude"
+  if [[ ! -x "$cc" ]] || ! "$cc" --version 2>/dev/null | grep -q "^$1 "; then
+    say "installing @anthropic-ai/claude-code@$1 into $2 (npm)"
+    mkdir -p "$2"
+    npm install --no-audit --no-fund --loglevel=error --prefix "$2" "@anthropic-ai/claude-code@$1" >/dev/null 2>&1 \
+      || say "WARNING: npm install of Claude Code $1 failed; make claude and its end-to-end tests need it"
+  fi
+}
+if [[ "${WARMTURN_SKIP_CLAUDE:-0}" != 1 ]]; then
+  if command -v npm >/dev/null; then
+    install_claude_code "$CLAUDE_CODE_VERSION" "$CACHE/npm-$CLAUDE_CODE_VERSION"
+    install_claude_code "$CLAUDE_CODE_OLDER_VERSION" "$CACHE/npm"
+  else
+    say "WARNING: npm not found: Claude Code (make claude, end-to-end tests) is not installed"
   fi
 fi
 exit 0

@@ -17,6 +17,25 @@ from warmturn.plumbing import is_loopback
 
 log = logging.getLogger("server")
 
+# With the bundled default model (SmolLM2-135M, 8K context) a turn must end: it rambles at Claude
+# Code's default temperature (1.0) and max_tokens (64000-128000). So when it is served, requests
+# that set no temperature decode greedily and every turn stops after this many output tokens
+# (stop_reason max_tokens). Other models keep Anthropic's defaults; both are flags.
+DEFAULT_MODEL_TEMPERATURE = 0.0
+DEFAULT_MODEL_OUTPUT_CAP = 256
+
+
+def sampling_defaults(args: argparse.Namespace) -> tuple[float, int]:
+    """(default temperature, output-token cap; 0 = none) from the flags, or the served model's defaults."""
+    default_model = args.model is None
+    temperature = args.default_temperature
+    if temperature is None:
+        temperature = DEFAULT_MODEL_TEMPERATURE if default_model else 1.0
+    cap = args.max_output_tokens
+    if cap is None:
+        cap = DEFAULT_MODEL_OUTPUT_CAP if default_model else 0
+    return temperature, cap
+
 
 def make_store(args: argparse.Namespace, model: Any):
     """The cross-request prefix KV store (``server.cache``), or None for ``--no-cache``."""
@@ -82,13 +101,16 @@ def build_state(args: argparse.Namespace):
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
     name = args.served_model_name or model_dir.name
+    temperature, cap = sampling_defaults(args)
     log.info("serving %s: context %d tokens, tool calls %s, tools via %s, prefix order %s", name, ctx,
              fmt.name, "chat template" if renderer.template_tools else "system prompt (hermes)", args.prefix_order)
+    log.info("requests without a temperature use %s; output %s", "greedy decoding" if temperature == 0 else
+             f"temperature {temperature:g}", f"capped at {cap} tokens per turn" if cap else "limited by the context only")
     return ServerState(engine=engine, renderer=renderer, model_id=name, context_length=ctx, tool_format=fmt,
                        api_key=args.api_key, bind_host=args.host, allowed_hosts=tuple(args.allowed_hosts),
                        max_body_bytes=args.max_body_bytes,
-                       request_timeout=args.request_timeout, default_temperature=args.default_temperature,
-                       metrics=metrics)
+                       request_timeout=args.request_timeout, default_temperature=temperature,
+                       max_output_tokens=cap, metrics=metrics)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -123,9 +145,13 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
     p.add_argument("--max-queue", type=int, default=8,
                    help="requests allowed to wait for the MLX worker; more get 529 (default: 8)")
-    p.add_argument("--default-temperature", type=float, default=1.0,
+    p.add_argument("--default-temperature", type=float, default=None,
                    help="sampling temperature for requests that set none (Claude Code's main turns send none); "
-                        "0 = greedy, steadier for small local models (default: 1.0, Anthropic's default)")
+                        "0 = greedy (default: 0 with the bundled default model, else 1.0, Anthropic's default)")
+    p.add_argument("--max-output-tokens", type=int, default=None,
+                   help="stop every turn after this many output tokens, with stop_reason max_tokens, whatever "
+                        "max_tokens the request asks for; 0 = no cap beyond the context (default: "
+                        f"{DEFAULT_MODEL_OUTPUT_CAP} with the bundled default model, else 0)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, queue wait included (default: 600)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,

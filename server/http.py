@@ -57,6 +57,7 @@ class ServerState:
     max_body_bytes: int = 32 * 1024 * 1024
     request_timeout: float = 600.0
     default_temperature: float = 1.0
+    max_output_tokens: int = 0  # 0: no cap beyond the context
     metrics: Metrics = field(default_factory=Metrics)
     render_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -181,7 +182,8 @@ async def root(request: Request) -> Response:
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
     return JSONResponse({"status": "ok", "model": state.model_id, "queue_depth": state.engine.depth,
-                         "busy": state.engine.busy})
+                         "busy": state.engine.busy, "context_length": state.context_length,
+                         "max_output_tokens": state.max_output_tokens or None})
 
 
 @guarded
@@ -276,7 +278,7 @@ async def messages(request: Request) -> Response:
     temperature = state.default_temperature if req.temperature is None else req.temperature
     gen = GenerationRequest(
         tokens=rendered.tokens,
-        max_tokens=min(req.max_tokens or 1, state.context_length - n),
+        max_tokens=min(req.max_tokens or 1, state.context_length - n, state.max_output_tokens or state.context_length),
         emit=emit,
         prefix_len=rendered.prefix_len,
         temperature=temperature,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import time
@@ -74,3 +76,18 @@ def read_capture(path: Path) -> list[dict]:
 
 
 BILLING = "x-anthropic-billing-header: cc_version=2.1.197.{}; cc_entrypoint=sdk-cli;"
+
+
+def claude_code_versions() -> tuple[str, str]:
+    """(current, older) Claude Code versions that setup installs, read from scripts/versions.sh."""
+    text = (ROOT / "scripts" / "versions.sh").read_text()
+    found = dict(re.findall(r"^(CLAUDE_CODE_VERSION|CLAUDE_CODE_OLDER_VERSION)=(\S+)", text, re.M))
+    return found["CLAUDE_CODE_VERSION"], found["CLAUDE_CODE_OLDER_VERSION"]
+
+
+def claude_bin(version: str) -> Path:
+    """Where setup installed that version: the current one under npm-<version>, the older one under npm."""
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    cache = Path(os.environ.get("WARMTURN_CACHE") or Path(xdg) / "warmturn")
+    current, _ = claude_code_versions()
+    return cache / (f"npm-{version}" if version == current else "npm") / "node_modules" / ".bin" / "claude"

@@ -1,0 +1,50 @@
+"""`make run`'s start-up banner (mitmdump -s addons/normalize.py -s addons/banner.py): how to point
+Claude Code at the proxy, printed only once mitmproxy is up for good.
+
+mitmproxy exits right after its servers start when an error was logged during start-up (its
+errorcheck addon runs after every `running` hook); the banner waits a moment past that point, so a
+failed start-up never tells the user to connect. Standard library and mitmproxy only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import os
+import sys
+
+from mitmproxy import ctx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DELAY_S = 0.5
+
+
+def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, root: str = ROOT) -> str:
+    """The banner for a proxy listening on 127.0.0.1:port (pure)."""
+    served = "embedded MLX server (starting now; its log: %s)" % embedded_log if backend == "embedded" else backend
+    capture = capture_file.replace("{date}", datetime.date.today().strftime("%Y%m%d")) if capture_file else "off"
+    return f"""
+warmturn: listening on http://127.0.0.1:{port} -> {served}
+captures: {capture}      (make report turns them into report/report.html)
+
+Point Claude Code at it, in another terminal:
+  make claude PORT={port}      (or {root}/scripts/claude.sh from your project's folder)
+By hand, with your own claude (README, "Claude Code by hand"):
+  ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=local \\
+  CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \\
+  claude --exclude-dynamic-system-prompt-sections
+Stop with Ctrl-C (the embedded server stops with it).
+"""
+
+
+class Banner:
+    def running(self) -> None:
+        asyncio.get_running_loop().call_later(DELAY_S, self.show)
+
+    def show(self) -> None:
+        o = ctx.options
+        print(banner_text(o.listen_port or 8080, getattr(o, "backend", "embedded"), getattr(o, "capture_file", ""),
+                          getattr(o, "embedded_log", "")), file=sys.stderr, flush=True)
+
+
+addons = [Banner()]
