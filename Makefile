@@ -6,11 +6,13 @@ PY := $(VENV)/bin/python
 PORT ?= 8080
 MODEL ?=
 ARGS ?=
+WEB_PORT ?= 8081
+WEB_TOKEN ?=
 # A make variable's raw text as one single-quoted shell word: values with spaces, quotes or $ reach the
 # scripts intact (they parse ARGS with shell quoting rules; make would otherwise expand $ and split words).
 shq = '$(subst ','\'',$(value $(1)))'
 
-.PHONY: setup run server claude test check-install report bench bench-smoke vllm vllm-serve test-engines clean help
+.PHONY: setup run web server claude test check-install report bench bench-smoke vllm vllm-serve test-engines clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -23,6 +25,10 @@ run: setup  ## start mitmdump with the warmturn addon on 127.0.0.1:$(PORT), embe
 
 server: setup  ## start only the embedded Anthropic-compatible MLX server on 127.0.0.1:8000
 	@MODEL=$(call shq,MODEL) ARGS=$(call shq,ARGS) bash scripts/server.sh
+
+web: setup  ## the same as run, in mitmweb: UI on 127.0.0.1:$(WEB_PORT) (WEB_TOKEN=... fixes its token)
+	@PORT=$(call shq,PORT) MODEL=$(call shq,MODEL) ARGS=$(call shq,ARGS) WEB_PORT=$(call shq,WEB_PORT) \
+	  WEB_TOKEN=$(call shq,WEB_TOKEN) bash scripts/run.sh web
 
 claude: setup  ## Claude Code (the CLI setup installed) pointed at `make run` on $(PORT); ARGS go to claude
 	@PORT=$(call shq,PORT) ARGS=$(call shq,ARGS) bash scripts/claude.sh

@@ -19,13 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DELAY_S = 0.5
 
 
-def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, root: str = ROOT) -> str:
-    """The banner for a proxy listening on 127.0.0.1:port (pure)."""
+def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, web: str = "",
+                root: str = ROOT) -> str:
+    """The banner for a proxy listening on 127.0.0.1:port (pure); `web` is mitmweb's UI URL, if any."""
     served = "embedded MLX server (starting now; its log: %s)" % embedded_log if backend == "embedded" else backend
     capture = capture_file.replace("{date}", datetime.date.today().strftime("%Y%m%d")) if capture_file else "off"
+    web_line = f"\nmitmweb: {web}      (flows, the warmturn view, warmturn.export)" if web else ""
     return f"""
 warmturn: listening on http://127.0.0.1:{port} -> {served}
-captures: {capture}      (make report turns them into report/report.html)
+captures: {capture}      (make report turns them into report/report.html){web_line}
 
 Point Claude Code at it, in another terminal:
   make claude PORT={port}      (or {root}/scripts/claude.sh from your project's folder)
@@ -43,8 +45,12 @@ class Banner:
 
     def show(self) -> None:
         o = ctx.options
+        web = ""
+        if "web_port" in o:  # mitmweb: its URL (with the token when it was fixed with web_password)
+            token = o.web_password if o.web_password and not o.web_password.startswith("$") else ""
+            web = f"http://{o.web_host}:{o.web_port}/" + (f"?token={token}" if token else "  (the token: see above)")
         print(banner_text(o.listen_port or 8080, getattr(o, "backend", "embedded"), getattr(o, "capture_file", ""),
-                          getattr(o, "embedded_log", "")), file=sys.stderr, flush=True)
+                          getattr(o, "embedded_log", ""), web), file=sys.stderr, flush=True)
 
 
 addons = [Banner()]

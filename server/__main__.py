@@ -70,6 +70,9 @@ def setup_logging(level: str, log_file: str | None) -> None:
         handlers.append(logging.FileHandler(log_file))
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         handlers=handlers, force=True)
+    # transformers warns that a long prompt "will result in indexing errors": it never reaches the model,
+    # the server refuses it first with its own message (http.py), so the warning only misleads.
+    logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
 
 
 def build_state(args: argparse.Namespace):

@@ -42,6 +42,7 @@ from server.toolcalls import OutputAssembler, ToolCallFormat
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("warmturn.requests")
 
+README_TOO_LONG = "README.md, section 'Prompt is too long'"
 
 
 @dataclass
@@ -265,7 +266,9 @@ async def messages(request: Request) -> Response:
     if n >= state.context_length:
         raise ApiError(400, "invalid_request_error",
                        f"prompt is too long: {n} tokens > {state.context_length - 1} maximum "
-                       f"(the served model's context is {state.context_length} tokens)")
+                       f"(the served model {state.model_id} has a {state.context_length}-token context; fix: "
+                       f"shrink the request, as make claude does for small models, or serve a model with a longer "
+                       f"context; {README_TOO_LONG})")
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 

@@ -22,6 +22,7 @@ SYSTEM = "You are a terse assistant. Answer in one short sentence."
 FIRST, SECOND = "What is the capital of France?", "And the capital of Italy?"
 MAX_OUTPUT = 64
 CURRENT, OLDER = claude_code_versions()
+CACHE = claude_bin(CURRENT).parents[3]  # the warmturn cache (the tests give the CLI a throwaway HOME)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.model]
 
@@ -44,8 +45,9 @@ def cli(request) -> Path:
 
 def clean_env(home: Path) -> dict[str, str]:
     """The test's environment without the developer's Anthropic/Claude/proxy settings."""
+    proxies = ("https_proxy", "http_proxy", "no_proxy")
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("ANTHROPIC_", "CLAUDE_", "WARMTURN_")) and k.lower() not in ("https_proxy", "http_proxy", "no_proxy")}
+           if not k.startswith(("ANTHROPIC_", "CLAUDE_", "WARMTURN_")) and k.lower() not in proxies}
     env.update(HOME=str(home), DISABLE_AUTOUPDATER="1")
     env.pop("LD_PRELOAD", None)
     return env
@@ -115,7 +117,7 @@ def test_interception_of_api_anthropic_com(tmp_path, cli):
 def run_claude_sh(args: list[str], home: Path, port: int, config: Path, cwd: Path) -> subprocess.CompletedProcess:
     """scripts/claude.sh as a user runs it: only HOME, PORT and its config dir set."""
     env = clean_env(home)
-    env.update(PORT=str(port), WARMTURN_CLAUDE_CONFIG=str(config))
+    env.update(PORT=str(port), WARMTURN_CLAUDE_CONFIG=str(config), WARMTURN_CACHE=str(CACHE))
     return subprocess.run(["bash", str(ROOT / "scripts" / "claude.sh"), *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 
@@ -158,8 +160,9 @@ def test_make_claude_interactive_first_run_does_not_block(tmp_path):
     home, port, cap = workdir(tmp_path), free_port(), tmp_path / "cap.jsonl"
     session = f"warmturn-test-{port}"
     env = clean_env(home)
-    env.update(PORT=str(port), WARMTURN_CLAUDE_CONFIG=str(tmp_path / "claude-config"))
-    exports = " ".join(f"{k}={json.dumps(v)}" for k, v in env.items() if k in ("HOME", "PORT", "WARMTURN_CLAUDE_CONFIG"))
+    env.update(PORT=str(port), WARMTURN_CLAUDE_CONFIG=str(tmp_path / "claude-config"), WARMTURN_CACHE=str(CACHE))
+    exports = " ".join(f"{k}={json.dumps(v)}" for k, v in env.items()
+                       if k in ("HOME", "PORT", "WARMTURN_CLAUDE_CONFIG", "WARMTURN_CACHE"))
 
     def screen() -> str:
         return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout

@@ -71,6 +71,10 @@ def test_make_run_args_with_spaces_and_quotes(tmp_path):
             "model": "claude-opus-5-5", "max_tokens": 1,
             "system": "Be brief.\nToday's date is 2026-11-30.", "messages": [{"role": "user", "content": "Hi"}]})
         assert r.status_code == 200, r.text
+        too_long = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=600, json={
+            "model": "claude-opus-5-5", "max_tokens": 1, "messages": [{"role": "user", "content": "word " * 9000}]})
+        assert too_long.status_code == 400 and "README.md, section 'Prompt is too long'" in too_long.text
+    assert "indexing errors" not in (tmp_path / "server.log").read_text()  # no misleading transformers warning
     assert proc.returncode is not None and not port_open(port)  # Ctrl-C stopped it
     rec = [x for x in read_capture(cap) if x["kind"] == "messages"][0]
     assert rec["request"]["body"]["system"] == "Be brief.\n"  # the fragment pattern arrived with its $ and \n

@@ -228,6 +228,7 @@ def test_400_over_context_refused_before_prefill(server, client):
     r = raw(server, "POST", "/v1/messages?beta=true", json=body)
     msg = assert_error(r, 400, "invalid_request_error")["error"]["message"]
     assert "prompt is too long" in msg and "8191 maximum" in msg and "8192" in msg
+    assert "README.md, section 'Prompt is too long'" in msg  # where the user finds what to do
     n = int(msg.split("prompt is too long: ")[1].split(" tokens")[0])
     counted = client.messages.count_tokens(model=body["model"], system=body["system"], messages=body["messages"],
                                            tools=body["tools"])
