@@ -154,9 +154,14 @@ def refuse_before_tokenizing(state: ServerState, req: wire.MessagesRequest, limi
     once instead of after a minute of tokenizing."""
     floor = state.renderer.min_tokens(req)
     if floor > limit:
-        raise ApiError(400, "invalid_request_error",
-                       f"prompt is too long: at least {floor} tokens > {limit} maximum "
-                       f"(the served model's context is {state.context_length} tokens)")
+        raise ApiError(400, "invalid_request_error", too_long(state, f"at least {floor}", limit))
+
+
+def too_long(state: ServerState, tokens: str, limit: int) -> str:
+    """The over-context refusal: the size, the served model and its context, and what to do."""
+    return (f"prompt is too long: {tokens} tokens > {limit} maximum (the served model {state.model_id} has a "
+            f"{state.context_length}-token context; fix: shrink the request, as make claude does for small models, "
+            f"or serve a model with a longer context; {README_TOO_LONG})")
 
 
 async def render(state: ServerState, req: wire.MessagesRequest):
@@ -264,11 +269,7 @@ async def messages(request: Request) -> Response:
     rendered = await render(state, req)
     n = len(rendered.tokens)
     if n >= state.context_length:
-        raise ApiError(400, "invalid_request_error",
-                       f"prompt is too long: {n} tokens > {state.context_length - 1} maximum "
-                       f"(the served model {state.model_id} has a {state.context_length}-token context; fix: "
-                       f"shrink the request, as make claude does for small models, or serve a model with a longer "
-                       f"context; {README_TOO_LONG})")
+        raise ApiError(400, "invalid_request_error", too_long(state, str(n), state.context_length - 1))
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
 
