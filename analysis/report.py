@@ -27,6 +27,15 @@ CLASS_NOTE = ("Warm = the prefix cache served at least 80% of the prompt (cache 
               "requests (Claude Code's title request) are not turns and are left out of these numbers.")
 
 
+PROMPT_TITLE = "What changes in the prompt (system, tools, messages: what a prefix cache sees)"
+OUTSIDE_TITLE = "Changes outside the prompt (headers, metadata, safeguards, diagnostics): harmless to the KV cache"
+
+
+def _md_code(text: str) -> str:
+    """A Markdown code span that survives backticks inside (a pattern's path class has one)."""
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
 def _html_text(text: str) -> str:
     """Escape for HTML, turning Markdown `code` spans into <code> elements."""
     parts = html.escape(text).split("`")
@@ -149,6 +158,8 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     vol_heads = ["path", "where", "times changed", "known as"]
     vol_rows = [[v.path, "messages (growth, expected)" if v.expected else v.region, str(v.count), v.poison or ""]
                 for v in diff.volatile[:25]]
+    out_heads = ["path", "times changed", "known as"]
+    out_rows = [[v.path, str(v.count), v.poison or ""] for v in diff.outside[:25]]
     sug = [s.set_arg for s in diff.suggestions]
     facts = [
         f"{len(df)} Messages flows in {df['session'].nunique() if len(df) else 0} sessions, "
@@ -158,7 +169,12 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     if fit:
         facts.append(f"Cost model (least squares over all timed flows): TTFT ≈ {fit[0]:,.0f} ms + "
                      f"{fit[1]:.2f} ms × uncached prompt tokens.")
-    poisons = [f"{k} ×{n}: {POISONS.get(k, '')}" for k, n in sorted(diff.poisons.items(), key=lambda kv: -kv[1])]
+    in_prompt: dict[str, int] = {}
+    for pair in diff.pairs:
+        for c in pair.changes:
+            if c.poison and c.in_prompt:
+                in_prompt[c.poison] = in_prompt.get(c.poison, 0) + 1
+    poisons = [f"{k} ×{n}: {POISONS.get(k, '')}" for k, n in sorted(in_prompt.items(), key=lambda kv: -kv[1])]
 
     title = "warmturn latency report"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
@@ -173,12 +189,18 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
         data = base64.b64encode(images[name]).decode("ascii")
         parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
                      f"src='data:image/png;base64,{data}'>")
-    parts.append("<h2>What changes between requests</h2>" + _html_table(vol_heads, vol_rows))
+    parts.append(f"<h2>{PROMPT_TITLE}</h2>" + _html_table(vol_heads, vol_rows))
+    if out_rows:
+        parts.append(f"<h3>{OUTSIDE_TITLE}</h3>" + _html_table(out_heads, out_rows))
     if poisons:
-        parts.append("<h3>Known cache poisons</h3><ul>" + "".join(f"<li>{html.escape(p)}</li>" for p in poisons) + "</ul>")
+        parts.append("<h3>Known cache poisons in the prompt</h3><ul>"
+                     + "".join(f"<li>{html.escape(p)}</li>" for p in poisons) + "</ul>")
     if sug:
         parts.append("<h3>Suggested normalization</h3><ul>" + "".join(f"<li><code>{html.escape(s)}</code></li>"
                                                                      for s in sug) + "</ul>")
+    if diff.unsuggested:
+        parts.append("<h3>Still different after these patterns</h3><ul>"
+                     + "".join(f"<li>{html.escape(u)}</li>" for u in diff.unsuggested) + "</ul>")
     parts.append("</body></html>")
     html_path = out / "report.html"
     html_path.write_text("".join(parts), encoding="utf-8")
@@ -190,11 +212,15 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
                                         CLASS_NOTE, ""]
     for name, caption, _ in PLOTS:
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
-    md += ["## What changes between requests", "", _md_table(vol_heads, vol_rows), ""]
+    md += [f"## {PROMPT_TITLE}", "", _md_table(vol_heads, vol_rows), ""]
+    if out_rows:
+        md += [f"### {OUTSIDE_TITLE}", "", _md_table(out_heads, out_rows), ""]
     if poisons:
-        md += ["### Known cache poisons", ""] + [f"- {p}" for p in poisons] + [""]
+        md += ["### Known cache poisons in the prompt", ""] + [f"- {p}" for p in poisons] + [""]
     if sug:
-        md += ["### Suggested normalization", ""] + [f"- `{s}`" for s in sug] + [""]
+        md += ["### Suggested normalization", ""] + [f"- {_md_code(s)}" for s in sug] + [""]
+    if diff.unsuggested:
+        md += ["### Still different after these patterns", ""] + [f"- {u}" for u in diff.unsuggested] + [""]
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     return {"html": str(html_path), "md": str(md_path), "csv": str(csv), "flows_csv": str(flows_csv),

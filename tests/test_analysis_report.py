@@ -172,6 +172,9 @@ def test_build_report_on_constructed_capture(tmp_path):
     assert "### A/B: median time to first token per labelled arm" in md and "](ab_median_ttft.png)" in md
     assert "<h3>Time to first token per turn</h3>" in html and "<h3>ttft_per_turn.png" not in html
     assert "`" not in re.sub(r"<img[^>]*>", "", html)
+    # prompt changes apart from the harmless ones outside the prompt (headers, metadata)
+    assert "<h2>What changes in the prompt" in html and "harmless to the KV cache</h3>" in html
+    assert "| metadata.user_id |" not in md.split("### Changes outside the prompt")[0]
     # the header's per-class counts are what the legends count
     assert "Requests by class: cold: 8 (8 timed), warm: 4 (4 timed)." in html
 
