@@ -345,3 +345,68 @@ def test_a_path_given_a_pattern_is_not_also_reported_without_one(capsys):
     rep = diff_records(load_records([REAL / "full_two_turns.jsonl"]).records)
     sugg = {s.path for s in rep.suggestions}
     assert sugg == {"system[2].text"} and not any(u.startswith("system[2].text") for u in rep.unsuggested)
+
+
+# --------------------------------------------------------------------------- Claude Code 2.1.332
+
+REAL_332 = ROOT / "tests" / "fixtures" / "claude_code_2.1.332"
+
+
+def test_2_1_332_first_party_headers_and_fields_are_harmless_and_get_no_pattern():
+    """Intercepted (first-party) 2.1.332: new per-request headers and diagnostics are outside the prompt."""
+    rep = diff_records(load_records([REAL_332 / "intercept_p_small.jsonl"]).records, original=True)
+    outside = {v.path for v in rep.outside}
+    assert {"headers.x-claude-code-prompt-id", "diagnostics.previous_message_id"} <= outside
+    prompt = {v.path: v for v in rep.volatile}
+    # in the prompt: only the billing block (stripped by default), history re-shaped, and growth
+    assert {v.poison for v in prompt.values() if not v.expected} <= {"billing_block", "content_shape"}
+    assert prompt["system[0].text"].poison == "billing_block"
+    assert rep.suggestions == [] and rep.unsuggested == []
+    # what the backend saw: nothing in the prompt's prefix changed within the session
+    fwd = diff_records(load_records([REAL_332 / "intercept_p_small.jsonl"]).records)
+    assert all(not p.divergence.in_prefix for p in fwd.pairs)
+
+
+def test_2_1_332_interactive_safeguards_are_outside_the_prompt():
+    rep = diff_records(load_records([REAL_332 / "interactive_small.jsonl"]).records, original=True)
+    assert any(v.path.startswith("safeguards") for v in rep.outside)
+    assert not any(v.path.startswith("safeguards") for v in rep.volatile)
+
+
+def test_2_1_332_memory_path_generalized_across_homes_and_environment_found_in_messages():
+    rep = diff_records(load_records([REAL_332 / "p_full_two_homes.jsonl"]).records)
+    (session,) = [p for p in rep.pairs if p.relation == "session"]
+    assert session.divergence.where == "system[2]"  # the memory path ~3.7K characters in
+    by_path = {c.path: c for c in session.changes}
+    assert by_path["system[2].text"].poison == "path"
+    # 2.1.332 keeps the rest of the per-session text in messages[1], after the system+tools prefix
+    assert by_path["messages[1].content[0].text"].poison == "environment"
+    (s,) = rep.suggestions
+    assert s.pattern == "(?<=a persistent file-based memory at `)[^\\s`]+" and "home_" not in s.pattern
+    assert rep.unsuggested == []
+    # the pattern removes a third machine's memory path too (the addon's own capture of another HOME) …
+    third = next(r["original"] for r in load_records([REAL_332 / "p_full.jsonl"]).records if r["kind"] == "messages")
+    assert "home_p_full" in third["system"][2]["text"]
+    out, entries = _addon_strip(third, [s.pattern])
+    cut = [e for e in entries if e.kind == "fragment"]
+    assert len(cut) == 1 and cut[0].text.endswith("/memory/") and "home_p_full" in cut[0].text
+    assert "You have a persistent file-based memory at `` This directory" not in out["system"][1]["text"]
+    assert "file-based memory at ``." in out["system"][1]["text"]  # only the path went
+    # … and with it the two homes' system prompts and tools are byte-identical
+    recs = load_records([REAL_332 / "p_full_two_homes.jsonl"]).records  # home_a turns 1-2, then home_b's
+    a, b = recs[0]["body"], recs[2]["body"]
+    na, nb = _addon_strip(a, [s.pattern])[0], _addon_strip(b, [s.pattern])[0]
+    assert na["system"] == nb["system"] and na["tools"] == nb["tools"]
+    assert divergence(na, nb).where.startswith("messages")
+
+
+def test_environment_hint_holds_for_both_client_versions():
+    old = diff_records(load_records([REAL / "full_two_turns.jsonl", REAL / "full_tool_round.jsonl"]).records)
+    new = diff_records(load_records([REAL_332 / "p_full_two_homes.jsonl"]).records)
+    env_old = {c.path for p in old.pairs for c in p.changes if c.poison == "environment"}
+    env_new = {c.path for p in new.pairs for c in p.changes if c.poison == "environment"}
+    assert env_old == {"system[2].text"} and env_new == {"messages[1].content[0].text"}
+    from analysis.diff import POISONS
+
+    hint = POISONS["environment"]
+    assert "2.1.197 ends system[2]" in hint and "2.1.332" in hint and "messages[1]" in hint
