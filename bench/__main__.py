@@ -1,5 +1,6 @@
 """`python -m bench` (`make bench`): replay a Claude-Code-shaped session through every arm,
-measure the floor with mlx-lm, print the table, write CSV + the analysis report's charts.
+replay Claude Code's concurrency against warmturn and its batching peers, measure the floor
+with mlx-lm, print the tables, write CSV + the analysis report's charts.
 
 See docs/bench.md for what each arm means and how to read the numbers.
 """
@@ -7,6 +8,7 @@ See docs/bench.md for what each arm means and how to read the numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -19,8 +21,11 @@ from pathlib import Path
 
 from bench import procs
 from bench.arms import ROOT, ArmRun, BenchTimeout, Context, all_arms
+from bench.concurrent import ideal_prefill, run_concurrent, select_peers
 from bench.peer_model import peer_model_dir
+from bench.scenarios import SCENARIOS, build_scenarios
 from bench.summary import ratios, summarize_arm, table, write_csv
+from bench.targets import concurrent_table, summarize_concurrent, targets, targets_table
 from bench.workload import build_session, load_fixture, make_counter, request_tokens
 
 
@@ -34,8 +39,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--turns", type=int, help="main-agent requests per session (default all 7; smoke 2)")
     p.add_argument("--max-tokens", type=int, help="max_tokens per request (default 8; smoke 4)")
     p.add_argument("--repeats", type=int, default=1, help="run every arm this many times (default 1)")
-    p.add_argument("--arms", default="", help="comma-separated arm numbers or keys to run (default: all), "
-                                              "e.g. 1,3,7")
+    p.add_argument("--arms", default="", help="sequential arms: comma-separated numbers or keys (default: all), "
+                                              "e.g. 1,3,7, or 'none'")
+    p.add_argument("--scenarios", default=None,
+                   help="concurrent replay scenarios, comma-separated, or 'none': a-alone (first turn alone), "
+                        "a (title request + first turn), b (fan-out: 3 background subagents), c (4 sessions x "
+                        "4 turns), scale (decode tok/s, 1 vs 4 streams). Default: all; smoke: a-alone,a,scale")
+    p.add_argument("--peers", default="",
+                   help="servers of the concurrent replay: warmturn, mlx_lm.server, vllm-mlx-cb (default: all; "
+                        "vllm-mlx-cb only with --vllm-mlx-cmd; smoke: warmturn,mlx_lm.server)")
+    p.add_argument("--replay-target-tokens", type=int,
+                   help="system+tools prefix tokens of the concurrent replay (default: --target-tokens)")
+    p.add_argument("--replay-max-tokens", type=int,
+                   help="max_tokens of every replayed turn, greedy (default 32; smoke 4)")
+    p.add_argument("--title-max-tokens", type=int, help="max_tokens of the title request (default 32; smoke 8)")
+    p.add_argument("--decode-tokens", type=int, help="max_tokens per stream of the scale scenario "
+                                                     "(default 64; smoke 12)")
     p.add_argument("--vllm-mlx-cmd", default=os.environ.get("VLLM_MLX_CMD", ""),
                    help="opt-in vllm-mlx peer arms: command prefix that serves a model, e.g. "
                         "'/opt/vllm-mlx/.venv/bin/vllm-mlx serve' (env VLLM_MLX_CMD)")
@@ -63,13 +82,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.max_tokens = args.max_tokens or (4 if smoke else 8)
     args.time_limit = args.time_limit or (600.0 if smoke else 3600.0)
     args.floor_repeats = args.floor_repeats or (1 if smoke else 3)
+    if args.scenarios is None:
+        args.scenarios = "a-alone,a,scale" if smoke else ",".join(SCENARIOS)
+    if smoke and not args.peers:
+        args.peers = "warmturn,mlx_lm.server"
+    args.replay_target_tokens = args.replay_target_tokens or args.target_tokens
+    args.replay_max_tokens = args.replay_max_tokens or (4 if smoke else 32)
+    args.title_max_tokens = args.title_max_tokens or (8 if smoke else 32)
+    args.decode_tokens = args.decode_tokens or (12 if smoke else 64)
     return args
+
+
+def select_scenarios(spec: str) -> list[str]:
+    if spec.strip() == "none":
+        return []
+    wanted = [s.strip() for s in spec.split(",") if s.strip()]
+    bad = [w for w in wanted if w not in SCENARIOS]
+    if bad:
+        raise SystemExit(f"--scenarios: unknown {bad}; known: {', '.join(SCENARIOS)} or none")
+    return [k for k in SCENARIOS if k in wanted]  # in the canonical order
 
 
 def select_arms(spec: str, vllm_mlx: bool, vllm: bool = False):
     arms = all_arms(vllm_mlx=vllm_mlx, vllm=vllm)
     if not spec:
         return arms
+    if spec.strip() == "none":
+        return []
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     chosen = [a for a in arms if any(a.key == w or a.key.split("-")[0] == w for w in wanted)]
     if not chosen:
@@ -184,16 +223,29 @@ def main(argv: list[str] | None = None) -> int:
     new_session = build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens, main_turns=1,
                                 subagent=False, session_tag="b", compact=args.smoke)
     arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd), vllm=args.vllm)
+    scenario_keys = select_scenarios(args.scenarios)
+    peers = select_peers(args.peers, vllm_mlx=bool(args.vllm_mlx_cmd)) if scenario_keys else []
+    scenarios = build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
+                                args.title_max_tokens, args.decode_tokens)
     meta = {"date": stamp, "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "model": str(model), "peer_model": str(peer_model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,
             "estimated_prefix_tokens": session.prefix_tokens, "requests_per_session": len(session.requests),
-            "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in arms]}
+            "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in arms],
+            "scenarios": scenario_keys, "peers": peers, "replay_target_tokens": args.replay_target_tokens,
+            "replay_max_tokens": args.replay_max_tokens, "title_max_tokens": args.title_max_tokens,
+            "decode_tokens": args.decode_tokens}
     progress(f"warmturn bench → {out_dir}")
     progress(f"model {model}; prefix ~{session.prefix_tokens['main']} tokens (subagent "
              f"~{session.prefix_tokens['subagent']}); {len(session.requests)} requests per session; "
-             f"arms: {', '.join(a.key for a in arms)}; time limit {args.time_limit:.0f}s")
+             f"arms: {', '.join(a.key for a in arms) or 'none'}; time limit {args.time_limit:.0f}s")
+    if scenarios:
+        progress(f"concurrent replay: scenarios {', '.join(scenario_keys)} on {', '.join(peers)}; prefix "
+                 f"~{args.replay_target_tokens} tokens, max_tokens {args.replay_max_tokens} (title "
+                 f"{args.title_max_tokens}, decode streams {args.decode_tokens}), greedy")
 
     rows: list[dict] = []
+    conc_rows: list[dict] = []
+    conc_infos: list[dict] = []
     skipped: list[str] = []
     interrupted = False
     try:
@@ -213,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
                     skipped.append(f"{arm.key} (rep {rep}: {str(e).splitlines()[0][:120]})")
                 finally:
                     run.close()
+        if scenarios:
+            conc_ctx = dataclasses.replace(ctx, capture_file=out_dir / "captures-concurrent.jsonl")
+            conc_rows, conc_infos, failed = run_concurrent(scenarios, peers, conc_ctx, args.repeats, out_dir)
+            skipped += failed
     except BenchTimeout:
         pass
     except KeyboardInterrupt:
@@ -223,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
     floors: dict[tuple[str, int], float] = {}
     floor_rows: list[dict] = []
-    if not args.no_floor and not interrupted:
+    if not args.no_floor and not interrupted and arms:
         pairs, keys = floor_pairs(rows, session, count)
         remaining = max(60.0, ctx.deadline - time.monotonic() + 300.0)
         if pairs:
@@ -241,7 +297,16 @@ def main(argv: list[str] | None = None) -> int:
     summaries = [summarize_arm(a.key, a.title, rows, floors) for a in arms]
     floor_median = (sorted(floors.values())[len(floors) // 2] / 1000) if floors else None
     ratio_rows = ratios({s["arm"]: s for s in summaries if s["requests"]}, floor_median)
-    text = table(summaries, ratio_rows)
+    text = table(summaries, ratio_rows) if arms else ""
+    conc_summaries: list[dict] = []
+    target_rows: list[dict] = []
+    if conc_rows:
+        ideal = ideal_prefill(scenarios, model)
+        conc_summaries = summarize_concurrent(conc_rows, conc_infos, ideal)
+        names = next((list(i.get("metrics_after") or {}) for i in reversed(conc_infos) if i.get("metrics_after")), [])
+        target_rows = targets(conc_summaries, {s["arm"]: s for s in summaries if s["requests"]}, names)
+        text += ("\n\n" if text else "") + "Concurrent replay\n\n" + concurrent_table(conc_summaries)
+        text += "\n\nIssue 13 targets\n\n" + targets_table(target_rows)
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
     meta["skipped"] = skipped
     meta["interrupted"] = interrupted
@@ -254,6 +319,10 @@ def main(argv: list[str] | None = None) -> int:
     write_csv(out_dir / "summary.csv", summaries)
     write_csv(out_dir / "ratios.csv", ratio_rows)
     write_csv(out_dir / "floor.csv", floor_rows)
+    if conc_rows:
+        write_csv(out_dir / "concurrent.csv", conc_rows)
+        write_csv(out_dir / "concurrent_summary.csv", conc_summaries)
+        write_csv(out_dir / "targets.csv", target_rows)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     charts = [] if args.no_report or interrupted else run_analysis(ctx.capture_file, out_dir, progress)
@@ -263,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     if skipped:
         print("skipped or failed: " + "; ".join(skipped))
-    print(f"results: {out_dir} (requests.csv, summary.csv, ratios.csv, floor.csv, table.md, meta.json"
+    print(f"results: {out_dir} (requests.csv, summary.csv, ratios.csv, floor.csv, "
+          f"{'concurrent.csv, concurrent_summary.csv, targets.csv, ' if conc_rows else ''}table.md, meta.json"
           f"{', report/' if charts else ''})")
     for c in charts:
         print(f"chart: {c}")

@@ -27,6 +27,7 @@ class Result:
     stop_reason: str | None = None
     text: str = ""
     error: str | None = None
+    request_id: str | None = None  # the server's `request-id` response header, when it sends one
 
     @property
     def prompt_tokens(self) -> int | None:
@@ -52,6 +53,7 @@ def send(client: httpx.Client, base_url: str, body: dict, headers: dict[str, str
         with client.stream("POST", f"{base_url}/v1/messages?beta=true", json=body, headers=headers,
                            timeout=httpx.Timeout(timeout, connect=10.0)) as resp:
             result.status = resp.status_code
+            result.request_id = resp.headers.get("request-id")
             if resp.status_code != 200:
                 raw = resp.read()
                 result.ttfb_ms = ms()

@@ -367,12 +367,87 @@ def rebuild_fixture(out: Path = FIXTURE) -> dict:
             ],
         },
     }
+    fixture["title"] = _title_material()
+    fixture["fanout"] = _fanout_script(cwd)
     text = fixture["main"]["system"][-1]["text"]
     text = text.replace("/tmp/rec/home_full/work", cwd).replace("/tmp/rec/home_full", "/home/dev")
     fixture["main"]["system"][-1]["text"] = text.replace("-tmp-rec-home-full-work", "-home-dev-sync-tool")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(fixture, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     return fixture
+
+
+def _title_material() -> dict:
+    """The interactive session's title request (recorded from 2.1.197 in a terminal, see
+    tests/fixtures/claude_code/README.md), with the user's first prompt cut out of its
+    `<session>` wrapper so another first prompt can go in."""
+    recs = [json.loads(line) for line in (RECORDINGS / "interactive_first_turn.jsonl").read_text().splitlines()]
+    posts = [r for r in recs if r["method"] == "POST"]
+    title = next(r for r in posts if "format" in (r["body"].get("output_config") or {}))
+    turn = next(r for r in posts if r is not title)
+    prompt = turn["body"]["messages"][0]["content"][-1]["text"]
+    tb = title["body"]
+    wrapped = tb["messages"][0]["content"][0]["text"]
+    before, after = wrapped.split(prompt)
+    return {"model": tb["model"], "system": tb["system"][1:], "tools": tb["tools"],
+            "headers": {"anthropic-beta": title["headers"]["anthropic-beta"]},
+            "params": {k: tb[k] for k in ("thinking", "output_config", "stream")},
+            "session_open": before, "session_close": after}
+
+
+def _fanout_script(cwd: str) -> dict:
+    """Scripted content for the fan-out scenario (bench/scenarios.py): a main turn that
+    launches three background Explore agents, each doing two tool rounds (Bash, then Read),
+    in Claude Code's message shapes. Written for the bench, like the session script."""
+    def rounds(uid: str, command: str, desc: str, out: str, path: str, text: str) -> list[dict]:
+        return [{"assistant": [_tool_use(f"toolu_{uid}1", "Bash", {"command": command, "description": desc})],
+                 "user": [_tool_result(f"toolu_{uid}1", out)]},
+                {"assistant": [_tool_use(f"toolu_{uid}2", "Read", {"file_path": f"{cwd}/{path}"})],
+                 "user": [_tool_result(f"toolu_{uid}2", _numbered(text))]}]
+
+    siblings = [
+        {"description": "Find parse_date callers",
+         "prompt": "Find every caller of parse_date in src/ and report file:line for each, with what it passes.",
+         "rounds": rounds("f1", "grep -rn 'parse_date' src/", "Find parse_date callers",
+                          "src/sync/dates.py:4:def parse_date(text: str) -> datetime:\n"
+                          "src/sync/client.py:57:        ts = parse_date(item['updated'])\n"
+                          "src/sync/cli.py:112:    since = parse_date(args.since)\n",
+                          "src/sync/client.py", "def fetch_items(session, url):\n    items = []\n"
+                          "    for item in session.get(url).json()['items']:\n"
+                          "        ts = parse_date(item['updated'])\n        items.append((ts, item))\n"
+                          "    return sorted(items)\n"),
+         "report": "parse_date is called from src/sync/client.py:57 (server timestamps from JSON) and "
+                   "src/sync/cli.py:112 (the --since flag); both pass raw strings."},
+        {"description": "Find the date parser tests",
+         "prompt": "List the tests that cover src/sync/dates.py and say which inputs they use.",
+         "rounds": rounds("f2", "grep -rln 'dates' tests/", "Find tests of dates.py",
+                          "tests/test_dates.py\ntests/test_cli.py\n",
+                          "tests/test_dates.py", "from sync.dates import parse_date\n\n\n"
+                          "def test_parse_offset():\n    assert parse_date('2026-11-02T10:00:00+01:00').hour == 10\n\n\n"
+                          "def test_parse_utc_suffix():\n    assert parse_date('2026-11-02T10:00:00Z').hour == 10\n"),
+         "report": "tests/test_dates.py has test_parse_offset (+01:00) and test_parse_utc_suffix (a trailing "
+                   "'Z', the failing one); tests/test_cli.py only checks --since with a plain date."},
+        {"description": "Check the parser's history",
+         "prompt": "Check the git history and the changelog of src/sync/dates.py for changes to date handling.",
+         "rounds": rounds("f3", "git log --oneline -- src/sync/dates.py", "History of dates.py",
+                          "9c1e2f4 parse ISO dates with a timezone offset\n41aa0b7 add parse_date\n",
+                          "CHANGELOG.md", NOTES),
+         "report": "Two commits touch dates.py: 41aa0b7 added parse_date, 9c1e2f4 added offsets (release "
+                   "0.4.1). Nothing handles 'Z'; NOTES.md lists it as a TODO for Python 3.10."},
+    ]
+    return {
+        "first_prompt": "The date tests fail. Use agents in the background to look at the callers, the tests "
+                        "and the history of the parser while you read the notes file.",
+        "launch_text": "I'll start three agents in the background and read the notes meanwhile.",
+        "launched": "Async agent launched successfully.\nagentId: {agent_id} (internal ID, do not mention it "
+                    "to the user)\nThe agent is working in the background. You will be notified when it "
+                    "completes.",
+        "own_round": {"assistant": [_tool_use("toolu_f0Rd", "Read", {"file_path": f"{cwd}/NOTES.md"})],
+                      "user": [_tool_result("toolu_f0Rd", _numbered(NOTES))]},
+        "notice": "<task-notification>\nAgent \"{description}\" ({agent_id}) completed.\nResult: {report}\n"
+                  "</task-notification>",
+        "siblings": siblings,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

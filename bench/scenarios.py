@@ -1,0 +1,233 @@
+"""The concurrent replay's scenarios: Claude Code's concurrency, built from the recorded requests.
+
+A scenario is a small graph of requests: each `Node` starts once the nodes it comes `after`
+have finished (an agent's next request waits for its previous answer, as a tool round does),
+plus an optional delay; nodes with no pending dependency run at the same time. The bodies
+come from `bench/fixtures/session.json` (recorded Claude Code 2.1.197 payloads, shrunk to the
+bench's prefix size by `bench.workload`), in three shapes the issue names:
+
+- `a`  the start of an interactive 2.1.197 session: the title request (recorded in a
+       terminal: `output_config.format` json_schema, no tools) and the first turn, together;
+       `a-alone` is the same first turn with nothing beside it (the ratio's denominator);
+- `b`  a fan-out as 2.1.332 does it: the main turn launches 3 background subagents that share
+       one subagent prefix (system + tools) and each do 2 tool rounds, while the main agent does
+       its own tool round; a last main request carries their completion notices;
+- `c`  4 independent sessions at once (same system + tools, different first prompts), 4 turns each;
+- `scale` decode throughput: 1 stream alone, then 4 streams at once (short prompts, long output).
+
+Every replay request is greedy (`temperature` 0) with a fixed `max_tokens`, so every server is
+asked for the same work. Pure: nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import dataclass, field
+
+from bench.workload import (
+    MAIN_TOOL_ORDER,
+    SUB_TOOL_ORDER,
+    BenchRequest,
+    Counter,
+    _mark_last,
+    _settle,
+    _tool_result,
+    _tool_use,
+    _user_blocks,
+    build_session,
+    shrink_prefix,
+)
+
+SCENARIOS = ("a-alone", "a", "b", "c", "scale")
+SCALE_PROMPTS = [
+    "Count from 1 to 300, one number per line, and nothing else.",
+    "Write the numbers from 500 to 800 separated by commas.",
+    "List the even numbers from 2 to 600, one per line.",
+    "Spell out the numbers one to two hundred in English words, one per line.",
+    "Count down from 400 to 1, one number per line, and nothing else.",
+]
+
+
+@dataclass
+class Node:
+    """One request of a scenario, with what must finish before it starts."""
+
+    request: BenchRequest
+    after: tuple[str, ...] = ()
+    delay_s: float = 0.0  # after its dependencies are done (or after the scenario's start)
+    role: str = ""  # "first-turn", "title", "subagent", "stream", ... (how the summary groups it)
+
+    @property
+    def name(self) -> str:
+        return self.request.name
+
+
+@dataclass
+class Scenario:
+    key: str
+    title: str
+    nodes: list[Node]
+    notes: dict = field(default_factory=dict)
+
+    def node(self, name: str) -> Node:
+        return next(n for n in self.nodes if n.name == name)
+
+
+def _greedy(req: BenchRequest, max_tokens: int) -> BenchRequest:
+    req.body["temperature"] = 0.0
+    req.body["max_tokens"] = max_tokens
+    return req
+
+
+def _session_id(rng: random.Random) -> str:
+    a, b, c, d, e = (rng.getrandbits(n) for n in (32, 16, 12, 12, 48))
+    return f"{a:08x}-{b:04x}-4{c:03x}-8{d:03x}-{e:012x}"
+
+
+def title_request(fixture: dict, first_prompt: str, headers: dict[str, str], max_tokens: int) -> BenchRequest:
+    """The recorded title request, wrapping `first_prompt` as Claude Code does."""
+    t = fixture["title"]
+    text = f"{t['session_open']}{first_prompt}{t['session_close']}"
+    body = {"model": t["model"], "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+            "system": copy.deepcopy(t["system"]), "tools": copy.deepcopy(t["tools"])}
+    body.update(copy.deepcopy(t["params"]))
+    return _greedy(BenchRequest("title", "title", 1, body, dict(headers, **t["headers"])), max_tokens)
+
+
+def interactive_start(fixture: dict, target: int, count: Counter, max_tokens: int, title_max_tokens: int,
+                      alone: bool = False) -> Scenario:
+    """(a): the title request and the first turn at the same moment (`alone`: the first turn only)."""
+    session = build_session(fixture, target, count, max_tokens=max_tokens, main_turns=1, subagent=False)
+    first = _greedy(session.requests[0], max_tokens)
+    nodes = [Node(first, role="first-turn")]
+    if not alone:
+        prompt = fixture["main"]["first_prompt"]
+        nodes.insert(0, Node(title_request(fixture, prompt, first.headers, title_max_tokens), role="title"))
+    key = "a-alone" if alone else "a"
+    what = "the first turn alone" if alone else "title request + first turn together (2.1.197 interactive start)"
+    return Scenario(key, what, nodes)
+
+
+def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: int = 0) -> Scenario:
+    """(b): main-1 asks for the work; its answer launches 3 background Explore agents (main-2
+    carries the "launched" results and goes on with its own Read round: main-3), each agent
+    does 2 tool rounds (3 requests), and main-4 carries the 3 completion notices."""
+    rng = random.Random(f"fanout-{seed}")
+    fo, main, sub = fixture["fanout"], fixture["main"], fixture["subagent"]
+    m_system, m_tools, m_tokens = shrink_prefix(main["system"], main["tools"], target, count, MAIN_TOOL_ORDER)
+    s_system, s_tools, s_tokens = shrink_prefix(sub["system"], sub["tools"], max(64, target // 2), count,
+                                                SUB_TOOL_ORDER)
+    session_id = _session_id(rng)
+    metadata = {"user_id": json.dumps({"device_id": fixture["device_id"], "account_uuid": "",
+                                       "session_id": session_id}, separators=(",", ":"))}
+    base_headers = dict(fixture["headers"], **{"x-claude-code-session-id": session_id})
+
+    def body(model, system, tools, messages, params) -> dict:
+        msgs = copy.deepcopy(messages)
+        _mark_last(msgs)
+        b = {"model": model, "messages": msgs, "system": copy.deepcopy(system), "tools": copy.deepcopy(tools),
+             "metadata": metadata}
+        b.update(copy.deepcopy(params))
+        return b
+
+    nodes: list[Node] = []
+    history = [{"role": "user", "content": _user_blocks([main["reminder"], fo["first_prompt"]])},
+               {"role": "system", "content": main["system_message"]}]
+
+    def main_node(n: int, after: tuple[str, ...]) -> None:
+        req = BenchRequest(f"main-{n}", "main", n, body(main["model"], m_system, m_tools, history, fixture["params"]),
+                           dict(base_headers))
+        nodes.append(Node(_greedy(req, max_tokens), after=after, role="main"))
+
+    main_node(1, ())
+    agent_ids = [f"a{rng.getrandbits(64):016x}" for _ in fo["siblings"]]
+    launch = [{"type": "text", "text": fo["launch_text"]}]
+    launch += [_tool_use(f"toolu_fA{i}", "Agent", {"description": s["description"], "prompt": s["prompt"],
+                                                   "subagent_type": "Explore", "run_in_background": True})
+               for i, s in enumerate(fo["siblings"])]
+    _settle(history)
+    history += [{"role": "assistant", "content": launch},
+                {"role": "user", "content": [_tool_result(f"toolu_fA{i}", fo["launched"].format(agent_id=a))
+                                             for i, a in enumerate(agent_ids)]}]
+    main_node(2, ("main-1",))
+    _settle(history)
+    history += [{"role": "assistant", "content": copy.deepcopy(fo["own_round"]["assistant"])},
+                {"role": "user", "content": copy.deepcopy(fo["own_round"]["user"])}]
+    main_node(3, ("main-2",))
+
+    sub_params = dict(fixture["params"], **sub["params"])  # as build_session: main's, then the subagent's
+    last_of_agent = []
+    for i, (sib, agent_id) in enumerate(zip(fo["siblings"], agent_ids), start=1):
+        headers = dict(base_headers, **sub["headers"], **{"x-claude-code-agent-id": agent_id})
+        sub_history = [{"role": "user", "content": _user_blocks([sub["reminder"], sib["prompt"]])}]
+        prev: tuple[str, ...] = ("main-1",)  # launched when main-1's answer (the Agent calls) arrives
+        for turn in range(1, len(sib["rounds"]) + 2):
+            if turn > 1:
+                step = sib["rounds"][turn - 2]
+                _settle(sub_history)
+                sub_history += [{"role": "assistant", "content": copy.deepcopy(step["assistant"])},
+                                {"role": "user", "content": copy.deepcopy(step["user"])}]
+            name = f"sub{i}-{turn}"
+            req = BenchRequest(name, f"subagent-{i}", turn,
+                               body(sub["model"], s_system, s_tools, sub_history, sub_params), headers)
+            nodes.append(Node(_greedy(req, max_tokens), after=prev, role="subagent"))
+            prev = (name,)
+        last_of_agent.append(prev[0])
+
+    _settle(history)
+    history += [{"role": "assistant", "content": [{"type": "text", "text": "Waiting for the agents."}]},
+                {"role": "user", "content": [{"type": "text", "text": fo["notice"].format(
+                    description=s["description"], agent_id=a, report=s["report"])}
+                    for s, a in zip(fo["siblings"], agent_ids)]}]
+    main_node(4, ("main-3", *last_of_agent))
+    return Scenario("b", "fan-out: main turn + 3 background subagents (shared prefix, 2 tool rounds each)",
+                    nodes, {"prefix_tokens": {"main": m_tokens, "subagent": s_tokens}})
+
+
+def parallel_sessions(fixture: dict, target: int, count: Counter, max_tokens: int, sessions: int = 4,
+                      turns: int = 4) -> Scenario:
+    """(c): `sessions` independent sessions started together, `turns` main turns each."""
+    nodes: list[Node] = []
+    for tag in "abcdefghijklmnop"[:sessions]:
+        s = build_session(fixture, target, count, max_tokens=max_tokens, main_turns=turns, subagent=False,
+                          session_tag=tag)
+        prev: tuple[str, ...] = ()
+        for req in s.requests:
+            req.name = f"{tag}/{req.name}"
+            req.agent = f"session-{tag}"
+            nodes.append(Node(_greedy(req, max_tokens), after=prev, role="turn"))
+            prev = (req.name,)
+    return Scenario("c", f"{sessions} independent sessions at once, {turns} turns each", nodes)
+
+
+def decode_streams(max_tokens: int, streams: int = 4) -> Scenario:
+    """`scale`: one stream alone (`solo`), then `streams` at once (`s1`…), short distinct prompts."""
+    def req(name: str, prompt: str) -> BenchRequest:
+        body = {"model": "claude-opus-4-8", "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+                "messages": [{"role": "user", "content": prompt}]}
+        return BenchRequest(name, name, 1, body, {"anthropic-version": "2023-06-01"})
+
+    nodes = [Node(req("solo", SCALE_PROMPTS[-1]), role="solo")]
+    nodes += [Node(req(f"s{i + 1}", SCALE_PROMPTS[i % (len(SCALE_PROMPTS) - 1)]), after=("solo",), delay_s=1.0,
+                   role="stream") for i in range(streams)]
+    return Scenario("scale", f"decode: 1 stream alone, then {streams} at once", nodes)
+
+
+def build_scenarios(keys: list[str], fixture: dict, target: int, count: Counter, max_tokens: int,
+                    title_max_tokens: int, decode_tokens: int) -> list[Scenario]:
+    out = []
+    for key in keys:
+        if key in ("a", "a-alone"):
+            out.append(interactive_start(fixture, target, count, max_tokens, title_max_tokens,
+                                         alone=key == "a-alone"))
+        elif key == "b":
+            out.append(fan_out(fixture, target, count, max_tokens))
+        elif key == "c":
+            out.append(parallel_sessions(fixture, target, count, max_tokens))
+        elif key == "scale":
+            out.append(decode_streams(decode_tokens))
+        else:
+            raise ValueError(f"unknown scenario {key!r} (known: {', '.join(SCENARIOS)})")
+    return out
