@@ -12,7 +12,7 @@ WEB_TOKEN ?=
 # scripts intact (they parse ARGS with shell quoting rules; make would otherwise expand $ and split words).
 shq = '$(subst ','\'',$(value $(1)))'
 
-.PHONY: setup run web server claude test check-install report bench bench-smoke vllm vllm-serve test-engines clean help
+.PHONY: setup run web server claude test check-install report bench bench-smoke vllm vllm-serve test-engines vllm-mlx clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -44,6 +44,9 @@ report: setup  ## build report/ from captures/ (or the bundled sample capture)
 
 bench: setup  ## run the benchmarks and print their tables (VLLM_MLX_CMD=... adds the vllm-mlx peer arms)
 	@$(PY) -m bench $(if $(MODEL),--model $(MODEL)) $(ARGS)
+
+vllm-mlx:  ## opt-in: vllm-mlx 0.6.0 (the batching peer of make bench) in its own venv; prints its VLLM_MLX_CMD
+	@bash scripts/vllm-mlx.sh
 
 bench-smoke: setup  ## the tiny version of the benchmark that CI runs (one turn per arm)
 	@$(PY) -m bench --smoke $(if $(MODEL),--model $(MODEL)) $(ARGS)

@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="mlx-lm model directory or .gguf (default: the project's default model)")
     p.add_argument("--smoke", action="store_true",
-                   help="tiny CI version: ~300-token prefix, short messages, 2 requests per arm, max_tokens 4")
+                   help="tiny CI version: ~300-token prefix, short messages, 2 requests per arm, max_tokens 4; "
+                        "concurrent replay b and scale on warmturn only")
     p.add_argument("--target-tokens", type=int, help="system+tools prefix tokens (default 2000; smoke 300; "
                                                      "~19000 is Claude Code's full size)")
     p.add_argument("--turns", type=int, help="main-agent requests per session (default all 7; smoke 2)")
@@ -44,10 +45,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scenarios", default=None,
                    help="concurrent replay scenarios, comma-separated, or 'none': a-alone (first turn alone), "
                         "a (title request + first turn), b (fan-out: 3 background subagents), c (4 sessions x "
-                        "4 turns), scale (decode tok/s, 1 vs 4 streams). Default: all; smoke: a-alone,a,scale")
+                        "4 turns), scale (decode tok/s, 1 vs 4 streams). Default: all; smoke: b,scale")
     p.add_argument("--peers", default="",
                    help="servers of the concurrent replay: warmturn, mlx_lm.server, vllm-mlx-cb (default: all; "
-                        "vllm-mlx-cb only with --vllm-mlx-cmd; smoke: warmturn,mlx_lm.server)")
+                        "vllm-mlx-cb only with --vllm-mlx-cmd; smoke: warmturn)")
     p.add_argument("--replay-target-tokens", type=int,
                    help="system+tools prefix tokens of the concurrent replay (default: --target-tokens)")
     p.add_argument("--replay-max-tokens", type=int,
@@ -83,9 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.time_limit = args.time_limit or (600.0 if smoke else 3600.0)
     args.floor_repeats = args.floor_repeats or (1 if smoke else 3)
     if args.scenarios is None:
-        args.scenarios = "a-alone,a,scale" if smoke else ",".join(SCENARIOS)
+        args.scenarios = "b,scale" if smoke else ",".join(SCENARIOS)
     if smoke and not args.peers:
-        args.peers = "warmturn,mlx_lm.server"
+        args.peers = "warmturn"
     args.replay_target_tokens = args.replay_target_tokens or args.target_tokens
     args.replay_max_tokens = args.replay_max_tokens or (4 if smoke else 32)
     args.title_max_tokens = args.title_max_tokens or (8 if smoke else 32)
@@ -226,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     scenario_keys = select_scenarios(args.scenarios)
     peers = select_peers(args.peers, vllm_mlx=bool(args.vllm_mlx_cmd)) if scenario_keys else []
     scenarios = build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
-                                args.title_max_tokens, args.decode_tokens)
+                                args.title_max_tokens, args.decode_tokens, compact=args.smoke)
     meta = {"date": stamp, "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
             "model": str(model), "peer_model": str(peer_model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,
             "estimated_prefix_tokens": session.prefix_tokens, "requests_per_session": len(session.requests),

@@ -13,7 +13,7 @@ bench's prefix size by `bench.workload`), in three shapes the issue names:
        one subagent prefix (system + tools) and each do 2 tool rounds, while the main agent does
        its own tool round; a last main request carries their completion notices;
 - `c`  4 independent sessions at once (same system + tools, different first prompts), 4 turns each;
-- `scale` decode throughput: 1 stream alone, then 4 streams at once (short prompts, long output).
+- `scale` decode throughput: 1 stream alone (twice), then 4 streams at once (short prompts, long output).
 
 Every replay request is greedy (`temperature` 0) with a fixed `max_tokens`, so every server is
 asked for the same work. Pure: nothing here touches the network.
@@ -31,6 +31,7 @@ from bench.workload import (
     SUB_TOOL_ORDER,
     BenchRequest,
     Counter,
+    _compacted,
     _mark_last,
     _settle,
     _tool_result,
@@ -97,9 +98,10 @@ def title_request(fixture: dict, first_prompt: str, headers: dict[str, str], max
 
 
 def interactive_start(fixture: dict, target: int, count: Counter, max_tokens: int, title_max_tokens: int,
-                      alone: bool = False) -> Scenario:
+                      alone: bool = False, compact: bool = False) -> Scenario:
     """(a): the title request and the first turn at the same moment (`alone`: the first turn only)."""
-    session = build_session(fixture, target, count, max_tokens=max_tokens, main_turns=1, subagent=False)
+    session = build_session(fixture, target, count, max_tokens=max_tokens, main_turns=1, subagent=False,
+                            compact=compact)
     first = _greedy(session.requests[0], max_tokens)
     nodes = [Node(first, role="first-turn")]
     if not alone:
@@ -110,12 +112,15 @@ def interactive_start(fixture: dict, target: int, count: Counter, max_tokens: in
     return Scenario(key, what, nodes)
 
 
-def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: int = 0) -> Scenario:
+def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: int = 0,
+            compact: bool = False) -> Scenario:
     """(b): main-1 asks for the work; its answer launches 3 background Explore agents (main-2
     carries the "launched" results and goes on with its own Read round: main-3), each agent
     does 2 tool rounds (3 requests), and main-4 carries the 3 completion notices."""
     rng = random.Random(f"fanout-{seed}")
     fo, main, sub = fixture["fanout"], fixture["main"], fixture["subagent"]
+    if compact:  # short reminders and messages, as build_session(compact=True)
+        main, sub = _compacted(main), _compacted(sub)
     m_system, m_tools, m_tokens = shrink_prefix(main["system"], main["tools"], target, count, MAIN_TOOL_ORDER)
     s_system, s_tools, s_tokens = shrink_prefix(sub["system"], sub["tools"], max(64, target // 2), count,
                                                 SUB_TOOL_ORDER)
@@ -187,12 +192,12 @@ def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: i
 
 
 def parallel_sessions(fixture: dict, target: int, count: Counter, max_tokens: int, sessions: int = 4,
-                      turns: int = 4) -> Scenario:
+                      turns: int = 4, compact: bool = False) -> Scenario:
     """(c): `sessions` independent sessions started together, `turns` main turns each."""
     nodes: list[Node] = []
     for tag in "abcdefghijklmnop"[:sessions]:
         s = build_session(fixture, target, count, max_tokens=max_tokens, main_turns=turns, subagent=False,
-                          session_tag=tag)
+                          session_tag=tag, compact=compact)
         prev: tuple[str, ...] = ()
         for req in s.requests:
             req.name = f"{tag}/{req.name}"
@@ -203,29 +208,34 @@ def parallel_sessions(fixture: dict, target: int, count: Counter, max_tokens: in
 
 
 def decode_streams(max_tokens: int, streams: int = 4) -> Scenario:
-    """`scale`: one stream alone (`solo`), then `streams` at once (`s1`…), short distinct prompts."""
+    """`scale`: one stream alone, twice (`solo-1`, `solo-2`), then `streams` at once (`s1`…), short
+    distinct prompts asking for long counts."""
     def req(name: str, prompt: str) -> BenchRequest:
         body = {"model": "claude-opus-4-8", "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
                 "messages": [{"role": "user", "content": prompt}]}
         return BenchRequest(name, name, 1, body, {"anthropic-version": "2023-06-01"})
 
-    nodes = [Node(req("solo", SCALE_PROMPTS[-1]), role="solo")]
-    nodes += [Node(req(f"s{i + 1}", SCALE_PROMPTS[i % (len(SCALE_PROMPTS) - 1)]), after=("solo",), delay_s=1.0,
+    # two solo streams one after the other (the summary takes the faster: the first long decode
+    # after start-up may still pay one-off costs), then `streams` at once
+    nodes = [Node(req("solo-1", SCALE_PROMPTS[-1]), role="solo"),
+             Node(req("solo-2", SCALE_PROMPTS[-1]), after=("solo-1",), delay_s=0.5, role="solo")]
+    nodes += [Node(req(f"s{i + 1}", SCALE_PROMPTS[i % (len(SCALE_PROMPTS) - 1)]), after=("solo-2",), delay_s=1.0,
                    role="stream") for i in range(streams)]
-    return Scenario("scale", f"decode: 1 stream alone, then {streams} at once", nodes)
+    return Scenario("scale", f"decode: 1 stream alone (twice), then {streams} at once", nodes)
 
 
 def build_scenarios(keys: list[str], fixture: dict, target: int, count: Counter, max_tokens: int,
-                    title_max_tokens: int, decode_tokens: int) -> list[Scenario]:
+                    title_max_tokens: int, decode_tokens: int, compact: bool = False) -> list[Scenario]:
+    """The scenarios named in `keys`; `compact` shortens reminders and tool results (the smoke run)."""
     out = []
     for key in keys:
         if key in ("a", "a-alone"):
             out.append(interactive_start(fixture, target, count, max_tokens, title_max_tokens,
-                                         alone=key == "a-alone"))
+                                         alone=key == "a-alone", compact=compact))
         elif key == "b":
-            out.append(fan_out(fixture, target, count, max_tokens))
+            out.append(fan_out(fixture, target, count, max_tokens, compact=compact))
         elif key == "c":
-            out.append(parallel_sessions(fixture, target, count, max_tokens))
+            out.append(parallel_sessions(fixture, target, count, max_tokens, compact=compact))
         elif key == "scale":
             out.append(decode_streams(decode_tokens))
         else:

@@ -3,8 +3,9 @@
 # the user cache, and print the command prefix that serves a model (for VLLM_MLX_CMD).
 #   bash scripts/vllm-mlx.sh            # install if needed, print the command
 #   VLLM_MLX_CMD="$(bash scripts/vllm-mlx.sh)" make bench
-# vllm-mlx 0.6.0 needs mlx-lm < 0.32 and pulls torch (several GB), so it can never share warmturn's .venv; it is opt-in and never part of CI.
-# On Linux it runs on MLX's CPU backend (`mlx[cpu]`). Idempotent: quick when already installed.
+# vllm-mlx 0.6.0 needs mlx-lm < 0.32 and pulls torch (several GB), so it can never share
+# warmturn's .venv; it is opt-in and never part of CI. On Linux it runs on MLX's CPU backend
+# (`mlx[cpu]`). Idempotent: quick when already installed. Same as `make vllm-mlx`.
 set -euo pipefail
 CACHE=${WARMTURN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warmturn}
 VENV=${VLLM_MLX_VENV:-$CACHE/vllm-mlx}

@@ -1,6 +1,7 @@
 """CI smoke run of the benchmark: `python -m bench --smoke` drives the real stack (the embedded
 server and mlx_lm.server on the default model, mitmdump with the addon, the analysis report)
-with one warm turn per arm, so the bench does not rot. Times are printed, never asserted."""
+with one warm turn per arm, plus the concurrent replay's fan-out and decode scenarios against
+the embedded server, so the bench does not rot. Times are printed, never asserted."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ PROXIED = [a for a in ARMS if a != "7-direct"]
 def smoke_run(tmp_path_factory, model_dir):
     out = tmp_path_factory.mktemp("bench") / "results"
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--model", str(model_dir), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=540)
+                          cwd=ROOT, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
@@ -80,6 +81,34 @@ def test_captures_ratios_floor_and_report(smoke_run):
     assert list((out / "report").glob("*.png")), "analysis report made no chart"
     meta = json.loads((out / "meta.json").read_text())
     assert meta["arms"] == ARMS and not meta["skipped"]
+
+
+@pytest.mark.model
+def test_concurrent_replay_ran_concurrently_in_dependency_order(smoke_run):
+    """The fan-out replay really overlaps requests and still respects each agent's order; the
+    server's own records (queue wait, computed tokens) are found for every request."""
+    out, stdout = smoke_run
+    rows = _csv(out / "concurrent.csv")
+    b = {r["request"]: r for r in rows if r["scenario"] == "b"}
+    assert len(b) == 13 and not any(r["error"] for r in b.values()), b
+    for r in b.values():  # nobody starts before what it comes after has ended
+        for dep in filter(None, r["after"].split(",")):
+            assert float(r["sent_s"]) >= float(b[dep]["end_s"]) - 0.05, (r["request"], dep)
+    firsts = [float(b[f"sub{i}-1"]["sent_s"]) for i in (1, 2, 3)] + [float(b["main-2"]["sent_s"])]
+    assert max(firsts) - min(firsts) < 1.0  # the three subagents and the main turn start together
+    assert all(r["queue_ms"] != "" and float(r["queue_ms"]) >= 0 for r in rows), "server records not matched"
+    summary = {(r["scenario"], r["peer"]): r for r in _csv(out / "concurrent_summary.csv")}
+    sb = summary[("b", "warmturn")]
+    prompt_total = sum(int(r["prompt_tokens"]) for r in b.values())
+    # computed tokens come from the server's /metrics; a prefix cache computes far less than the sum
+    assert sb["prefilled_source"].startswith("server /metrics")
+    assert 0 < float(sb["prefilled_tokens"]) < 0.6 * prompt_total
+    assert 0 < int(sb["ideal_prefill_tokens"]) < prompt_total
+    scale = summary[("scale", "warmturn")]
+    assert float(scale["solo_decode_tps"]) > 0 and float(scale["streams_decode_tps"]) > 0
+    targets = _csv(out / "targets.csv")
+    assert len(targets) == 15 and {t["status"] for t in targets} <= {"met", "MISSED", "n/a"}
+    assert "Issue 13 targets" in stdout and "| (b) prompt tokens prefilled |" in stdout
 
 
 # --- fast checks of the bench's own logic (no model, no processes) ---------------------------
