@@ -22,7 +22,7 @@ PROXIED = [a for a in ARMS if a != "7-direct"]
 def smoke_run(tmp_path_factory, model_dir):
     out = tmp_path_factory.mktemp("bench") / "results"
     proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--model", str(model_dir), "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+                          cwd=ROOT, capture_output=True, text=True, timeout=540)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
