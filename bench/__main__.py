@@ -229,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     scenarios = build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
                                 args.title_max_tokens, args.decode_tokens, compact=args.smoke)
     meta = {"date": stamp, "command": "python -m bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "model": str(model), "peer_model": str(peer_model), "machine": machine_info(), "target_prefix_tokens": args.target_tokens,
+            "model": str(model), "peer_model": str(peer_model), "machine": machine_info(),
+            "target_prefix_tokens": args.target_tokens,
             "estimated_prefix_tokens": session.prefix_tokens, "requests_per_session": len(session.requests),
             "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in arms],
             "scenarios": scenario_keys, "peers": peers, "replay_target_tokens": args.replay_target_tokens,

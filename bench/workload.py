@@ -273,7 +273,8 @@ PYTEST_OUT = ("============================= test session starts ===============
               "=================================== FAILURES ===================================\n"
               "_____________________________ test_parse_utc_suffix _____________________________\n"
               "E       ValueError: Invalid isoformat string: '2026-11-02T10:00:00Z'\n"
-              "src/sync/dates.py:18: ValueError\n=========================== short test summary info ============================\n"
+              "src/sync/dates.py:18: ValueError\n"
+              "=========================== short test summary info ============================\n"
               "FAILED tests/test_dates.py::test_parse_utc_suffix - ValueError: Invalid isoformat string\n"
               "========================= 1 failed, 13 passed in 0.41s =========================\n")
 def _numbered(text: str) -> str:

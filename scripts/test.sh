@@ -9,7 +9,15 @@ if [[ "$(uname -s)" == Linux && -f "$BLAS" && "${LD_PRELOAD:-}" != *openblas* ]]
   export LD_PRELOAD="$BLAS${LD_PRELOAD:+:$LD_PRELOAD}"
 fi
 export PYTHONUNBUFFERED=1
+# The linter (config in pyproject.toml) runs with the whole suite, i.e. unless test paths are given.
+lint_rc=0
+paths=0
+for a in "$@"; do [[ "$a" != -* && -e "${a%%::*}" ]] && paths=1; done
+if [[ $paths -eq 0 && "${WARMTURN_SKIP_LINT:-0}" != 1 ]]; then
+  .venv/bin/python -m ruff check . || { lint_rc=$?; echo "ERROR: ruff check failed (see above)" >&2; }
+fi
 .venv/bin/python -m pytest "$@"
 rc=$?
 if [[ $rc -eq 5 ]]; then echo "ERROR: no tests were collected" >&2; exit 1; fi
+if [[ $rc -eq 0 && $lint_rc -ne 0 ]]; then exit "$lint_rc"; fi
 exit $rc

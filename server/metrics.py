@@ -87,5 +87,5 @@ def safe_stats(stats: Callable[[], Mapping[str, float]] | None) -> dict[str, flo
         return {}
     try:
         return {k: float(v) for k, v in stats().items() if isinstance(v, (int, float))}
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failing store never breaks /metrics
         return {}

@@ -175,7 +175,7 @@ class Renderer:
     def _accepts(self, turns: list[tuple[str, str]], marker: str) -> bool:
         try:
             text = self._apply([{"role": r, "content": c} for r, c in turns], tools=None, gen=True)
-        except Exception:  # a template that raises on this shape refuses it
+        except Exception:  # noqa: BLE001 - a template that raises on this shape refuses it
             return False
         return marker in text
 
@@ -310,7 +310,7 @@ class Renderer:
             return 0
         try:
             head = self.encode(self._apply(messages[:1], tools=tools, gen=False))
-        except Exception:  # templates that need a user turn: no known prefix
+        except Exception:  # noqa: BLE001 - templates that need a user turn: no known prefix
             return 0
         n = 0
         for a, b in zip(head, tokens):

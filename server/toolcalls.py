@@ -162,7 +162,7 @@ class ToolCallParser:
     def _parse(self, body: str) -> list[ToolCall] | None:
         try:
             calls = normalize_call(self.fmt.parse(body, self.tools))
-        except Exception:  # any parser failure means "not a tool call": show the text
+        except Exception:  # noqa: BLE001 - any parser failure means "not a tool call": show the text
             return None
         self.calls += len(calls)
         return calls

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import free_port
-from tests.procs import ROOT, VENV_BIN, child_env, port_open, process, read_capture
+from tests.procs import ROOT, VENV_BIN, child_env, port_open, process
 from tests.test_server_hardening import HOSTILE, PATHS, assemble
 
 

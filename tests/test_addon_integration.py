@@ -12,7 +12,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.procs import BILLING, ROOT, VENV_BIN, child_env, mitmdump, port_open, process, read_capture
+from tests.procs import BILLING, VENV_BIN, child_env, mitmdump, port_open, process, read_capture
 from tests.conftest import free_port
 
 SYSTEM_TEXT = "You are a terse assistant. Answer in one short sentence."

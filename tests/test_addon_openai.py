@@ -27,8 +27,10 @@ def fold(data: bytes) -> tuple[MessageFold, list[str]]:
 def test_request_translation_of_a_tool_round():
     body = {
         "model": "claude-opus-4-8", "max_tokens": 64, "temperature": 0.2, "stream": True, "stop_sequences": ["END"],
-        "system": [{"type": "text", "text": "You are terse."}, {"type": "text", "text": "Be kind.", "cache_control": {"type": "ephemeral"}}],
-        "tools": [{"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {"p": {"type": "string"}}}},
+        "system": [{"type": "text", "text": "You are terse."},
+                   {"type": "text", "text": "Be kind.", "cache_control": {"type": "ephemeral"}}],
+        "tools": [{"name": "Read", "description": "Read a file",
+                   "input_schema": {"type": "object", "properties": {"p": {"type": "string"}}}},
                   {"type": "web_search_20250305", "name": "web_search"}],
         "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
         "messages": [
@@ -37,7 +39,8 @@ def test_request_translation_of_a_tool_round():
             {"role": "assistant", "content": [{"type": "thinking", "thinking": "hm", "signature": "s"},
                                               {"type": "text", "text": "Sure."},
                                               {"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"p": "a.txt"}}]},
-            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "hello"}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                          "content": [{"type": "text", "text": "hello"}]},
                                          {"type": "text", "text": "And?"}]},
         ]}
     req = ot.to_openai_request(body, "default_model")
@@ -95,10 +98,12 @@ def test_non_streamed_response_and_errors():
         {"id": "call_9", "type": "function", "function": {"name": "Read", "arguments": "{\"p\": 1}"}}]},
         "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 10, "completion_tokens": 3}}
     msg = ot.from_openai_response(resp, "claude-x")
-    assert msg["content"] == [{"type": "text", "text": "Hi"}, {"type": "tool_use", "id": "call_9", "name": "Read", "input": {"p": 1}}]
+    assert msg["content"] == [{"type": "text", "text": "Hi"},
+                              {"type": "tool_use", "id": "call_9", "name": "Read", "input": {"p": 1}}]
     assert msg["stop_reason"] == "tool_use" and msg["usage"] == {"input_tokens": 10, "output_tokens": 3}
     assert msg["model"] == "claude-x" and msg["type"] == "message"
     map_error = OpenAIAdapter(parse_backend("http://b:1")).map_error
     err = map_error(404, b'{"error": {"message": "no such model", "type": "not_found"}}', "http://b:1")
-    assert err == {"type": "error", "error": {"type": "not_found_error", "message": "backend http://b:1 returned HTTP 404: no such model"}}
+    assert err == {"type": "error", "error": {"type": "not_found_error",
+                                              "message": "backend http://b:1 returned HTTP 404: no such model"}}
     assert map_error(503, b"busy", "b")["error"]["type"] == "overloaded_error"

@@ -101,7 +101,8 @@ def test_a_usage_error_is_not_restarted(tmp_path):
 
 def test_child_that_never_gets_healthy_is_terminated(tmp_path):
     sleeper = tmp_path / "python"
-    sleeper.write_text(f"#!{sys.executable}\nimport os, time\nopen({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    sleeper.write_text(f"#!{sys.executable}\nimport os, time\n"
+                       f"open({str(tmp_path / 'pid')!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
     sleeper.chmod(0o755)
 
     async def main():

@@ -23,7 +23,8 @@ STRICT_TEMPLATE = (
 TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>tools\n{% for t in tools %}{{ t['function']['name'] }};{% endfor %}<|im_end|>\n{% endif %}"
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-    "{% for c in m.get('tool_calls', []) %}[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}"
+    "{% for c in m.get('tool_calls', []) %}"
+    "[call {{ c['function']['name'] }} {{ c['function']['arguments'] | tojson }}]{% endfor %}"
     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
@@ -54,8 +55,10 @@ def req(messages, **kw):
     return parse_messages_request(body)
 
 
-TOOLS = [{"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}},
-         {"name": "Grep", "description": "Search", "input_schema": {"type": "object", "properties": {"pattern": {"type": "string"}}}}]
+TOOLS = [{"name": "Read", "description": "Read a file",
+          "input_schema": {"type": "object", "properties": {"file_path": {"type": "string"}}, "required": ["file_path"]}},
+         {"name": "Grep", "description": "Search",
+          "input_schema": {"type": "object", "properties": {"pattern": {"type": "string"}}}}]
 
 
 def conversation(input_order=("file_path", "limit"), result_order=(0, 1), text_shape="string", thinking=False):
@@ -67,7 +70,8 @@ def conversation(input_order=("file_path", "limit"), result_order=(0, 1), text_s
         {"type": "tool_use", "id": "toolu_2", "name": "Grep", "input": inputs[1]},
     ]
     results = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "line"},
-               {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "found"}], "is_error": False}]
+               {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "found"}],
+                "is_error": False}]
     first = "Read /a" if text_shape == "string" else [{"type": "text", "text": "Read /a", "cache_control": {"type": "ephemeral"}}]
     return req(
         [{"role": "user", "content": first},

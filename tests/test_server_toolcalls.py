@@ -58,7 +58,8 @@ CASES = [
     ("parameters alias", '<tool_call>{"name": "A", "parameters": {"x": 2}}</tool_call>', [ToolCall("A", {"x": 2})]),
     ("no arguments", '<tool_call>{"name": "Now"}</tool_call>', [ToolCall("Now", {})]),
     ("unterminated but complete call", '<tool_call>{"name": "A", "arguments": {"x": 1}}', [ToolCall("A", {"x": 1})]),
-    ("unterminated broken call is text", "ok <tool_call>{\"name\": \"A\", \"argu", [TextPiece('ok <tool_call>{"name": "A", "argu')]),
+    ("unterminated broken call is text", "ok <tool_call>{\"name\": \"A\", \"argu",
+     [TextPiece('ok <tool_call>{"name": "A", "argu')]),
     ("marker prefix at the end is released", "see <tool_ca", [TextPiece("see <tool_ca")]),
     ("empty call body is text", "<tool_call></tool_call>", [TextPiece("<tool_call></tool_call>")]),
 ]
@@ -99,7 +100,8 @@ def test_splitting_never_changes_the_result(parts, cuts):
 def test_mlx_lm_parser_format_qwen3_coder():
     mod = importlib.import_module("mlx_lm.tool_parsers.qwen3_coder")
     fmt = ToolCallFormat(mod.tool_call_start, mod.tool_call_end, mod.parse_tool_call, "qwen3_coder")
-    text = "Sure." + mod.tool_call_start + "\n<function=Read>\n<parameter=file_path>\n/tmp/x\n</parameter>\n</function>\n" + mod.tool_call_end
+    text = ("Sure." + mod.tool_call_start + "\n<function=Read>\n<parameter=file_path>\n/tmp/x\n</parameter>\n</function>\n"
+            + mod.tool_call_end)
     for pieces in splits(text):
         assert run_parser(pieces, fmt) == [TextPiece("Sure."), ToolCall("Read", {"file_path": "/tmp/x"})]
 
@@ -172,7 +174,8 @@ def test_assembled_events_text_then_tool_use():
     assert starts[1]["content_block"]["input"] == {}
     json_delta = [e for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "input_json_delta"]
     assert json.loads("".join(d["delta"]["partial_json"] for d in json_delta)) == READ.arguments
-    text = "".join(e["delta"]["text"] for e in events if e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta")
+    text = "".join(e["delta"]["text"] for e in events
+                   if e["type"] == "content_block_delta" and e["delta"]["type"] == "text_delta")
     assert text == "I will read it."
     assert msg["content"][0] == {"type": "text", "text": "I will read it."}
     assert msg["content"][1]["type"] == "tool_use" and msg["content"][1]["id"].startswith("toolu_")
