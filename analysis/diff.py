@@ -378,8 +378,8 @@ def _text_kind(old: str, new: str, system: bool) -> str | None:
             kinds.add("environment")
         if _DATE.search(window_a) and _DATE.search(window_b):
             kinds.add("date")
-        if _MODEL.search(a) or _MODEL.search(b):
-            kinds.add("model_identity")
+        if _MODEL.search(a) and _MODEL.search(b) and difflib.SequenceMatcher(a=a, b=b, autojunk=False).ratio() > 0.8:
+            kinds.add("model_identity")  # the same model line, naming the model a little differently
         if _ID.search(window_a) or _ID.search(window_b):
             kinds.add("session_id")
         if _path_around(a, i, len(a) - j) or _path_around(b, i, len(b) - j):
