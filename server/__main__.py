@@ -92,14 +92,10 @@ def build_state(args: argparse.Namespace):
     log.info("MLX device %s, BLAS: %s", mx.default_device(), blas_in_use())
     log.info("loading %s", model_dir)
     model, tokenizer = load(str(model_dir))
-    metrics = Metrics()
-
-    def on_event(name: str, value: float) -> None:
-        if name == "generated_tokens":
-            metrics.inc("generated_tokens_total", value)
-
     engine = Engine(model, tokenizer, make_store(args, model), max_queue=args.max_queue,
-                    prefill_chunk=args.prefill_chunk, on_event=on_event)
+                    decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
+                    prefill_step_size=args.prefill_step_size, dedup_min_tokens=args.dedup_min_tokens,
+                    progress_every=args.prefill_progress_seconds, metrics=Metrics())
     renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
@@ -113,7 +109,7 @@ def build_state(args: argparse.Namespace):
                        api_key=args.api_key, bind_host=args.host, allowed_hosts=tuple(args.allowed_hosts),
                        max_body_bytes=args.max_body_bytes,
                        request_timeout=args.request_timeout, default_temperature=temperature,
-                       max_output_tokens=cap, metrics=metrics)
+                       max_output_tokens=cap)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -147,7 +143,24 @@ def make_parser() -> argparse.ArgumentParser:
                         "users can write is refused (default: memory only)")
     p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
     p.add_argument("--max-queue", type=int, default=8,
-                   help="requests allowed to wait for the MLX worker; more get 529 (default: 8)")
+                   help="requests allowed to wait for a place in the batch; more get 529 with retry-after "
+                        "(default: 8)")
+    p.add_argument("--decode-concurrency", type=int, default=8,
+                   help="requests generating at once in one batch; more wait in the queue (as mlx_lm.server's "
+                        "flag; measured in docs/server.md) (default: 8)")
+    p.add_argument("--prompt-concurrency", type=int, default=4,
+                   help="prompts prefilled at once, one chunk each per step, interleaved with decoding "
+                        "(as mlx_lm.server's flag) (default: 4)")
+    p.add_argument("--prefill-step-size", "--prefill-chunk", dest="prefill_step_size", type=int, default=256,
+                   help="prompt tokens per sequence per batch step: smaller keeps decoding streams flowing while "
+                        "a long prompt is read, larger prefills a lone prompt a little faster (as mlx_lm.server's "
+                        "flag; --prefill-chunk is the old name) (default: 256)")
+    p.add_argument("--dedup-min-tokens", type=int, default=32,
+                   help="a request that shares at least this many not-yet-cached prompt tokens with one being "
+                        "prefilled waits for that prefill and reads them from the cache (default: 32)")
+    p.add_argument("--prefill-progress-seconds", type=float, default=5.0,
+                   help="log a prefill's progress (tokens done/total, rate, ETA) every this many seconds "
+                        "(default: 5)")
     p.add_argument("--default-temperature", type=float, default=None,
                    help="sampling temperature for requests that set none (Claude Code's main turns send none); "
                         "0 = greedy (default: 0 with the bundled default model, else 1.0, Anthropic's default)")
@@ -159,8 +172,6 @@ def make_parser() -> argparse.ArgumentParser:
                    help="seconds a request may take, queue wait included (default: 600)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
                    help="larger request bodies get 413 (default: 33554432 = 32 MiB)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="prompt tokens per prefill step; cancellation is checked between steps (default: 512)")
     p.add_argument("--log-file", default=None,
                    help="also append the log, with one JSON line per request, to this file (default: stderr only)")
     p.add_argument("--parent-fd", type=int, default=None,

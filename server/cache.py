@@ -1,10 +1,10 @@
 """Cross-request prefix KV cache: the one stateful structure between requests.
 
 The engine (server/engine.py) talks to this module only through its ``PromptCacheStore``
-protocol: ``fetch(tokens) -> (kv, reused)``, ``store(tokens, kv, checkpoints) -> created``,
-``stats()`` and the optional ``plan_store(tokens, kv) -> created | None`` (the engine then
-stores once, after generation, handing its kv over: ``store(..., owned=True)`` keeps the
-engine's buffers, so no KV copy happens before the first token) and ``store_generated``.
+protocol: ``fetch(tokens) -> (kv, reused)``, ``store(tokens, kv, checkpoints, owned=) ->
+created`` and ``stats()``. The engine's batch works on its own copies of the KV state
+(mlx-lm's ``BatchKVCache``); what it stores is a cache extracted from the batch that it hands
+over (``owned=True``), so the store keeps those buffers as they are.
 
 Why not mlx-lm's ``LRUPromptCache`` as is (models/cache.py)? It is the right idea and this
 class keeps its rules (longest-prefix match, trim a longer entry back to the shared length,
@@ -13,11 +13,12 @@ drop an entry that a newer one extends, LRU under a byte budget), but it falls s
 - ``insert_cache`` removes every stored prefix of a new entry, so a system+tools checkpoint
   cannot live as its own entry: once the conversation entry that contains it is evicted, a
   new session finds nothing. Checkpoints here are separate, pinned against that pruning.
-- It stores the caller's cache object and deep-copies the whole (step-padded) buffer on
-  every fetch; its byte count includes the padding. Entries here are compact copies of
-  exactly ``len(tokens)`` positions; fetch hands out fresh array objects that are slices of
-  the stored buffers (MLX copies on write, so a writer never touches the stored data,
-  see ``test_fetched_kv_is_private``) and costs no copy up front.
+- It deep-copies the whole stored buffer on every fetch. Here fetch hands out fresh array
+  objects that are slices of the stored buffers (MLX copies on write, so a writer never
+  touches the stored data, see ``test_fetched_kv_is_private``) and costs no copy up front.
+  Entries keep the buffers the caller handed over (``owned=True``: counted at their full
+  size) or a compact copy of exactly ``len(tokens)`` positions (checkpoints, and callers
+  that keep using their cache).
 - An exact repeat returns an entry with nothing left to compute; the engine needs at least
   the last token to produce logits, so fetch here caps reuse at ``len(tokens) - 1``.
 - No counters (hits, misses, evictions) and no persistence.
@@ -128,18 +129,6 @@ def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) 
         logits = out[0, -1].astype(mx.float32)
         mx.eval(logits, [c.state for c in kv])
     return logits
-
-
-def measure_floor(model: Any, prefix_tokens: Sequence[int], tail_tokens: Sequence[int], chunk: int = 512) -> float:
-    """The floor for a warm request: seconds to prefill exactly `tail_tokens` (up to and
-    including the logits of the last one) on top of a cache already holding `prefix_tokens`,
-    with mlx-lm directly. Building the prefix cache is not timed."""
-    kv = make_prompt_cache(model)
-    if prefix_tokens:
-        prefill(model, kv, prefix_tokens, chunk)
-    t0 = time.perf_counter()
-    prefill(model, kv, tail_tokens, chunk)
-    return time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,30 +285,17 @@ class PrefixCache:
             self._counters["tokens_reused"] += best_n
             return _view(best.kv, best_n), best_n
 
-    def plan_store(self, tokens: Sequence[int], kv: list[Any]) -> int | None:
-        """What ``store(tokens, ...)`` would return now (tokens not yet covered by the store),
-        computed without copying anything, so the engine can report cache_creation_input_tokens
-        before the first token and call ``store`` once generation is over. None when `kv` is not
-        a plain ``KVCache`` list (rotating/quantized layouts may not trim back after generation
-        appended to them): the caller then stores before generating, as before."""
-        if not _is_plain_kv(kv):
-            return None
-        q = np.asarray(tokens, dtype=np.int64)
-        if len(q) == 0:
-            return 0
-        with self._lock:
-            return max(len(q) - self._covered(q), 0)
-
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
               *, owned: bool = False) -> int:
-        """Snapshot `kv` (holding exactly `tokens`, or more if trimmable) as an entry, plus one
-        checkpoint entry per length in `checkpoints`. Returns the number of tokens not already
-        covered by the store before this call.
+        """Keep `kv` (holding exactly `tokens`, or more if trimmable) as an entry, plus one
+        checkpoint entry per length in `checkpoints` (a checkpoint at len(tokens) marks the
+        entry itself as one). Returns the number of tokens not already covered by the store
+        before this call.
 
-        ``owned=True``: the caller hands `kv` over and never uses it again (the engine, after
-        generation). The full-length entry then keeps slices of kv's own buffers instead of a
-        copy (plain ``KVCache`` only; checkpoints are still compact copies, as they may outlive
-        the entry and go to disk)."""
+        ``owned=True``: the caller hands `kv` over and never uses it again (the engine's
+        extracted caches). The full-length entry then keeps slices of kv's own buffers instead
+        of a copy (plain ``KVCache`` only; shorter checkpoints are compact copies, as they may
+        outlive the entry and go to disk). Otherwise every entry is a compact copy."""
         q = np.asarray(tokens, dtype=np.int64)
         n = len(q)
         if n == 0:
@@ -329,12 +305,13 @@ class PrefixCache:
             raise ValueError(f"kv holds {have} positions but {n} tokens were given")
         owned = owned and _is_plain_kv(kv)
         cps = {int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n}
+        whole_is_checkpoint = any(int(c) == n for c in checkpoints) and n >= self.min_checkpoint
         with self._lock:
             covered = self._covered(q)
-            cps = sorted(cps | self._branch_points(q, cps))
+            cps = sorted(cps | self._branch_points(q, cps | ({n} if whole_is_checkpoint else set())))
             # Snapshot everything first, then commit: an exception (or a cancelled caller) never
             # leaves some of this call's entries behind without the others.
-            todo = [(q[:p], True, False) for p in cps] + [(q, False, owned)]
+            todo = [(q[:p], True, False) for p in cps] + [(q, whole_is_checkpoint, owned)]
             snaps = [(t, ck, self._prepare(t, kv, own)) for t, ck, own in todo]
             for t, ck, (snap, nbytes) in snaps:
                 self._commit(t, snap, ck, nbytes)
@@ -342,16 +319,6 @@ class PrefixCache:
             created = max(n - covered, 0)
             self._counters["tokens_stored"] += created
             return created
-
-    def store_generated(self, tokens: Sequence[int], kv: list[Any], *, owned: bool = False) -> int:
-        """After generation: keep prompt + generated tokens, so the next turn, re-rendering the
-        assistant message identically, reuses it too. `tokens` may be longer than what `kv`
-        holds (the last sampled token is never fed back): only the held part is stored.
-        ``owned`` as in :meth:`store`."""
-        n = min(len(tokens), _kv_len(kv))
-        if n <= 0:
-            return 0
-        return self.store(list(tokens)[:n], kv, owned=owned)
 
     def stats(self) -> dict[str, float]:
         """Counters for /metrics and the log."""
@@ -370,12 +337,6 @@ class PrefixCache:
             req = self._counters["tokens_requested"]
             s["reuse_ratio"] = self._counters["tokens_reused"] / req if req else 0.0
             return s
-
-    def clear(self) -> None:
-        """Drop every in-memory entry (disk files stay)."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
 
     # -- internals --------------------------------------------------------------------------
 

@@ -15,13 +15,15 @@ Every response carries a ``request-id`` header; every error is Anthropic's
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from anyio import to_thread
@@ -32,17 +34,60 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from server import wire
-from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model
-from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, RequestTimeout
+from server.engine import (
+    Done,
+    Engine,
+    GenerationRequest,
+    Overloaded,
+    Piece,
+    Prefilled,
+    RequestTimeout,
+    WorkerDead,
+)
 from server.guard import GuardMiddleware
-from server.metrics import Metrics, safe_stats
-from server.render import Renderer, openai_tool
+from server.metrics import Metrics
+from server.render import Renderer, Rendered, openai_tool
+from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model
 from server.toolcalls import OutputAssembler, ToolCallFormat
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("warmturn.requests")
 
 README_TOO_LONG = "README.md, section 'Prompt is too long'"
+
+
+class RendererPool:
+    """Tokenizing never waits on a global lock: each renderer has its own tokenizer copy (fast
+    tokenizers are not safe to use from two threads at once) and a request takes a free one,
+    making another copy when all are in use, up to ``size``; beyond that it waits for one."""
+
+    def __init__(self, renderer: Renderer, size: int = 4) -> None:
+        self.base = renderer
+        self._free: queue.LifoQueue[Renderer] = queue.LifoQueue()
+        self._free.put(renderer)
+        self._made = 1
+        self._size = size
+        self._lock = threading.Lock()
+
+    def _take(self) -> Renderer:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            grow = self._made < self._size
+            if grow:
+                self._made += 1
+        if grow:
+            return Renderer(copy.deepcopy(self.base.tokenizer), prefix_order=self.base.prefix_order)
+        return self._free.get()
+
+    def render(self, req: wire.MessagesRequest) -> Rendered:
+        r = self._take()
+        try:
+            return r.render(req)
+        finally:
+            self._free.put(r)
 
 
 @dataclass
@@ -59,8 +104,15 @@ class ServerState:
     request_timeout: float = 600.0
     default_temperature: float = 1.0
     max_output_tokens: int = 0  # 0: no cap beyond the context
-    metrics: Metrics = field(default_factory=Metrics)
-    render_lock: threading.Lock = field(default_factory=threading.Lock)
+    renderers: RendererPool | None = None
+
+    def __post_init__(self) -> None:
+        if self.renderers is None:
+            self.renderers = RendererPool(self.renderer)
+
+    @property
+    def metrics(self) -> Metrics:
+        return self.engine.metrics
 
 
 class ApiError(Exception):
@@ -73,11 +125,13 @@ def request_id(request: Request) -> str:
     return request.scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
 
 
-def send_error(request: Request, status: int, message: str, error_type: str | None = None) -> JSONResponse:
+def send_error(request: Request, status: int, message: str, error_type: str | None = None,
+               headers: dict[str, str] | None = None) -> JSONResponse:
     """The one place errors are produced: Anthropic's shape, status, and the request id."""
     rid = request_id(request)
     etype = error_type or error_type_for(status)
-    return JSONResponse(wire.error_body(etype, message, rid), status_code=status, headers={"request-id": rid})
+    return JSONResponse(wire.error_body(etype, message, rid), status_code=status,
+                        headers={"request-id": rid, **(headers or {})})
 
 
 class RequestIdMiddleware:
@@ -114,13 +168,15 @@ def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Requ
         except wire.RequestError as e:
             resp = send_error(request, 400, str(e))
         except Overloaded as e:
-            resp = send_error(request, 529, str(e))
+            resp = send_error(request, 529, str(e), headers={"retry-after": str(e.retry_after)})
         except RequestTimeout as e:
             resp = send_error(request, 504, str(e))
+        except WorkerDead as e:
+            resp = send_error(request, 503, str(e), "api_error")
         except Exception:  # a bug must not kill the server: 500, logged with its traceback
             log.exception("unhandled error in %s (request %s)", handler.__name__, request_id(request))
             resp = send_error(request, 500, internal_error_message(request))
-        state.metrics.inc("requests_total", endpoint=handler.__name__, status=str(resp.status_code))
+        state.metrics.requests.labels(endpoint=handler.__name__, status=str(resp.status_code)).inc()
         return resp
 
     return wrapper
@@ -164,14 +220,10 @@ def too_long(state: ServerState, tokens: str, limit: int) -> str:
             f"or serve a model with a longer context; {README_TOO_LONG})")
 
 
-async def render(state: ServerState, req: wire.MessagesRequest):
-    """Tokenize on a worker thread (never the MLX queue); one tokenizer user at a time."""
-
-    def run():
-        with state.render_lock:
-            return state.renderer.render(req)
-
-    return await to_thread.run_sync(run)
+async def render(state: ServerState, req: wire.MessagesRequest) -> Rendered:
+    """Tokenize on a worker thread (never the MLX worker), with a renderer of its own."""
+    assert state.renderers is not None
+    return await to_thread.run_sync(state.renderers.render, req)
 
 
 # --------------------------------------------------------------------------- handlers
@@ -187,20 +239,18 @@ async def root(request: Request) -> Response:
 @guarded
 async def health(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
+    if not state.engine.alive:
+        return send_error(request, 503, "unhealthy: the MLX worker thread has died; restart the server", "api_error")
     return JSONResponse({"status": "ok", "model": state.model_id, "queue_depth": state.engine.depth,
-                         "busy": state.engine.busy, "context_length": state.context_length,
-                         "max_output_tokens": state.max_output_tokens or None})
+                         "busy": state.engine.busy, "running": state.engine.running,
+                         "context_length": state.context_length, "max_output_tokens": state.max_output_tokens or None})
 
 
 @guarded
 async def metrics(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
-    store = state.engine.store
-    text = state.metrics.render(
-        {"queue_depth": state.engine.depth, "busy": float(state.engine.busy)},
-        safe_stats(store.stats if store is not None else None),
-    )
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    body, content_type = state.metrics.render()
+    return Response(body, media_type=content_type)
 
 
 def _models(state: ServerState) -> list[dict[str, Any]]:
@@ -242,138 +292,167 @@ async def count_tokens(request: Request) -> Response:
     return JSONResponse(wire.count_tokens_body(len(rendered.tokens)))
 
 
-async def _next(q: asyncio.Queue, request: Request, gen: GenerationRequest, poll: float = 0.25) -> object:
-    """The first engine item; raises :class:`ClientGone` if the client went away meanwhile, or
-    :class:`RequestTimeout` if the request's time limit passed while it waited in the queue."""
-    while True:
-        try:
-            return await asyncio.wait_for(q.get(), poll)
-        except TimeoutError:
-            if await request.is_disconnected():
-                raise ClientGone() from None
-            if time.monotonic() > gen.deadline + 1.0:  # still queued: the worker never saw it
-                gen.cancel.set()
-                raise RequestTimeout("the request's time limit passed while it waited in the queue") from None
-
-
 class ClientGone(Exception):
-    pass
+    """The client closed its connection."""
 
 
-@guarded
-async def messages(request: Request) -> Response:
-    state: ServerState = request.app.state.warmturn
-    t_start = time.monotonic()
-    req = wire.parse_messages_request(await read_json(request, state.max_body_bytes))
-    refuse_before_tokenizing(state, req, state.context_length - 1)
-    rendered = await render(state, req)
-    n = len(rendered.tokens)
+@dataclass
+class Call:
+    """One /v1/messages request on its way through the engine."""
+
+    request: Request
+    req: wire.MessagesRequest
+    gen: GenerationRequest
+    items: asyncio.Queue
+    record: dict[str, Any]
+    t_start: float
+    ttft_ms: float | None = None
+
+    def log(self, **fields: Any) -> None:
+        self.record.update(fields)
+        request_log.info("%s", json.dumps(self.record))
+
+
+def check_context(state: ServerState, n: int) -> None:
     if n >= state.context_length:
         raise ApiError(400, "invalid_request_error", too_long(state, str(n), state.context_length - 1))
+
+
+def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rendered: Rendered,
+           t_start: float) -> Call:
+    """Queue the generation; engine items arrive on the call's asyncio queue."""
     loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue()
+    items: asyncio.Queue = asyncio.Queue()
 
     def emit(item: object) -> None:
         try:
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop.call_soon_threadsafe(items.put_nowait, item)
         except RuntimeError:  # the loop is gone (shutdown): nobody is listening
             pass
 
-    temperature = state.default_temperature if req.temperature is None else req.temperature
+    n = len(rendered.tokens)
     gen = GenerationRequest(
         tokens=rendered.tokens,
         max_tokens=min(req.max_tokens or 1, state.context_length - n, state.max_output_tokens or state.context_length),
         emit=emit,
         prefix_len=rendered.prefix_len,
-        temperature=temperature,
+        temperature=state.default_temperature if req.temperature is None else req.temperature,
         top_p=req.top_p or 0.0,
         top_k=req.top_k or 0,
         deadline=time.monotonic() + state.request_timeout,
+        request_id=request_id(request),
     )
     state.engine.submit(gen)
-    record: dict[str, Any] = {"request_id": request_id(request), "model": req.model, "stream": req.stream,
-                              "prompt_tokens": n, "prefix_len": rendered.prefix_len}
+    record = {"request_id": gen.request_id, "model": req.model, "stream": req.stream,
+              "prompt_tokens": n, "prefix_len": rendered.prefix_len}
+    return Call(request, req, gen, items, record, t_start)
+
+
+async def _first_item(call: Call, poll: float = 0.25) -> object:
+    """The first engine item; raises :class:`ClientGone` if the client went away meanwhile, or
+    :class:`RequestTimeout` if the request's time limit passed while it was still queued."""
+    while True:
+        try:
+            return await asyncio.wait_for(call.items.get(), poll)
+        except TimeoutError:
+            if await call.request.is_disconnected():
+                raise ClientGone() from None
+            if time.monotonic() > call.gen.deadline + 1.0:  # still queued: the worker never saw it
+                raise RequestTimeout("the request's time limit passed while it waited in the queue") from None
+
+
+async def wait_prefilled(state: ServerState, call: Call) -> Prefilled:
+    """Wait for the end of prefill. A client that leaves (or a deadline that passes) meanwhile
+    withdraws the request: a queued one frees its queue slot at once."""
     try:
-        first = await _next(q, request, gen)
+        first = await _first_item(call)
     except (ClientGone, RequestTimeout, asyncio.CancelledError) as e:
-        gen.cancel.set()
-        record["outcome"] = "timeout" if isinstance(e, RequestTimeout) else "client_gone"
-        request_log.info("%s", json.dumps(record))
-        if isinstance(e, ClientGone):
-            return Response(status_code=499)  # nobody is listening any more
+        state.engine.withdraw(call.gen)
+        call.log(outcome="timeout" if isinstance(e, RequestTimeout) else "client_gone")
         raise
     if isinstance(first, Exception):
         raise first
     if isinstance(first, Done):  # cancelled or timed out before prefill finished
         raise RequestTimeout("the request's time limit passed before generation started")
     assert isinstance(first, Prefilled)
-    ttft: list[float] = []
-    record.update(reused=first.reused, created=first.created, prefill_ms=round(first.prefill_ms, 1),
-                  queued_ms=round(first.queued_ms, 1))
-    state.metrics.inc("prefill_tokens_total", n - 1 - first.reused)
-    state.metrics.inc("reused_tokens_total", first.reused)
-    state.metrics.observe("prefill_seconds", first.prefill_ms / 1000)
-    # Anthropic's accounting: prompt = input_tokens + cache_read + cache_creation, the three disjoint.
-    # Tokens we computed and stored count as creation; input_tokens is the rest (at least the last
-    # prompt token, which is always computed and never stored), so it is never 0.
-    created = min(first.created, max(0, n - first.reused - 1))
-    usage = wire.Usage(input_tokens=n - first.reused - created, cache_read_input_tokens=first.reused,
-                       cache_creation_input_tokens=created)
-    stream = wire.MessageStream(req.model, usage)
+    call.record.update(reused=first.reused, created=first.created, prefill_ms=round(first.prefill_ms, 1),
+                       queued_ms=round(first.queued_ms, 1), parked_ms=round(first.parked_ms, 1))
+    return first
+
+
+def usage_of(first: Prefilled) -> wire.Usage:
+    u = first.usage
+    return wire.Usage(input_tokens=u.input_tokens, cache_read_input_tokens=u.cache_read_input_tokens,
+                      cache_creation_input_tokens=u.cache_creation_input_tokens)
+
+
+def timing_headers(first: Prefilled) -> dict[str, str]:
+    """The engine's view of this request's wait, for the proxy's capture (docs/server.md)."""
+    return {"x-warmturn-queue-ms": f"{first.queued_ms:.1f}", "x-warmturn-prefill-ms": f"{first.prefill_ms:.1f}"}
+
+
+def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: wire.MessageStream) -> OutputAssembler:
     fmt = state.tool_format if (req.tools and req.tool_choice.type != "none") else None
-    asm = OutputAssembler(stream, req.stop_sequences, fmt, tools=[openai_tool(t) for t in req.tools],
-                          json_mode=req.output_schema is not None)
+    return OutputAssembler(stream, req.stop_sequences, fmt, tools=[openai_tool(t) for t in req.tools],
+                           json_mode=req.output_schema is not None)
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
-        """Engine items -> Anthropic events; cancels generation when the consumer stops."""
-        outcome = "cancelled"
-        output_tokens = 0
-        try:
-            for ev in stream.start():
-                yield ev
-            while True:
-                item = await q.get()
-                if isinstance(item, Exception):
-                    outcome = "error"
-                    raise item
-                if isinstance(item, Piece):
-                    if not ttft:
-                        ttft.append((time.monotonic() - t_start) * 1000)
-                        state.metrics.observe("ttft_seconds", ttft[0] / 1000)
-                    output_tokens = item.output_tokens
-                    evs, stop_hit = asm.feed(item.text)
-                    for ev in evs:
+
+async def events(state: ServerState, call: Call, stream: wire.MessageStream,
+                 asm: OutputAssembler) -> AsyncIterator[dict[str, Any]]:
+    """Engine items -> Anthropic events; cancels generation when the consumer stops."""
+    outcome = "cancelled"
+    output_tokens = 0
+    try:
+        for ev in stream.start():
+            yield ev
+        while True:
+            item = await call.items.get()
+            if isinstance(item, Exception):
+                outcome = "error"
+                raise item
+            if isinstance(item, Piece):
+                if call.ttft_ms is None:
+                    call.ttft_ms = (time.monotonic() - call.t_start) * 1000
+                    state.metrics.ttft.observe(call.ttft_ms / 1000)
+                output_tokens = item.output_tokens
+                evs, stop_hit = asm.feed(item.text)
+                for ev in evs:
+                    yield ev
+                if stop_hit:
+                    call.gen.cancel.set()
+                    for ev in asm.finish("stop", output_tokens):
                         yield ev
-                    if stop_hit:
-                        gen.cancel.set()
-                        for ev in asm.finish("stop", output_tokens):
-                            yield ev
-                        outcome = "stop_sequence"
-                        return
-                elif isinstance(item, Done):
-                    output_tokens = max(output_tokens, item.output_tokens)
-                    for ev in asm.finish(item.reason, output_tokens):
-                        yield ev
-                    outcome = item.reason
-                    record["decode_tps"] = round(item.decode_tps, 1)
+                    outcome = "stop_sequence"
                     return
-        finally:
-            gen.cancel.set()  # no-op when finished; stops the worker within one token otherwise
-            record.update(outcome=outcome, output_tokens=output_tokens,
-                          ttft_ms=round(ttft[0], 1) if ttft else None,
-                          total_ms=round((time.monotonic() - t_start) * 1000, 1))
-            request_log.info("%s", json.dumps(record))
+            elif isinstance(item, Done):
+                output_tokens = max(output_tokens, item.output_tokens)
+                for ev in asm.finish(item.reason, output_tokens):
+                    yield ev
+                outcome = item.reason
+                call.record["decode_tps"] = round(item.decode_tps, 1)
+                return
+    finally:
+        call.gen.cancel.set()  # no-op when finished; stops the worker within one token otherwise
+        call.log(outcome=outcome, output_tokens=output_tokens,
+                 ttft_ms=round(call.ttft_ms, 1) if call.ttft_ms is not None else None,
+                 total_ms=round((time.monotonic() - call.t_start) * 1000, 1))
 
-    if not req.stream:
-        try:
-            async for _ in _watch_disconnect(events(), request):
-                pass
-        except ClientGone:
-            return Response(status_code=499)
-        return JSONResponse(stream.message())
+
+async def collect_message(call: Call, agen: AsyncIterator[dict[str, Any]], stream: wire.MessageStream,
+                          headers: dict[str, str]) -> Response:
+    """Non-streaming: run the events to the end (watching for a client that leaves)."""
+    try:
+        async for _ in _watch_disconnect(agen, call.request):
+            pass
+    except ClientGone:
+        return Response(status_code=499)
+    return JSONResponse(stream.message(), headers=headers)
+
+
+def stream_events(request: Request, agen: AsyncIterator[dict[str, Any]], headers: dict[str, str]) -> StreamingResponse:
+    """Streaming: SSE bytes; a failure after the stream began becomes an `error` event."""
 
     async def body() -> AsyncIterator[bytes]:
-        agen = events()
         try:
             async for ev in agen:
                 yield wire.sse(ev)
@@ -383,10 +462,30 @@ async def messages(request: Request) -> Response:
             yield wire.sse(wire.error_body(getattr(e, "error_type", "api_error"),
                                            str(e) if known else internal_error_message(request)))
         finally:
-            await agen.aclose()
+            await agen.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+
+
+@guarded
+async def messages(request: Request) -> Response:
+    state: ServerState = request.app.state.warmturn
+    t_start = time.monotonic()
+    req = wire.parse_messages_request(await read_json(request, state.max_body_bytes))
+    refuse_before_tokenizing(state, req, state.context_length - 1)
+    rendered = await render(state, req)
+    check_context(state, len(rendered.tokens))
+    call = submit(state, request, req, rendered, t_start)
+    try:
+        first = await wait_prefilled(state, call)
+    except ClientGone:
+        return Response(status_code=499)  # nobody is listening any more
+    stream = wire.MessageStream(req.model, usage_of(first))
+    agen = events(state, call, stream, make_assembler(state, req, stream))
+    if not req.stream:
+        return await collect_message(call, agen, stream, timing_headers(first))
+    return stream_events(request, agen, timing_headers(first))
 
 
 async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: float = 0.25) -> AsyncIterator[Any]:
@@ -439,7 +538,7 @@ def make_app(state: ServerState) -> Starlette:
     app.state.warmturn = state
     app.add_middleware(GuardMiddleware, bind_host=state.bind_host, allowed_hosts=state.allowed_hosts,
                        api_key=state.api_key,
-                       on_refusal=lambda status: state.metrics.inc("requests_total", endpoint="guard",
-                                                                   status=str(status)))
+                       on_refusal=lambda status: state.metrics.requests.labels(endpoint="guard",
+                                                                               status=str(status)).inc())
     app.add_middleware(RequestIdMiddleware)  # added last: outermost, so refusals carry the id too
     return app

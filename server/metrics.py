@@ -1,91 +1,101 @@
-"""Prometheus text exposition of the server's counters (no client library needed)."""
+"""/metrics: the server's counters, histograms and gauges through ``prometheus_client``.
+
+One private registry per :class:`Metrics` (several servers or engines in one process never
+share counters). Gauges that describe the engine right now (queue depth, batch size, parked
+requests) and the prefix cache's own ``stats()`` are read when /metrics is scraped, by a
+collector bound to the engine, so nothing has to keep them up to date.
+"""
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator
+from typing import Any
 
-_HELP = {
-    "requests_total": ("counter", "HTTP requests by endpoint and status"),
-    "prefill_tokens_total": ("counter", "prompt tokens computed by prefill (not reused)"),
-    "reused_tokens_total": ("counter", "prompt tokens whose KV state came from the prefix cache"),
-    "generated_tokens_total": ("counter", "tokens generated"),
-    "ttft_seconds": ("summary", "time from submission to the first generated token"),
-    "prefill_seconds": ("summary", "prefill time per generation request"),
-    "queue_depth": ("gauge", "requests waiting for the MLX worker"),
-    "busy": ("gauge", "1 while the MLX worker runs a request"),
-}
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+disable_created_metrics()  # no *_created series: start times say nothing a scrape needs
+
+PREFIX = "warmturn"
+# Seconds, from a warm turn's tens of milliseconds to a cold 8K prompt's minutes on a CPU.
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, float("inf"))
 
 
-def _labels(labels: Mapping[str, str]) -> str:
-    if not labels:
-        return ""
-    inner = ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-                     for k, v in sorted(labels.items()))
-    return "{" + inner + "}"
+class _EngineCollector(Collector):
+    """Gauges read from the engine and its store at scrape time."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        e = self.engine
+        decoding, prefilling = e.batch_sizes()
+        for name, help_, value in (
+            ("queue_depth", "requests waiting to join the batch", e.depth),
+            ("busy", "1 while any request is in the batch", float(e.busy)),
+            ("batch_decoding", "sequences in the decode batch", decoding),
+            ("batch_prefilling", "sequences reading their prompt (chunked prefill)", prefilling),
+            ("dedup_parked", "requests waiting for another request's prefill of a shared prefix",
+             len(e._parked)),
+            ("worker_alive", "1 while the MLX worker thread runs", float(e.alive)),
+        ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
+        for name, value in safe_stats(e.store).items():
+            metric = "cache_" + "".join(c if c.isalnum() else "_" for c in name)
+            yield GaugeMetricFamily(f"{PREFIX}_{metric}", f"prefix cache stats(): {name}", value=value)
 
 
 class Metrics:
-    """Thread-safe counters and sums; :meth:`render` produces Prometheus text format."""
+    """The server's metrics. The engine and the HTTP layer update the attributes directly."""
 
-    def __init__(self, prefix: str = "warmturn") -> None:
-        self.prefix = prefix
-        self._lock = threading.Lock()
-        self._counters: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        self._summaries: dict[str, list[float]] = {}  # name -> [count, sum]
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(f"{PREFIX}_requests", "HTTP requests by endpoint and status",
+                                ["endpoint", "status"], registry=r)
+        self.prefill_tokens = Counter(f"{PREFIX}_prefill_tokens", "prompt tokens computed by prefill", registry=r)
+        self.reused_tokens = Counter(f"{PREFIX}_reused_tokens",
+                                     "prompt tokens whose KV state came from the prefix cache", registry=r)
+        self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "tokens generated", registry=r)
+        self.dedup_waits = Counter(f"{PREFIX}_dedup_waits",
+                                   "requests that waited for another's prefill of a shared prefix", registry=r)
+        self.dedup_tokens = Counter(f"{PREFIX}_dedup_tokens",
+                                    "prompt tokens fetched from the cache by requests that waited (not recomputed)",
+                                    registry=r)
+        self.ttft = Histogram(f"{PREFIX}_ttft_seconds", "from the request's arrival to its first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill_time = Histogram(f"{PREFIX}_prefill_seconds", "from joining the batch to the end of prefill",
+                                      buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds",
+                                    "from submission to joining the batch (dedup waits included)",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self._collector: _EngineCollector | None = None
 
-    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = (name, tuple(sorted(labels.items())))
-        with self._lock:
-            self._counters[key] = self._counters.get(key, 0.0) + value
+    def bind_engine(self, engine: Any) -> None:
+        """Report ``engine``'s gauges and its store's stats at scrape time."""
+        if self._collector is not None:
+            self.registry.unregister(self._collector)
+        self._collector = _EngineCollector(engine)
+        self.registry.register(self._collector)
 
-    def observe(self, name: str, value: float) -> None:
-        with self._lock:
-            s = self._summaries.setdefault(name, [0.0, 0.0])
-            s[0] += 1
-            s[1] += value
-
-    def get(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._counters.get((name, tuple(sorted(labels.items()))), 0.0)
-
-    def render(self, gauges: Mapping[str, float], store_stats: Mapping[str, float] | None = None) -> str:
-        lines: list[str] = []
-        with self._lock:
-            counters = dict(self._counters)
-            summaries = {k: list(v) for k, v in self._summaries.items()}
-        seen: set[str] = set()
-
-        def head(name: str) -> None:
-            if name in seen:
-                return
-            seen.add(name)
-            kind, help_ = _HELP.get(name, ("gauge", name.replace("_", " ")))
-            lines.append(f"# HELP {self.prefix}_{name} {help_}")
-            lines.append(f"# TYPE {self.prefix}_{name} {kind}")
-
-        for (name, labels), value in sorted(counters.items()):
-            head(name)
-            lines.append(f"{self.prefix}_{name}{_labels(dict(labels))} {value:g}")
-        for name, (count, total) in sorted(summaries.items()):
-            head(name)
-            lines.append(f"{self.prefix}_{name}_count {count:g}")
-            lines.append(f"{self.prefix}_{name}_sum {total:.6f}")
-        for name, value in sorted(gauges.items()):
-            head(name)
-            lines.append(f"{self.prefix}_{name} {value:g}")
-        for name, value in sorted((store_stats or {}).items()):
-            metric = "cache_" + "".join(c if c.isalnum() else "_" for c in name)
-            head(metric)
-            lines.append(f"{self.prefix}_{metric} {float(value):g}")
-        return "\n".join(lines) + "\n"
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) for /metrics."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
 
-def safe_stats(stats: Callable[[], Mapping[str, float]] | None) -> dict[str, float]:
+def safe_stats(store: Any) -> dict[str, float]:
     """``store.stats()`` filtered to numbers; a failing store never breaks /metrics."""
-    if stats is None:
+    if store is None:
         return {}
     try:
-        return {k: float(v) for k, v in stats().items() if isinstance(v, (int, float))}
-    except Exception:  # noqa: BLE001 - a failing store never breaks /metrics
+        return {k: float(v) for k, v in store.stats().items() if isinstance(v, (int, float))}
+    except Exception:
         return {}

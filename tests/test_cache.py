@@ -70,8 +70,8 @@ def turn(model, store, tokens, plen, gen=N_GEN, store_generated=False):
     created = store.store(tokens[:-1], kv, checkpoints=[plen])
     logits = prefill(model, kv, tokens[-1:])
     out = greedy(model, kv, logits, gen)
-    if store_generated:
-        store.store_generated(list(tokens) + out, kv)
+    if store_generated:  # greedy() fed every generated token back: kv holds tokens + out
+        store.store((list(tokens) + out)[: kv[0].size()], kv)
     return reused, created, logits, out
 
 
@@ -374,23 +374,24 @@ def test_corrupt_or_mismatched_files_are_ignored(mt, convo, tmp_path, caplog):
 
 
 # ---------------------------------------------------------------------------------------------
-# the engine's deferred store (plan_store before the first token, one owned store at the end)
+# the engine's deferred store (one owned store after generation)
 # ---------------------------------------------------------------------------------------------
 
 
 def turn_deferred(model, store, tokens, plen, gen=N_GEN):
-    """One request as the engine runs it with plan_store: nothing is stored before generation;
-    generation appends to kv; then kv (prompt + fed-back tokens) is handed over to the store."""
+    """One request as the engine runs it: nothing is stored before generation; generation
+    appends to kv; then kv (prompt + fed-back tokens) is handed over to the store."""
     kv, reused = store.fetch(tokens)
     if reused < len(tokens) - 1:
         prefill(model, kv, tokens[reused:-1])
-    planned = store.plan_store(tokens[:-1], kv)
     logits = prefill(model, kv, tokens[-1:])
     out = greedy(model, kv, logits, gen)
     held = (list(tokens) + out)[: kv[0].size()]
     assert len(held) == len(tokens) + gen  # greedy() fed every generated token back
-    store.store(held, kv, checkpoints=[plen], owned=True)
-    return reused, planned, logits, out
+    covered = store._covered(np.array(held))
+    created = store.store(held, kv, checkpoints=[plen], owned=True)
+    assert created == len(held) - covered  # prompt + answer, minus what was stored already
+    return reused, created, logits, out
 
 
 def test_deferred_owned_store_warm_equals_cold(mt, convo):
@@ -399,9 +400,7 @@ def test_deferred_owned_store_warm_equals_cold(mt, convo):
     store = PrefixCache(model, max_bytes=1 << 30)
     prev = None
     for p in list(convo) + [convo[-1]]:  # three turns, then an exact repeat
-        covered_before = store._covered(np.array(p[:-1]))
-        reused, planned, *warm = turn_deferred(model, store, p, plen)
-        assert planned == len(p) - 1 - covered_before  # what store() used to return up front
+        reused, _, *warm = turn_deferred(model, store, p, plen)
         if prev is not None:
             assert reused == min(common_prefix_len(np.array(prev), np.array(p)), len(p) - 1)
             assert reused > plen
@@ -421,15 +420,21 @@ def test_deferred_owned_store_warm_equals_cold(mt, convo):
     assert_same(warm, cold(model, other))
 
 
-def test_plan_store_copies_nothing_and_matches_store(mt, convo):
+def test_checkpoint_at_the_full_length_marks_the_entry(mt, convo):
+    """The engine stores the system+tools prefix as soon as prefill reaches it: an entry of
+    exactly that length, marked as a checkpoint (kept when a longer entry extends it)."""
     model, tok = mt
-    p1, p2, _ = convo
+    p1 = convo[0]
     plen = prefix_len(tok)
     store = PrefixCache(model, max_bytes=1 << 30)
-    turn(model, store, p1, plen)
-    kv, reused = store.fetch(p2)
-    prefill(model, kv, p2[reused:-1])
-    before = store.stats()
-    planned = store.plan_store(p2[:-1], kv)
-    assert store.stats() == before  # planning stores nothing
-    assert planned == store.store(p2[:-1], kv, checkpoints=[plen]) == len(p2) - 1 - reused
+    kv = make_prompt_cache(model)
+    prefill(model, kv, p1[:plen])
+    assert store.store(p1[:plen], kv, checkpoints=[plen], owned=True) == plen
+    assert store.stats()["checkpoints"] == 1
+    turn(model, store, p1, plen)  # extends it: a non-checkpoint entry would be dropped here
+    s = store.stats()
+    assert (s["entries"], s["checkpoints"]) == (2, 1)
+    other = render(tok, [{"role": "user", "content": "Something unrelated entirely."}])
+    reused, _, *warm = turn(model, store, other, plen)
+    assert reused >= plen
+    assert_same(warm, cold(model, other))

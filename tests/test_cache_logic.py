@@ -5,27 +5,14 @@ from __future__ import annotations
 
 import logging
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mlx_lm.models import llama
 from mlx_lm.models.cache import make_prompt_cache
 
 from server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
-
-VOCAB = 50
-
-
-def tiny_model(seed: int = 0):
-    mx.random.seed(seed)
-    model = llama.Model(llama.ModelArgs(
-        model_type="llama", hidden_size=32, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
-        num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=VOCAB,
-    ))
-    mx.eval(model.parameters())
-    return model
+from tests.tiny import tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,275 @@
+"""Continuous batching (server/engine.py on mlx-lm's BatchGenerator) with the tiny random llama:
+greedy output alone == inside a batch, usage accounting, in-flight dedup, cancellation,
+fairness as an order of events (never as a timing), the bounded queue."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+
+from server.cache import PrefixCache
+from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, prompt_usage
+from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def parts():
+    return tiny_model(), tiny_tokenizer()
+
+
+def words(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(2, VOCAB) for _ in range(n)]  # never EOS (1) or unk (0)
+
+
+class Recorder:
+    """Collects every request's engine items, plus one shared log of (name, item) in order."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, list] = {}
+        self.log: list[tuple[str, object]] = []
+        self.done: dict[str, threading.Event] = {}
+        self.lock = threading.Lock()
+
+    def request(self, name: str, tokens: list[int], **kw) -> GenerationRequest:
+        self.items[name] = []
+        self.done[name] = threading.Event()
+
+        def emit(item):
+            with self.lock:
+                self.items[name].append(item)
+                self.log.append((name, item))
+            if isinstance(item, (Done, Exception)):
+                self.done[name].set()
+
+        return GenerationRequest(tokens=list(tokens), emit=emit, **{"max_tokens": 10, "temperature": 0.0, **kw})
+
+    def wait(self, timeout: float = 120) -> None:
+        for name, ev in self.done.items():
+            assert ev.wait(timeout), f"{name} never finished"
+
+    def text(self, name: str) -> str:
+        return "".join(i.text for i in self.items[name] if isinstance(i, Piece))
+
+    def first(self, name: str) -> Prefilled:
+        assert isinstance(self.items[name][0], Prefilled), self.items[name]
+        return self.items[name][0]
+
+    def last(self, name: str):
+        return self.items[name][-1]
+
+
+def serve(engine: Engine, requests: dict[str, tuple[list[int], dict]]) -> Recorder:
+    rec = Recorder()
+    for name, (tokens, kw) in requests.items():
+        engine.submit(rec.request(name, tokens, **kw))
+    rec.wait()
+    return rec
+
+
+@pytest.fixture()
+def make_engine(parts):
+    engines: list[Engine] = []
+
+    def make(store=None, **kw) -> Engine:
+        model, tok = parts
+        eng = Engine(model, tok, store, **{"prefill_step_size": 16, **kw})
+        eng.start()
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.stop()
+
+
+def test_greedy_alone_equals_inside_a_batch_of_four(parts, make_engine):
+    model, _ = parts
+    rng = random.Random(7)
+    system = words(rng, 40)
+    prompts = {
+        "short": system[:8] + words(rng, 3),
+        "long": words(rng, 90),
+        "warm": system + words(rng, 12),  # its system part is cached before the batch
+        "warm2": system + words(rng, 30),
+    }
+    alone = {}
+    for name, p in prompts.items():  # alone, no store: every prompt computed from scratch
+        rec = serve(make_engine(), {name: (p, {})})
+        alone[name] = rec.text(name)
+        assert alone[name] and isinstance(rec.last(name), Done)
+    store = PrefixCache(model, max_bytes=1 << 24, min_checkpoint=4)
+    eng = make_engine(store)
+    serve(eng, {"seed": (system + words(rng, 5), {"prefix_len": len(system)})})
+    rec = serve(eng, {name: (p, {"prefix_len": len(system) if name.startswith("warm") else 0})
+                      for name, p in prompts.items()})
+    for name in prompts:
+        assert rec.text(name) == alone[name], name
+    assert rec.first("warm").reused >= len(system) and rec.first("warm2").reused >= len(system)
+    assert rec.first("long").reused == 0
+    # the four ran together: every request's prefill ended before any of them finished
+    order = [(n, type(i).__name__) for n, i in rec.log if isinstance(i, (Prefilled, Done))]
+    assert [t for _, t in order[:4]] == ["Prefilled"] * 4
+
+
+def test_usage_is_exact_under_concurrency(parts, make_engine):
+    model, _ = parts
+    rng = random.Random(3)
+    shared = words(rng, 48)
+    store = PrefixCache(model, max_bytes=1 << 24, min_checkpoint=4)
+    eng = make_engine(store, dedup_min_tokens=1 << 30)  # no dedup: both compute the shared part
+    reqs = {f"r{i}": (shared + words(rng, 5 + 7 * i), {"prefix_len": 48}) for i in range(4)}
+    rec = serve(eng, reqs)
+    for name, (tokens, _) in reqs.items():
+        f = rec.first(name)
+        u = f.usage
+        assert f.prompt_tokens == len(tokens)
+        assert u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens == len(tokens)
+        assert u.input_tokens >= 1 and min(u.cache_read_input_tokens, u.cache_creation_input_tokens) >= 0
+        assert u.cache_read_input_tokens == f.reused
+    # a second round: each prompt again, now fully cached except its last token
+    again = serve(eng, reqs)
+    for name, (tokens, _) in reqs.items():
+        assert again.first(name).usage == prompt_usage(len(tokens), len(tokens) - 1, 0)
+        assert again.text(name) == rec.text(name)
+
+
+def test_siblings_sharing_an_uncached_prefix_compute_it_once(parts, make_engine):
+    """Three requests with the same 160-token system+tools arrive together: one prefills it,
+    the other two wait for that and read it from the cache."""
+    model, _ = parts
+    rng = random.Random(5)
+    shared = words(rng, 160)
+    suffixes = [words(rng, 6 + i) for i in range(3)]
+    alone = {}
+    for i, s in enumerate(suffixes):
+        alone[f"s{i}"] = serve(make_engine(), {f"s{i}": (shared + s, {})}).text(f"s{i}")
+    store = PrefixCache(model, max_bytes=1 << 24, min_checkpoint=4)
+    eng = make_engine(store, dedup_min_tokens=32)
+    rec = serve(eng, {f"s{i}": (shared + s, {"prefix_len": 160}) for i, s in enumerate(suffixes)})
+    prefilled = [rec.first(f"s{i}") for i in range(3)]
+    computed = sum(len(shared) + len(s) - f.reused for s, f in zip(suffixes, prefilled))
+    m = eng.metrics
+    assert m.prefill_tokens._value.get() == computed
+    assert computed == len(shared) + sum(len(s) for s in suffixes)  # the shared part once
+    assert m.dedup_waits._value.get() == 2 and m.dedup_tokens._value.get() == 2 * len(shared)
+    assert sorted(f.reused for f in prefilled) == [0, 160, 160]
+    assert sum(f.usage.cache_creation_input_tokens for f in prefilled) == computed - 3  # last tokens aside
+    for i in range(3):
+        assert rec.text(f"s{i}") == alone[f"s{i}"]
+
+
+def test_a_sibling_arriving_during_generation_reads_the_prompt_at_once(parts, make_engine):
+    model, _ = parts
+    rng = random.Random(11)
+    shared = words(rng, 64)
+    store = PrefixCache(model, max_bytes=1 << 24, min_checkpoint=4)
+    eng = make_engine(store)
+    rec = Recorder()
+    started = threading.Event()
+    first = rec.request("a", shared + words(rng, 4), max_tokens=200)
+    inner = first.emit
+
+    def emit(item):
+        inner(item)
+        if isinstance(item, Piece):
+            started.set()
+
+    first.emit = emit
+    eng.submit(first)
+    assert started.wait(60)
+    eng.submit(rec.request("b", shared + words(rng, 9)))
+    assert rec.done["b"].wait(60)
+    first.cancel.set()
+    rec.wait()
+    assert rec.first("b").reused >= len(shared)
+
+
+def test_short_request_is_served_while_a_long_prompt_is_read(parts, make_engine):
+    """Fairness as an order of events: with 16-token prefill steps, a short request that
+    arrives while a 400-token prompt is being read gets its first tokens before that prompt
+    is done, and a stream already generating keeps emitting tokens meanwhile."""
+    rng = random.Random(13)
+    eng = make_engine(prefill_step_size=16)
+    rec = Recorder()
+    generating = threading.Event()
+    gen = rec.request("gen", words(rng, 10), max_tokens=400)
+    inner = gen.emit
+
+    def emit(item):
+        inner(item)
+        if isinstance(item, Piece):
+            generating.set()
+
+    gen.emit = emit
+    eng.submit(gen)
+    assert generating.wait(60)
+    eng.submit(rec.request("long", words(rng, 400), max_tokens=2))
+    eng.submit(rec.request("short", words(rng, 12), max_tokens=3))
+    assert rec.done["long"].wait(120) and rec.done["short"].wait(120)
+    gen.cancel.set()
+    rec.wait()
+    names = [(n, type(i).__name__) for n, i in rec.log]
+    long_start = names.index(("long", "Prefilled"))
+    assert names.index(("short", "Done")) < long_start
+    before = names[: long_start]
+    assert ("gen", "Piece") in before[before.index(("short", "Prefilled")):]  # decode kept going
+
+
+def test_cancel_one_leaves_the_others_untouched(parts, make_engine):
+    rng = random.Random(17)
+    prompts = {f"r{i}": words(rng, 10 + 5 * i) for i in range(3)}
+    alone = {n: serve(make_engine(), {n: (p, {"max_tokens": 12})}).text(n) for n, p in prompts.items()}
+    eng = make_engine()
+    rec = Recorder()
+    victim = rec.request("victim", words(rng, 20), max_tokens=300)
+    inner = victim.emit
+
+    def emit(item):
+        inner(item)
+        if isinstance(item, Piece) and item.output_tokens == 3:
+            victim.cancel.set()
+
+    victim.emit = emit
+    eng.submit(victim)
+    for n, p in prompts.items():
+        eng.submit(rec.request(n, p, max_tokens=12))
+    rec.wait()
+    assert rec.last("victim") == Done("cancelled", 3)
+    for n in prompts:
+        assert rec.text(n) == alone[n] and rec.last(n).reason in ("length", "stop")
+
+
+def test_queue_is_bounded_and_withdraw_frees_a_slot(parts):
+    model, tok = parts
+    eng = Engine(model, tok, max_queue=1)  # never started: nothing is consumed
+    a = GenerationRequest(tokens=[2, 3], max_tokens=1, emit=lambda item: None)
+    eng.submit(a)
+    with pytest.raises(Overloaded) as e:
+        eng.submit(GenerationRequest(tokens=[2, 3], max_tokens=1, emit=lambda item: None))
+    assert e.value.retry_after >= 1
+    assert eng.withdraw(a) and eng.depth == 0 and a.cancel.is_set()
+    eng.submit(GenerationRequest(tokens=[2, 3], max_tokens=1, emit=lambda item: None))
+    assert eng.depth == 1
+
+
+def test_decode_concurrency_limits_the_batch(parts, make_engine):
+    rng = random.Random(23)
+    eng = make_engine(decode_concurrency=2)
+    rec = serve(eng, {f"r{i}": (words(rng, 8), {"max_tokens": 6}) for i in range(4)})
+    # r2 and r3 joined only when r0 and r1 had finished
+    names = [(n, type(i).__name__) for n, i in rec.log if isinstance(i, (Prefilled, Done))]
+    assert names.index(("r2", "Prefilled")) > min(names.index(("r0", "Done")), names.index(("r1", "Done")))
+    assert all(rec.last(f"r{i}").output_tokens >= 1 for i in range(4))
+
+
+@pytest.mark.parametrize("n,reused,created,expected", [
+    (10, 0, 9, (1, 0, 9)),
+    (10, 9, 0, (1, 9, 0)),
+    (10, 4, 9, (1, 4, 5)),  # creation never eats the last token or the cached part
+    (10, 0, 0, (10, 0, 0)),
+])
+def test_prompt_usage_adds_up(n, reused, created, expected):
+    u = prompt_usage(n, reused, created)
+    assert (u.input_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens) == expected
