@@ -97,5 +97,5 @@ def safe_stats(store: Any) -> dict[str, float]:
         return {}
     try:
         return {k: float(v) for k, v in store.stats().items() if isinstance(v, (int, float))}
-    except Exception:
+    except Exception:  # noqa: BLE001 - a failing store never breaks /metrics
         return {}

@@ -35,7 +35,7 @@ def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
     from server.engine import Engine, Prefilled
     from server.render import Renderer
     from server.wire import parse_messages_request
-    from tests.test_engine_batching import Recorder, serve
+    from tests.test_engine_batching import serve
 
     model, tokenizer = model_and_tokenizer
     renderer = Renderer(tokenizer, prefix_order="tools-first")
@@ -72,7 +72,7 @@ def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
         assert rec.text(name) == alone[name] != "", name
     assert rec.first("warm").reused >= prompts["warm"].prefix_len > 50
     assert rec.first("warm_long").reused >= prompts["warm_long"].prefix_len
-    assert rec.first("cold_long").reused == 0
+    assert rec.first("cold_long").reused < 10  # the chat template's opening tokens only
     order = [type(i).__name__ for _, i in rec.log if isinstance(i, (Prefilled,)) or type(i).__name__ == "Done"]
     assert order[:4] == ["Prefilled"] * 4  # they really ran together
 
@@ -106,8 +106,8 @@ def ask(client, system, text, results, key, **kw):
     try:
         results[key] = client.messages.with_raw_response.create(
             model="claude-opus-4-8", max_tokens=kw.pop("max_tokens", 10), system=system, tools=TOOLS,
-            messages=[{"role": "user", "content": text}], temperature=0.0, **kw)
-    except Exception as e:  # reported by the assertions in the test's thread
+            messages=[{"role": "user", "content": text}], extra_body={"temperature": 0}, **kw)
+    except Exception as e:  # noqa: BLE001 - reported by the assertions in the test's thread
         results[key] = e
 
 
@@ -169,7 +169,7 @@ def test_fan_out_prefills_the_shared_prefix_once_and_accounts_exactly(server, cl
 def test_stop_sequence_and_cancel_inside_a_batch(server, client):
     """One stream is cut by its stop sequence and another is dropped by its client while two
     more run beside them: the others finish normally and the server stays healthy."""
-    free = client.messages.create(model="m", max_tokens=12, temperature=0.0,
+    free = client.messages.create(model="m", max_tokens=12, extra_body={"temperature": 0},
                                   messages=[{"role": "user", "content": "Name five fruits."}])
     words = free.content[0].text.split()
     assert len(words) >= 4, free.content
@@ -177,11 +177,12 @@ def test_stop_sequence_and_cancel_inside_a_batch(server, client):
     results: dict = {}
 
     def stopped():
-        results["stop"] = client.messages.create(model="m", max_tokens=12, temperature=0.0, stop_sequences=[stop],
+        results["stop"] = client.messages.create(model="m", max_tokens=12, extra_body={"temperature": 0},
+                                                 stop_sequences=[stop],
                                                  messages=[{"role": "user", "content": "Name five fruits."}])
 
     def dropped():
-        with client.messages.stream(model="m", max_tokens=300, temperature=0.0,
+        with client.messages.stream(model="m", max_tokens=300, extra_body={"temperature": 0},
                                     messages=[{"role": "user", "content": "Tell a very long story."}]) as s:
             for ev in s:
                 if ev.type == "content_block_delta":
@@ -189,7 +190,7 @@ def test_stop_sequence_and_cancel_inside_a_batch(server, client):
         results["dropped"] = True
 
     def plain(k):
-        results[k] = client.messages.create(model="m", max_tokens=6, temperature=0.0,
+        results[k] = client.messages.create(model="m", max_tokens=6, extra_body={"temperature": 0},
                                             messages=[{"role": "user", "content": f"Count to {k}."}])
 
     threads = in_threads((stopped,), (dropped,), (plain, "three"), (plain, "four"))

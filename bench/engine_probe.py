@@ -1,0 +1,192 @@
+"""In-process probes of the batching engine (server/engine.py), side by side in one process so
+that ratios survive a loaded machine. Not a test and not part of `make bench`'s tables; the
+numbers behind the engine's defaults (docs/server.md, "Concurrency figures").
+
+    python -m bench.engine_probe decode   [--streams 1,2,4,8] [--tokens 64]
+    python -m bench.engine_probe fairness [--steps 64,128,256,512] [--prompt 1500]
+    python -m bench.engine_probe warm     [--cached 2000] [--new 120,250] [--repeats 5]
+
+decode:   aggregate decode tokens/s with N streams at once, against one stream.
+fairness: a stream generating while a cold prompt is read: the prompt's prefill time and the
+          stream's largest gap between two tokens during it, per prefill step size.
+warm:     TTFT of a warm request through the engine (prefix cache, batch of one) against the
+          floor (mlx-lm directly: prefill exactly the new tokens on a built cache, first token).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import threading
+import time
+
+
+def _load():
+    from mlx_lm import load
+
+    from server.convert import resolve_model
+
+    return load(str(resolve_model(None)))
+
+
+def _ids(tokenizer, n: int, salt: int = 0) -> list[int]:
+    text = " ".join(f"line {i + salt}: the quick brown fox jumps over the lazy dog." for i in range(n // 8 + 8))
+    return tokenizer.encode(text)[:n]
+
+
+class _Run:
+    """Submit requests, record when each item arrives."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.events: dict[str, list[tuple[float, object]]] = {}
+        self.done: dict[str, threading.Event] = {}
+
+    def submit(self, name: str, tokens: list[int], **kw):
+        from server.engine import Done, GenerationRequest
+
+        self.events[name] = []
+        self.done[name] = threading.Event()
+
+        def emit(item):
+            self.events[name].append((time.perf_counter(), item))
+            if isinstance(item, (Done, Exception)):
+                self.done[name].set()
+
+        req = GenerationRequest(tokens=tokens, emit=emit, **{"temperature": 0.0, **kw})
+        req.t0 = time.perf_counter()
+        self.engine.submit(req)
+        return req
+
+    def wait(self, *names: str) -> None:
+        for n in names or list(self.done):
+            self.done[n].wait()
+
+    def first_piece(self, name: str) -> float:
+        """When the first token was out: its Piece, or Done if it printed nothing (one token)."""
+        from server.engine import Done, Piece
+
+        return next(t for t, i in self.events[name] if isinstance(i, (Piece, Done)))
+
+
+def decode(model, tokenizer, streams: list[int], tokens: int) -> None:
+    from server.engine import Engine, Piece
+
+    eng = Engine(model, tokenizer, None, decode_concurrency=max(streams), prompt_concurrency=max(streams))
+    eng.start()
+    try:
+        base = None
+        for n in streams:
+            run = _Run(eng)
+            names = [f"s{i}" for i in range(n)]
+            for i, name in enumerate(names):
+                # ignore_eos is not an option: long prompts that make the model ramble; max_tokens bounds it
+                run.submit(name, _ids(tokenizer, 64, salt=100 * i), max_tokens=tokens)
+            run.wait(*names)
+            pieces = [(t, i.output_tokens) for name in names for t, i in run.events[name] if isinstance(i, Piece)]
+            start = max(run.first_piece(name) for name in names)  # all decoding from here on
+            end = min(max(t for t, _ in run.events[name]) for name in names)
+            count = sum(1 for t, _ in pieces if start < t <= end)
+            rate = count / (end - start) if end > start else float("nan")
+            base = base or rate
+            print(f"decode streams={n}: {rate:7.1f} tok/s aggregate ({rate / base:.2f}x one stream)")
+    finally:
+        eng.stop()
+
+
+def fairness(model, tokenizer, steps: list[int], prompt: int) -> None:
+    from server.engine import Engine, Piece, Prefilled
+
+    for step in steps:
+        eng = Engine(model, tokenizer, None, prefill_step_size=step)
+        eng.start()
+        try:
+            run = _Run(eng)
+            gen = run.submit("gen", _ids(tokenizer, 32), max_tokens=4000)
+            while not any(isinstance(i, Piece) for _, i in run.events["gen"]):
+                time.sleep(0.01)
+            long = run.submit("long", _ids(tokenizer, prompt, salt=7), max_tokens=1)
+            run.wait("long")
+            gen.cancel.set()
+            run.wait("gen")
+            t_pref = next(t for t, i in run.events["long"] if isinstance(i, Prefilled))
+            ts = [t for t, i in run.events["gen"] if isinstance(i, Piece) and long.t0 <= t <= t_pref]
+            gaps = [b - a for a, b in zip(ts, ts[1:])] or [float("nan")]
+            print(f"prefill-step-size={step:4d}: {prompt}-token prefill {t_pref - long.t0:6.1f} s beside a stream; "
+                  f"that stream's largest gap between tokens {max(gaps):5.2f} s, median {statistics.median(gaps):5.2f} s, "
+                  f"{len(ts)} tokens meanwhile")
+        finally:
+            eng.stop()
+
+
+def warm(model, tokenizer, cached: int, news: list[int], repeats: int) -> None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+
+    from server.cache import PrefixCache
+    from server.engine import Engine
+
+    ids = _ids(tokenizer, cached + max(news) + 8, salt=3)
+
+    def floor_once(cache, new: list[int]) -> float:
+        t0 = time.perf_counter()
+        if len(new) > 1:
+            model(mx.array(new[:-1])[None], cache=cache)
+            mx.eval([c.state for c in cache])
+        y = mx.argmax(model(mx.array(new[-1:])[None], cache=cache)[:, -1, :], axis=-1)
+        mx.eval(y)
+        dt = time.perf_counter() - t0
+        trim_prompt_cache(cache, len(new))
+        return dt
+
+    floor_cache = make_prompt_cache(model)
+    for i in range(0, cached, 512):
+        model(mx.array(ids[i:min(i + 512, cached)])[None], cache=floor_cache)
+        mx.eval([c.state for c in floor_cache])
+    store = PrefixCache(model, max_bytes=2 << 30)
+    eng = Engine(model, tokenizer, store)
+    eng.start()
+    try:
+        run = _Run(eng)
+        run.submit("seed", ids[:cached + 1], max_tokens=1)
+        run.wait("seed")
+        for new in news:
+            f, e = [], []
+            for r in range(repeats):  # alternate the arms, so load changes hit both alike
+                tail = _ids(tokenizer, new, salt=1000 * (r + 1) + new)  # a new turn each time
+                f.append(floor_once(floor_cache, tail))
+                name = f"w{new}-{r}"
+                req = run.submit(name, ids[:cached] + tail, max_tokens=1)
+                run.wait(name)
+                e.append(run.first_piece(name) - req.t0)
+            fm, em = statistics.median(f), statistics.median(e)
+            print(f"warm cached={cached} new={new}: floor {fm * 1000:7.0f} ms, engine {em * 1000:7.0f} ms, "
+                  f"ratio {em / fm:.2f} (per-run ratios {', '.join(f'{b / a:.2f}' for a, b in zip(f, e))})")
+    finally:
+        eng.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.engine_probe", description=__doc__.split("\n\n")[0])
+    p.add_argument("probe", choices=["decode", "fairness", "warm"])
+    p.add_argument("--streams", default="1,2,4,8")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--steps", default="64,128,256,512")
+    p.add_argument("--prompt", type=int, default=1500)
+    p.add_argument("--cached", type=int, default=2000)
+    p.add_argument("--new", default="120,250")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    model, tokenizer = _load()
+    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
+    if args.probe == "decode":
+        decode(model, tokenizer, ints(args.streams), args.tokens)
+    elif args.probe == "fairness":
+        fairness(model, tokenizer, ints(args.steps), args.prompt)
+    else:
+        warm(model, tokenizer, args.cached, ints(args.new), args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
