@@ -152,7 +152,9 @@ def test_fan_out_prefills_the_shared_prefix_once_and_accounts_exactly(server, cl
         assert float(raws[k].headers["x-warmturn-queue-ms"]) >= 0  # the engine's queue wait, for the proxy
     assert metric(server, "warmturn_prefill_tokens_total") - before == computed
     reads = sorted(msgs[k].usage.cache_read_input_tokens for k in tasks)
-    assert reads[0] == 0 and reads[1] > 500 and reads[2] > 500  # the shared part was computed once
+    # the subagent system prompt (~1K tokens) was computed once: by the first subagent, which may
+    # itself have read the tools part (tools-first) from the main turn's prefill
+    assert reads[1] > 500 and reads[2] > 500 and reads[0] < reads[1] - 500
     assert metric(server, "warmturn_dedup_waits_total") >= 1
     assert metric(server, "warmturn_dedup_tokens_total") > 1000
     # alone (now warm: warm == cold is tested elsewhere), each gives the same greedy text
