@@ -410,3 +410,18 @@ def test_environment_hint_holds_for_both_client_versions():
 
     hint = POISONS["environment"]
     assert "2.1.197 ends system[2]" in hint and "2.1.332" in hint and "messages[1]" in hint
+
+
+def test_title_requests_are_side_requests_outside_turn_numbering():
+    """Real interactive 2.1.197: a title request beside each typed prompt is no turn of the session."""
+    from analysis.load import flows_frame
+
+    records = load_records([REAL / "interactive_title_capture.jsonl"]).records
+    rep = diff_records(records)
+    assert rep.side == {"title": 2}
+    assert [(p.relation, p.a_turn, p.b_turn) for p in rep.pairs] == [("turn", 1, 2)]
+    assert not rep.pairs[0].divergence.in_prefix  # turn 2 extends turn 1: the titles do not break the pair
+    df = flows_frame(records)
+    titles = df[df["side"] == "title"]
+    assert len(titles) == 2 and titles["turn"].isna().all() and set(titles["cls"]) == {"side"}
+    assert df[df["side"].isna()]["turn"].tolist() == [1, 2]
