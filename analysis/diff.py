@@ -60,7 +60,8 @@ POISONS: dict[str, str] = {
     "system_prompt_changed": "a different system prompt (subagents have their own, and so does a --system-prompt "
                              "run): only the text before it can be shared. Not volatile: nothing to normalize.",
     "tools_reordered": "the same tools in a different order (the tool JSON is part of the cached prefix).",
-    "tools_changed": "tool definitions changed (the addon does not rewrite tools: fix the client or its MCP set).",
+    "tools_changed": "tool definitions changed (volatile_fragments patterns apply to the system prompt only: fix the "
+                     "client or its MCP set).",
     "cache_control_moved": "cache_control breakpoints moved: outside the prompt, harmless to a local prefix "
                            "cache (changes Anthropic-side cache segments only).",
     "content_shape": "message content switched between a string and a block list (harmless when the server "
@@ -763,14 +764,14 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
     every suggested pattern is applied, with the reason."""
     out: list[Suggestion] = []
     reasons: dict[str, str] = {}
-    targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body) a pattern should equalize
+    targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body, poison) to equalize
     for pd_, ab, bb in compared:
         cross = pd_.relation != "turn"
         for c in pd_.changes:
             if not c.in_prompt or c.expected or c.poison == "billing_block":
                 continue
             if c.path.startswith("tools"):
-                reasons.setdefault("tools", "tool definitions: the addon does not rewrite tools")
+                reasons.setdefault("tools", "tool definitions: volatile_fragments patterns apply to the system prompt only")
                 continue
             if not c.path.startswith("system"):
                 continue  # messages: the conversation itself
