@@ -168,6 +168,7 @@ class _Active:
     parked_ms: float
     detok: Any
     in_cache: int = 0  # prompt tokens whose KV the batch holds
+    base: int = 0  # in_cache when it joined the batch (BatchGenerator counts progress from there)
     shared: int = 0  # prompt tokens stored for others (checkpoint or dedup)
     prefilled_at: float | None = None
     first_token_at: float | None = None
@@ -188,6 +189,16 @@ class _Parked:
     leader: int
     shared: int
     since: float
+
+
+@dataclass
+class _Solo(_Active):
+    """The one request running while nothing else does, outside the batch (see Engine._solo_step)."""
+
+    kv: list[Any] = field(default_factory=list)
+    sampler: Any = None
+    y: Any = None  # the next token, sampled but not yet emitted (an mx.array being computed)
+    generated: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -228,6 +239,7 @@ class Engine:
         self._bg: Any = None
         self._active: dict[int, _Active] = {}
         self._parked: list[_Parked] = []
+        self._solo: _Solo | None = None
         self._service_s = 5.0  # moving average of request durations, for retry-after
         self.metrics.bind_engine(self)
 
@@ -241,7 +253,7 @@ class Engine:
     @property
     def running(self) -> int:
         """Requests in the batch (prefilling or decoding) or parked for another's prefill."""
-        return len(self._active) + len(self._parked)
+        return len(self._active) + len(self._parked) + (self._solo is not None)
 
     @property
     def busy(self) -> bool:
@@ -254,7 +266,8 @@ class Engine:
 
     def batch_sizes(self) -> tuple[int, int]:
         """(decoding, prefilling) sequences in the batch right now."""
-        active = list(self._active.values())
+        solo = self._solo
+        active = list(self._active.values()) + ([solo] if solo is not None else [])
         decoding = sum(a.prefilled_at is not None for a in active)
         return decoding, len(active) - decoding
 
@@ -311,7 +324,8 @@ class Engine:
     def _make_batch(self) -> Any:
         from mlx_lm.generate import BatchGenerator, StopSequences
 
-        self._eos = StopSequences([(t,) for t in self.tokenizer.eos_token_ids])
+        self._eos_ids = set(self.tokenizer.eos_token_ids)
+        self._eos = StopSequences([(t,) for t in self._eos_ids])
         return BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
                               prefill_batch_size=self.prompt_concurrency,
                               prefill_step_size=self.prefill_step_size)
@@ -320,25 +334,40 @@ class Engine:
         self._bg = self._make_batch()
         while True:
             with self._cond:
-                while not self._stopping and not self._pending and not self._active and not self._parked:
+                while not self._stopping and not self.running and not self._pending:
                     self._cond.wait()
                 if self._stopping:
                     break
                 room = self.decode_concurrency - self.running
                 incoming = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
+                alone = not self._pending and len(incoming) == 1 and not self.running
+            try:
+                if self._solo is not None and (incoming or self._parked):
+                    self._migrate()  # company: the solo request joins the batch first
+            except Exception as e:
+                log.exception("moving the running request into the batch failed")
+                self._solo.req.emit(e)
+                self._solo = None
             for req in incoming:
-                self._admit(req)
+                self._admit(req, solo_ok=alone)
             try:
                 self._sweep()
-                if self._active:
+                if self._solo is not None:
+                    self._solo_step()
+                elif self._active:
                     self._step()
                 self._release_parked()
             except Exception as e:  # a failing step fails the batch, never the worker
-                log.exception("batch step failed; failing the %d requests in the batch", len(self._active))
-                for a in self._active.values():
+                failed = list(self._active.values()) + ([self._solo] if self._solo is not None else [])
+                log.exception("batch step failed; failing the %d requests in it", len(failed))
+                for a in failed:
                     a.req.emit(e)
                 self._active.clear()
+                self._solo = None
                 self._bg = self._make_batch()
+        if self._solo is not None:
+            self._solo.req.emit(Done("cancelled", self._solo.output_tokens))
+            self._solo = None
         for a in self._active.values():
             a.req.emit(Done("cancelled", a.output_tokens))
         for p in self._parked:
@@ -347,8 +376,9 @@ class Engine:
         self._parked.clear()
         self._bg = None
 
-    def _admit(self, req: GenerationRequest) -> None:
-        """A request leaves the queue: stopped already, parked behind a leader, or into the batch."""
+    def _admit(self, req: GenerationRequest, solo_ok: bool = False) -> None:
+        """A request leaves the queue: stopped already, parked behind a leader, alone (solo), or
+        into the batch."""
         why = req.stopped()
         if why:
             req.emit(Done(why, 0))
@@ -364,7 +394,10 @@ class Engine:
                     self._parked.append(_Parked(req, a.uid, shared, time.monotonic()))
                     self.metrics.dedup_waits.inc()
                     return
-            self._join(req)
+            if solo_ok:
+                self._start_solo(req)
+            else:
+                self._join(req)
         except Exception as e:  # this request's failure (e.g. the store's), not the batch's
             log.exception("could not start a request")
             req.emit(e)
@@ -403,11 +436,19 @@ class Engine:
         now = time.monotonic()
         queued_ms = (now - req.submitted) * 1000
         self._active[uid] = _Active(req, uid, reused, now, queued_ms, parked_ms, self.tokenizer.detokenizer,
-                                    in_cache=reused, last_log=now)
+                                    in_cache=reused, base=reused, last_log=now)
         self.metrics.queue_wait.observe(queued_ms / 1000)
 
     def _sweep(self) -> None:
         """Take cancelled and timed-out requests out of the batch (storing what they computed)."""
+        solo = self._solo
+        if solo is not None and (why := solo.req.stopped()):
+            self._solo = None
+            if solo.prefilled_at is None and why == "timeout":
+                solo.req.emit(RequestTimeout("the request's time limit passed during prefill"))
+            else:
+                solo.req.emit(Done(why, solo.output_tokens))
+            self._store_solo(solo)
         gone = {uid: why for uid, a in self._active.items() if (why := a.req.stopped())}
         if gone:
             caches = self._bg.remove(list(gone), return_prompt_caches=self.store is not None)
@@ -479,6 +520,8 @@ class Engine:
                 self._on_token(a, r, now)
 
     def _on_prompt_progress(self, a: _Active, r: Any, now: float) -> None:
+        if a.prefilled_at is not None:  # moved in from solo mid-answer: its prompt was done before
+            return
         done, total = r.progress
         if r.end_of_prompt:
             a.in_cache = len(a.tokens)
@@ -491,7 +534,7 @@ class Engine:
             a.req.emit(Prefilled(a.reused, created, (now - a.joined) * 1000, a.queued_ms, len(a.tokens),
                                  a.parked_ms))
             return
-        a.in_cache = a.reused + done
+        a.in_cache = a.base + done
         if r.end_of_segment and a.in_cache == a.req.prefix_len and a.reused < a.in_cache:
             self._share(a, checkpoint=True)  # the system+tools checkpoint, as soon as it exists
         if now - a.last_log >= self.progress_every:
@@ -531,3 +574,161 @@ class Engine:
                 self.store.store(list(r.all_tokens)[:n], r.prompt_cache, checkpoints=ck, owned=True)
             except Exception:
                 log.exception("prefix cache store failed (ignored)")
+
+    # -- one request alone: outside the batch
+    #
+    # Why not BatchGenerator for a lone request too: for a batch of one, mlx-lm's batch
+    # classes copy the whole reused prefix several times before the first token (merging the
+    # fetched cache into a BatchKVCache, growing that buffer on the first chunk, deep-copying
+    # the prompt batch when the sequence moves to decoding) and empty MLX's buffer cache after
+    # every prefill chunk. On a warm turn that is pure overhead above the floor (an mlx-lm
+    # prefill of the new tokens on a built cache). So a request that runs alone is served the
+    # way mlx-lm's generate_step serves one (plain KVCache, the next token computed while the
+    # current one is handed out), step by step like the batch, and the moment another request
+    # arrives it moves into the BatchGenerator with its KV state and goes on there (_migrate).
+
+    def _start_solo(self, req: GenerationRequest) -> None:
+        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.sample_utils import make_sampler
+
+        if self.store is not None:
+            kv, reused = self.store.fetch(req.tokens)
+        else:
+            kv, reused = make_prompt_cache(self.model), 0
+        now = time.monotonic()
+        queued_ms = (now - req.submitted) * 1000
+        self._solo = _Solo(req, -1, reused, now, queued_ms, 0.0, self.tokenizer.detokenizer, in_cache=reused,
+                           last_log=now, kv=kv,
+                           sampler=make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k))
+        self.metrics.queue_wait.observe(queued_ms / 1000)
+
+    def _sample(self, s: _Solo, logits: Any) -> Any:
+        import mlx.core as mx
+
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        y = s.sampler(logprobs)
+        mx.async_eval(y)
+        return y
+
+    def _solo_step(self) -> None:
+        """One prefill chunk, or the last prompt token, or one decode step of the solo request."""
+        import mlx.core as mx
+        from mlx_lm.generate import generation_stream
+
+        s = self._solo
+        assert s is not None
+        tokens = s.tokens
+        now = time.monotonic()
+        if s.prefilled_at is None:
+            end = len(tokens) - 1
+            stop = min(s.in_cache + self.prefill_step_size, end)
+            if s.in_cache < s.req.prefix_len < stop:
+                stop = s.req.prefix_len  # a chunk ends at the checkpoint
+            if s.in_cache < stop:
+                with mx.stream(generation_stream):
+                    self.model(mx.array(tokens[s.in_cache:stop])[None], cache=s.kv)
+                    mx.eval([c.state for c in s.kv])
+                s.in_cache = stop
+                if stop == s.req.prefix_len and s.reused < stop and self.store is not None:
+                    try:  # the system+tools checkpoint, as soon as it exists (a copy: kv goes on)
+                        self.store.store(tokens[:stop], s.kv, checkpoints=[stop])
+                        s.shared = stop
+                    except Exception:
+                        log.exception("prefix cache store failed (ignored)")
+                if now - s.last_log >= self.progress_every:
+                    s.last_log = now
+                    done, total = stop - s.reused, len(tokens) - s.reused
+                    rate = done / max(now - s.joined, 1e-9)
+                    log.info("prefill %s: %d/%d tokens, %.0f tok/s, ETA %.0f s", s.req.request_id or "solo",
+                             done, total, rate, (total - done) / max(rate, 1e-9))
+                if stop < end:
+                    return
+            with mx.stream(generation_stream):
+                s.y = self._sample(s, self.model(mx.array(tokens[-1:])[None], cache=s.kv)[:, -1, :])
+            now = time.monotonic()
+            s.in_cache = len(tokens)
+            s.prefilled_at = now
+            self.metrics.prefill_tokens.inc(len(tokens) - s.reused)
+            self.metrics.reused_tokens.inc(s.reused)
+            self.metrics.prefill_time.observe(now - s.joined)
+            created = len(tokens) - 1 - s.reused if self.store is not None else 0
+            s.req.emit(Prefilled(s.reused, created, (now - s.joined) * 1000, s.queued_ms, len(tokens), 0.0))
+            return
+        y = s.y
+        if s.output_tokens + 1 < s.req.max_tokens:  # compute the next token while this one goes out
+            with mx.stream(generation_stream):
+                s.y = self._sample(s, self.model(y[None], cache=s.kv)[:, -1, :])
+        else:
+            s.y = None
+        self._solo_token(s, y.item())
+
+    def _solo_token(self, s: _Solo, token: int) -> None:
+        """Hand out one generated token of the solo request; end it on EOS or max_tokens."""
+        now = time.monotonic()
+        s.generated.append(token)
+        if token in self._eos_ids:
+            self._finish_solo(s, "stop", now)
+            return
+        s.output_tokens += 1
+        s.detok.add_token(token)
+        if s.first_token_at is None:
+            s.first_token_at = now
+        if s.output_tokens >= s.req.max_tokens:
+            self._finish_solo(s, "length", now)
+            return
+        seg = s.detok.last_segment
+        if seg:
+            s.req.emit(Piece(seg, s.output_tokens))
+
+    def _finish_solo(self, s: _Solo, reason: Literal["stop", "length"], now: float) -> None:
+        s.detok.finalize()
+        seg = s.detok.last_segment
+        if seg:
+            s.req.emit(Piece(seg, s.output_tokens))
+        self._solo = None
+        elapsed = now - (s.first_token_at or now)
+        tps = (s.output_tokens - 1) / elapsed if elapsed > 0 and s.output_tokens > 1 else 0.0
+        self.metrics.generated_tokens.inc(s.output_tokens)
+        s.req.emit(Done(reason, s.output_tokens, tps))
+        self._service_s = 0.8 * self._service_s + 0.2 * (now - s.req.submitted)
+        self._store_solo(s)
+
+    def _store_solo(self, s: _Solo) -> None:
+        """Hand the solo request's KV over to the store: prompt + every token fed back."""
+        if self.store is None or s.in_cache <= max(s.reused, s.shared):
+            return
+        held = (list(s.tokens[: s.in_cache]) + (s.generated if s.prefilled_at is not None else []))
+        ck = [s.req.prefix_len] if 0 < s.req.prefix_len < s.in_cache else []
+        try:
+            self.store.store(held[: s.kv[0].size()], s.kv, checkpoints=ck, owned=True)
+        except Exception:
+            log.exception("prefix cache store failed (ignored)")
+
+    def _migrate(self) -> None:
+        """Another request arrived: the solo request goes on inside the BatchGenerator, with the
+        KV state it has, exactly where it is (mid-prompt or mid-answer)."""
+        s = self._solo
+        assert s is not None
+        tokens, plen = s.tokens, s.req.prefix_len
+        if s.prefilled_at is None:
+            if s.in_cache < plen < len(tokens) - 1:
+                segments = [tokens[s.in_cache:plen], tokens[plen:]]
+            else:
+                segments = [tokens[s.in_cache:]]
+            held, max_tokens = list(tokens[: s.in_cache]), s.req.max_tokens
+        else:
+            # the token sampled last is not handed out yet: out with it first (it may end it)
+            self._solo_token(s, s.y.item())
+            if self._solo is None:
+                return
+            # kv holds the prompt and every generated token but that last one, which the
+            # batch feeds next; it samples the rest (its first answer is the token after it)
+            segments = [[s.generated[-1]]]
+            held, max_tokens = list(tokens) + s.generated[:-1], s.req.max_tokens - s.output_tokens
+        (uid,) = self._bg.insert_segments([segments], max_tokens=[max_tokens], caches=[s.kv], all_tokens=[held],
+                                          samplers=[s.sampler], stop_sequences=[self._eos])
+        a = _Active(s.req, uid, s.reused, s.joined, s.queued_ms, s.parked_ms, s.detok, in_cache=s.in_cache,
+                    base=s.in_cache, shared=s.shared, prefilled_at=s.prefilled_at, first_token_at=s.first_token_at,
+                    output_tokens=s.output_tokens, last_log=s.last_log)
+        self._active[uid] = a
+        self._solo = None

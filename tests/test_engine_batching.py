@@ -273,3 +273,41 @@ def test_decode_concurrency_limits_the_batch(parts, make_engine):
 def test_prompt_usage_adds_up(n, reused, created, expected):
     u = prompt_usage(n, reused, created)
     assert (u.input_tokens, u.cache_read_input_tokens, u.cache_creation_input_tokens) == expected
+
+
+@pytest.mark.parametrize("when", ["mid-prompt", "mid-answer"])
+def test_a_lone_request_moves_into_the_batch_unchanged(parts, make_engine, when):
+    """A request running alone (outside the batch) moves into it when another arrives,
+    mid-prompt or mid-answer, and both answers are what each gives alone."""
+    rng = random.Random(29)
+    first, second = words(rng, 1500), words(rng, 20)
+    alone = {"first": serve(make_engine(), {"first": (first, {"max_tokens": 20})}).text("first"),
+             "second": serve(make_engine(), {"second": (second, {"max_tokens": 20})}).text("second")}
+    eng = make_engine(prefill_step_size=16)
+    rec = Recorder()
+    req = rec.request("first", first, max_tokens=20)
+    pieces = threading.Event()
+    inner = req.emit
+
+    def emit(item):
+        inner(item)
+        if isinstance(item, Piece) and item.output_tokens == 3:
+            pieces.set()
+
+    req.emit = emit
+    eng.submit(req)
+    if when == "mid-prompt":
+        while eng.batch_sizes()[1] != 1:  # until it is reading its prompt, alone
+            pass
+    else:
+        assert pieces.wait(60)
+    with rec.lock:
+        rec.log.append(("second submitted", None))
+    eng.submit(rec.request("second", second, max_tokens=20))
+    rec.wait()
+    order = [n if n != "first" else f"first {type(i).__name__}" for n, i in rec.log]
+    moved = order.index("second submitted")
+    assert (moved < order.index("first Prefilled")) == (when == "mid-prompt")
+    assert rec.text("first") == alone["first"] and rec.text("second") == alone["second"]
+    assert rec.last("first").output_tokens == 20 or rec.last("first").reason == "stop"
+    assert sum(isinstance(i, Prefilled) for i in rec.items["first"]) == 1
