@@ -9,8 +9,9 @@ numbers behind the engine's defaults (docs/server.md, "Concurrency figures").
 decode:   aggregate decode tokens/s with N streams at once, against one stream.
 fairness: a stream generating while a cold prompt is read: the prompt's prefill time and the
           stream's largest gap between two tokens during it, per prefill step size.
-warm:     TTFT of a warm request through the engine (prefix cache, batch of one) against the
-          floor (mlx-lm directly: prefill exactly the new tokens on a built cache, first token).
+warm:     TTFT of a warm request through the engine (prefix cache; served alone outside the
+          batch, and as a batch of one) against the floor (mlx-lm directly: prefill exactly the
+          new tokens on a built cache, first token).
 """
 
 from __future__ import annotations
@@ -143,27 +144,38 @@ def warm(model, tokenizer, cached: int, news: list[int], repeats: int) -> None:
     for i in range(0, cached, 512):
         model(mx.array(ids[i:min(i + 512, cached)])[None], cache=floor_cache)
         mx.eval([c.state for c in floor_cache])
-    store = PrefixCache(model, max_bytes=2 << 30)
-    eng = Engine(model, tokenizer, store)
-    eng.start()
+    arms = {"solo": Engine(model, tokenizer, PrefixCache(model, max_bytes=2 << 30)),
+            "batch-of-one": Engine(model, tokenizer, PrefixCache(model, max_bytes=2 << 30), solo=False)}
+    runs = {}
+    for name, eng in arms.items():
+        eng.start()
+        runs[name] = _Run(eng)
+        runs[name].submit("seed", ids[:cached + 1], max_tokens=1)
+        runs[name].wait("seed")
     try:
-        run = _Run(eng)
-        run.submit("seed", ids[:cached + 1], max_tokens=1)
-        run.wait("seed")
         for new in news:
-            f, e = [], []
-            for r in range(repeats):  # alternate the arms, so load changes hit both alike
+            times: dict[str, list[float]] = {"floor": [], **{k: [] for k in arms}}
+            order = ["floor", *runs]
+            for r in range(repeats):
                 tail = _ids(tokenizer, new, salt=1000 * (r + 1) + new)  # a new turn each time
-                f.append(floor_once(floor_cache, tail))
-                name = f"w{new}-{r}"
-                req = run.submit(name, ids[:cached] + tail, max_tokens=1)
-                run.wait(name)
-                e.append(run.first_piece(name) - req.t0)
-            fm, em = statistics.median(f), statistics.median(e)
-            print(f"warm cached={cached} new={new}: floor {fm * 1000:7.0f} ms, engine {em * 1000:7.0f} ms, "
-                  f"ratio {em / fm:.2f} (per-run ratios {', '.join(f'{b / a:.2f}' for a, b in zip(f, e))})")
+                # rotate the arms' order, so load changes and whatever one arm leaves behind (a
+                # batch empties MLX's buffer cache after each prefill chunk) hit all alike
+                for name in order[r % 3:] + order[: r % 3]:
+                    if name == "floor":
+                        times["floor"].append(floor_once(floor_cache, tail))
+                        continue
+                    run = runs[name]
+                    req = run.submit(f"w{new}-{r}", ids[:cached] + tail, max_tokens=1)
+                    run.wait(f"w{new}-{r}")
+                    times[name].append(run.first_piece(f"w{new}-{r}") - req.t0)
+            fm = statistics.median(times["floor"])
+            line = ", ".join(f"{k} {statistics.median(v) * 1000:6.0f} ms ({statistics.median(v) / fm:.2f}x; "
+                             f"per run {' '.join(f'{b / a:.2f}' for a, b in zip(times['floor'], v))})"
+                             for k, v in times.items() if k != "floor")
+            print(f"warm cached={cached} new={new}: floor {fm * 1000:6.0f} ms, {line}", flush=True)
     finally:
-        eng.stop()
+        for eng in arms.values():
+            eng.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -217,6 +217,7 @@ class Engine:
         prefill_step_size: int = 256,
         dedup_min_tokens: int = 32,
         progress_every: float = 5.0,
+        solo: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         if decode_concurrency < 1 or prompt_concurrency < 1 or prefill_step_size < 1:
@@ -230,6 +231,7 @@ class Engine:
         self.prefill_step_size = prefill_step_size
         self.dedup_min_tokens = dedup_min_tokens
         self.progress_every = progress_every  # seconds between progress lines of a long prefill
+        self.solo = solo  # serve a lone request outside the batch (False: for A/B measurements)
         self.metrics = metrics or Metrics()
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
@@ -340,7 +342,7 @@ class Engine:
                     break
                 room = self.decode_concurrency - self.running
                 incoming = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                alone = not self._pending and len(incoming) == 1 and not self.running
+                alone = self.solo and not self._pending and len(incoming) == 1 and not self.running
             try:
                 if self._solo is not None and (incoming or self._parked):
                     self._migrate()  # company: the solo request joins the batch first
