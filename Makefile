@@ -60,5 +60,8 @@ vllm-serve: vllm  ## opt-in: start vLLM on the exported default model, 127.0.0.1
 test-engines: vllm  ## opt-in: integration tests against a real vLLM through mitmdump + the addon (~5 GB RAM, minutes)
 	@WARMTURN_ENGINE_TESTS=1 bash scripts/test.sh tests/engines $(ARGS)
 
+soak: setup  ## opt-in, minutes: a few hundred mixed good/hostile/disconnecting requests through mitmdump; fds, RSS and captures checked
+	@PYTHONPATH=$(CURDIR) $(PY) scripts/soak.py $(ARGS)
+
 clean:  ## remove the virtualenv and generated reports (keeps the model cache)
 	rm -rf $(VENV) report .pytest_cache

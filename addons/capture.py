@@ -54,14 +54,15 @@ def redact_query(url_or_path: str) -> str:
     return head + "?" + urllib.parse.urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in pairs])
 
 
-_FORM_PAIR = re.compile(r"([A-Za-z0-9_.\-\[\]]+)=([^&\s]*)")
-_JSON_PAIR = re.compile(r'"((?:[^"\\]|\\.){1,200})"(\s*:\s*)("(?:[^"\\]|\\.)*"|[^,{}\[\]\s"]+)')
+_FORM_PAIR = re.compile(r"(?<![A-Za-z0-9_.\-])([A-Za-z0-9_.\-]{1,200}+)=([^&\s]*+)")
+_JSON_PAIR = re.compile(r'"((?:[^"\\]|\\.){1,200}+)"(\s*+:\s*+)("(?:[^"\\]|\\.)*+"|[^,{}\[\]\s"]++)')
 
 
 def redact_text(text: str, content_type: str = "") -> str:
     """A body kept as text (not JSON, too deep or too big to parse): every ``name=value`` form
     field and every ``"name": value`` pair whose name looks like a credential is redacted,
-    whatever the content type says."""
+    whatever the content type says. The patterns are possessive (no backtracking): linear time
+    on any text, e.g. 10,000 brackets in a row, since this runs on mitmproxy's event loop."""
     text = _FORM_PAIR.sub(lambda m: f"{m[1]}={REDACTED}" if is_secret_name(m[1]) else m[0], text)
     return _JSON_PAIR.sub(lambda m: f'"{m[1]}"{m[2]}"{REDACTED}"' if is_secret_name(m[1]) else m[0], text)
 

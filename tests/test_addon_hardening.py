@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from tests.conftest import free_port
 from tests.procs import ROOT, VENV_BIN, child_env, port_open, process
-from tests.test_server_hardening import HOSTILE, PATHS, assemble
+from tests.test_server_hardening import FUZZ_BASE, HOSTILE, PATHS, assemble
 
 
 def local_non_loopback_ip() -> str | None:
@@ -287,15 +287,12 @@ def written_files(e) -> list[Path]:
     return [e["cap"], e["slog"], e["tmp"] / "mitm.log"]
 
 
-pytestmark_model = pytest.mark.model
-
-
 @pytest.mark.model
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(body=st.one_of(
     st.lists(st.tuples(st.sampled_from(PATHS), st.sampled_from(HOSTILE)), min_size=1, max_size=3)
-    .map(lambda holes: assemble({**__import__("tests.test_server_hardening", fromlist=["x"]).FUZZ_BASE}, holes)),
+    .map(lambda holes: assemble(FUZZ_BASE, holes)),
     st.binary(max_size=200),
     st.sampled_from(HOSTILE).map(str.encode),
 ), path=st.sampled_from(["/v1/messages", "/v1/messages/count_tokens"]))
