@@ -137,6 +137,23 @@ def check(method: str, path: str, headers: Mapping[str, str], *, names: frozense
     return None
 
 
+DRAIN_LIMIT = 1 << 20
+
+
+async def drain_body(receive: Callable, limit: int = DRAIN_LIMIT) -> None:
+    """Read (and drop) the request body before answering without it. A server that closes a
+    connection with unread request bytes in its socket makes the kernel send a reset, which can
+    destroy the answer before the client (or a proxy) reads it."""
+    total = 0
+    while total <= limit:
+        message = await receive()
+        if message.get("type") != "http.request":
+            return
+        total += len(message.get("body", b""))
+        if not message.get("more_body"):
+            return
+
+
 class GuardMiddleware:
     """Pure ASGI: refuse per :func:`check` before routing; `on_refusal(status)` counts it."""
 
@@ -163,6 +180,7 @@ class GuardMiddleware:
         if self.on_refusal is not None:
             self.on_refusal(refusal.status)
         rid = scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
+        await drain_body(receive)
         body = json.dumps(wire.error_body(refusal.error_type, refusal.message, rid)).encode()
         await send({"type": "http.response.start", "status": refusal.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

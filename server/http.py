@@ -44,7 +44,7 @@ from server.engine import (
     RequestTimeout,
     WorkerDead,
 )
-from server.guard import GuardMiddleware
+from server.guard import DRAIN_LIMIT, GuardMiddleware
 from server.metrics import Metrics
 from server.render import Renderer, Rendered, openai_tool
 from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model
@@ -515,7 +515,19 @@ async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: fl
         await agen.aclose()  # type: ignore[attr-defined]
 
 
+async def _drain(request: Request) -> None:
+    total = 0
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > DRAIN_LIMIT:
+                return
+    except Exception:  # noqa: BLE001 - consumed already, or the client left: nothing to drain
+        return
+
+
 async def not_found(request: Request, exc: HTTPException) -> Response:
+    await _drain(request)  # no unread body left behind (see server.guard.drain_body)
     if exc.status_code == 404:
         return send_error(request, 404, f"{request.method} {request.url.path}: no such endpoint")
     if exc.status_code == 405:
