@@ -28,8 +28,10 @@ def claude_code_bodies():
     for path in sorted(CC.glob("*.jsonl")):
         for line in path.read_text().splitlines():
             rec = json.loads(line)
-            if rec["method"] == "POST" and rec["body"] is not None:
-                out.append((f"{path.stem}#{rec['seq']}", rec["body"]))
+            # bench.record lines hold `body`; capture lines (schema 1) hold `request.body`
+            body = rec["body"] if "body" in rec else (rec.get("request") or {}).get("body")
+            if rec["method"] == "POST" and body is not None:
+                out.append((f"{path.stem}#{rec.get('seq', rec.get('id'))}", body))
     return out
 
 
