@@ -138,6 +138,7 @@ def build_record(flow: http.HTTPFlow, label: str | None = None, max_body: int = 
         "ttft_ms": _ms(t["request"], t["first_content"]),
         "total_ms": _ms(t["request"], t["end"]),
         "queue_ms": st.queue_ms,
+        "side": st.side,
         "prefill_ms": st.prefill_ms,
         "usage": st.usage or None,
         "stop_reason": st.stop_reason,
@@ -248,14 +249,19 @@ class Capture:
         state.freeze(flow)
 
     @command.command("warmturn.export")
-    def export(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> None:
-        """Append the selected HTTP flows to a capture file (docs/capture-format.md)."""
+    def export(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> str:
+        """Append the selected HTTP flows to a capture file (docs/capture-format.md); says what it wrote."""
         n = 0
+        where = os.path.abspath(os.path.expanduser(str(path)))
         try:
             for fl in flows:
                 if isinstance(fl, http.HTTPFlow):
-                    append_record(str(path), build_record(fl, ctx.options.capture_label))
+                    append_record(where, build_record(fl, ctx.options.capture_label))
                     n += 1
         except OSError as e:
-            raise exceptions.CommandError(f"cannot write {path}: {e}") from e
-        logger.info("warmturn: exported %d flows to %s", n, path)
+            raise exceptions.CommandError(f"cannot write {where}: {e}") from e
+        skipped = len(flows) - n
+        result = f"warmturn.export: appended {n} flow{'s' if n != 1 else ''} to {where}" + (
+            f" ({skipped} non-HTTP skipped)" if skipped else "")
+        logger.info(result)
+        return result

@@ -1,20 +1,74 @@
-"""mitmweb/mitmproxy contentview "Anthropic": Messages requests and (streamed) responses, readable."""
+"""mitmweb/mitmproxy contentview "warmturn": Messages requests and (streamed) responses, readable.
+
+Both views open with what warmturn measured for the flow (TTFT, the backend's queue wait and prefill,
+prompt and output tokens, cache read/creation and the hit ratio), then the content. Lines are wrapped at
+:data:`WIDTH` columns (mitmweb shows a view's text without wrapping), continuation lines indented.
+"""
 
 from __future__ import annotations
 
 import json
+import textwrap
 
 from mitmproxy import contentviews, http
 
 from warmturn.protocol import MessageFold, request_kind
+from warmturn import rules
 from warmturn.rules import Stripped
 
 from .state import FlowState
 
 
+WIDTH = 110
+
+
 def _short(text: str, n: int = 400) -> str:
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= n else text[:n] + f"… ({len(text)} chars)"
+    """``text`` on one line (newlines shown as \\n), cut after ``n`` characters; the length given is the
+    text's own, as in the block headers (not the escaped one)."""
+    size = len(text)
+    head = text[:n].replace("\n", "\\n")
+    return head if size <= n else head + f"… ({size} chars)"
+
+
+def wrap(text: str, width: int = WIDTH) -> str:
+    """Every line longer than ``width`` broken into lines of at most ``width`` characters, the continuation
+    lines indented by four spaces (nothing is dropped but the spaces a break falls on)."""
+    out: list[str] = []
+    for line in text.split("\n"):
+        if len(line) <= width:
+            out.append(line)
+        else:
+            out.extend(textwrap.wrap(line, width, subsequent_indent="    ", break_long_words=True,
+                                     break_on_hyphens=False, replace_whitespace=False, drop_whitespace=True))
+    return "\n".join(out)
+
+
+def _seconds(a: float | None, b: float | None) -> str:
+    return f"{b - a:.2f} s" if a is not None and b is not None else "-"
+
+
+def render_measurements(state: FlowState | None) -> str:
+    """What warmturn measured for the flow, for the top of both views ("" for a flow it did not handle)."""
+    if state is None:
+        return ""
+    t = state.t
+    side = f" ({state.side} request, not a turn)" if state.side else ""
+    lines = [f"warmturn: {state.kind}{side}  TTFT {_seconds(t.request, t.first_content)}  "
+             f"total {_seconds(t.request, t.end)}  queue wait "
+             + (f"{state.queue_ms:.0f} ms" if state.queue_ms is not None else "-")
+             + ("" if state.prefill_ms is None else f"  prefill {state.prefill_ms:.0f} ms")]
+    u = state.usage or {}
+    read, created, fresh = (u.get(k) for k in ("cache_read_input_tokens", "cache_creation_input_tokens", "input_tokens"))
+    if any(isinstance(x, int) for x in (read, created, fresh)):
+        prompt = sum(x for x in (read, created, fresh) if isinstance(x, int))
+        hit = f"{100 * (read or 0) / prompt:.0f}%" if prompt else "-"
+        lines.append(f"tokens: prompt {prompt} (cache read {read or 0}, cache creation {created or 0}, uncached "
+                     f"{fresh or 0}; hit {hit})  output {u.get('output_tokens', '-')}")
+    if state.stripped:
+        lines.append(f"normalized: {rules.describe(state.stripped)}")
+    if state.error:
+        lines.append(f"error: {state.error.get('type')}: {state.error.get('message')}")
+    return "\n".join(lines) + "\n\n"
 
 
 def render_request(body: dict, stripped: list[Stripped]) -> str:
@@ -81,18 +135,19 @@ def render_fold(fold: MessageFold) -> str:
 
 
 class AnthropicContentview(contentviews.Contentview):
-    name = "Anthropic"
+    name = "warmturn"
 
     def prettify(self, data: bytes, metadata: contentviews.Metadata) -> str:
         msg = metadata.http_message
+        state = FlowState.of(metadata.flow) if isinstance(metadata.flow, http.HTTPFlow) else None
         if isinstance(msg, http.Request):
             body = json.loads(data)
-            state = FlowState.of(metadata.flow) if isinstance(metadata.flow, http.HTTPFlow) else None
-            stripped = state.stripped if state is not None else []
             if not isinstance(body, dict):
                 raise ValueError("not a Messages request")
-            return render_request(body, stripped)
-        return render_fold(MessageFold().add_bytes(data))
+            text = render_request(body, state.stripped if state is not None else [])
+        else:
+            text = render_fold(MessageFold().add_bytes(data))
+        return wrap(render_measurements(state) + text)
 
     def render_priority(self, data: bytes, metadata: contentviews.Metadata) -> float:
         f = metadata.flow

@@ -51,12 +51,19 @@ class Normalize:
         loader.add_option("volatile_headers", Sequence[str], list(rules.DEFAULT_VOLATILE_HEADERS),
                           "Request header names dropped before forwarding (case-insensitive). Session and agent "
                           "id headers are kept: routers use them for cache affinity.")
+        loader.add_option("canonical_model_identity", bool, True,
+                          "Rewrite the model's display name and id where Claude Code writes them into system text, "
+                          "tool descriptions and role=system messages ('You are powered by the model named ...', "
+                          "'Co-Authored-By: Claude ...') to one stable form, so a changed name (2.1.197's '(1M "
+                          "context)' in a first -p turn only, or a model switch) does not bust the prefix cache. "
+                          "Only the name and id change; every instruction stays.")
 
     def configure(self, updated: set[str]) -> None:
-        if updated & {"volatile_patterns", "volatile_fragments", "volatile_headers"}:
+        if updated & {"volatile_patterns", "volatile_fragments", "volatile_headers", "canonical_model_identity"}:
             o = ctx.options
             try:
-                self.rules = rules.Rules.make(o.volatile_patterns, o.volatile_fragments, o.volatile_headers)
+                self.rules = rules.Rules.make(o.volatile_patterns, o.volatile_fragments, o.volatile_headers,
+                                              o.canonical_model_identity)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from e
 
@@ -91,6 +98,8 @@ class Normalize:
         state.session_id = protocol.session_id(req.headers, body)
         state.agent_id = protocol.agent_id(req.headers)
         state.is_subagent = protocol.is_subagent(req.headers, body)
+        if state.kind == "messages":
+            state.side = protocol.side_request(req.headers, body)
         if isinstance(body, dict):
             state.model = body.get("model") if isinstance(body.get("model"), str) else None
             state.stream = bool(body.get("stream", False))

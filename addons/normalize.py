@@ -6,7 +6,8 @@ and appends one capture line per flow. Imports only the standard library, mitmpr
 project's stdlib-only `warmturn/` package (found through the repository root below).
 
 Six small addons, in hook order: gate (who and what), normalize (strip), route (the backend
-adapter), tap (stream timing and usage), capture (JSONL), supervise (the embedded server).
+adapter), tap (stream timing and usage), capture (JSONL), console (one line per flow), supervise (the
+embedded server).
 """
 
 import os
@@ -17,6 +18,7 @@ if _root not in sys.path:
     sys.path.insert(0, _root)
 
 from addons.capture import Capture  # noqa: E402
+from addons.console import Console  # noqa: E402
 from addons.contentview import register_contentview  # noqa: E402
 from addons.gate import Gate  # noqa: E402
 from addons.normalization import Normalize  # noqa: E402
@@ -28,7 +30,7 @@ from addons.tap import Tap  # noqa: E402
 def make_addons() -> list:
     """The addon chain, in the order mitmproxy must call its hooks."""
     supervise = Supervise()
-    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), supervise]
+    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), Console(), supervise]
 
 
 register_contentview()

@@ -77,6 +77,7 @@ class FlowState:
     size_response: int | None = None
     #: the backend's own timings of this request, when it reports them (the embedded server does)
     queue_ms: float | None = None
+    side: str | None = None  # a side request (protocol.side_request: "title"), not a conversation turn
     prefill_ms: float | None = None
     #: the normalized Anthropic body when what was forwarded is a translation of it (backend_api=openai)
     translated_from: Any = None

@@ -641,7 +641,7 @@ def _generalizes(pattern: str) -> bool:
 
 def _apply(patterns: Sequence[str], text: str) -> str:
     """``text`` as the addon forwards it with ``patterns`` as its volatile_fragments (its own rules engine)."""
-    return rules.Rules.make(patterns=(), fragments=patterns, headers=()).strip_text(text)[0]
+    return rules.Rules.make(patterns=(), fragments=patterns, headers=(), identity=False).strip_text(text)[0]
 
 
 def pattern_for(old: str, new: str, generalize_only: bool = False) -> list[str] | None:
@@ -739,7 +739,7 @@ def check_with_addon_rules(patterns: Sequence[str], a_body: dict, b_body: dict, 
     ``"equal"`` when the text at ``path`` becomes the same, ``"closer"`` when it shares a longer
     prefix and fewer differing lines than before, None otherwise or when a pattern cuts anything
     elsewhere in the system prompt."""
-    engine = rules.Rules.make(patterns=(), fragments=list(patterns), headers=())
+    engine = rules.Rules.make(patterns=(), fragments=list(patterns), headers=(), identity=False)
     (sa, ea), (sb, eb) = engine.apply(a_body), engine.apply(b_body)
     target = _block_path(path)
     if any(getattr(e, "path", None) != target for e in ea + eb):

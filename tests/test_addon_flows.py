@@ -111,7 +111,8 @@ def finish_streamed(addon, f, data: bytes, chunk: int = 7, ctype="text/event-str
 def test_script_loads_and_registers_options():
     with taddons.context() as tctx:
         sc = tctx.script(str(ROOT / "addons" / "normalize.py"))
-        assert [type(a).__name__ for a in sc.addons] == ["Gate", "Normalize", "Route", "Tap", "Capture", "Supervise"]
+        assert [type(a).__name__ for a in sc.addons] == ["Gate", "Normalize", "Route", "Tap", "Capture", "Console",
+                                                            "Supervise"]
         for name in ("backend", "backend_api", "normalize", "capture_file", "volatile_patterns", "allow_remote",
                      "client_api_key", "backend_api_key", "embedded_python", "embedded_port"):
             assert name in tctx.options
@@ -368,7 +369,7 @@ def test_capture_every_line_is_valid_jsonl_with_all_fields(wt):
     assert len(raw_lines) == len((CC / "tool_round.jsonl").read_text().splitlines())
     fields = {"schema", "id", "kind", "label", "method", "path", "client", "mode", "backend", "backend_api", "upstream",
               "normalize", "session_id", "agent_id", "is_subagent", "model", "stream", "status", "error", "t",
-              "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason", "prefix_hash",
+              "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "side", "usage", "stop_reason", "prefix_hash",
               "prefix_chars", "stripped", "sizes", "request", "response"}
     kinds = set()
     for raw in raw_lines:
@@ -387,7 +388,8 @@ def test_export_command_writes_capture_lines(wt, tmp_path):
     finish_streamed(addon, f, SSE)
     plain = tflow.tflow(resp=True)
     out = tmp_path / "export.jsonl"
-    addon.export([f, plain], str(out))
+    said = addon.export([f, plain], str(out))
+    assert said == f"warmturn.export: appended 2 flows to {out}"
     exported = lines(out)
     assert len(exported) == 2
     assert exported[0]["usage"]["output_tokens"] == 12 and exported[0]["id"] == f.id
@@ -401,6 +403,7 @@ def test_contentview_renders_request_and_stream(wt):
     run_request(addon, f)
     finish_streamed(addon, f, SSE)
     view = contentview.AnthropicContentview()
+    assert view.name == "warmturn"
     from mitmproxy.contentviews import Metadata
     meta = Metadata(flow=f, http_message=f.request)
     assert view.render_priority(f.request.content, meta) > 1
@@ -409,6 +412,14 @@ def test_contentview_renders_request_and_stream(wt):
     assert f"tools ({len(body['tools'])}," in text and "  Bash:" in text
     rtext = view.prettify(f.response.raw_content, Metadata(flow=f, http_message=f.response))
     assert "Let me read the file" in rtext and "tool_use Read" in rtext and '"cache_read_input_tokens": 1904' in rtext
+    for t in (text, rtext):  # what warmturn measured, on top of both views; lines wrapped for mitmweb
+        head = t.splitlines()[:2]
+        assert head[0].startswith("warmturn: messages  TTFT ") and " s  total " in head[0] and "queue wait" in head[0]
+        assert head[1].startswith("tokens: prompt ") and "cache read 1904" in head[1] and "hit " in head[1]
+        assert max(map(len, t.splitlines())) <= contentview.WIDTH
+    # a block's size reads the same wherever it is shown (its header, the STRIPPED line's preview)
+    main_prompt = json.loads(f.request.content)["system"][1]["text"]  # as forwarded: billing block gone
+    assert text.count(f"({len(main_prompt)} chars)") == 2, len(main_prompt)
     other = make_flow(raw=b"x", path="/other")
     assert view.render_priority(b"x", Metadata(flow=other, http_message=other.request)) < 0
 

@@ -41,19 +41,35 @@ BILLING_VARIANTS = [
 ]
 
 
-def test_recorded_payloads_lose_exactly_the_billing_block():
+MODEL_NAME = r"(Claude )?(Opus|Sonnet|Haiku|Fable) [\d.]+( \(1M context\))?|claude-[a-z0-9-]+(\[1m\])?"
+
+
+@pytest.mark.parametrize("identity", [False, True])
+def test_recorded_payloads_lose_exactly_the_billing_block(identity):
+    """Real requests: the billing block goes; with the identity rule (the default) the model's name and id
+    inside its two sentences become Claude/claude too, and nothing else changes."""
+    import re
+
     bodies = recorded_bodies()
     assert len(bodies) >= 5
+    renamed = 0
     for body in bodies:
         original = copy.deepcopy(body)
         assert body["system"][0]["text"].startswith("x-anthropic-billing-header:")
-        new, stripped = RULES.apply(body)
+        new, stripped = rules.Rules.make(identity=identity).apply(body)
         assert body == original, "input must not be mutated"
-        assert [e.kind for e in stripped] == ["system_block"]
-        assert stripped[0].block == original["system"][0]
-        assert new["system"] == original["system"][1:]
-        assert {k: v for k, v in new.items() if k != "system"} == {k: v for k, v in original.items() if k != "system"}
+        assert stripped[0].kind == "system_block" and stripped[0].block == original["system"][0]
+        rewrites = stripped[1:]
+        assert all(e.kind == "rewrite" for e in rewrites) and (identity or not rewrites)
+        for e in rewrites:  # only a model name or id, replaced by the canonical one
+            assert re.fullmatch(MODEL_NAME, e.text) and e.replacement in ("Claude", "claude"), e
+        renamed += len(rewrites)
+        if not rewrites:
+            assert new["system"] == original["system"][1:]
+            assert {k: v for k, v in new.items() if k != "system"} == \
+                {k: v for k, v in original.items() if k != "system"}
         assert restore_body(new, stripped) == original
+    assert renamed >= 3 if identity else renamed == 0  # full_first_turn: the model line (name, id) and Bash's Co-Authored-By
 
 
 @pytest.mark.parametrize("text", BILLING_VARIANTS)

@@ -192,3 +192,26 @@ def test_make_claude_interactive_first_run_does_not_block(tmp_path):
             subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     turn = [x for x in read_capture(cap) if x["kind"] == "messages" and x["status"] == 200][0]
     assert turn["usage"]["output_tokens"] > 0 and turn["request"]["body"]["max_tokens"] == 256
+
+
+def test_continue_reads_its_prompt_from_the_cache_despite_the_model_renaming(tmp_path, cli):
+    """Claude Code's own system prompt and the Bash tool (whose description carries the Co-Authored-By line):
+    2.1.197 names the model "Opus 4.8 (1M context)" in a first -p turn and "Opus 4.8" after --continue. With
+    the addon's default identity rule the --continue turn still reads >= 95% of its prompt from the cache."""
+    home, port, cap = workdir(tmp_path), free_port(), tmp_path / "cap.jsonl"
+    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
+        claude(cli, ["-p", FIRST, "--tools", "Bash"], home, port)
+        second_started = time.time()
+        claude(cli, ["-p", SECOND, "--continue", "--tools", "Bash"], home, port)
+    turns = [x for x in read_capture(cap) if x["kind"] == "messages"]
+    assert turns and all(t["status"] == 200 for t in turns), [(t["status"], t["error"]) for t in turns]
+    first = turns[0]
+    second = next(t for t in turns if t["t"]["request"] >= second_started)
+    renamed = {e["text"] for t in (first, second) for e in t["stripped"] if e["kind"] == "rewrite"}
+    assert renamed, "the model's name and id are canonicalized"
+    if cli == claude_bin(OLDER):
+        assert "Opus 4.8 (1M context)" in renamed and "Opus 4.8" in renamed  # both spellings seen, made one
+    assert first["prefix_hash"] == second["prefix_hash"]
+    u = second["usage"]
+    prompt = u["input_tokens"] + u["cache_read_input_tokens"] + u["cache_creation_input_tokens"]
+    assert u["cache_read_input_tokens"] >= 0.95 * prompt, u

@@ -681,6 +681,21 @@ def is_subagent(headers: Mapping[str, str] | None, body: Any) -> bool:
 
 # --------------------------------------------------------------------------- request kind
 
+
+def side_request(headers: Mapping[str, str] | None, body: Any) -> str | None:
+    """The kind of a Messages request that is no conversation turn, or None for a turn.
+
+    ``title``: Claude Code's conversation-title request (beside the first interactive turn): structured
+    output (``output_config.format``, a JSON schema) and no tools. Otherwise, in first-party mode, the
+    ``x-claude-code-request-class`` header when it names something other than ``main``.
+    """
+    if isinstance(body, dict):
+        out = body.get("output_config")
+        if isinstance(out, dict) and isinstance(out.get("format"), dict) and not body.get("tools"):
+            return "title"
+    cls = (headers or {}).get("x-claude-code-request-class")
+    return cls if cls and cls != "main" else None
+
 RequestKind = Literal["messages", "count_tokens", "models", "other"]
 
 

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
+from . import identity
 from .protocol import REDACTED, is_secret_name
 
 # A system text block matching one of these (re.search; ^ is the block's start) is dropped whole.
@@ -38,8 +39,10 @@ DEFAULT_VOLATILE_HEADERS: tuple[str, ...] = (
 
 
 def _preview(text: str, n: int) -> str:
-    text = text.replace("\n", "\\n")
-    return text if len(text) <= n else text[:n] + f"… ({len(text)} chars)"
+    """``text`` on one line, cut after ``n`` characters; the length given is the text's own (as in
+    :meth:`Stripped.describe`), not that of its escaped form."""
+    head = text[:n].replace("\n", "\\n")
+    return head if len(text) <= n else head + f"… ({len(text)} chars)"
 
 
 # --------------------------------------------------------------------------- paths
@@ -180,8 +183,40 @@ class StrippedHeader(Stripped):
         return replace(self, value=REDACTED) if is_secret_name(self.name) else self
 
 
+@dataclass(frozen=True)
+class StrippedRewrite(Stripped):
+    """Text at ``path`` replaced by a canonical form: ``replacement`` now sits at ``offset`` where
+    ``text`` was (the model identity, :mod:`warmturn.identity`). Nothing is deleted."""
+
+    kind: ClassVar[str] = "rewrite"
+    path: str = "system"
+    offset: int = 0
+    text: str = ""
+    replacement: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "path": self.path, "offset": self.offset, "text": self.text,
+                "replacement": self.replacement, "pattern": self.pattern}
+
+    def describe(self) -> str:
+        return f"{self.text!r} -> {self.replacement!r} in {self.path}"
+
+    def preview(self, n: int = 200) -> str:
+        return _preview(f"{self.text} -> {self.replacement}", n)
+
+    def undo(self, body: Any, headers: dict[str, Any]) -> None:
+        if not isinstance(body, dict):
+            return
+        keys = parse_path(self.path)
+        parent = body
+        for k in keys[:-1]:
+            parent = parent[k]
+        text = parent[keys[-1]]
+        parent[keys[-1]] = text[:self.offset] + self.text + text[self.offset + len(self.replacement):]
+
+
 STRIPPED_KINDS: Mapping[str, type[Stripped]] = {
-    k.kind: k for k in (StrippedBlock, StrippedFragment, StrippedHeader)
+    k.kind: k for k in (StrippedBlock, StrippedFragment, StrippedHeader, StrippedRewrite)
 }
 
 
@@ -204,6 +239,9 @@ def stripped_from_json(entry: Mapping[str, Any] | Stripped) -> Stripped:
                                     str(entry.get("text", "")))
         if kind == "header":
             return StrippedHeader(pattern, str(entry.get("name", "")), entry.get("value"))
+        if kind == "rewrite":
+            return StrippedRewrite(pattern, str(entry.get("path", "")), int(entry.get("offset", 0)),
+                                   str(entry.get("text", "")), str(entry.get("replacement", "")))
     except (TypeError, ValueError) as e:
         raise ValueError(f"malformed {kind} entry: {e}") from e
     raise ValueError(f"unknown stripped kind {kind!r}")
@@ -256,11 +294,12 @@ class Rules:
     block_patterns: tuple[re.Pattern[str], ...] = ()
     fragment_patterns: tuple[re.Pattern[str], ...] = ()
     headers: frozenset[str] = frozenset()
+    identity: bool = False  # canonicalize the model's name and id (warmturn.identity)
 
     @classmethod
     def make(cls, patterns: Sequence[str] = DEFAULT_VOLATILE_PATTERNS,
              fragments: Sequence[str] = DEFAULT_VOLATILE_FRAGMENTS,
-             headers: Sequence[str] = DEFAULT_VOLATILE_HEADERS) -> Rules:
+             headers: Sequence[str] = DEFAULT_VOLATILE_HEADERS, identity: bool = True) -> Rules:
         """Rules from the addon's option values; raises ValueError on a bad regex or header name."""
         names = set()
         for h in headers:
@@ -271,14 +310,15 @@ class Rules:
                 raise ValueError(f"invalid header name in volatile_headers: {h!r}")
             names.add(h)
         return cls(compile_patterns(patterns, "volatile_patterns"),
-                   compile_patterns(fragments, "volatile_fragments", re.MULTILINE), frozenset(names))
+                   compile_patterns(fragments, "volatile_fragments", re.MULTILINE), frozenset(names), identity)
 
     def describe(self) -> str:
         """What these rules remove, in words (logs, the options' effect)."""
         parts = [f"system blocks matching {p.pattern!r}" for p in self.block_patterns]
         parts += [f"text matching {p.pattern!r}" for p in self.fragment_patterns]
         parts += [f"header {h}" for h in sorted(self.headers)]
-        return "strips " + ("; ".join(parts) if parts else "nothing")
+        out = "strips " + ("; ".join(parts) if parts else "nothing")
+        return out + ("; canonicalizes the model's name and id" if self.identity else "")
 
     def strip_text(self, text: str, path: str = "system") -> tuple[str, list[StrippedFragment]]:
         """``text`` with every fragment pattern's matches cut out (patterns in order), and the cuts."""
@@ -304,11 +344,76 @@ class Rules:
         return next((p for p in self.block_patterns if p.search(block["text"])), None)
 
     def apply(self, body: Any) -> tuple[Any, list[Stripped]]:
-        """Remove volatile system content from a parsed Messages request body.
+        """Remove volatile system content from a parsed Messages request body, then (``identity``)
+        canonicalize the model's name and id in system text, tool descriptions and role=system messages.
 
         Returns ``(new_body, stripped)``: ``new_body`` is ``body`` itself when nothing matched,
-        otherwise a shallow copy with a new ``system``. Nothing besides ``system`` is touched.
+        otherwise a shallow copy with new ``system`` / ``tools`` / ``messages`` (only the containers that
+        changed are copied). Nothing else is touched; every change is in ``stripped``.
         """
+        body, stripped = self._strip_system(body)
+        if self.identity and isinstance(body, dict):
+            body, rewrites = self._canonical_identity(body)
+            stripped.extend(rewrites)
+        return body, stripped
+
+    @staticmethod
+    def _canonical_identity(body: dict) -> tuple[dict, list[StrippedRewrite]]:
+        done: list[StrippedRewrite] = []
+
+        def text_at(text: str, path: str) -> str:
+            new, changes = identity.rewrites(text)
+            done.extend(StrippedRewrite(c.pattern, path, c.start, c.old, c.new) for c in changes)
+            return new
+
+        def blocks_at(blocks: list, path: str) -> list:
+            out = []
+            for j, b in enumerate(blocks):
+                if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
+                    new = text_at(b["text"], f"{path}[{j}].text")
+                    b = b if new == b["text"] else {**b, "text": new}
+                out.append(b)
+            return out
+
+        out = body
+        system = body.get("system")
+        if isinstance(system, str):
+            new_system: Any = text_at(system, "system")
+        elif isinstance(system, list):
+            new_system = blocks_at(system, "system")
+        else:
+            new_system = system
+        if new_system != system:
+            out = {**out, "system": new_system}
+        tools = body.get("tools")
+        if isinstance(tools, list):
+            new_tools = []
+            for i, tool in enumerate(tools):
+                if isinstance(tool, dict) and isinstance(tool.get("description"), str):
+                    new = text_at(tool["description"], f"tools[{i}].description")
+                    tool = tool if new == tool["description"] else {**tool, "description": new}
+                new_tools.append(tool)
+            if new_tools != tools:
+                out = {**out, "tools": new_tools}
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            new_messages = []
+            for i, m in enumerate(messages):
+                if isinstance(m, dict) and m.get("role") == "system":
+                    content = m.get("content")
+                    if isinstance(content, str):
+                        new_content: Any = text_at(content, f"messages[{i}].content")
+                    elif isinstance(content, list):
+                        new_content = blocks_at(content, f"messages[{i}].content")
+                    else:
+                        new_content = content
+                    m = m if new_content == content else {**m, "content": new_content}
+                new_messages.append(m)
+            if new_messages != messages:
+                out = {**out, "messages": new_messages}
+        return out, done
+
+    def _strip_system(self, body: Any) -> tuple[Any, list[Stripped]]:
         stripped: list[Stripped] = []
         if not isinstance(body, dict) or "system" not in body:
             return body, stripped
