@@ -12,7 +12,7 @@ WEB_TOKEN ?=
 # scripts intact (they parse ARGS with shell quoting rules; make would otherwise expand $ and split words).
 shq = '$(subst ','\'',$(value $(1)))'
 
-.PHONY: setup run web server claude test check-install report bench bench-smoke vllm vllm-serve test-engines vllm-mlx clean help
+.PHONY: setup run web server claude test test-browser check-install report bench bench-smoke vllm vllm-serve test-engines vllm-mlx clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -35,6 +35,9 @@ claude: setup  ## Claude Code (the CLI setup installed) pointed at `make run` on
 
 test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
 	@bash scripts/test.sh $(ARGS)
+
+test-browser: setup  ## opt-in: mitmweb's warmturn view in headless chromium (installs chromium and playwright)
+	@bash scripts/test_browser.sh $(ARGS)
 
 check-install: setup  ## opt-in, minutes: pip install . into a fresh venv, then report + smoke bench from outside the repo
 	@bash scripts/check_install.sh

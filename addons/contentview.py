@@ -19,7 +19,7 @@ from warmturn.rules import Stripped
 from .state import FlowState
 
 
-WIDTH = 110
+WIDTH = 80  # fits mitmweb's flow-detail pane in a 1400-pixel-wide window
 
 
 def _short(text: str, n: int = 400) -> str:
@@ -61,11 +61,14 @@ def render_measurements(state: FlowState | None) -> str:
     read, created, fresh = (u.get(k) for k in ("cache_read_input_tokens", "cache_creation_input_tokens", "input_tokens"))
     if any(isinstance(x, int) for x in (read, created, fresh)):
         prompt = sum(x for x in (read, created, fresh) if isinstance(x, int))
-        hit = f"{100 * (read or 0) / prompt:.0f}%" if prompt else "-"
+        hit = f"{100 * (read or 0) // prompt}%" if prompt else "-"  # rounded down, as on the console
         lines.append(f"tokens: prompt {prompt} (cache read {read or 0}, cache creation {created or 0}, uncached "
                      f"{fresh or 0}; hit {hit})  output {u.get('output_tokens', '-')}")
+    removed = [e for e in state.stripped if e.kind != "rewrite"]
+    renamed = len(state.stripped) - len(removed)
     if state.stripped:
-        lines.append(f"normalized: {rules.describe(state.stripped)}")
+        lines.append("normalized: " + ", ".join(([rules.describe(removed)] if removed else [])
+                                              + ([f"model name canonicalized ({renamed})"] if renamed else [])))
     if state.error:
         lines.append(f"error: {state.error.get('type')}: {state.error.get('message')}")
     return "\n".join(lines) + "\n\n"
@@ -78,7 +81,10 @@ def render_request(body: dict, stripped: list[Stripped]) -> str:
         lines.append(f"{k}: {_short(json.dumps(v, ensure_ascii=False), 200)}")
     lines.append("")
     for e in stripped:
-        lines.append(f"STRIPPED {e.describe()}: {e.preview(200)}")
+        if e.kind == "rewrite":  # canonicalized, not removed: the description says it all
+            lines.append(f"REWRITTEN {e.describe()}")
+        else:
+            lines.append(f"STRIPPED {e.describe()}: {e.preview(200)}")
     system = body.get("system")
     if isinstance(system, str):
         lines.append(f"system: {_short(system)}")

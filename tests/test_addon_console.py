@@ -45,10 +45,10 @@ def test_identity_rewrites_are_summarized():
 
 
 def test_title_request_is_a_side_request():
-    # the shape of Claude Code 2.1.197's interactive title request (DESIGN.md): structured output, no tools
-    title = {"model": "claude-haiku-4-5-20251001", "max_tokens": 32000, "messages": [{"role": "user", "content": "hi"}],
-             "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
-    assert protocol.side_request({}, title) == "title"
+    """Claude Code 2.1.197's interactive title request (a real capture): structured output, no tools."""
+    recs = [json.loads(x) for x in (FIXTURES / "claude_code" / "interactive_title_capture.jsonl").read_text().splitlines()]
+    sides = [protocol.side_request(r["request"]["headers"], r["request"]["body"]) for r in recs if r["kind"] == "messages"]
+    assert sides.count("title") == 2 and sides.count(None) == 2  # two sessions: title request + first turn each
     turn = json.loads((FIXTURES / "claude_code_2.1.332" / "intercept_p_small.jsonl").read_text().splitlines()[2])
     assert turn["kind"] == "messages"
     assert protocol.side_request(turn["request"]["headers"], turn["request"]["body"]) is None  # request-class main

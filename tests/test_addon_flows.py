@@ -546,3 +546,14 @@ def test_backend_queue_wait_and_prefill_are_captured(wt):
     addon.responseheaders(g)
     addon.response(g)
     assert (lines(cap)[-1]["queue_ms"], lines(cap)[-1]["prefill_ms"]) == (None, None)
+
+
+def test_title_request_is_captured_as_a_side_request(wt):
+    addon, tctx, cap, _ = wt
+    recs = [json.loads(x) for x in (CC / "interactive_title_capture.jsonl").read_text().splitlines()]
+    title, turn = [r for r in recs if r["kind"] == "messages"][:2]
+    for rec in (title, turn):
+        f = make_flow(rec["request"]["body"])
+        run_request(addon, f)
+        finish_streamed(addon, f, SSE)
+    assert [x["side"] for x in lines(cap)[-2:]] == ["title", None]
