@@ -7,7 +7,8 @@ come from `bench/fixtures/session.json` (recorded Claude Code 2.1.197 payloads, 
 bench's prefix size by `bench.workload`), in three shapes the issue names:
 
 - `a`  the start of an interactive 2.1.197 session: the title request (recorded in a
-       terminal: `output_config.format` json_schema, no tools) and the first turn, together;
+       terminal: `output_config.format` json_schema, no tools) and, 1.1 s later as recorded,
+       the first turn, in flight together;
        `a-alone` is the same first turn with nothing beside it (the ratio's denominator);
 - `b`  a fan-out as 2.1.332 does it: the main turn launches 3 background subagents that share
        one subagent prefix (system + tools) and each do 2 tool rounds, while the main agent does
@@ -99,7 +100,8 @@ def title_request(fixture: dict, first_prompt: str, headers: dict[str, str], max
 
 def interactive_start(fixture: dict, target: int, count: Counter, max_tokens: int, title_max_tokens: int,
                       alone: bool = False, compact: bool = False) -> Scenario:
-    """(a): the title request and the first turn at the same moment (`alone`: the first turn only)."""
+    """(a): the title request and, as recorded (~1.1 s later), the first turn, both in flight
+    together (`alone`: the first turn only). The first turn's TTFT counts from its own send."""
     session = build_session(fixture, target, count, max_tokens=max_tokens, main_turns=1, subagent=False,
                             compact=compact)
     first = _greedy(session.requests[0], max_tokens)
@@ -107,6 +109,7 @@ def interactive_start(fixture: dict, target: int, count: Counter, max_tokens: in
     if not alone:
         prompt = fixture["main"]["first_prompt"]
         nodes.insert(0, Node(title_request(fixture, prompt, first.headers, title_max_tokens), role="title"))
+        nodes[1].delay_s = fixture["title"]["lead_s"]  # as recorded: the title request goes out first
     key = "a-alone" if alone else "a"
     what = "the first turn alone" if alone else "title request + first turn together (2.1.197 interactive start)"
     return Scenario(key, what, nodes)

@@ -393,7 +393,8 @@ def _title_material() -> dict:
     return {"model": tb["model"], "system": tb["system"][1:], "tools": tb["tools"],
             "headers": {"anthropic-beta": title["headers"]["anthropic-beta"]},
             "params": {k: tb[k] for k in ("thinking", "output_config", "stream")},
-            "session_open": before, "session_close": after}
+            "session_open": before, "session_close": after,
+            "lead_s": round(turn["t"] - title["t"], 3)}  # the title request went out this much earlier
 
 
 def _fanout_script(cwd: str) -> dict:

@@ -29,7 +29,8 @@ def fixture():
 def test_interactive_start_pairs_the_recorded_title_request_with_the_first_turn(fixture, counter):
     sc = interactive_start(fixture, 1000, counter, max_tokens=16, title_max_tokens=24)
     title, first = sc.node("title").request.body, sc.node("main-1").request.body
-    assert sc.node("title").after == () and sc.node("main-1").after == ()  # sent together
+    assert sc.node("title").after == () and sc.node("main-1").after == ()  # in flight together
+    assert 0 < sc.node("main-1").delay_s < 3 and sc.node("title").delay_s == 0  # the recorded order
     assert title["tools"] == [] and title["output_config"]["format"]["type"] == "json_schema"
     assert fixture["main"]["first_prompt"] in title["messages"][0]["content"][0]["text"]
     assert title["messages"][0]["content"][0]["text"].startswith("<session>\n")
