@@ -282,7 +282,7 @@ class Engine:
     def start(self) -> None:
         if self._thread is None:
             self._stopping = False
-            self._thread = threading.Thread(target=self._loop, name="mlx-worker", daemon=True)
+            self._thread = threading.Thread(target=self._run_worker, name="mlx-worker", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -331,6 +331,17 @@ class Engine:
         return BatchGenerator(self.model, completion_batch_size=self.decode_concurrency,
                               prefill_batch_size=self.prompt_concurrency,
                               prefill_step_size=self.prefill_step_size)
+
+    def _run_worker(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug outside any request: the worker is gone, say so everywhere
+            log.critical("the MLX worker thread died; /health now reports it", exc_info=True)
+            dead = WorkerDead(f"the MLX worker thread has died ({type(e).__name__}); restart the server")
+            with self._cond:
+                pending, self._pending = list(self._pending), collections.deque()
+            for req in pending:
+                req.emit(dead)
 
     def _loop(self) -> None:
         self._bg = self._make_batch()

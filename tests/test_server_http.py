@@ -592,3 +592,49 @@ def test_engine_stop_cancels_the_running_and_the_queued(engine_parts):
     assert isinstance(running_items[-1], Done) and running_items[-1].reason == "cancelled"
     assert running_items[-1].output_tokens < 500
     assert queued_items == [Done("cancelled", 0)]
+
+
+def test_a_client_that_leaves_while_queued_frees_its_slot(engine_parts):
+    from server.engine import Engine
+    from server.http import ServerState
+    from server.render import Renderer
+    from server.toolcalls import HERMES
+
+    model, tokenizer, _ = engine_parts
+    engine = Engine(model, tokenizer, None, max_queue=1)  # never started: a request can only wait
+    state = ServerState(engine=engine, renderer=Renderer(tokenizer), model_id="x", context_length=8192,
+                        tool_format=HERMES)
+    with serve_in_thread(state) as port:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=httpx.Timeout(30, read=1.0),
+                       json={"model": "m", "max_tokens": 4, "messages": HELLO})
+        deadline = time.monotonic() + 30
+        while engine.depth:  # the handler notices the disconnect and withdraws the request
+            assert time.monotonic() < deadline, "the queue slot was never freed"
+            time.sleep(0.05)
+        # the slot is free: the next request is queued, not refused with 529
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=httpx.Timeout(30, read=1.0),
+                       json={"model": "m", "max_tokens": 4, "messages": HELLO})
+
+
+def test_health_reports_a_dead_worker(engine_parts):
+    from server.engine import Engine
+    from server.http import ServerState
+    from server.render import Renderer
+    from server.toolcalls import HERMES
+
+    model, tokenizer, _ = engine_parts
+    engine = Engine(model, None)  # no tokenizer: the worker thread dies as it starts (a real crash)
+    state = ServerState(engine=engine, renderer=Renderer(tokenizer), model_id="x", context_length=8192,
+                        tool_format=HERMES)
+    engine.start()
+    engine._thread.join(30)
+    with serve_in_thread(state) as port:
+        r = httpx.get(f"http://127.0.0.1:{port}/health")
+        assert_error(r, 503, "api_error")
+        assert "worker" in r.json()["error"]["message"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=30,
+                       json={"model": "m", "max_tokens": 4, "messages": HELLO})
+        assert_error(r, 503, "api_error")
+        assert "worker_alive 0.0" in httpx.get(f"http://127.0.0.1:{port}/metrics").text
