@@ -31,7 +31,7 @@ from typing import Any
 from deepdiff import DeepDiff
 from deepdiff.helper import notpresent
 
-from warmturn import rules
+from warmturn import identity, rules
 
 from .divergence import Divergence, Tokenizer, divergence
 from .sessions import group, side_request
@@ -166,6 +166,7 @@ class DiffReport:
     unsuggested: list[str] = field(default_factory=list)  # prompt paths that still differ, with the reason
     outside: list[VolatilePath] = field(default_factory=list)  # changes outside the prompt: harmless
     side: dict[str, int] = field(default_factory=dict)  # side requests (title…) left out of the pairs
+    canonical_identity: list[str] = field(default_factory=list)  # model-identity changes the addon already fixes
 
     def as_dict(self) -> dict:
         return {
@@ -176,6 +177,7 @@ class DiffReport:
             "volatile": [asdict(v) for v in self.volatile],
             "outside_prompt": [asdict(v) for v in self.outside],
             "side_requests": self.side,
+            "canonical_identity": self.canonical_identity,
             "poisons": {k: {"count": n, "meaning": POISONS.get(k, "")} for k, n in self.poisons.items()},
             "suggestions": [{**asdict(s), "set_arg": s.set_arg} for s in self.suggestions],
             "stripped_by_addon": self.stripped,
@@ -503,10 +505,10 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
         for c in p.changes:
             if c.poison:
                 poisons[c.poison] = poisons.get(c.poison, 0) + 1
-    suggestions, unsuggested = suggest(compared)
+    suggestions, unsuggested, canonical = suggest(compared)
     rows = aggregate(pairs_out)
     return DiffReport(pairs_out, [r for r in rows if r.in_prompt], poisons, suggestions, stripped, unsuggested,
-                      [r for r in rows if not r.in_prompt], side)
+                      [r for r in rows if not r.in_prompt], side, canonical)
 
 
 def _clip_value(v: Any, n: int = 80) -> Any:
@@ -753,17 +755,24 @@ def check_with_addon_rules(patterns: Sequence[str], a_body: dict, b_body: dict, 
     return "closer" if grew and fewer else None
 
 
+def _same_identity(old: Any, new: Any) -> bool:
+    """Two texts that differ only in the model's name/id, which the addon canonicalizes by default."""
+    return isinstance(old, str) and isinstance(new, str) and identity.rewrites(old)[0] == identity.rewrites(new)[0]
+
+
 def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
-            option: str = "volatile_fragments") -> tuple[list[Suggestion], list[str]]:
+            option: str = "volatile_fragments") -> tuple[list[Suggestion], list[str], list[str]]:
     """Patterns for volatile text in system blocks, each checked with the addon's rules engine.
 
     Within a session (``turn`` pairs) any text that changes can get a pattern. Between sessions
     and agents only per-machine values (paths, dates, ids, environment lines) generalized into a
     pattern of their shape: text that is stable within each session but differs between them is a
     different prompt, not volatile. ``unsuggested`` lists the prompt paths that still differ once
-    every suggested pattern is applied, with the reason."""
+    every suggested pattern is applied, with the reason; the last list, the paths whose only change is
+    the model's name or id, which the addon canonicalizes by default (``canonical_model_identity``)."""
     out: list[Suggestion] = []
     reasons: dict[str, str] = {}
+    canonical: set[str] = set()
     targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body, poison) to equalize
     for pd_, ab, bb in compared:
         cross = pd_.relation != "turn"
@@ -771,7 +780,10 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
             if not c.in_prompt or c.expected or c.poison == "billing_block":
                 continue
             if c.path.startswith("tools"):
-                reasons.setdefault("tools", "tool definitions: volatile_fragments patterns apply to the system prompt only")
+                if _same_identity(c.old, c.new):
+                    canonical.add(c.path)  # e.g. the Bash tool's Co-Authored-By line: canonicalized by default
+                else:
+                    reasons.setdefault("tools", "tool definitions: volatile_fragments patterns apply to the system prompt only")
                 continue
             if not c.path.startswith("system"):
                 continue  # messages: the conversation itself
@@ -781,6 +793,9 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
             old, new = _text(c.old), _text(c.new)
             if old is None or new is None:
                 reasons.setdefault(c.path, "a system block added or removed")
+                continue
+            if c.poison == "model_identity" and _same_identity(old, new):
+                canonical.add(c.path)  # the addon's canonical_model_identity (on by default) already equalizes it
                 continue
             if cross and c.poison not in _CROSS_SESSION_KINDS:
                 reasons.setdefault(c.path, f"differs between {pd_.relation}s but not within one: a different prompt")
@@ -803,4 +818,4 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
                                      "--exclude-dynamic-system-prompt-sections moves it out of the system prompt")
         else:
             reasons.setdefault(path, "no pattern removes only the changing text")
-    return out, [f"{path} ({why})" for path, why in reasons.items()]
+    return out, [f"{path} ({why})" for path, why in reasons.items()], sorted(canonical)

@@ -112,6 +112,9 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
                       "so also pass --set volatile_fragments='x-anthropic-billing-header:[^\\n]*\\n?')", "dim"))
     else:
         out.append("No volatile system-prompt text needing a new pattern.")
+    if rep.canonical_identity:
+        out.append("Model name/id changes at " + ", ".join(rep.canonical_identity) + ": the addon canonicalizes them "
+                   "by default (--set canonical_model_identity=true)")
     if rep.unsuggested:
         out.append("Still different after these patterns:")
         out.extend(f"  {u}" for u in rep.unsuggested)

@@ -202,13 +202,15 @@ def test_suggested_patterns_remove_the_volatile_content_in_the_addon_normalizer(
     assert not d.in_prefix
 
 
-def test_suggested_pattern_for_real_claude_code_turns_in_the_addon_normalizer():
+def test_model_identity_turns_need_no_pattern_the_addon_canonicalizes_them():
+    """2.1.197's "(1M context)"/[1m] in a first -p turn and not on --continue: the addon's default
+    model-identity rule equalizes it, so diff suggests nothing and says so."""
     res = load_records([REAL / "full_two_turns.jsonl"])
     rep = diff_records(res.records)
     assert len(rep.pairs) == 1 and rep.pairs[0].divergence.where == "system[2]"
-    patterns = [s.pattern for s in rep.suggestions]
-    assert patterns
-    a, b = (_addon_strip(r["body"], patterns)[0] for r in res.records)
+    assert rep.suggestions == [] and rep.canonical_identity == ["system[2].text", "tools[1].description"]
+    assert rep.unsuggested == []
+    a, b = (_addon_strip(r["body"], [])[0] for r in res.records)
     assert a["system"] == b["system"]
     # the Bash tool's Co-Authored-By line is canonicalized by the addon's default identity rule: the
     # system+tools prefix is equal, the turns first differ after it, in the messages
@@ -344,9 +346,13 @@ def test_session_prefix_and_divergences_labelled_by_session(capsys):
 def test_a_path_given_a_pattern_is_not_also_reported_without_one(capsys):
     rep = diff_records(load_records([CAPTURES / "constructed_volatile.jsonl"]).records)
     assert rep.suggestions and rep.unsuggested == []
-    rep = diff_records(load_records([REAL / "full_two_turns.jsonl"]).records)
+    rep = diff_records(load_records([REAL / "full_two_turns.jsonl", REAL / "full_tool_round.jsonl"]).records)
     sugg = {s.path for s in rep.suggestions}
-    assert sugg == {"system[2].text"} and not any(u.startswith("system[2].text") for u in rep.unsuggested)
+    assert sugg == {"system[2].text"}
+    # the path is listed once more only for what its patterns cannot reach (git status), with that reason
+    assert [u for u in rep.unsuggested if u.startswith("system[2].text")] == [
+        "system[2].text (per-session environment left (e.g. git status): claude "
+        "--exclude-dynamic-system-prompt-sections moves it out of the system prompt)"]
 
 
 # --------------------------------------------------------------------------- Claude Code 2.1.332
