@@ -126,7 +126,7 @@ def test_add_derived_from_literal_rows():
         {"arm": "A", "session": "s", "agent": "main", "t_request": 2.0, "ttft_ms": 300.0, "prefix_hash": "h",
          "input_tokens": 100, "cache_read_tokens": 1900, "cache_creation_tokens": 0},
         {"arm": "A", "session": "s", "agent": "main", "t_request": 3.0, "ttft_ms": 2500.0, "prefix_hash": "h",
-         "input_tokens": 2050, "cache_read_tokens": 150, "cache_creation_tokens": 0},  # 150/2200 < 10%: cold
+         "input_tokens": 2050, "cache_read_tokens": 150, "cache_creation_tokens": 0},  # 150/2200 < 80%: cold
         # arm B: no cache usage reported: first of its prefix hash is cold, the repeat warm
         {"arm": "B", "session": "t", "agent": "main", "t_request": 5.0, "ttft_ms": 900.0, "prefix_hash": "p",
          "input_tokens": 500, "cache_read_tokens": None, "cache_creation_tokens": None},
