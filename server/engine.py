@@ -15,13 +15,15 @@ for the sequences still reading their prompt. This module adds what a server nee
 - in-flight dedup: a request sharing a not-yet-cached prefix with one being prefilled waits
   ("parks") until that one has computed the shared part, which is then stored, and fetches it
   from the store instead of computing it again;
+- a request that runs alone is served outside the batch, the way mlx-lm's ``generate_step``
+  serves one, and moves into the batch when another arrives (why: see ``_start_solo``);
 - results back through the request's ``emit`` callback as :class:`Prefilled`, :class:`Piece`
   and :class:`Done` items, or as the exception that ended it. A failing step fails the
   requests in the batch; the worker itself goes on.
 
 KV state is never shared mutably: the store hands out private caches (``fetch``), the batch
-copies them into its own buffers (``BatchKVCache.merge``), and everything stored is an
-extracted copy that the batch no longer touches.
+copies them into its own buffers (``BatchKVCache.merge``), and everything stored is either an
+extracted copy the batch no longer touches or the lone request's cache, handed over when it ends.
 """
 
 from __future__ import annotations
