@@ -23,7 +23,7 @@ def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, w
                 root: str = ROOT) -> str:
     """The banner for a proxy listening on 127.0.0.1:port (pure); `web` is mitmweb's UI URL, if any."""
     served = "embedded MLX server (starting now; its log: %s)" % embedded_log if backend == "embedded" else backend
-    capture = capture_file.replace("{date}", datetime.date.today().strftime("%Y%m%d")) if capture_file else "off"
+    capture = datetime.datetime.now().strftime(capture_file.replace("{date}", "%Y%m%d")) if capture_file else "off"
     web_line = f"\nmitmweb: {web}      (flows, the warmturn view, warmturn.export)" if web else ""
     return f"""
 warmturn: listening on http://127.0.0.1:{port} -> {served}
@@ -32,9 +32,9 @@ captures: {capture}      (make report turns them into report/report.html){web_li
 Point Claude Code at it, in another terminal:
   make claude PORT={port}      (or {root}/scripts/claude.sh from your project's folder)
 By hand, with your own claude (README, "Claude Code by hand"):
-  ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=local \\
+  ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=warmturn-local \\
   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \\
-  claude --exclude-dynamic-system-prompt-sections
+  CLAUDE_CONFIG_DIR=~/.cache/warmturn/claude-config claude --exclude-dynamic-system-prompt-sections
 Stop with Ctrl-C (the embedded server stops with it).
 """
 

@@ -20,10 +20,12 @@ check_port() {
 }
 
 
-# port_free PORT: true when 127.0.0.1:PORT can be bound.
+# port_free PORT: true when 127.0.0.1:PORT can be bound the way mitmproxy binds it (SO_REUSEADDR: the
+# TIME_WAIT connections a stopped proxy leaves behind do not count, a listener does).
 port_free() {
   "$PY" -c 'import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:

@@ -30,7 +30,7 @@ split_words "${ARGS:-}"
 extra=("${WORDS[@]}")
 if [[ -n "$MODEL" ]]; then extra=(--set "embedded_args=--model $("$PY" -c 'import shlex, sys; print(shlex.quote(sys.argv[1]))' "$MODEL")" "${extra[@]}"); fi
 if ! port_free "$PORT"; then
-  next=$(( PORT < 65535 ? PORT + 1 : 8082 ))
+  next=$(( PORT < 65534 ? PORT + 2 : 8082 ))  # +2: 8081 is mitmweb's UI port (make web)
   echo "warmturn: port $PORT on 127.0.0.1 is already in use (another make run, or another program)." >&2
   echo "warmturn: start on another port:  make ${1:-run} PORT=$next    and then:  make claude PORT=$next" >&2
   exit 1

@@ -20,6 +20,8 @@ from tests.procs import ROOT, claude_bin, claude_code_versions, mitmdump, read_c
 SYSTEM = "You are a terse assistant. Answer in one short sentence."
 # Questions the small default model answers briefly and then stops (greedy: the same short answers each run).
 FIRST, SECOND = "What is the capital of France?", "And the capital of Italy?"
+# In first-party mode (interception) the prompt differs; greedy, the model ends this one by itself there.
+HELLO = "Say hi."
 MAX_OUTPUT = 64
 CURRENT, OLDER = claude_code_versions()
 CACHE = claude_bin(CURRENT).parents[3]  # the warmturn cache (the tests give the CLI a throwaway HOME)
@@ -100,7 +102,7 @@ def test_interception_of_api_anthropic_com(tmp_path, cli):
     home, port = workdir(tmp_path), free_port()
     cap, confdir = tmp_path / "cap.jsonl", tmp_path / "mitmconf"
     with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log", confdir=confdir):
-        run = claude(cli, ["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port,
+        run = claude(cli, ["-p", HELLO, "--system-prompt", SYSTEM, "--tools", ""], home, port,
                      ca=confdir / "mitmproxy-ca-cert.pem")
     assert run.returncode == 0, run.stderr + run.stdout
     assert run.stdout.strip()

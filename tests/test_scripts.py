@@ -88,7 +88,7 @@ def test_make_run_port_in_use_hints_another_port_and_prints_no_banner(tmp_path):
         port = busy.getsockname()[1]
         rc, out = finished(tmp_path / "make.log", "run", PORT=str(port))
     assert rc != 0
-    assert f"make run PORT={port + 1}" in out and BANNER not in out
+    assert f"make run PORT={port + 2}" in out and BANNER not in out
 
 
 def test_make_run_failed_start_up_prints_no_banner(tmp_path):
