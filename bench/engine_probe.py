@@ -5,6 +5,7 @@ numbers behind the engine's defaults (docs/server.md, "Concurrency figures").
     python -m bench.engine_probe decode   [--streams 1,2,4,8] [--tokens 64]
     python -m bench.engine_probe fairness [--steps 64,128,256,512] [--prompt 1500]
     python -m bench.engine_probe warm     [--cached 2000] [--new 120,250] [--repeats 5]
+    python -m bench.engine_probe pair     [--prompt 650] [--tokens 96] [--repeats 4]
 
 decode:   aggregate decode tokens/s with N streams at once, against one stream.
 fairness: a stream generating while a cold prompt is read: the prompt's prefill time and the
@@ -12,6 +13,7 @@ fairness: a stream generating while a cold prompt is read: the prompt's prefill 
 warm:     TTFT of a warm request through the engine (prefix cache; served alone outside the
           batch, and as a batch of one) against the floor (mlx-lm directly: prefill exactly the
           new tokens on a built cache, first token).
+pair:     a cold first turn's TTFT alone and beside a title request's generation (issue 13 (a)).
 """
 
 from __future__ import annotations
@@ -178,9 +180,34 @@ def warm(model, tokenizer, cached: int, news: list[int], repeats: int) -> None:
             eng.stop()
 
 
+def pair(model, tokenizer, prompt: int, title_tokens: int, repeats: int) -> None:
+    """Issue 13 case (a), synthetic: a cold ~`prompt`-token first turn alone, and submitted
+    right after a short title request that generates `title_tokens` tokens."""
+    from server.engine import Engine
+
+    eng = Engine(model, tokenizer, None)
+    eng.start()
+    try:
+        alone, beside = [], []
+        for r in range(repeats):
+            for arm in ("alone", "beside") if r % 2 == 0 else ("beside", "alone"):
+                run = _Run(eng)
+                if arm == "beside":
+                    run.submit("title", _ids(tokenizer, 40, salt=50 + r), max_tokens=title_tokens)
+                turn = run.submit("turn", _ids(tokenizer, prompt, salt=7 * r + (arm == "beside")), max_tokens=1)
+                run.wait()
+                (alone if arm == "alone" else beside).append(run.first_piece("turn") - turn.t0)
+        a, b = statistics.median(alone), statistics.median(beside)
+        print(f"pair: {prompt}-token first turn alone {a:.2f} s, beside a {title_tokens}-token title generation "
+              f"{b:.2f} s: {b / a:.2f}x (per run {' '.join(f'{y / x:.2f}' for x, y in zip(alone, beside))})",
+              flush=True)
+    finally:
+        eng.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.engine_probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["decode", "fairness", "warm"])
+    p.add_argument("probe", choices=["decode", "fairness", "warm", "pair"])
     p.add_argument("--streams", default="1,2,4,8")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", default="64,128,256,512")
@@ -193,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     if args.probe == "decode":
         decode(model, tokenizer, ints(args.streams), args.tokens)
+    elif args.probe == "pair":
+        pair(model, tokenizer, args.prompt, args.tokens, args.repeats)
     elif args.probe == "fairness":
         fairness(model, tokenizer, ints(args.steps), args.prompt)
     else:
