@@ -21,6 +21,9 @@ def recorded_posts() -> list[dict]:
     out = [json.loads((CC / "full_first_turn.json").read_text())]
     for path in sorted(CC.glob("*.jsonl")):
         out += [json.loads(x) for x in path.read_text().splitlines()]
+    # capture-format fixtures (schema 1) hold the body under request.body
+    out = [r if "body" in r else {**r, "body": (r.get("request") or {}).get("body"),
+                                  "headers": (r.get("request") or {}).get("headers", {})} for r in out]
     return [r for r in out if r["method"] == "POST" and isinstance(r["body"], dict)]
 
 
