@@ -205,8 +205,11 @@ class Relay:
                                                f"answering (did it crash? see its log)"))
             return
         first, fields = _headers(head[:-4])
-        client_w.write(_assemble(first, fields))
         status = int(first.split(b" ", 2)[1]) if len(first.split(b" ")) > 1 else 0
+        while 100 <= status < 200 and status != 101:  # interim answers (100 Continue, 103): not forwarded
+            first, fields = _headers((await backend_r.readuntil(b"\r\n\r\n"))[:-4])
+            status = int(first.split(b" ", 2)[1]) if len(first.split(b" ")) > 1 else 0
+        client_w.write(_assemble(first, fields))
         if method == b"HEAD" or status in (204, 304) or 100 <= status < 200:
             return
         chunked = b"chunked" in (_get(fields, b"transfer-encoding") or b"").lower()
