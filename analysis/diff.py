@@ -31,10 +31,10 @@ from typing import Any
 from deepdiff import DeepDiff
 from deepdiff.helper import notpresent
 
-from warmturn import identity, rules
+from warmturn import identity, protocol, rules
 
 from .divergence import Divergence, Tokenizer, divergence
-from .sessions import group, side_request
+from .sessions import group
 
 # Headers that differ on every request for reasons no cache cares about.
 IGNORED_HEADERS = frozenset({"content-length"})
@@ -497,7 +497,8 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
             key = rules.stripped_from_json(e).label  # entries were validated when loaded
             stripped[key] = stripped.get(key, 0) + 1
         if r.get("kind") == "messages" and (not session or r.get("session") == session):
-            kind = r.get("side") or side_request(r.get("original") or r.get("body"))
+            kind = r.get("side") or protocol.side_request(r.get("original_headers") or r.get("headers"),
+                                                          r.get("original") or r.get("body"))
             if kind:
                 side[kind] = side.get(kind, 0) + 1
     poisons: dict[str, int] = {}

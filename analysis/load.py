@@ -108,7 +108,7 @@ def record_from_capture(obj: dict, source: str, line: int) -> dict:
     rec = _base_record(source, line)
     for k in ("kind", "label", "normalize", "session_id", "agent_id", "model", "stream", "status",
               "error", "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason",
-              "prefix_hash"):
+              "prefix_hash", "side"):
         if k in obj:
             rec[k] = obj[k]
     rec["id"] = str(obj.get("id") or rec["id"])

@@ -12,6 +12,8 @@ import hashlib
 import json
 from collections.abc import Sequence
 
+from warmturn import protocol
+
 
 def _first_user_text(body: dict | None) -> str | None:
     for msg in (body or {}).get("messages") or []:
@@ -29,34 +31,21 @@ def _text_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()[:8]
 
 
-def side_request(body: dict | None) -> str | None:
-    """The kind of a side request (not a conversation turn), or None for a turn.
-
-    ``title``: Claude Code's conversation-title request, sent beside the first interactive turn:
-    it asks for structured output (``output_config.format``, a JSON schema) and carries no tools.
-    """
-    if not isinstance(body, dict):
-        return None
-    out = body.get("output_config")
-    if isinstance(out, dict) and isinstance(out.get("format"), dict) and not body.get("tools"):
-        return "title"
-    return None
-
-
 def assign_sessions(records: Sequence[dict]) -> None:
     """Set ``session`` and ``agent`` on each record (in place).
 
     ``session``: the Claude Code session id, else ``conv-<hash of the first user message>``.
     ``agent``: ``main``, the ``x-claude-code-agent-id`` value, or ``sub-<hash>`` for a subagent
     known only from its billing block.
-    ``side``: the side-request kind (``title``) or None: side requests are no turn of any agent.
+    ``side``: the side-request kind (``title``…, the capture's own or ``warmturn.protocol.side_request``)
+    or None: side requests are no turn of any agent.
     """
     for r in records:
         body = r.get("original") or r.get("body")
         first = _first_user_text(body)
         sid = r.get("session_id")
         r["session"] = str(sid) if sid else (f"conv-{_text_hash(first)}" if first is not None else "unknown")
-        r["side"] = side_request(body)
+        r["side"] = r.get("side") or protocol.side_request(r.get("original_headers") or r.get("headers"), body)
         if r.get("agent_id"):
             r["agent"] = str(r["agent_id"])
         elif r.get("is_subagent"):
