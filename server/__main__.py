@@ -228,7 +228,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server.run()
     finally:
-        state.engine.stop()
+        stopped = state.engine.stop()
+    if not stopped:
+        # The worker thread is still inside an MLX step (a long prefill chunk on a loaded CPU).
+        # Finalizing the interpreter around it aborts the process ("terminate called without an
+        # active exception", exit 134); leave without finalizing instead. Every disk checkpoint
+        # was written when its prefill reached it (a half-written one is only a temp file).
+        log.warning("exiting with the MLX worker still busy")
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

@@ -14,7 +14,10 @@ for the sequences still reading their prompt. This module adds what a server nee
   when prefill reaches it, store prompt + answer when it ends;
 - in-flight dedup: a request sharing a not-yet-cached prefix with one being prefilled waits
   ("parks") until that one has computed the shared part, which is then stored, and fetches it
-  from the store instead of computing it again;
+  from the store instead of computing it again; requests released from a park together are
+  deduplicated against each other the same way (the one sharing the longest prefix with
+  another goes first, the others park on it), so a fan-out that first waits for a short shared
+  part (the tools) still computes the longer part its members share (a subagent prompt) once;
 - a request that runs alone is served outside the batch, the way mlx-lm's ``generate_step``
   serves one, and moves into the batch when another arrives (why: see ``_start_solo``);
 - results back through the request's ``emit`` callback as :class:`Prefilled`, :class:`Piece`
@@ -287,8 +290,11 @@ class Engine:
             self._thread = threading.Thread(target=self._run_worker, name="mlx-worker", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Cancel everything running and queued, then end the worker thread."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Cancel everything running and queued, then end the worker thread: it finishes the
+        step it is in (and any store that step makes) and leaves. Returns False when it did
+        not within ``timeout`` seconds: it is then still inside an MLX call, and the process
+        must not finalize around it (see ``server/__main__.py``)."""
         with self._cond:
             self._stopping = True
             pending, self._pending = list(self._pending), collections.deque()
@@ -300,7 +306,9 @@ class Engine:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("MLX worker did not stop within %.0f s", timeout)
+                return False
             self._thread = None
+        return True
 
     def submit(self, req: GenerationRequest) -> None:
         """Queue ``req``; raises :class:`Overloaded` at once when the queue is full."""
@@ -342,7 +350,13 @@ class Engine:
             dead = WorkerDead(f"the MLX worker thread has died ({type(e).__name__}); restart the server")
             with self._cond:
                 pending, self._pending = list(self._pending), collections.deque()
-            for req in pending:
+            running = [a.req for a in self._active.values()] + [p.req for p in self._parked]
+            if self._solo is not None:
+                running.append(self._solo.req)
+            self._active.clear()
+            self._parked.clear()
+            self._solo = None
+            for req in running + pending:  # nobody waits forever for a worker that is gone
                 req.emit(dead)
 
     def _loop(self) -> None:
@@ -391,9 +405,9 @@ class Engine:
         self._parked.clear()
         self._bg = None
 
-    def _admit(self, req: GenerationRequest, solo_ok: bool = False) -> None:
-        """A request leaves the queue: stopped already, parked behind a leader, alone (solo), or
-        into the batch."""
+    def _admit(self, req: GenerationRequest, solo_ok: bool = False, parked_since: float | None = None) -> None:
+        """A request leaves the queue (or a park, ``parked_since`` set): stopped already, parked
+        behind a leader, alone (solo), or into the batch."""
         why = req.stopped()
         if why:
             req.emit(Done(why, 0))
@@ -406,10 +420,14 @@ class Engine:
                     self._share(a)  # its whole prompt is in the batch already: store it now
                 else:
                     a.waiters += 1
-                    self._parked.append(_Parked(req, a.uid, shared, time.monotonic()))
+                    since = time.monotonic() if parked_since is None else parked_since
+                    self._parked.append(_Parked(req, a.uid, shared, since))
                     self.metrics.dedup_waits.inc()
                     return
-            if solo_ok:
+            if parked_since is not None:
+                joined = self._join(req, (time.monotonic() - parked_since) * 1000)
+                self.metrics.dedup_tokens.inc(joined.reused)
+            elif solo_ok:
                 self._start_solo(req)
             else:
                 self._join(req)
@@ -420,6 +438,8 @@ class Engine:
     def _leader_for(self, req: GenerationRequest) -> tuple[_Active, int] | None:
         """The running request whose prompt shares the most not-yet-cached tokens with req's,
         if that is at least ``dedup_min_tokens`` more than it has stored (or fetched) already."""
+        if self.store is None:  # nothing to fetch after a wait: waiting would only delay it
+            return None
         best: tuple[_Active, int] | None = None
         limit = len(req.tokens) - 1
         for a in self._active.values():
@@ -428,7 +448,7 @@ class Engine:
                 best = (a, s)
         return best
 
-    def _join(self, req: GenerationRequest, parked_ms: float = 0.0) -> None:
+    def _join(self, req: GenerationRequest, parked_ms: float = 0.0) -> _Active:
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
@@ -450,9 +470,10 @@ class Engine:
                                           stop_sequences=[self._eos])
         now = time.monotonic()
         queued_ms = (now - req.submitted) * 1000
-        self._active[uid] = _Active(req, uid, reused, now, queued_ms, parked_ms, self.tokenizer.detokenizer,
-                                    in_cache=reused, base=reused, last_log=now)
+        a = self._active[uid] = _Active(req, uid, reused, now, queued_ms, parked_ms, self.tokenizer.detokenizer,
+                                        in_cache=reused, base=reused, last_log=now)
         self.metrics.queue_wait.observe(queued_ms / 1000)
+        return a
 
     def _sweep(self) -> None:
         """Take cancelled and timed-out requests out of the batch (storing what they computed)."""
@@ -484,7 +505,14 @@ class Engine:
                 p.req.emit(Done(why, 0))
 
     def _release_parked(self) -> None:
-        """Parked requests whose leader has computed (and stored) their shared part, or is gone."""
+        """Parked requests whose leader has computed (and stored) their shared part, or is gone.
+
+        Requests released together are admitted again, one by one, so they dedup against each
+        other too: several parked on one leader for a short shared part (the tools) may share a
+        longer one among themselves (a subagent system prompt). The one sharing the longest
+        prefix with another released request goes first; the others then find it running and
+        park on it for the longer part (or join at once when nothing more is shared)."""
+        released: list[_Parked] = []
         for p in list(self._parked):
             a = self._active.get(p.leader)
             if a is not None and a.in_cache < p.shared:
@@ -494,15 +522,13 @@ class Engine:
                     self._share(a)
                 a.waiters -= 1
             self._parked.remove(p)
-            parked_ms = (time.monotonic() - p.since) * 1000
-            try:
-                self._join(p.req, parked_ms)
-            except Exception as e:
-                log.exception("could not start a parked request")
-                p.req.emit(e)
-                continue
-            joined = next(x for x in self._active.values() if x.req is p.req)
-            self.metrics.dedup_tokens.inc(joined.reused)
+            released.append(p)
+        if len(released) > 1:
+            longest = {id(p): max(shared_prefix(p.req.tokens, q.req.tokens) for q in released if q is not p)
+                       for p in released}
+            released.sort(key=lambda p: longest[id(p)], reverse=True)  # stable: ties keep arrival order
+        for p in released:
+            self._admit(p.req, parked_since=p.since)
 
     def _share(self, a: _Active, checkpoint: bool = False) -> None:
         """Store what the batch holds of ``a`` now (an extracted copy), so others can fetch it."""

@@ -160,6 +160,56 @@ def test_siblings_sharing_an_uncached_prefix_compute_it_once(parts, make_engine)
         assert rec.text(f"s{i}") == alone[f"s{i}"]
 
 
+def test_fan_out_parked_on_a_short_prefix_computes_the_longer_shared_part_once(parts):
+    """Issue 13 (fan-out, tools first): a main turn and three subagents share the tools; the
+    subagents also share their own system prompt. All four are queued before the worker starts,
+    so the main turn joins first and the subagents all park on it for the tools part. When that
+    is released they must not each prefill the subagent prompt: one does, the others park on it
+    and read it. Prefill counter == each shared part once; usage adds up; greedy text unchanged."""
+    model, tok = parts
+    rng = random.Random(41)
+    tools, sub_system = words(rng, 48), words(rng, 160)
+    prompts = {"main": (tools + words(rng, 40) + words(rng, 7), 88)}
+    for i in range(3):
+        prompts[f"sub{i}"] = (tools + sub_system + [2 + i] + words(rng, 5 + i), 208)  # tasks differ at once
+    alone = {}
+    for name, (p, _) in prompts.items():
+        eng = Engine(model, tok, None, prefill_step_size=16)
+        alone[name] = serve_stopped(eng, {name: (p, {})}).text(name)
+    store = PrefixCache(model, max_bytes=1 << 24, min_checkpoint=4)
+    eng = Engine(model, tok, store, prefill_step_size=16, dedup_min_tokens=32)
+    rec = serve_stopped(eng, {name: (p, {"prefix_len": plen}) for name, (p, plen) in prompts.items()})
+    f = {name: rec.first(name) for name in prompts}
+    assert f["main"].reused == 0
+    reads = sorted(f[f"sub{i}"].reused for i in range(3))
+    assert reads == [len(tools), len(tools) + len(sub_system), len(tools) + len(sub_system)]
+    computed = sum(len(p) - f[name].reused for name, (p, _) in prompts.items())
+    assert eng.metrics.prefill_tokens._value.get() == computed
+    assert computed == sum(len(p) for p, _ in prompts.values()) - 3 * len(tools) - 2 * len(sub_system)
+    assert eng.metrics.dedup_waits._value.get() == 5  # three on the main turn, two again on the first subagent
+    assert eng.metrics.dedup_tokens._value.get() == 3 * len(tools) + 2 * len(sub_system)
+    for name, (p, _) in prompts.items():
+        u = f[name].usage
+        assert u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens == len(p)
+        assert u.input_tokens >= 1 and u.cache_read_input_tokens == f[name].reused
+        assert rec.text(name) == alone[name], name
+    assert sum(f[n].usage.cache_creation_input_tokens for n in prompts) == computed - len(prompts)
+
+
+def serve_stopped(engine: Engine, requests: dict[str, tuple[list[int], dict]]) -> Recorder:
+    """Like serve, but every request is queued before the worker starts: the first loop takes
+    them all at once, in order (no timing involved)."""
+    rec = Recorder()
+    for name, (tokens, kw) in requests.items():
+        engine.submit(rec.request(name, tokens, **kw))
+    engine.start()
+    try:
+        rec.wait()
+    finally:
+        engine.stop()
+    return rec
+
+
 def test_a_sibling_arriving_during_generation_reads_the_prompt_at_once(parts, make_engine):
     model, _ = parts
     rng = random.Random(11)
