@@ -183,6 +183,43 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Server:
+    """uvicorn's server, shutting down in an order that suits the MLX worker (built lazily: see
+    ``_Server.__new__``)."""
+
+    def __new__(cls, config: Any, engine: Any) -> Any:
+        import signal
+        import threading
+        from contextlib import contextmanager
+
+        import uvicorn
+
+        class Server(uvicorn.Server):
+            # On SIGTERM/SIGINT uvicorn waits for requests in flight, then (since 0.29) raises
+            # the signal again once it is done: SIGTERM's default action then kills the process
+            # before main() can stop the engine, with the worker anywhere, in an MLX step or a
+            # checkpoint write. Instead: the engine starts stopping at the signal (its requests
+            # end within a step, so the graceful wait is short), the signal is not raised again,
+            # and main() waits for the worker.
+            def handle_exit(self, sig: int, frame: Any) -> None:
+                super().handle_exit(sig, frame)
+                threading.Thread(target=engine.stop, name="engine-stop", daemon=True).start()
+
+            @contextmanager
+            def capture_signals(self):  # type: ignore[override]
+                if threading.current_thread() is not threading.main_thread():
+                    yield
+                    return
+                before = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    yield
+                finally:
+                    for sig, handler in before.items():
+                        signal.signal(sig, handler)
+
+        return Server(config)
+
+
 def main(argv: list[str] | None = None) -> int:
     from server.blas import maybe_reexec
 
@@ -223,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     state.engine.start()
     config = uvicorn.Config(make_app(state), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = _Server(config, state.engine)
     log.info("listening on http://%s:%d", args.host, args.port)
     try:
         server.run()

@@ -85,6 +85,10 @@ class WorkerDead(RuntimeError):
     """The MLX worker thread is gone: nothing can be generated until a restart."""
 
 
+class ShuttingDown(WorkerDead):
+    """The engine is stopping (the server got SIGTERM): a 503 the client may retry elsewhere."""
+
+
 @dataclass(frozen=True)
 class PromptUsage:
     """Anthropic's accounting of one prompt: three disjoint counts that add up to it."""
@@ -301,10 +305,11 @@ class Engine:
             self._cond.notify_all()
         for req in pending:
             req.cancel.set()
-            req.emit(Done("cancelled", 0))
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
+            req.emit(ShuttingDown("the server is shutting down"))
+        thread = self._thread  # stop() may run in two threads at once (signal handler, exit path)
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
                 log.warning("MLX worker did not stop within %.0f s", timeout)
                 return False
             self._thread = None
@@ -315,6 +320,8 @@ class Engine:
         if not self.alive:
             raise WorkerDead("the MLX worker thread has died; restart the server")
         with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
             if len(self._pending) >= self.max_queue:
                 raise Overloaded(f"the server is busy: {self.max_queue} requests are already waiting",
                                  self.retry_after())
@@ -394,13 +401,14 @@ class Engine:
                 self._active.clear()
                 self._solo = None
                 self._bg = self._make_batch()
-        if self._solo is not None:
-            self._solo.req.emit(Done("cancelled", self._solo.output_tokens))
-            self._solo = None
-        for a in self._active.values():
-            a.req.emit(Done("cancelled", a.output_tokens))
+        # stopping: a request still reading its prompt gets a 503 it can retry; an answer under
+        # way ends as cancelled
+        bye = ShuttingDown("the server is shutting down")
+        for a in list(self._active.values()) + ([self._solo] if self._solo is not None else []):
+            a.req.emit(Done("cancelled", a.output_tokens) if a.prefilled_at is not None else bye)
+        self._solo = None
         for p in self._parked:
-            p.req.emit(Done("cancelled", 0))
+            p.req.emit(bye)
         self._active.clear()
         self._parked.clear()
         self._bg = None

@@ -116,3 +116,44 @@ def test_restart_with_cache_dir_is_warm(tmp_path):
     total = after.input_tokens + after.cache_read_input_tokens + after.cache_creation_input_tokens
     assert after.cache_read_input_tokens > 0.7 * total
     assert "warmturn_cache_disk_loads 1" in metrics
+
+
+def test_sigterm_during_prefill_stops_the_worker_and_exits_cleanly(tmp_path):
+    """SIGTERM (what the addon's supervisor and these tests send) while a long prompt is being
+    read: the request in flight gets an Anthropic-shaped 503 (or its answer, if prefill won the
+    race), the worker is stopped before the interpreter exits (no C++ abort, no re-raised
+    signal), and the system+tools checkpoint written before the signal is on disk for the next
+    server."""
+    proc, url = start_server("--cache-dir", str(tmp_path), "--log-level", "info")
+    result: dict = {}
+
+    def ask():
+        result["r"] = httpx.post(f"{url}/v1/messages", timeout=300, json={
+            "model": "m", "max_tokens": 8, "system": SYSTEM,
+            "messages": [{"role": "user", "content": "word " * 2500}]})
+
+    import threading
+
+    t = threading.Thread(target=ask)
+    t.start()
+    try:
+        deadline = time.monotonic() + 300
+        # the checkpoint (system) is stored when prefill reaches it, then the long user turn is read
+        while not list(tmp_path.glob("[!.]*.safetensors")):
+            assert time.monotonic() < deadline and "r" not in result, "prefill never reached the checkpoint"
+            time.sleep(0.05)
+        proc.terminate()
+        rc = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    t.join(60)
+    err = proc.stderr.read()
+    assert rc == 0, err[-2000:]
+    assert "terminate called" not in err and "Traceback" not in err, err[-2000:]
+    r = result["r"]
+    if r.status_code != 200:
+        assert r.status_code == 503, r.text
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+    assert [p for p in tmp_path.glob("*.safetensors") if not p.name.startswith(".")]
