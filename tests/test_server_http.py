@@ -571,7 +571,7 @@ def serve_in_thread(state):
 
 
 def test_engine_stop_cancels_the_running_and_the_queued(engine_parts):
-    from server.engine import Done, Engine, GenerationRequest, Piece
+    from server.engine import Done, Engine, GenerationRequest, Piece, ShuttingDown
 
     model, tokenizer, rendered = engine_parts
     eng = Engine(model, tokenizer, None, max_queue=2, decode_concurrency=1)  # the second one waits
@@ -591,7 +591,10 @@ def test_engine_stop_cancels_the_running_and_the_queued(engine_parts):
     eng.stop()
     assert isinstance(running_items[-1], Done) and running_items[-1].reason == "cancelled"
     assert running_items[-1].output_tokens < 500
-    assert queued_items == [Done("cancelled", 0)]
+    # the queued one never started: a ShuttingDown (503, retryable), not a "time limit" 504
+    assert len(queued_items) == 1 and isinstance(queued_items[0], ShuttingDown), queued_items
+    with pytest.raises(ShuttingDown):  # a stopped engine refuses new work until started again
+        eng.submit(GenerationRequest(tokens=rendered.tokens, max_tokens=5, emit=queued_items.append))
 
 
 def test_a_client_that_leaves_while_queued_frees_its_slot(engine_parts):
