@@ -13,7 +13,6 @@ descriptors. Admits API flows by attaching their :class:`~addons.state.FlowState
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import socket
 import time
@@ -21,6 +20,7 @@ import time
 from mitmproxy import connection, ctx, dns, http, tcp, udp
 from mitmproxy.proxy import mode_specs, server_hooks
 
+from warmturn import protocol
 from warmturn.plumbing import is_loopback
 from warmturn.protocol import request_kind
 
@@ -48,13 +48,7 @@ def is_remote(flow: http.HTTPFlow) -> bool:
 
 def client_key_ok(req: http.Request, key: str) -> bool:
     """x-api-key or the bearer token (either one) equals `key`, compared in constant time."""
-    given = [req.headers.get("x-api-key", "").strip()]
-    auth = req.headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        given.append(auth[7:].strip())
-    want = key.encode()
-    results = [hmac.compare_digest(g.encode("utf-8", "surrogateescape"), want) for g in given if g]
-    return any(results)
+    return bool(protocol.key_matches(req.headers, key))
 
 
 async def targets_proxy(host: str, port: int, listen: list[tuple[str, int]]) -> bool:

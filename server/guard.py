@@ -22,7 +22,6 @@ Every refusal is Anthropic's error shape. Pure: the checks are plain functions o
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import json
 import socket
@@ -30,6 +29,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from server import wire
+from warmturn import protocol
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -92,19 +92,9 @@ def _media_type(value: str) -> str:
 
 
 def key_matches(headers: Mapping[str, str], api_key: str) -> bool | None:
-    """None when no credential was sent, else whether x-api-key or the bearer token (either
-    one) equals `api_key`, compared in constant time."""
-    given = [headers.get("x-api-key", "").strip()]
-    auth = headers.get("authorization", "")
-    if auth[:7].lower() == "bearer ":
-        given.append(auth[7:].strip())
-    given = [g for g in given if g]
-    if not given:
-        return None
-    want = api_key.encode()
-    # evaluate every candidate (no short-circuit on the first): timing says nothing about which
-    results = [hmac.compare_digest(g.encode("latin-1"), want) for g in given]  # the header's raw bytes
-    return any(results)
+    """None when no credential was sent, else whether either header carries `api_key`
+    (warmturn.protocol.key_matches on the header's raw bytes)."""
+    return protocol.key_matches(headers, api_key, encode=lambda s: s.encode("latin-1"))
 
 
 def check(method: str, path: str, headers: Mapping[str, str], *, names: frozenset[str], bind_host: str,

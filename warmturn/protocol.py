@@ -23,6 +23,7 @@ The normalization rules and their undo live next door in :mod:`warmturn.rules`.
 
 from __future__ import annotations
 
+import hmac
 import json
 import re
 import secrets
@@ -575,6 +576,25 @@ def _pairs(headers: Mapping[str, str] | Iterable[tuple[str, str]]) -> Iterable[t
         return headers.items()
     items = getattr(headers, "items", None)
     return items() if callable(items) else headers
+
+
+def key_matches(headers: Mapping[str, str], api_key: str,
+                encode: Callable[[str], bytes] = lambda s: s.encode("utf-8", "surrogateescape")) -> bool | None:
+    """None when no credential was sent, else whether x-api-key or the bearer token (either one)
+    equals `api_key`, compared in constant time. An empty x-api-key never hides a bearer token.
+    `encode` turns a header value back into the bytes that were sent (latin-1 for Starlette's
+    headers, utf-8 with surrogateescape for mitmproxy's)."""
+    given = [headers.get("x-api-key", "").strip()]
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        given.append(auth[7:].strip())
+    given = [g for g in given if g]
+    if not given:
+        return None
+    want = api_key.encode()
+    # evaluate every candidate (no short-circuit): timing says nothing about which one matched
+    results = [hmac.compare_digest(encode(g), want) for g in given]
+    return any(results)
 
 
 def redact_headers(headers: Mapping[str, str] | Iterable[tuple[str, str]] | None) -> dict[str, str]:
