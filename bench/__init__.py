@@ -1,0 +1,1 @@
+"""`python -m bench` from a checkout (not installed): the benchmark lives in warmturn/bench/."""

@@ -34,10 +34,10 @@ unset PYTHONPATH
 "$V/python" - "$ROOT" <<'PY'
 import sys, pathlib, importlib
 root = pathlib.Path(sys.argv[1]).resolve()
-for name in ("warmturn", "server", "analysis", "addons", "bench"):
+for name in ("warmturn", "warmturn.server", "warmturn.analysis", "warmturn.addons", "warmturn.bench"):
     f = pathlib.Path(importlib.import_module(name).__file__).resolve()
     assert root not in f.parents, f"{name} imported from the checkout: {f}"
-print("[check-install] packages import from", pathlib.Path(importlib.import_module("analysis").__file__).parent.parent)
+print("[check-install] packages import from", pathlib.Path(importlib.import_module("warmturn").__file__).parent.parent)
 PY
 say "warmturn-analysis report (bundled sample)"
 "$V/warmturn-analysis" report --out report

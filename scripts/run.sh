@@ -36,7 +36,7 @@ if ! port_free "$PORT"; then
   exit 1
 fi
 
-# addons/banner.py prints how to point Claude Code at it, once mitmproxy is up for good (not after a
+# warmturn/addons/banner.py prints how to point Claude Code at it, once mitmproxy is up for good (not after a
 # failed start-up); exec keeps Ctrl-C going straight to mitmproxy.
-exec "$VENV/bin/${tool[0]}" "${tool[@]:1}" -s addons/normalize.py -s addons/banner.py \
+exec "$VENV/bin/${tool[0]}" "${tool[@]:1}" -s addons/normalize.py -s warmturn/addons/banner.py \
   --listen-host 127.0.0.1 --listen-port "$PORT" "${extra[@]}"

@@ -61,7 +61,7 @@ if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
 fi
 
 # 4. The default model, converted once into the user cache (keyed by the GGUF's hash).
-"$PY" -m server.convert >/dev/null
+"$PY" -m warmturn.server.convert >/dev/null
 
 # 5. Claude Code CLI (npm, into the cache): the current release for make claude and the end-to-end
 #    tests, and an older one kept for the older end-to-end case and the bench workload.

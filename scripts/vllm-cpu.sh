@@ -68,7 +68,7 @@ fi
 # The default model as an HF directory (float32, Q/K un-permuted, LlamaForCausalLM, tokenizer + template).
 if [[ ! -f "$HF_DIR/config.json" ]]; then
   say "exporting the default model to $HF_DIR"
-  PYTHONPATH=$PWD "$PY_PROJECT" -m server.hf_export --out "$HF_DIR" >&2
+  PYTHONPATH=$PWD "$PY_PROJECT" -m warmturn.server.hf_export --out "$HF_DIR" >&2
 fi
 
 echo "VLLM_VENV=$VENV"
@@ -84,7 +84,7 @@ if [[ "${1:-}" == serve ]]; then
   # embedded server does (bench/peer_model.py), so vLLM prefills the same prompt and its hermes
   # parser reads the model's <tool_call> blocks.
   TEMPLATE="$(dirname "$HF_DIR")/tools-chatml.jinja"
-  PYTHONPATH=$PWD "$PY_PROJECT" -c 'import sys; from bench.peer_model import TOOLS_CHATML; open(sys.argv[1], "w").write(TOOLS_CHATML)' "$TEMPLATE"
+  PYTHONPATH=$PWD "$PY_PROJECT" -c 'import sys; from warmturn.bench.peer_model import TOOLS_CHATML; open(sys.argv[1], "w").write(TOOLS_CHATML)' "$TEMPLATE"
   say "vllm serve on 127.0.0.1:$PORT (health comes up after ~2-3 min of warm-up on a small CPU)"
   exec "$VENV/bin/vllm" serve "$HF_DIR" --host 127.0.0.1 --port "$PORT" --served-model-name smollm2 \
     --max-model-len 8192 --dtype float32 --enable-prefix-caching --enable-prompt-tokens-details \

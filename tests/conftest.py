@@ -15,7 +15,7 @@ FIXTURES = ROOT / "tests" / "fixtures"
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     """The default model as an mlx-lm directory (converted once into the user cache)."""
-    from server.convert import resolve_model
+    from warmturn.server.convert import resolve_model
 
     return resolve_model(None)
 

@@ -7,8 +7,8 @@ import logging
 
 from mitmproxy.test import taddons, tflow
 
-from addons.console import Console, summary
-from addons.state import FlowState, Timings
+from warmturn.addons.console import Console, summary
+from warmturn.addons.state import FlowState, Timings
 from tests.conftest import FIXTURES
 from warmturn import protocol, rules
 
@@ -30,7 +30,7 @@ def test_an_over_context_refusal_line_carries_the_servers_explanation(caplog):
     FlowState(kind="messages", error=rec["error"]).attach(f)
     with taddons.context(Console()), caplog.at_level(logging.INFO):
         Console().response(f)
-    [line] = [r for r in caplog.records if r.name == "addons.console"]
+    [line] = [r for r in caplog.records if r.name == "warmturn.addons.console"]
     assert line.levelno == logging.WARNING
     msg = line.getMessage()
     assert msg.startswith("warmturn: messages 400 · prompt is too long: 13940 tokens > 8191 maximum")

@@ -12,9 +12,9 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 
-from addons import contentview, routing
-from addons.normalize import make_addons
-from addons.state import META, FlowState
+from warmturn.addons import contentview, routing
+from warmturn.addons.normalize import make_addons
+from warmturn.addons.state import META, FlowState
 from tests.conftest import FIXTURES, ROOT
 from warmturn import plumbing, protocol
 

@@ -451,8 +451,8 @@ def test_secret_names_by_pattern(name, secret):
 def test_a_record_with_planted_secrets_keeps_none_of_them():
     from mitmproxy.test import tflow
 
-    from addons.capture import build_record, encode_line
-    from addons.state import FlowState
+    from warmturn.addons.capture import build_record, encode_line
+    from warmturn.addons.state import FlowState
 
     f = tflow.tflow(resp=True)
     f.request.path = f"/v1/messages?api_key={SECRETS[0]}&beta=true"
@@ -478,8 +478,8 @@ def test_a_record_with_planted_secrets_keeps_none_of_them():
 def test_a_capture_line_survives_lone_surrogates_and_huge_bodies():
     from mitmproxy.test import tflow
 
-    from addons.capture import build_record, encode_line
-    from addons.state import FlowState
+    from warmturn.addons.capture import build_record, encode_line
+    from warmturn.addons.state import FlowState
 
     f = tflow.tflow(resp=True)
     f.request.content = b'{"model": "m\\ud800", "system": "\\udfff"}'
@@ -500,7 +500,7 @@ def test_a_short_write_is_continued_or_reported(tmp_path):
     script = f"""
 import os, resource, signal, sys
 sys.path.insert(0, {str(ROOT)!r})
-from addons.capture import append_record
+from warmturn.addons.capture import append_record
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:

@@ -29,10 +29,10 @@ def stream_text(client: anthropic.Anthropic, **kw) -> tuple[str, anthropic.types
 
 
 def test_through_mitmdump_to_a_recording_backend(tmp_path):
-    """bench.record logs exactly what it receives: the billing block and volatile headers never arrive."""
+    """warmturn.bench.record logs exactly what it receives: the billing block and volatile headers never arrive."""
     rec_port, mitm_port = free_port(), free_port()
     received, cap = tmp_path / "received.jsonl", tmp_path / "cap.jsonl"
-    with process([str(VENV_BIN / "python"), "-m", "bench.record", "--port", str(rec_port), "--out", str(received)],
+    with process([str(VENV_BIN / "python"), "-m", "warmturn.bench.record", "--port", str(rec_port), "--out", str(received)],
                  rec_port, tmp_path / "rec.log"), \
          mitmdump(mitm_port, tmp_path / "mitm.log", backend=f"http://127.0.0.1:{rec_port}", capture_file=cap):
         client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{mitm_port}", api_key="sk-client-secret",

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from addons import openai_translate as ot
-from addons.backends import OpenAIAdapter
-from addons.routing import parse_backend
+from warmturn.addons import openai_translate as ot
+from warmturn.addons.backends import OpenAIAdapter
+from warmturn.addons.routing import parse_backend
 from warmturn.protocol import MessageFold, SSEDecoder
 from tests.conftest import FIXTURES
 

@@ -9,7 +9,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from addons.supervisor import EmbeddedServer, http_status
+from warmturn.addons.supervisor import EmbeddedServer, http_status
 from tests.conftest import free_port
 
 
@@ -72,7 +72,7 @@ def test_a_crash_looping_child_fails_fast_and_is_given_up(tmp_path):
     assert "exited with code 3" in first_error and "boom: no model here" in first_error
     runs = (tmp_path / "runs").read_text().splitlines()
     assert srv.gave_up and len(runs) == 3 and srv.restarts == 2
-    assert runs[0].startswith("started -m server --host 127.0.0.1 --port") and runs[0].endswith("--model /m")
+    assert runs[0].startswith("started -m warmturn.server --host 127.0.0.1 --port") and runs[0].endswith("--model /m")
     assert "--parent-fd" in runs[0]
     assert "not restarted" in srv.last_error
     assert "=== pid" in log.read_text()

@@ -14,10 +14,10 @@ import anthropic
 import httpx
 import pytest
 
-from addons import routing
-from addons.backends import AnthropicAdapter, OpenAIAdapter
-from addons.state import FlowState
-from addons.tap import make_tap
+from warmturn.addons import routing
+from warmturn.addons.backends import AnthropicAdapter, OpenAIAdapter
+from warmturn.addons.state import FlowState
+from warmturn.addons.tap import make_tap
 from tests.conftest import free_port
 from tests.procs import mitmdump, read_capture
 from tests.vllm_replay import ReplayServer, load

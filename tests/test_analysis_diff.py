@@ -1,4 +1,4 @@
-"""analysis.diff / analysis.divergence: exact changed paths, divergence in chars and tokens, poisons, patterns."""
+"""warmturn.analysis.diff / analysis.divergence: exact changed paths, divergence in chars and tokens, poisons, patterns."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from analysis.__main__ import main
-from analysis.diff import diff_payloads, diff_records, pattern_for
-from analysis.load import load_records
-from analysis.divergence import divergence, flatten_prompt, load_tokenizer, shared_prefix_len
+from warmturn.analysis.__main__ import main
+from warmturn.analysis.diff import diff_payloads, diff_records, pattern_for
+from warmturn.analysis.load import load_records
+from warmturn.analysis.divergence import divergence, flatten_prompt, load_tokenizer, shared_prefix_len
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"
@@ -240,7 +240,7 @@ def test_cli_tokenizer_errors_cleanly(capsys, tmp_path):
 
 
 def test_terminal_output_is_aligned_and_coloured_only_when_asked():
-    from analysis.term import Style, format_diff
+    from warmturn.analysis.term import Style, format_diff
 
     rep = diff_records(load_records([CAPTURES / "constructed_volatile.jsonl"]).records)
     plain = format_diff(rep, Style(enabled=False))
@@ -278,7 +278,7 @@ def test_no_suggestion_from_different_sessions_stable_text_or_matching_a_stable_
     for s in rep.suggestions:
         assert not s.pattern.startswith("You are"), s.pattern
     # no pattern removes anything from a line every request of a session shares with the others
-    from analysis.sessions import group
+    from warmturn.analysis.sessions import group
 
     for recs in group(res.records).values():
         texts = [_system_texts([r]) for r in recs]
@@ -324,7 +324,7 @@ def test_fields_and_headers_outside_the_prompt_are_listed_apart_as_harmless():
     assert not prompt & outside
     assert all(p.startswith(("system", "tools", "messages")) for p in prompt)
     assert not any("cache_control" in p for p in prompt)
-    from analysis.term import Style, format_diff
+    from warmturn.analysis.term import Style, format_diff
 
     text = format_diff(rep, Style(enabled=False))
     assert "harmless to the KV cache" in text
@@ -414,7 +414,7 @@ def test_environment_hint_holds_for_both_client_versions():
     env_old = {c.path for p in old.pairs for c in p.changes if c.poison == "environment"}
     env_new = {c.path for p in new.pairs for c in p.changes if c.poison == "environment"}
     assert env_old == {"system[2].text"} and env_new == {"messages[1].content[0].text"}
-    from analysis.diff import POISONS
+    from warmturn.analysis.diff import POISONS
 
     hint = POISONS["environment"]
     assert "2.1.197 ends system[2]" in hint and "2.1.332" in hint and "messages[1]" in hint
@@ -422,7 +422,7 @@ def test_environment_hint_holds_for_both_client_versions():
 
 def test_title_requests_are_side_requests_outside_turn_numbering():
     """Real interactive 2.1.197: a title request beside each typed prompt is no turn of the session."""
-    from analysis.load import flows_frame
+    from warmturn.analysis.load import flows_frame
 
     records = load_records([REAL / "interactive_title_capture.jsonl"]).records
     rep = diff_records(records)

@@ -1,4 +1,4 @@
-"""analysis.load: every accepted input shape, bad lines counted, the flows DataFrame's derived numbers."""
+"""warmturn.analysis.load: every accepted input shape, bad lines counted, the flows DataFrame's derived numbers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.load import add_derived, flows_frame, load_records, parse_path, restore_original
+from warmturn.analysis.load import add_derived, flows_frame, load_records, parse_path, restore_original
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"
@@ -162,7 +162,7 @@ def test_flows_frame_on_constructed_capture():
 
 
 def test_long_loads_report_progress(monkeypatch):
-    import analysis.load as load
+    import warmturn.analysis.load as load
 
     monkeypatch.setattr(load, "_PROGRESS_BYTES", 20_000)
     seen = []

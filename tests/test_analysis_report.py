@@ -1,4 +1,4 @@
-"""analysis.plots / analysis.report: numbers, figure contents, files, self-contained HTML, make report."""
+"""warmturn.analysis.plots / analysis.report: numbers, figure contents, files, self-contained HTML, make report."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.load import add_derived, load_records
-from analysis.plots import (cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn,
+from warmturn.analysis.load import add_derived, load_records
+from warmturn.analysis.plots import (cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn,
                             plot_ttft_vs_uncached)
-from analysis.report import build_report, summarize, summary_rows
+from warmturn.analysis.report import build_report, summarize, summary_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"
@@ -234,7 +234,7 @@ def test_side_requests_are_outside_turn_numbering():
 
 
 def test_report_cli_with_labels(tmp_path, capsys):
-    from analysis.__main__ import main
+    from warmturn.analysis.__main__ import main
 
     assert main(["report", str(CAPTURES / "constructed_volatile.jsonl"), str(CAPTURES / "constructed_ab.jsonl"),
                  "--out", str(tmp_path / "r"), "--label", "first", "--label", "second"]) == 0

@@ -11,13 +11,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from analysis.diff import diff_records
-from analysis.load import flows_frame, load_records
-from analysis.divergence import load_tokenizer
-from analysis.report import build_report
+from warmturn.analysis.diff import diff_records
+from warmturn.analysis.load import flows_frame, load_records
+from warmturn.analysis.divergence import load_tokenizer
+from warmturn.analysis.report import build_report
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLE = ROOT / "analysis" / "sample" / "sample-capture.jsonl"
+SAMPLE = ROOT / "warmturn" / "analysis" / "sample" / "sample-capture.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_make_report_falls_back_to_the_sample(tmp_path):
 
 
 def test_report_without_captures_uses_the_bundled_sample(tmp_path, capsys):
-    from analysis.__main__ import main
+    from warmturn.analysis.__main__ import main
 
     assert main(["report", "--out", str(tmp_path)]) == 0
     assert "12 records, 12 Messages flows" in capsys.readouterr().out

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from bench.concurrent import metric_delta, parse_prometheus, select_peers, vllm_prefill_from_log
-from bench.replay import bodies_with_billing
-from bench.scenarios import build_scenarios, fan_out, interactive_start, parallel_sessions
-from bench.targets import decode_rate, distinct_prefix_tokens, summarize_run, targets
-from bench.workload import load_fixture, make_counter
+from warmturn.bench.concurrent import metric_delta, parse_prometheus, select_peers, vllm_prefill_from_log
+from warmturn.bench.replay import bodies_with_billing
+from warmturn.bench.scenarios import build_scenarios, fan_out, interactive_start, parallel_sessions
+from warmturn.bench.targets import decode_rate, distinct_prefix_tokens, summarize_run, targets
+from warmturn.bench.workload import load_fixture, make_counter
 
 
 @pytest.fixture(scope="module")

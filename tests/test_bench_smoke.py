@@ -1,4 +1,4 @@
-"""CI smoke run of the benchmark: `python -m bench --smoke` drives the real stack (the embedded
+"""CI smoke run of the benchmark: `python -m warmturn.bench --smoke` drives the real stack (the embedded
 server and mlx_lm.server on the default model, mitmdump with the addon, the analysis report)
 with one warm turn per arm, plus the concurrent replay's fan-out and decode scenarios against
 the embedded server, so the bench does not rot. Times are printed, never asserted."""
@@ -21,7 +21,7 @@ PROXIED = [a for a in ARMS if a != "7-direct"]
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, model_dir):
     out = tmp_path_factory.mktemp("bench") / "results"
-    proc = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--model", str(model_dir), "--out", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "warmturn.bench", "--smoke", "--model", str(model_dir), "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=540)
     print(proc.stdout[-6000:])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -113,8 +113,8 @@ def test_concurrent_replay_ran_concurrently_in_dependency_order(smoke_run):
 
 # --- fast checks of the bench's own logic (no model, no processes) ---------------------------
 
-from bench.summary import percentile, ratios, summarize_arm  # noqa: E402
-from bench.workload import billing_block, build_session, load_fixture, make_counter, with_billing  # noqa: E402
+from warmturn.bench.summary import percentile, ratios, summarize_arm  # noqa: E402
+from warmturn.bench.workload import billing_block, build_session, load_fixture, make_counter, with_billing  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -222,10 +222,10 @@ def test_peer_template_renders_the_same_prompt_as_warmturns_server(model_dir, co
     the model's own template drops the tools."""
     from transformers import AutoTokenizer
 
-    from addons.openai_translate import to_openai_request
-    from bench.peer_model import peer_model_dir, template_handles_tools
-    from server.render import Renderer
-    from server.wire import parse_messages_request
+    from warmturn.addons.openai_translate import to_openai_request
+    from warmturn.bench.peer_model import peer_model_dir, template_handles_tools
+    from warmturn.server.render import Renderer
+    from warmturn.server.wire import parse_messages_request
 
     assert not template_handles_tools(model_dir)
     peer = peer_model_dir(model_dir, tmp_path)

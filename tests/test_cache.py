@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-from server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
+from warmturn.server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
 
 pytestmark = pytest.mark.model
 
@@ -357,14 +357,14 @@ def test_corrupt_or_mismatched_files_are_ignored(mt, convo, tmp_path, caplog):
     other_sys = SYSTEM.replace("careful", "cautious")
     p_other = render(tok, [{"role": "user", "content": "Hi."}], other_sys)
     plen_o = prefix_len(tok, other_sys)
-    from server.cache import token_hash
+    from warmturn.server.cache import token_hash
 
     forged = tmp_path / f"{writer.model_id}-{plen_o}-{token_hash(np.array(p_other[:plen_o]))}.safetensors"
     shutil.copy(good, forged)  # valid file, wrong tokens
     good.write_bytes(good.read_bytes()[:1000])  # truncated
 
     reader = PrefixCache(model, max_bytes=1 << 30, cache_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="server.cache"):
+    with caplog.at_level(logging.WARNING, logger="warmturn.server.cache"):
         kv, reused = reader.fetch(p1)
         kv2, reused2 = reader.fetch(p_other)
     assert (reused, reused2) == (0, 0)

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
-from server.cache import PrefixCache, prefill
-from server.cache_disk import CacheDirError, DiskCache, ensure_private_dir
+from warmturn.server.cache import PrefixCache, prefill
+from warmturn.server.cache_disk import CacheDirError, DiskCache, ensure_private_dir
 from tests.test_cache_logic import put, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -169,7 +169,7 @@ def test_server_refuses_an_unsafe_cache_dir_at_start_up(tmp_path):
     d.mkdir()
     d.chmod(0o777)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "server", "--cache-dir", str(d), "--port", "0"],
+    r = subprocess.run([sys.executable, "-m", "warmturn.server", "--cache-dir", str(d), "--port", "0"],
                        capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert r.returncode == 2
     assert "error: cache directory" in r.stderr and "writable by other users" in r.stderr

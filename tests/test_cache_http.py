@@ -1,4 +1,4 @@
-"""The prefix cache seen through HTTP: the real server (`python -m server`) in a subprocess,
+"""The prefix cache seen through HTTP: the real server (`python -m warmturn.server`) in a subprocess,
 the official anthropic SDK as the client, usage accounting on a second turn."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def start_server(*flags: str):
     port = free_port()
     env = openblas_env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags],
+        [sys.executable, "-m", "warmturn.server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags],
         cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     url = f"http://127.0.0.1:{port}"

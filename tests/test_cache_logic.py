@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
-from server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
+from warmturn.server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
 from tests.tiny import tiny_model
 
 
@@ -54,7 +54,7 @@ def test_lru_keeps_the_recently_used_entry(model):
 def test_entry_larger_than_budget_is_rejected(model, caplog):
     bpt = kv_bytes_per_token(model)
     store = PrefixCache(model, max_bytes=20 * bpt)
-    with caplog.at_level(logging.WARNING, logger="server.cache"):
+    with caplog.at_level(logging.WARNING, logger="warmturn.server.cache"):
         reused, created = put(store, model, list(range(1, 40)))
     assert created == 39 - 1 - 0 and store.stats()["rejected"] == 1
     assert store.stats()["entries"] == 0 and store.stats()["bytes"] == 0
@@ -91,7 +91,7 @@ def test_file_from_another_model_is_ignored(tmp_path, caplog):
     # rename it as if the other model had written it: the metadata still tells the truth
     f.rename(tmp_path / f.name.replace(writer.model_id, reader.model_id))
     reader2 = PrefixCache(b, max_bytes=1 << 24, cache_dir=tmp_path)
-    with caplog.at_level(logging.WARNING, logger="server.cache"):
+    with caplog.at_level(logging.WARNING, logger="warmturn.server.cache"):
         assert reader2.fetch(toks)[1] == 0
     assert "written for model" in caplog.text and reader2.stats()["disk_errors"] == 1
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from server import convert
+from warmturn.server import convert
 
 
 def test_default_gguf_is_found_without_importing_the_package():

@@ -9,8 +9,8 @@ import threading
 
 import pytest
 
-from server.cache import PrefixCache
-from server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, prompt_usage
+from warmturn.server.cache import PrefixCache
+from warmturn.server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, prompt_usage
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 
 

@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from server import hf_export
+from warmturn.server import hf_export
 
 
 def _llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -26,8 +26,8 @@ from tests.conftest import ROOT
 
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 PROJECT = PYPROJECT["project"]
-PACKAGES = [p for p in ("warmturn", "server", "analysis", "addons", "bench") if (ROOT / p / "__init__.py").is_file()]
-FIRST_PARTY = {*PACKAGES, "tests", "conftest", "procs"}
+PACKAGES = ["warmturn"]  # the one installed top-level name; server/ analysis/ bench/ addons/ hold checkout launchers
+FIRST_PARTY = {*PACKAGES, "server", "analysis", "addons", "bench", "tests", "conftest", "procs"}
 
 
 def _requirements(names: list[str]) -> dict[str, Requirement]:
@@ -83,7 +83,7 @@ def test_every_runtime_import_is_a_declared_dependency():
 
 
 def test_every_test_and_script_import_is_declared():
-    files = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "analysis" / "sample").glob("*.py")]
+    files = [*(ROOT / "tests").rglob("*.py"), *(ROOT / "warmturn" / "analysis" / "sample").glob("*.py")]
     declared = set(RUNTIME) | set(EXTRAS["dev"]) | set(EXTRAS["browser"])  # browser: make test-browser
     imports = _third_party_imports(files)
     missing = {m: sorted(where) for m, where in imports.items() if not _distributions(m) & declared}
@@ -127,7 +127,7 @@ def test_entry_points_resolve_to_callables():
 
 
 def test_proxy_entry_point_builds_the_documented_mitmdump_command():
-    from addons.launch import SCRIPT, mitmdump_args
+    from warmturn.addons.launch import SCRIPT, mitmdump_args
 
     assert SCRIPT.name == "normalize.py" and SCRIPT.is_file()
     args = mitmdump_args(["--listen-port", "8082"])
@@ -160,10 +160,23 @@ def test_wheel_carries_package_data_and_entry_points(wheel):
         assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
     for data in ("bench/fixtures/session.json", "analysis/sample/sample-capture.jsonl", "addons/normalize.py"):
         assert any(n.endswith(data) for n in names), f"{data} missing from the wheel"
-    assert not any(n.startswith("tests/") for n in names)
+    assert not any(n.startswith(("tests/", "server/", "analysis/", "bench/", "addons/")) for n in names)  # launchers
     ep = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = wheel.read(ep).decode()
     for script in PROJECT["scripts"]:
         assert f"{script} = " in text
     meta = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "Requires-Dist: numpy" in meta and "Requires-Dist: anyio" in meta
+
+
+def test_checkout_launchers_keep_the_documented_commands():
+    """`python -m server|analysis|bench` from the repository root reach warmturn.*, and the mitmdump
+    script addons/normalize.py hands mitmproxy the addon chain (loaded as mitmdump -s does)."""
+    for mod in ("server", "analysis", "bench"):
+        r = subprocess.run([sys.executable, "-m", mod, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and "usage:" in r.stdout, (mod, r.stderr[-2000:])
+        assert f"warmturn.{mod}" in r.stdout or mod in r.stdout
+    import runpy
+
+    ns = runpy.run_path(str(ROOT / "addons" / "normalize.py"))
+    assert [type(a).__name__ for a in ns["addons"]][:2] == ["Gate", "Normalize"]

@@ -1,5 +1,5 @@
 """Continuous batching with the real default model: in process (engine + prefix cache) and
-through HTTP (`python -m server` on loopback, the official anthropic SDK, concurrent clients)."""
+through HTTP (`python -m warmturn.server` on loopback, the official anthropic SDK, concurrent clients)."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ TOOLS = [{"name": "read_file", "description": "Read a file from the working dire
 def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
     """Four prompts of different lengths, two with cache hits: the same greedy tokens as each
     alone (no store, one request at a time)."""
-    from server.cache import PrefixCache
-    from server.engine import Engine, Prefilled
-    from server.render import Renderer
-    from server.wire import parse_messages_request
+    from warmturn.server.cache import PrefixCache
+    from warmturn.server.engine import Engine, Prefilled
+    from warmturn.server.render import Renderer
+    from warmturn.server.wire import parse_messages_request
     from tests.test_engine_batching import serve
 
     model, tokenizer = model_and_tokenizer
@@ -84,7 +84,7 @@ def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
 def server(tmp_path_factory, model_dir):
     port = free_port()
     log = tmp_path_factory.mktemp("batching") / "server.log"
-    cmd = [".venv/bin/python", "-m", "server", "--model", str(model_dir), "--port", str(port),
+    cmd = [".venv/bin/python", "-m", "warmturn.server", "--model", str(model_dir), "--port", str(port),
            "--cache-bytes", str(512 << 20), "--log-file", str(log), "--prefill-progress-seconds", "0"]
     with process(cmd, port, log, timeout=180):
         yield {"base": f"http://127.0.0.1:{port}", "log": log}

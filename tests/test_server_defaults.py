@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from server.__main__ import DEFAULT_MODEL_OUTPUT_CAP, make_parser, sampling_defaults
+from warmturn.server.__main__ import DEFAULT_MODEL_OUTPUT_CAP, make_parser, sampling_defaults
 from tests.test_server_http import serve_in_thread, sse_events
 
 CLAUDE_CODE_LIKE = {"model": "claude-opus-5-5", "max_tokens": 128000, "stream": True,  # what Claude Code sends
@@ -27,10 +27,10 @@ def test_sampling_defaults(argv, expected):
 @pytest.fixture(scope="module")
 def capped(model_and_tokenizer):
     """The app in this process with the default model's profile: greedy by default, output cap 5."""
-    from server.engine import Engine
-    from server.http import ServerState
-    from server.render import Renderer
-    from server.toolcalls import HERMES
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.render import Renderer
+    from warmturn.server.toolcalls import HERMES
 
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, None)

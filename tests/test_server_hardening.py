@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.render import Renderer
+from warmturn.server.render import Renderer
 from tests.conftest import ROOT
 from tests.test_server_http import assert_error, serve_in_thread, sse_events
 from tests.test_server_input import MALFORMED
@@ -42,9 +42,9 @@ class CountingRenderer(Renderer):
 
 @pytest.fixture(scope="module")
 def live(model_and_tokenizer):
-    from server.engine import Engine
-    from server.http import ServerState
-    from server.toolcalls import HERMES
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.toolcalls import HERMES
 
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, None, max_queue=4)
@@ -152,7 +152,7 @@ def test_a_500_says_nothing_about_the_bug(live, caplog):
                                       ({}, ["--api-key="])])
 def test_an_empty_key_is_refused_at_start_up(env, args):
     full = {k: v for k, v in os.environ.items() if k != "WARMTURN_API_KEY"} | env | {"PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "server", "--port", "0", *args], capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-m", "warmturn.server", "--port", "0", *args], capture_output=True, text=True,
                        env=full, cwd=ROOT, timeout=120)
     assert r.returncode == 2 and "empty" in r.stderr and "loading" not in r.stderr
 

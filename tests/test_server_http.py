@@ -1,4 +1,4 @@
-"""The live server (`python -m server`, real default model, loopback) driven by the anthropic SDK.
+"""The live server (`python -m warmturn.server`, real default model, loopback) driven by the anthropic SDK.
 
 One server subprocess for the whole module: `--decode-concurrency 1 --max-queue 1` so the
 queue-full path can be reached, a small `--max-body-bytes` for 413, an API key for 401, the prefix cache on.
@@ -18,7 +18,7 @@ import anthropic
 import httpx
 import pytest
 
-from server.blas import OPT_OUT, preload_plan
+from warmturn.server.blas import OPT_OUT, preload_plan
 from tests.conftest import FIXTURES, ROOT, free_port
 
 pytestmark = pytest.mark.model
@@ -32,7 +32,7 @@ CC = FIXTURES / "claude_code"
 def server(tmp_path_factory, model_dir):
     port = free_port()
     log_file = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "server", "--model", str(model_dir), "--port", str(port), "--api-key", KEY,
+    cmd = [sys.executable, "-m", "warmturn.server", "--model", str(model_dir), "--port", str(port), "--api-key", KEY,
            "--decode-concurrency", "1", "--max-queue", "1", "--max-body-bytes", str(MAX_BODY), "--log-file", str(log_file),
            "--cache-bytes", str(256 << 20)]
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # the server arranges OpenBLAS itself
@@ -326,7 +326,7 @@ def test_metrics_and_request_log(server):
 
 
 def test_non_loopback_bind_without_key_is_refused():
-    r = subprocess.run([sys.executable, "-m", "server", "--host", "0.0.0.0", "--port", str(free_port())],
+    r = subprocess.run([sys.executable, "-m", "warmturn.server", "--host", "0.0.0.0", "--port", str(free_port())],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--api-key" in r.stderr
 
@@ -354,7 +354,7 @@ def test_openblas_preload_plan(env, platform, cpu, lib, expected):
 
 def run_engine(engine, tokens, *, on_piece=None, **kw):
     """Submit one request and collect what the worker emits (Prefilled, Pieces, Done or an exception)."""
-    from server.engine import Done, GenerationRequest, Piece
+    from warmturn.server.engine import Done, GenerationRequest, Piece
 
     items: list = []
     finished = threading.Event()
@@ -376,7 +376,7 @@ def run_engine(engine, tokens, *, on_piece=None, **kw):
 
 @pytest.fixture(scope="module")
 def engine_parts(model_and_tokenizer):
-    from server.render import Renderer
+    from warmturn.server.render import Renderer
 
     model, tokenizer = model_and_tokenizer
     rendered = Renderer(tokenizer).render(parse_request(LONG, system="You are a storyteller. " * 10))
@@ -384,14 +384,14 @@ def engine_parts(model_and_tokenizer):
 
 
 def parse_request(messages, **kw):
-    from server.wire import parse_messages_request
+    from warmturn.server.wire import parse_messages_request
 
     return parse_messages_request({"model": "m", "max_tokens": 8, "messages": messages, **kw})
 
 
 @pytest.fixture()
 def engine(engine_parts):
-    from server.engine import Engine
+    from warmturn.server.engine import Engine
 
     model, tokenizer, _ = engine_parts
     eng = Engine(model, tokenizer, None, max_queue=2)
@@ -401,14 +401,14 @@ def engine(engine_parts):
 
 
 def text_of(items):
-    from server.engine import Piece
+    from warmturn.server.engine import Piece
 
     return "".join(i.text for i in items if isinstance(i, Piece))
 
 
 @pytest.mark.parametrize("how", ["cancel", "deadline"])
 def test_engine_stops_within_one_token(engine, engine_parts, how):
-    from server.engine import Done, Prefilled
+    from warmturn.server.engine import Done, Prefilled
 
     def stop_at_three(req, piece):
         if piece.output_tokens == 3:
@@ -426,7 +426,7 @@ def test_engine_stops_within_one_token(engine, engine_parts, how):
 
 
 def test_engine_failure_goes_down_the_request_queue_and_the_worker_survives(engine_parts):
-    from server.engine import Done, Engine
+    from warmturn.server.engine import Done, Engine
 
     class FailingStore:
         """Fails on purpose: the real PrefixCache cannot be made to fail on demand."""
@@ -453,7 +453,7 @@ def test_engine_failure_goes_down_the_request_queue_and_the_worker_survives(engi
 
 
 def test_engine_queue_is_bounded():
-    from server.engine import Engine, GenerationRequest, Overloaded
+    from warmturn.server.engine import Engine, GenerationRequest, Overloaded
 
     eng = Engine(None, None, max_queue=1)  # never started: nothing is consumed
     eng.submit(GenerationRequest(tokens=[1, 2], max_tokens=1, emit=lambda item: None))
@@ -464,8 +464,8 @@ def test_engine_queue_is_bounded():
 
 def test_engine_with_prefix_cache_warm_equals_cold(engine_parts, engine):
     """The engine <-> store contract: a warm run reuses the prefix and yields the same tokens."""
-    from server.cache import PrefixCache
-    from server.engine import Engine, Prefilled
+    from warmturn.server.cache import PrefixCache
+    from warmturn.server.engine import Engine, Prefilled
 
     model, tokenizer, rendered = engine_parts
     cold = run_engine(engine, rendered.tokens)  # no store at all
@@ -484,10 +484,10 @@ def test_engine_with_prefix_cache_warm_equals_cold(engine_parts, engine):
 def test_failure_after_the_stream_began_is_an_error_event(engine_parts):
     """A generation that fails mid-stream ends the SSE stream with Anthropic's `error` event,
     which names no internals; the worker survives and the next request is served."""
-    from server.engine import Engine
-    from server.http import ServerState
-    from server.render import Renderer
-    from server.toolcalls import HERMES
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.render import Renderer
+    from warmturn.server.toolcalls import HERMES
 
     model, tokenizer, _ = engine_parts
 
@@ -532,10 +532,10 @@ def test_failure_after_the_stream_began_is_an_error_event(engine_parts):
 
 
 def test_time_limit_while_queued_is_a_504(engine_parts):
-    from server.engine import Engine
-    from server.http import ServerState
-    from server.render import Renderer
-    from server.toolcalls import HERMES
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.render import Renderer
+    from warmturn.server.toolcalls import HERMES
 
     model, tokenizer, _ = engine_parts
     engine = Engine(model, tokenizer, None)  # never started: the request can only wait in the queue
@@ -553,7 +553,7 @@ def serve_in_thread(state):
     """The app on uvicorn in a thread of this process (for engines the test builds itself)."""
     import uvicorn
 
-    from server.http import make_app
+    from warmturn.server.http import make_app
 
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(make_app(state), host="127.0.0.1", port=port, log_level="warning"))
@@ -571,7 +571,7 @@ def serve_in_thread(state):
 
 
 def test_engine_stop_cancels_the_running_and_the_queued(engine_parts):
-    from server.engine import Done, Engine, GenerationRequest, Piece, ShuttingDown
+    from warmturn.server.engine import Done, Engine, GenerationRequest, Piece, ShuttingDown
 
     model, tokenizer, rendered = engine_parts
     eng = Engine(model, tokenizer, None, max_queue=2, decode_concurrency=1)  # the second one waits
@@ -598,10 +598,10 @@ def test_engine_stop_cancels_the_running_and_the_queued(engine_parts):
 
 
 def test_a_client_that_leaves_while_queued_frees_its_slot(engine_parts):
-    from server.engine import Engine
-    from server.http import ServerState
-    from server.render import Renderer
-    from server.toolcalls import HERMES
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.render import Renderer
+    from warmturn.server.toolcalls import HERMES
 
     model, tokenizer, _ = engine_parts
     engine = Engine(model, tokenizer, None, max_queue=1)  # never started: a request can only wait
@@ -622,10 +622,10 @@ def test_a_client_that_leaves_while_queued_frees_its_slot(engine_parts):
 
 
 def test_health_reports_a_dead_worker(engine_parts):
-    from server.engine import Engine
-    from server.http import ServerState
-    from server.render import Renderer
-    from server.toolcalls import HERMES
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.render import Renderer
+    from warmturn.server.toolcalls import HERMES
 
     model, tokenizer, _ = engine_parts
     engine = Engine(model, None)  # no tokenizer: the worker thread dies as it starts (a real crash)

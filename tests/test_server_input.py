@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server import guard
-from server.render import Renderer, longest_token_bytes
-from server.wire import MAX_JSON_DEPTH, RequestError, decode_json, parse_messages_request
+from warmturn.server import guard
+from warmturn.server.render import Renderer, longest_token_bytes
+from warmturn.server.wire import MAX_JSON_DEPTH, RequestError, decode_json, parse_messages_request
 from tests.test_server_wire import BODIES
 
 BASE = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi."}]}

@@ -1,4 +1,4 @@
-"""The embedded server never outlives its launcher (issue 12 item 7): a real `python -m server`
+"""The embedded server never outlives its launcher (issue 12 item 7): a real `python -m warmturn.server`
 with `--parent-fd`, started by a real parent process that is then killed with SIGKILL."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.model
 PARENT = textwrap.dedent("""
     import os, subprocess, sys, time
     r, w = os.pipe()  # w stays here only (not inheritable); the server gets r
-    cmd = [sys.executable, "-m", "server", "--port", sys.argv[1], "--parent-fd", str(r), "--no-cache"]
+    cmd = [sys.executable, "-m", "warmturn.server", "--port", sys.argv[1], "--parent-fd", str(r), "--no-cache"]
     child = subprocess.Popen(cmd, pass_fds=(r,), stdout=subprocess.DEVNULL, stderr=open(sys.argv[2], "ab"))
     os.close(r)
     print(child.pid, flush=True)

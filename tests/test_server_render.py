@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from server.render import Renderer
-from server.wire import RequestError, parse_messages_request
+from warmturn.server.render import Renderer
+from warmturn.server.wire import RequestError, parse_messages_request
 from tests.conftest import FIXTURES
 
 CC = FIXTURES / "claude_code"

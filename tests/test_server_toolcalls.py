@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.toolcalls import (
+from warmturn.server.toolcalls import (
     HERMES,
     OutputAssembler,
     StopMatcher,
@@ -20,7 +20,7 @@ from server.toolcalls import (
     extract_json,
     merge_text,
 )
-from server.wire import MessageStream, Usage
+from warmturn.server.wire import MessageStream, Usage
 
 CALL = '<tool_call>\n{"name": "Read", "arguments": {"file_path": "/tmp/a.txt"}}\n</tool_call>'
 READ = ToolCall("Read", {"file_path": "/tmp/a.txt"})

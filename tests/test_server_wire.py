@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server.wire import (
+from warmturn.server.wire import (
     MessageStream,
     RequestError,
     TextBlock,

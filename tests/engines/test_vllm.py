@@ -166,7 +166,7 @@ def test_volatile_fragment_vllm_misses_goes_from_0_to_90_percent_hits(proxies, v
 def test_vllm_generates_mlx_lms_greedy_tokens(vllm_url, model_dir):
     """Same weights in every engine: vLLM on the HF export (float32) decodes greedily the tokens
     mlx-lm decodes from the embedded server's model directory."""
-    from server.hf_export import VERIFY_PROMPTS, greedy_tokens
+    from warmturn.server.hf_export import VERIFY_PROMPTS, greedy_tokens
 
     want = greedy_tokens(model_dir)
     for prompt, ids in zip(VERIFY_PROMPTS, want, strict=True):

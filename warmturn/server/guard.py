@@ -28,7 +28,7 @@ import socket
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from server import wire
+from warmturn.server import wire
 from warmturn import protocol
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

@@ -27,7 +27,7 @@ import json
 import random
 from dataclasses import dataclass, field
 
-from bench.workload import (
+from warmturn.bench.workload import (
     MAIN_TOOL_ORDER,
     SUB_TOOL_ORDER,
     BenchRequest,

@@ -297,10 +297,10 @@ def resolve_model(model: str | None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.convert [--model PATH]``: provision a model and print its directory."""
+    """``python -m warmturn.server.convert [--model PATH]``: provision a model and print its directory."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m server.convert", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m warmturn.server.convert", description=main.__doc__)
     ap.add_argument("--model", default=None, help="GGUF file or mlx-lm directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--quantized", choices=["auto", "yes", "no"], default="auto",
                     help="keep GGUF weights 4-bit (yes) or dequantize to float32 (no); auto = 4-bit on Metal/CUDA")

@@ -1,6 +1,6 @@
 """Export the default model as a Hugging Face-format directory, for engines that load HF weights (vLLM, SGLang).
 
-``python -m server.hf_export --out DIR [--model MLX_DIR] [--no-verify]``
+``python -m warmturn.server.hf_export --out DIR [--model MLX_DIR] [--no-verify]``
 
 The same weights as the embedded server, so benchmarks and tests compare engines, not models:
 
@@ -164,10 +164,10 @@ def verify(src: Path, out: Path, prompts=VERIFY_PROMPTS) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m server.hf_export --out DIR``: export the default model (or --model) as HF llama weights."""
+    """``python -m warmturn.server.hf_export --out DIR``: export the default model (or --model) as HF llama weights."""
     from .convert import cache_root, find_default_gguf, gguf_model_dir
 
-    ap = argparse.ArgumentParser(prog="python -m server.hf_export", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m warmturn.server.hf_export", description=main.__doc__)
     ap.add_argument("--out", type=Path, default=None,
                     help="output directory (default: $WARMTURN_CACHE/vllm-cpu/hf-model)")
     ap.add_argument("--model", type=Path, default=None,

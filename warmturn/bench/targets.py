@@ -8,7 +8,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Sequence
 
-from bench.summary import fmt, percentile
+from warmturn.bench.summary import fmt, percentile
 
 OURS = "warmturn"
 CB_PEER = "vllm-mlx-cb"

@@ -1,4 +1,4 @@
-"""Supervise: run the embedded backend (``python -m server``) while ``backend=embedded``.
+"""Supervise: run the embedded backend (``python -m warmturn.server``) while ``backend=embedded``.
 
 Owns the ``embedded_*`` options (validated in ``configure``), starts the supervised child when
 mitmproxy is running, swaps it when ``backend`` changes and stops it on exit. The embedded
@@ -24,7 +24,7 @@ class Supervise:
                           "Python that runs the embedded server; empty means ../.venv/bin/python relative to "
                           "the addon file.")
         loader.add_option("embedded_args", str, "",
-                          "Extra arguments for python -m server (shell syntax), e.g. '--model /path/to/model'.")
+                          "Extra arguments for python -m warmturn.server (shell syntax), e.g. '--model /path/to/model'.")
         loader.add_option("embedded_port", int, 0,
                           "Port of the embedded server on 127.0.0.1; 0 picks a free port. If a server already "
                           "answers /health on this port it is reused, not started.")

@@ -2,10 +2,10 @@
 that ratios survive a loaded machine. Not a test and not part of `make bench`'s tables; the
 numbers behind the engine's defaults (docs/server.md, "Concurrency figures").
 
-    python -m bench.engine_probe decode   [--streams 1,2,4,8] [--tokens 64]
-    python -m bench.engine_probe fairness [--steps 64,128,256,512] [--prompt 1500]
-    python -m bench.engine_probe warm     [--cached 2000] [--new 120,250] [--repeats 5]
-    python -m bench.engine_probe pair     [--prompt 650] [--tokens 96] [--repeats 4]
+    python -m warmturn.bench.engine_probe decode   [--streams 1,2,4,8] [--tokens 64]
+    python -m warmturn.bench.engine_probe fairness [--steps 64,128,256,512] [--prompt 1500]
+    python -m warmturn.bench.engine_probe warm     [--cached 2000] [--new 120,250] [--repeats 5]
+    python -m warmturn.bench.engine_probe pair     [--prompt 650] [--tokens 96] [--repeats 4]
 
 decode:   aggregate decode tokens/s with N streams at once, against one stream.
 fairness: a stream generating while a cold prompt is read: the prompt's prefill time and the
@@ -27,7 +27,7 @@ import time
 def _load():
     from mlx_lm import load
 
-    from server.convert import resolve_model
+    from warmturn.server.convert import resolve_model
 
     return load(str(resolve_model(None)))
 
@@ -46,7 +46,7 @@ class _Run:
         self.done: dict[str, threading.Event] = {}
 
     def submit(self, name: str, tokens: list[int], **kw):
-        from server.engine import Done, GenerationRequest
+        from warmturn.server.engine import Done, GenerationRequest
 
         self.events[name] = []
         self.done[name] = threading.Event()
@@ -67,13 +67,13 @@ class _Run:
 
     def first_piece(self, name: str) -> float:
         """When the first token was out: its Piece, or Done if it printed nothing (one token)."""
-        from server.engine import Done, Piece
+        from warmturn.server.engine import Done, Piece
 
         return next(t for t, i in self.events[name] if isinstance(i, (Piece, Done)))
 
 
 def decode(model, tokenizer, streams: list[int], tokens: int) -> None:
-    from server.engine import Engine, Piece
+    from warmturn.server.engine import Engine, Piece
 
     eng = Engine(model, tokenizer, None, decode_concurrency=max(streams), prompt_concurrency=max(streams))
     eng.start()
@@ -98,7 +98,7 @@ def decode(model, tokenizer, streams: list[int], tokens: int) -> None:
 
 
 def fairness(model, tokenizer, steps: list[int], prompt: int) -> None:
-    from server.engine import Engine, Piece, Prefilled
+    from warmturn.server.engine import Engine, Piece, Prefilled
 
     for step in steps:
         eng = Engine(model, tokenizer, None, prefill_step_size=step)
@@ -126,8 +126,8 @@ def warm(model, tokenizer, cached: int, news: list[int], repeats: int) -> None:
     import mlx.core as mx
     from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
 
-    from server.cache import PrefixCache
-    from server.engine import Engine
+    from warmturn.server.cache import PrefixCache
+    from warmturn.server.engine import Engine
 
     ids = _ids(tokenizer, cached + max(news) + 8, salt=3)
 
@@ -183,7 +183,7 @@ def warm(model, tokenizer, cached: int, news: list[int], repeats: int) -> None:
 def pair(model, tokenizer, prompt: int, title_tokens: int, repeats: int) -> None:
     """Issue 13 case (a), synthetic: a cold ~`prompt`-token first turn alone, and submitted
     right after a short title request that generates `title_tokens` tokens."""
-    from server.engine import Engine
+    from warmturn.server.engine import Engine
 
     eng = Engine(model, tokenizer, None)
     eng.start()
@@ -206,7 +206,7 @@ def pair(model, tokenizer, prompt: int, title_tokens: int, repeats: int) -> None
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.engine_probe", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m warmturn.bench.engine_probe", description=__doc__.split("\n\n")[0])
     p.add_argument("probe", choices=["decode", "fairness", "warm", "pair"])
     p.add_argument("--streams", default="1,2,4,8")
     p.add_argument("--tokens", type=int, default=64)

@@ -16,7 +16,7 @@ answers with Anthropic-shaped responses so the client carries on:
 This is tooling for capturing the client's real payloads (the fixtures under
 ``tests/fixtures/claude_code/`` come from it), not a stand-in for a model server.
 
-    python -m bench.record --port 8765 --out /tmp/rec.jsonl [--tool-use 'Read={"file_path": "/tmp/x"}']
+    python -m warmturn.bench.record --port 8765 --out /tmp/rec.jsonl [--tool-use 'Read={"file_path": "/tmp/x"}']
 """
 
 from __future__ import annotations

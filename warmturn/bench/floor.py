@@ -2,7 +2,7 @@
 KV cache, plus sampling the first token, measured with mlx-lm directly (no HTTP, no server).
 
 Run as a subprocess by the bench (so MLX gets OpenBLAS preloaded and the bench process stays
-free of MLX): `python -m bench.floor SPEC.json OUT.json`. SPEC is
+free of MLX): `python -m warmturn.bench.floor SPEC.json OUT.json`. SPEC is
 `{"model": dir, "text": str, "pairs": [[cached, new], ...], "repeats": int}`; the token ids
 come from tokenizing `text` (repeated as needed), since prefill cost depends on how many
 tokens there are and how many are cached, not on which. OUT is a list of
@@ -67,7 +67,7 @@ def measure(model_dir: str, text: str, pairs: list[tuple[int, int]], repeats: in
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2:
-        print("usage: python -m bench.floor SPEC.json OUT.json", file=sys.stderr)
+        print("usage: python -m warmturn.bench.floor SPEC.json OUT.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[0]).read_text())
     out = measure(spec["model"], spec["text"], [tuple(p) for p in spec["pairs"]], spec.get("repeats", 3))

@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import httpx
 
-from bench.client import Result, send
-from bench.scenarios import Node, Scenario
-from bench.workload import billing_block
+from warmturn.bench.client import Result, send
+from warmturn.bench.scenarios import Node, Scenario
+from warmturn.bench.workload import billing_block
 
 
 def bodies_with_billing(scenario: Scenario, rng: random.Random) -> dict[str, dict]:

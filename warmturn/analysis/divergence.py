@@ -152,7 +152,7 @@ class Tokenizer:
 def load_tokenizer(spec: str | None) -> Tokenizer:
     """``default`` (or None): the default model's tokenizer; else a model dir or tokenizer.json."""
     if spec in (None, "", "default"):
-        from server.convert import resolve_model
+        from warmturn.server.convert import resolve_model
 
         return Tokenizer(resolve_model(None))
     return Tokenizer(spec)

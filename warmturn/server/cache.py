@@ -49,7 +49,7 @@ from mlx_lm.models.cache import (
     trim_prompt_cache,
 )
 
-from server.cache_disk import DiskCache, token_hash
+from warmturn.server.cache_disk import DiskCache, token_hash
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""`make run`'s start-up banner (mitmdump -s addons/normalize.py -s addons/banner.py): how to point
+"""`make run`'s start-up banner (mitmdump -s addons/normalize.py -s warmturn/addons/banner.py): how to point
 Claude Code at the proxy, printed only once mitmproxy is up for good.
 
 mitmproxy exits right after its servers start when an error was logged during start-up (its
@@ -15,7 +15,7 @@ import sys
 
 from mitmproxy import ctx
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, above warmturn/
 DELAY_S = 0.5
 
 

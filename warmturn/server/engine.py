@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-from server.metrics import Metrics
+from warmturn.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

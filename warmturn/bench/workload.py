@@ -4,7 +4,7 @@
 recordings (`tests/fixtures/claude_code/`): the main agent's system blocks and 24 tools, the
 Explore subagent's system blocks and 17 tools, the first user messages, plus a scripted
 conversation in Claude Code's shapes (tool_use/tool_result rounds for Read and Bash, an
-Agent call that spawns a subagent). `python -m bench.workload --rebuild` regenerates it.
+Agent call that spawns a subagent). `python -m warmturn.bench.workload --rebuild` regenerates it.
 
 `build_session()` shrinks the system+tools prefix to a target token count (whole tools in
 order of use, then the main system text cut at a token boundary), so the same bench runs
@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "session.json"
 RECORDINGS = ROOT / "tests" / "fixtures" / "claude_code"
 CC_VERSION = "2.1.197"

@@ -20,10 +20,10 @@ from pathlib import Path
 
 import httpx
 
-from bench.arms import Arm, ArmRun, BenchTimeout, Context, server_request_log
-from bench.replay import run_scenario
-from bench.scenarios import Scenario
-from bench.targets import distinct_prefix_tokens
+from warmturn.bench.arms import Arm, ArmRun, BenchTimeout, Context, server_request_log
+from warmturn.bench.replay import run_scenario
+from warmturn.bench.scenarios import Scenario
+from warmturn.bench.targets import distinct_prefix_tokens
 
 PEERS = {
     "warmturn": Arm("warmturn", "warmturn's embedded server behind the addon"),
@@ -191,8 +191,8 @@ def ideal_prefill(scenarios: list[Scenario], model: Path, prefix_order: str = "t
     stripped the billing block, which these bodies do not carry)."""
     from transformers import AutoTokenizer
 
-    from server.render import Renderer
-    from server.wire import parse_messages_request
+    from warmturn.server.render import Renderer
+    from warmturn.server.wire import parse_messages_request
 
     renderer = Renderer(AutoTokenizer.from_pretrained(str(model)), prefix_order)
     out = {}

@@ -1,4 +1,4 @@
-"""The embedded backend: `python -m server` from the project's virtualenv, supervised.
+"""The embedded backend: `python -m warmturn.server` from the project's virtualenv, supervised.
 
 Started as a child on a loopback port, health-checked with asyncio (mitmproxy's event loop is
 never blocked), restarted when it dies, stopped when mitmproxy exits. A server already
@@ -19,7 +19,7 @@ from warmturn.plumbing import free_port, openblas_env
 logger = logging.getLogger(__name__)
 
 ADDON_DIR = Path(__file__).resolve().parent
-PROJECT_DIR = ADDON_DIR.parent
+PROJECT_DIR = ADDON_DIR.parents[1]
 
 
 def default_python() -> str:
@@ -54,7 +54,7 @@ async def can_connect(host: str, port: int, timeout: float = 1.0) -> bool:
 
 
 class EmbeddedServer:
-    """One supervised `python -m server` child (or a reused running server)."""
+    """One supervised `python -m warmturn.server` child (or a reused running server)."""
 
     def __init__(self, python: str, args: list[str], port: int, log_path: str,
                  start_timeout_s: float = 300.0, host: str = "127.0.0.1") -> None:
@@ -205,7 +205,7 @@ class EmbeddedServer:
         self.port = self.configured_port or free_port()
         self._close_lifeline()
         read_end, self._lifeline = os.pipe()  # only this process holds the write end (not inheritable)
-        cmd = [self.python, "-m", "server", "--host", self.host, "--port", str(self.port),
+        cmd = [self.python, "-m", "warmturn.server", "--host", self.host, "--port", str(self.port),
                "--parent-fd", str(read_end), *self.args]
         env = openblas_env()  # the server would re-exec itself to get it; this saves the round
         parent = os.path.dirname(self.log_path)

@@ -33,8 +33,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from server import wire
-from server.engine import (
+from warmturn.server import wire
+from warmturn.server.engine import (
     Done,
     Engine,
     GenerationRequest,
@@ -44,11 +44,11 @@ from server.engine import (
     RequestTimeout,
     WorkerDead,
 )
-from server.guard import DRAIN_LIMIT, GuardMiddleware
-from server.metrics import Metrics
-from server.render import Renderer, Rendered, openai_tool
+from warmturn.server.guard import DRAIN_LIMIT, GuardMiddleware
+from warmturn.server.metrics import Metrics
+from warmturn.server.render import Renderer, Rendered, openai_tool
 from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model
-from server.toolcalls import OutputAssembler, ToolCallFormat
+from warmturn.server.toolcalls import OutputAssembler, ToolCallFormat
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("warmturn.requests")

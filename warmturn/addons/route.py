@@ -32,7 +32,7 @@ class Route:
     def load(self, loader) -> None:
         loader.add_option("backend", str, "embedded",
                           "Where Anthropic API requests go: 'embedded' (start and supervise the project's MLX "
-                          "server, python -m server), 'passthrough' (keep the original destination: capture and "
+                          "server, python -m warmturn.server), 'passthrough' (keep the original destination: capture and "
                           "normalize only), or a base URL such as http://127.0.0.1:8000.")
         loader.add_option("backend_api", str, "anthropic",
                           "API a URL backend speaks: 'anthropic' (Messages API) or 'openai' (Chat Completions; "

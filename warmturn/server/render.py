@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from server.wire import Message, MessagesRequest, RequestError, TextBlock, Tool, ToolResultBlock, ToolUseBlock
+from warmturn.server.wire import Message, MessagesRequest, RequestError, TextBlock, Tool, ToolResultBlock, ToolUseBlock
 
 PrefixOrder = Literal["system-first", "tools-first"]
 

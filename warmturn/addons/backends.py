@@ -15,7 +15,7 @@ depends on *what* the backend is (where it is, ``backend``, is :class:`addons.ro
   including :meth:`BackendAdapter.map_error`, the engine's error bodies as Anthropic errors.
 
 Implementations: :class:`AnthropicAdapter` (any Anthropic Messages engine, or ``passthrough``),
-:class:`EmbeddedAdapter` (the supervised ``python -m server``), :class:`OpenAIAdapter` (Chat
+:class:`EmbeddedAdapter` (the supervised ``python -m warmturn.server``), :class:`OpenAIAdapter` (Chat
 Completions engines, translated both ways).
 
 Adding an engine is one class: subclass the adapter of the API it speaks and override what
@@ -161,7 +161,7 @@ class AnthropicAdapter:
 
 
 class EmbeddedAdapter(AnthropicAdapter):
-    """The embedded ``python -m server`` (Anthropic API), started and watched by the supervise addon."""
+    """The embedded ``python -m warmturn.server`` (Anthropic API), started and watched by the supervise addon."""
 
     def __init__(self, server: Callable[[], EmbeddedServer | None], start_timeout: Callable[[], float],
                  api_key: str = "", model: str = "") -> None:

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import httpx
 
-from bench import procs
-from bench.client import Result, send
-from bench.workload import BenchRequest, Session, with_billing
+from warmturn.bench import procs
+from warmturn.bench.client import Result, send
+from warmturn.bench.workload import BenchRequest, Session, with_billing
 from warmturn.plumbing import free_port
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (installed: above site-packages/warmturn)
+ADDON_SCRIPT = Path(__file__).resolve().parents[1] / "addons" / "normalize.py"
 BACKEND_MODEL_FOR_MLX_LM = "default_model"  # mlx_lm.server's alias for its --model
 
 
@@ -118,7 +119,7 @@ def backend_cmd(arm: Arm, ctx: Context, port: int, cache_dir: Path | None = None
     """Command line of the arm's backend and the URL that answers when it is ready."""
     base = f"http://127.0.0.1:{port}"
     if arm.backend == "embedded":
-        cmd = [ctx.python, "-m", "server", "--model", str(ctx.model), "--host", "127.0.0.1", "--port", str(port),
+        cmd = [ctx.python, "-m", "warmturn.server", "--model", str(ctx.model), "--host", "127.0.0.1", "--port", str(port),
                *arm.server_args]
         if cache_dir is not None:
             cmd += ["--cache-dir", str(cache_dir)]
@@ -151,7 +152,7 @@ def backend_model(arm: Arm, ctx: Context) -> str | None:
 def proxy_cmd(arm: Arm, ctx: Context, port: int, backend_url: str) -> list[str]:
     mitmdump = str(Path(ctx.python).parent / "mitmdump")
     cmd = [mitmdump, "--listen-host", "127.0.0.1", "--listen-port", str(port),
-           "-s", str(ROOT / "addons" / "normalize.py"),
+           "-s", str(ADDON_SCRIPT),
            "--set", f"backend={backend_url}", "--set", f"backend_api={arm.backend_api}",
            "--set", f"normalize={'true' if arm.normalize else 'false'}",
            "--set", f"capture_file={ctx.capture_file}", "--set", f"capture_label={arm.key}",

@@ -1,0 +1,1 @@
+"""warmturn analysis: captures -> pandas -> diffs, latency tables, plots, report."""

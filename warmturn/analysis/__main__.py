@@ -1,0 +1,88 @@
+"""``python -m warmturn.analysis diff|report``: argument parsing only; the work is in the modules."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from .diff import diff_records
+    from .load import load_records, stderr_progress
+    from .divergence import load_tokenizer
+    from .term import format_diff
+
+    res = load_records(args.captures, progress=stderr_progress)
+    tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+    rep = diff_records(res.records, tokenizer=tok, session=args.session, original=args.original)
+    if args.json:
+        out = rep.as_dict()
+        out["load"] = {"records": res.stats.records, "bad_lines": res.stats.bad, "files": res.stats.files,
+                       "bad_examples": res.stats.bad_examples}
+        json.dump(out, sys.stdout, indent=1, default=repr, ensure_ascii=False)
+        print()
+    else:
+        print(format_diff(rep))
+        print(f"\n{res.stats.records} records read, {res.stats.bad} bad lines skipped")
+        for ex in res.stats.bad_examples:
+            print(f"  bad: {ex}")
+    if not rep.pairs:
+        print("no pairs of requests to compare (need two Messages requests)", file=sys.stderr)
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .report import SAMPLE_CAPTURES, build_report
+
+    captures, sample = args.captures, args.sample
+    if not captures:  # the capture bundled with the package (also in a non-editable install)
+        captures, sample = sorted(SAMPLE_CAPTURES.glob("*.jsonl")), True
+        if not captures:
+            raise ValueError(f"no CAPTURE given and no bundled sample capture in {SAMPLE_CAPTURES}")
+    summary = build_report(captures, args.out, labels=args.label or None, sample=sample)
+    print(f"report: {summary['html']}")
+    for k in ("md", "csv", "flows_csv"):
+        print(f"        {summary[k]}")
+    print(f"{summary['records']} records, {summary['flows']} Messages flows, {summary['bad']} bad lines skipped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m warmturn.analysis", description=(
+        "Read warmturn captures (or raw Anthropic request JSONL / HAR files): find what busts the "
+        "prompt cache (diff) and show cold-vs-warm latency (report)."))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("diff", help="diff consecutive requests; show volatile paths, prefix divergence, fixes")
+    d.add_argument("captures", nargs="+", metavar="CAPTURE", help="capture JSONL, raw request JSONL or HAR")
+    d.add_argument("--session", help="only pairs involving this session id")
+    d.add_argument("--tokenizer", metavar="MODEL", help=(
+        "count the shared prefix in tokens too: 'default' (the default model) or an mlx-lm/Hugging Face "
+        "model directory holding tokenizer.json"))
+    d.add_argument("--original", action="store_true",
+                   help="diff what the client sent (stripped content restored) instead of what was forwarded")
+    d.add_argument("--json", action="store_true", help="machine-readable output")
+    d.set_defaults(func=_diff)
+    r = sub.add_parser("report", help="build report.html, report.md, PNG plots and CSV summaries")
+    r.add_argument("captures", nargs="*", metavar="CAPTURE",
+                   help="capture files (default: the sample capture bundled with warmturn)")
+    r.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    r.add_argument("--label", action="append", metavar="LABEL",
+                   help="arm label: once for all files, or once per file in order (default: the capture's "
+                        "label, else the file name)")
+    r.add_argument("--sample", action="store_true", help="mark the report as built from the bundled sample")
+    r.set_defaults(func=_report)
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # output piped into head/less that exited: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
