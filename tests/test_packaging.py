@@ -66,7 +66,11 @@ def _module_distributions() -> dict[str, list[str]]:
 
 
 def _distributions(module: str) -> set[str]:
-    return {canonicalize_name(d) for d in _module_distributions().get(module, [])}
+    """The installed distributions providing `module`; for a module not installed here (an opt-in
+    extra such as the browser test's playwright), its own name, which is then checked against the
+    declared names like any other."""
+    found = _module_distributions().get(module)
+    return {canonicalize_name(d) for d in found} if found else {canonicalize_name(module)}
 
 
 def _package_files() -> list[Path]:
