@@ -258,7 +258,7 @@ def test_make_report_script_uses_captures_dir(tmp_path):
 def test_building_a_report_leaves_matplotlib_global_state_alone(tmp_path):
     # a caller that chose its own backend keeps it (no matplotlib.use() at import or while plotting)
     code = ("import matplotlib; matplotlib.use('svg'); "
-            "from analysis.report import build_report; "
+            "from warmturn.analysis.report import build_report; "
             f"build_report([{str(CAPTURES / 'constructed_ab.jsonl')!r}], {str(tmp_path)!r}); "
             "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()")
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
