@@ -67,6 +67,17 @@ def parse_path(path: str) -> list[str | int]:
 # --------------------------------------------------------------------------- stripped entries
 
 
+def _splice(body: dict[str, Any], path: str, offset: int, removed: int, text: str) -> None:
+    """Put `text` back into the string at `path` in `body`, at `offset`, in place of the
+    `removed` characters there (what an entry's undo does)."""
+    keys = parse_path(path)
+    parent: Any = body
+    for k in keys[:-1]:
+        parent = parent[k]
+    old = parent[keys[-1]]
+    parent[keys[-1]] = old[:offset] + text + old[offset + removed:]
+
+
 @dataclass(frozen=True)
 class Stripped:
     """One thing normalization removed (base of the three kinds)."""
@@ -151,12 +162,7 @@ class StrippedFragment(Stripped):
     def undo(self, body: Any, headers: dict[str, Any]) -> None:
         if not isinstance(body, dict):
             return
-        keys = parse_path(self.path)
-        parent = body
-        for k in keys[:-1]:
-            parent = parent[k]
-        text = parent[keys[-1]]
-        parent[keys[-1]] = text[:self.offset] + self.text + text[self.offset:]
+        _splice(body, self.path, self.offset, 0, self.text)
 
 
 @dataclass(frozen=True)
@@ -207,12 +213,7 @@ class StrippedRewrite(Stripped):
     def undo(self, body: Any, headers: dict[str, Any]) -> None:
         if not isinstance(body, dict):
             return
-        keys = parse_path(self.path)
-        parent = body
-        for k in keys[:-1]:
-            parent = parent[k]
-        text = parent[keys[-1]]
-        parent[keys[-1]] = text[:self.offset] + self.text + text[self.offset + len(self.replacement):]
+        _splice(body, self.path, self.offset, len(self.replacement), self.text)
 
 
 STRIPPED_KINDS: Mapping[str, type[Stripped]] = {
