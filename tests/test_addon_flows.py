@@ -13,7 +13,9 @@ from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 
 from warmturn.addons import contentview, routing
+from warmturn.addons.normalization import OFF_LOOP_BYTES
 from warmturn.addons.normalize import make_addons
+from warmturn.addons.scrub import scrub_query
 from warmturn.addons.state import META, FlowState
 from tests.conftest import FIXTURES, ROOT
 from warmturn import plumbing, protocol
@@ -112,7 +114,7 @@ def test_script_loads_and_registers_options():
     with taddons.context() as tctx:
         sc = tctx.script(str(ROOT / "addons" / "normalize.py"))
         assert [type(a).__name__ for a in sc.addons] == ["Gate", "Normalize", "Route", "Tap", "Capture", "Console",
-                                                            "Supervise"]
+                                                            "Supervise", "Scrub"]
         for name in ("backend", "backend_api", "normalize", "capture_file", "volatile_patterns", "allow_remote",
                      "client_api_key", "backend_api_key", "embedded_python", "embedded_port"):
             assert name in tctx.options
@@ -557,3 +559,43 @@ def test_title_request_is_captured_as_a_side_request(wt):
         run_request(addon, f)
         finish_streamed(addon, f, SSE)
     assert [x["side"] for x in lines(cap)[-2:]] == ["title", None]
+
+
+@pytest.mark.parametrize("padding, off_loop", [(1_000, False), (2 * OFF_LOOP_BYTES, True)])
+def test_a_big_body_is_parsed_and_normalized_off_the_event_loop(wt, padding, off_loop):
+    """Over OFF_LOOP_BYTES the normalize hook hands the body to a worker thread and mitmproxy's
+    loop is free meanwhile: the hook's first step returns with its work still pending. A small
+    body is handled within that first step, on the loop (which shows the check can tell)."""
+    addon, tctx, cap, port = wt
+    rec = recorded("small_two_turns.jsonl")
+    body = json.loads(json.dumps(rec["body"]))
+    body["messages"][0]["content"] = [{"type": "text", "text": "x" * padding}]
+    hdrs = {k: v for k, v in rec["headers"].items() if k not in ("content-length", "host")}
+    f = make_flow(body, headers=hdrs)
+    gate, normalize = addon.addons[0], addon.addons[1]
+
+    async def handle() -> bool:
+        await gate.request(f)
+        hook = asyncio.ensure_future(normalize.request(f))
+        await asyncio.sleep(0)  # the hook's first step runs before this task resumes
+        left_the_loop_free = not hook.done()
+        await hook
+        return left_the_loop_free
+
+    assert asyncio.run(handle()) is off_loop
+    sent = json.loads(f.request.content)  # normalized all the same, wherever it ran
+    assert sent["system"] == rec["body"]["system"][1:] and sent["messages"][0] == body["messages"][0]
+    assert "warmturn stripped: system block 0" in f.comment
+
+
+@pytest.mark.parametrize("path, shown", [
+    ("/v1/messages?beta=true&api_key=sk-q-1&x=1", "/v1/messages?beta=true&api_key=%3Credacted%3E&x=1"),
+    ("/v1/messages?access_token=t0k&key=k&max_tokens=5", "/v1/messages?access_token=%3Credacted%3E&key=%3Credacted%3E"
+                                                          "&max_tokens=5"),
+    ("/v1/messages?beta=true&a=%20b", "/v1/messages?beta=true&a=%20b"),  # nothing secret: left byte for byte
+    ("/v1/messages", "/v1/messages"),
+])
+def test_scrub_redacts_credential_query_parameters_only(path, shown):
+    f = make_flow({"model": "m"}, path=path)
+    assert scrub_query(f.request) is (path != shown)
+    assert f.request.path == shown

@@ -5,9 +5,9 @@ backend (the embedded MLX server by default), streams responses through while ti
 and appends one capture line per flow. Imports only the standard library, mitmproxy and the
 project's stdlib-only `warmturn/` package (found through the repository root below).
 
-Six small addons, in hook order: gate (who and what), normalize (strip), route (the backend
+Small addons, in hook order: gate (who and what), normalize (strip), route (the backend
 adapter), tap (stream timing and usage), capture (JSONL), console (one line per flow), supervise (the
-embedded server).
+embedded server), scrub (credentials out of URLs once sent, before mitmdump prints the flow).
 """
 
 import os
@@ -23,6 +23,7 @@ from warmturn.addons.contentview import register_contentview  # noqa: E402
 from warmturn.addons.gate import Gate  # noqa: E402
 from warmturn.addons.normalization import Normalize  # noqa: E402
 from warmturn.addons.route import Route  # noqa: E402
+from warmturn.addons.scrub import Scrub  # noqa: E402
 from warmturn.addons.supervise import Supervise  # noqa: E402
 from warmturn.addons.tap import Tap  # noqa: E402
 
@@ -30,7 +31,7 @@ from warmturn.addons.tap import Tap  # noqa: E402
 def make_addons() -> list:
     """The addon chain, in the order mitmproxy must call its hooks."""
     supervise = Supervise()
-    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), Console(), supervise]
+    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), Console(), supervise, Scrub()]
 
 
 register_contentview()

@@ -15,17 +15,31 @@ from mitmproxy import ctx, exceptions, http, tls
 
 from . import routing
 from .backends import BackendAdapter, error_response, make_adapter
-from .relay import TOKEN_HEADER, Relay
+from .relay import TOKEN_HEADER, Relay, TlsSettings, make_tls_context
 from .state import FlowState
 from .supervise import Supervise
 
 logger = logging.getLogger(__name__)
 
 
+#: mitmproxy's options for its TLS connections to servers that the relay's TLS client honours too
+TLS_OPTIONS = ("ssl_insecure", "ssl_verify_upstream_trusted_ca", "ssl_verify_upstream_trusted_confdir",
+               "client_certs")
+
+
+def tls_settings() -> TlsSettings:
+    """The relay's TLS settings from mitmproxy's options of the same names."""
+    o = ctx.options
+    return TlsSettings(insecure=bool(getattr(o, "ssl_insecure", False)),
+                       trusted_ca=getattr(o, "ssl_verify_upstream_trusted_ca", None) or None,
+                       trusted_confdir=getattr(o, "ssl_verify_upstream_trusted_confdir", None) or None,
+                       client_certs=getattr(o, "client_certs", None) or None)
+
+
 class Route:
     def __init__(self, supervise: Supervise) -> None:
         self.supervise = supervise
-        self.relay = Relay()  # finishes responses of plain-HTTP backends that die mid-request
+        self.relay = Relay()  # finishes responses of backends that die mid-request
         self.target = routing.parse_backend("embedded")
         self.adapter: BackendAdapter = self._make("anthropic", "", "")
 
@@ -62,6 +76,13 @@ class Route:
             raise exceptions.OptionsError(f"backend_api must be 'anthropic' or 'openai', not {o.backend_api!r}")
         if updated & {"backend", "backend_api", "backend_api_key", "backend_model"}:
             self.adapter = self._make(o.backend_api, o.backend_api_key, o.backend_model)
+        if updated & {"backend", *TLS_OPTIONS}:
+            self.relay.tls = tls_settings()
+            if self.target.kind == "url" and self.target.scheme == "https":
+                try:  # an unreadable CA or client-certificate file is an option error, not a 502 per request
+                    make_tls_context(self.relay.tls, self.target.host)
+                except (OSError, ValueError) as e:
+                    raise exceptions.OptionsError(f"backend {o.backend}: cannot set up TLS: {e}") from e
 
     async def running(self) -> None:
         await self.relay.start()
@@ -104,13 +125,15 @@ class Route:
         state.t.sent = time.time()
 
     def _via_relay(self, flow: http.HTTPFlow, adapter: BackendAdapter) -> None:
-        """Send a flow bound for a plain-HTTP backend through the relay (:mod:`addons.relay`)."""
+        """Send a flow bound for an http:// or https:// backend through the relay
+        (:mod:`addons.relay`), which is the TLS client of an https:// one. Passthrough flows keep
+        mitmproxy's own connection to their real destination."""
         req = flow.request
-        if not self.relay.port or req.scheme != "http" or self.target.kind == "passthrough":
+        if not self.relay.port or req.scheme not in ("http", "https") or self.target.kind == "passthrough":
             return
-        token = self.relay.register(req.host, req.port, getattr(adapter, "api", "anthropic"))
+        token = self.relay.register(req.host, req.port, getattr(adapter, "api", "anthropic"), tls=req.scheme == "https")
         host_header = req.headers.get("host")
-        req.host, req.port = "127.0.0.1", self.relay.port
+        req.scheme, req.host, req.port = "http", "127.0.0.1", self.relay.port
         if host_header is not None:
             req.headers["host"] = host_header  # the backend still sees its own name
         req.headers[TOKEN_HEADER.decode()] = token
