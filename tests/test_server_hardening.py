@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -96,6 +97,84 @@ def test_huge_prompt_is_refused_from_the_bound_before_tokenizing(live):
     r = post(live, "/v1/messages", json.dumps({**HELLO, "messages": [{"role": "user", "content": text[:60_000]}]}))
     msg = assert_error(r, 400, "invalid_request_error")["error"]["message"]
     assert "prompt is too long:" in msg and "at least" not in msg
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("connection", ["keep-alive", "close"])
+def test_an_oversize_body_gets_its_413_whole(live, framing, connection):
+    """A body over the limit is read to its end before the 413 goes out: uvicorn closes right
+    after answering a `Connection: close` client (as the addon's relay is), and closing with
+    megabytes unread makes the kernel send a reset that destroys the 413 before the client reads it."""
+    state = live["state"]
+    limit, state.max_body_bytes = state.max_body_bytes, 1 << 20
+    raw = json.dumps({**HELLO, "messages": [{"role": "user", "content": "x" * (8 << 20)}]}).encode()
+    try:
+        for path in ENDPOINTS:
+            # a generator body goes out chunked, with no length for the server to judge it by
+            content = raw if framing == "content-length" else (raw[i:i + (1 << 16)] for i in range(0, len(raw), 1 << 16))
+            r = post(live, path, content, headers={**JSON, "connection": connection})
+            assert "1048576" in assert_error(r, 413, "request_too_large")["error"]["message"]
+    finally:
+        state.max_body_bytes = limit
+    assert post(live, "/v1/messages/count_tokens", json.dumps(HELLO)).status_code == 200
+
+
+def raw_post(port: int, path: str, body: bytes, extra: str = "") -> tuple[bool, bytes]:
+    """POST over a bare socket: (whether the whole request could be sent, what came back). A
+    forgiving client reads after a failed send (the answer can still be in its socket); clients on
+    asyncio streams, as mitmproxy and the relay are, give up on the reset instead."""
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+            f"x-api-key: {KEY}\r\ncontent-length: {len(body)}\r\n{extra}\r\n").encode()
+    sent, reply = True, b""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        try:
+            s.sendall(head + body)
+        except OSError:
+            sent = False
+        try:
+            while chunk := s.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    return sent, reply
+
+
+@pytest.mark.parametrize("path", ENDPOINTS)
+def test_an_oversize_body_from_a_connection_close_client_is_not_reset_away(live, path):
+    """The same over a bare socket with `Connection: close`: uvicorn closes right after its answer,
+    and before the body was drained that close reset the connection under the client's send."""
+    state = live["state"]
+    limit, state.max_body_bytes = state.max_body_bytes, 1 << 20
+    raw = json.dumps({**HELLO, "messages": [{"role": "user", "content": "x" * (40 << 20)}]}).encode()
+    try:
+        sent, reply = raw_post(int(live["base"].rsplit(":", 1)[1]), path, raw, "connection: close\r\n")
+    finally:
+        state.max_body_bytes = limit
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), reply[:200]
+    assert json.loads(body)["error"]["type"] == "request_too_large"
+    assert sent, "the server reset the connection while the client was still sending"
+
+
+def test_an_oversize_body_announced_with_expect_100_continue_is_refused_unsent(live):
+    """A client that waits for `100 Continue` is told 413 at once and never sends the body."""
+    state = live["state"]
+    limit, state.max_body_bytes = state.max_body_bytes, 1 << 20
+    port = int(live["base"].rsplit(":", 1)[1])
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+                      f"x-api-key: {KEY}\r\ncontent-length: {8 << 20}\r\nexpect: 100-continue\r\n\r\n".encode())
+            reply = b""
+            while not reply.endswith(b"}"):
+                chunk = s.recv(65536)
+                assert chunk, reply
+                reply += chunk
+    finally:
+        state.max_body_bytes = limit
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413") and b"100 Continue" not in head
+    assert json.loads(body)["error"]["type"] == "request_too_large"
 
 
 def test_trailing_slash_is_an_error_body_not_a_redirect(live):

@@ -188,14 +188,34 @@ def internal_error_message(request: Request) -> str:
     return f"internal server error; the server log has the details under request id {request_id(request)}"
 
 
+#: an oversized body is still read (and dropped) up to this many bytes past the limit before the 413
+#: goes out. A server that closes a connection with unread request bytes makes the kernel reset
+#: it, and the reset can destroy the 413 before the client reads it: uvicorn closes right after
+#: answering a client that sent ``Connection: close`` (as warmturn's relay does). Larger bodies
+#: are answered at once.
+OVERSIZE_DRAIN_BYTES = 64 * 1024 * 1024
+
+
 async def read_json(request: Request, limit: int) -> Any:
+    """The request's JSON body, at most `limit` bytes (else a 413 once the rest is drained)."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    size = int(declared) if declared is not None and declared.isdigit() else None
+    if size is not None and size > limit:
+        # a client that asked `Expect: 100-continue` sends no body before it is told to (uvicorn sends
+        # the 100 only once the body is read), so it gets its answer without sending one
+        if size <= limit + OVERSIZE_DRAIN_BYTES and request.headers.get("expect", "").lower() != "100-continue":
+            async for _ in request.stream():
+                pass
         raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = request.stream()
+    async for chunk in stream:
         size += len(chunk)
         if size > limit:
+            async for more in stream:  # drain the rest (see OVERSIZE_DRAIN_BYTES)
+                size += len(more)
+                if size > limit + OVERSIZE_DRAIN_BYTES:
+                    break
             raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return wire.decode_json(b"".join(chunks))
