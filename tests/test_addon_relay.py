@@ -35,6 +35,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
 from warmturn.addons.normalize import make_addons
@@ -295,7 +296,7 @@ def test_tls_settings_follow_mitmproxys_options(certs, tmp_path):
         assert route.relay.tls == TlsSettings(trusted_ca=str(certs["ca"]))
         tctx.configure(route, ssl_insecure=True)
         assert route.relay.tls.insecure
-        with pytest.raises(Exception, match="cannot set up TLS"):
+        with pytest.raises(exceptions.OptionsError, match="cannot set up TLS"):
             tctx.configure(route, ssl_insecure=False, ssl_verify_upstream_trusted_ca=str(tmp_path / "missing.pem"))
     assert make_tls_context(TlsSettings(insecure=True), "h").verify_mode == ssl.CERT_NONE
     strict = make_tls_context(TlsSettings(trusted_ca=str(certs["ca"])), "h")

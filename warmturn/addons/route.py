@@ -15,7 +15,7 @@ from mitmproxy import ctx, exceptions, http, tls
 
 from . import routing
 from .backends import BackendAdapter, error_response, make_adapter
-from .relay import TOKEN_HEADER, Relay, TlsSettings, make_tls_context
+from .relay import TOKEN_HEADER, Relay, TlsSettings
 from .state import FlowState
 from .supervise import Supervise
 
@@ -80,7 +80,7 @@ class Route:
             self.relay.tls = tls_settings()
             if self.target.kind == "url" and self.target.scheme == "https":
                 try:  # an unreadable CA or client-certificate file is an option error, not a 502 per request
-                    make_tls_context(self.relay.tls, self.target.host)
+                    self.relay.tls_context(self.target.host)  # made now, on start-up, not on the first request
                 except (OSError, ValueError) as e:
                     raise exceptions.OptionsError(f"backend {o.backend}: cannot set up TLS: {e}") from e
 
