@@ -108,9 +108,20 @@ def test_greedy_alone_equals_inside_a_batch_of_four(parts, make_engine):
         assert rec.text(name) == alone[name], name
     assert rec.first("warm").reused >= len(system) and rec.first("warm2").reused >= len(system)
     assert rec.first("long").reused == 0
-    # the four ran together: every request's prefill ended before any of them finished
-    order = [(n, type(i).__name__) for n, i in rec.log if isinstance(i, (Prefilled, Done))]
-    assert [t for _, t in order[:4]] == ["Prefilled"] * 4
+    # they ran together: several of them were generating in the same batch at one moment
+    assert max_generating(rec) >= 3
+
+
+def max_generating(rec: Recorder) -> int:
+    """The most requests that were between their Prefilled and their Done at one moment."""
+    now = most = 0
+    for _, item in rec.log:
+        if isinstance(item, Prefilled):
+            now += 1
+        elif isinstance(item, (Done, Exception)):
+            now -= 1
+        most = max(most, now)
+    return most
 
 
 def test_usage_is_exact_under_concurrency(parts, make_engine):
@@ -361,3 +372,75 @@ def test_a_lone_request_moves_into_the_batch_unchanged(parts, make_engine, when)
     assert rec.text("first") == alone["first"] and rec.text("second") == alone["second"]
     assert rec.last("first").output_tokens == 20 or rec.last("first").reason == "stop"
     assert sum(isinstance(i, Prefilled) for i in rec.items["first"]) == 1
+
+
+@pytest.mark.parametrize("solo", [False, True])
+def test_a_long_prompt_pauses_for_a_short_one_and_resumes_unchanged(parts, make_engine, solo):
+    """Shortest prompt first: a short request that arrives while a long prompt is being read
+    is prefilled before it; the long one leaves the batch (or its solo run) with its KV state,
+    resumes from there (nothing computed twice), and answers exactly as it does alone."""
+    model, _ = parts
+    rng = random.Random(31)
+    long_p, short_p = words(rng, 600), words(rng, 10)
+    alone = {"long": serve(make_engine(), {"long": (long_p, {"max_tokens": 12})}).text("long"),
+             "short": serve(make_engine(), {"short": (short_p, {"max_tokens": 12})}).text("short")}
+    eng = make_engine(PrefixCache(model, max_bytes=1 << 24, min_checkpoint=4), prefill_step_size=16, solo=solo)
+    rec = Recorder()
+    eng.submit(rec.request("long", long_p, max_tokens=12))
+    while eng.batch_sizes()[1] != 1:  # until it is reading its prompt
+        pass
+    with rec.lock:
+        rec.log.append(("short submitted", None))
+    eng.submit(rec.request("short", short_p, max_tokens=12))
+    rec.wait()
+    order = [n if n == "short submitted" else f"{n} {type(i).__name__}" for n, i in rec.log]
+    assert order.index("short submitted") < order.index("short Prefilled") < order.index("long Prefilled")
+    assert eng.metrics.preemptions._value.get() == (0 if solo else 1)  # solo: it left its solo run instead
+    assert rec.text("long") == alone["long"] and rec.text("short") == alone["short"]
+    computed = sum(len(p) - rec.first(n).reused for n, p in (("long", long_p), ("short", short_p)))
+    assert eng.metrics.prefill_tokens._value.get() == computed == len(long_p) + len(short_p)
+
+
+def test_shortest_prompt_first_and_short_prompts_share_a_step(parts):
+    """Four prompts queued together: the three short ones are read before the long one,
+    together (their padded chunks fit one step), and every answer is the one given alone."""
+    model, tok = parts
+    rng = random.Random(37)
+    prompts = {"long": words(rng, 120), "a": words(rng, 5), "b": words(rng, 4), "c": words(rng, 5)}
+    alone = {n: serve_stopped(Engine(model, tok, None, prefill_step_size=16), {n: (p, {})}).text(n)
+             for n, p in prompts.items()}
+    eng = Engine(model, tok, None, prefill_step_size=16)
+    rec = serve_stopped(eng, {n: (p, {}) for n, p in prompts.items()})
+    started = [n for n, i in rec.log if isinstance(i, Prefilled)]
+    assert started[-1] == "long" and set(started[:3]) == {"a", "b", "c"}
+    for n in prompts:
+        assert rec.text(n) == alone[n], n
+
+
+def test_a_title_request_reads_its_prompt_after_the_turn(parts):
+    """A background request (Claude Code's title) queued first yields prefill to a turn,
+    although its prompt is the shorter one."""
+    model, tok = parts
+    rng = random.Random(43)
+    eng = Engine(model, tok, None, prefill_step_size=16)
+    rec = serve_stopped(eng, {"title": (words(rng, 40), {"background": True}), "turn": (words(rng, 90), {})})
+    started = [n for n, i in rec.log if isinstance(i, Prefilled)]
+    assert started == ["turn", "title"]
+
+
+def test_requests_being_read_together_start_together(parts, make_engine):
+    """A lone request waits (up to arrival_window) for a request still being read and
+    tokenized, instead of starting alone: its prefill begins only after the other's submit."""
+    rng = random.Random(47)
+    eng = make_engine(arrival_window=60.0)
+    rec = Recorder()
+    with eng.arriving() as first_ticket, eng.arriving() as second_ticket:
+        eng.submit(rec.request("first", words(rng, 8)), first_ticket)
+        threading.Event().wait(0.3)  # the second is still "being tokenized"
+        with rec.lock:
+            rec.log.append(("second submitted", None))
+        eng.submit(rec.request("second", words(rng, 8)), second_ticket)
+    rec.wait()
+    order = [n if n == "second submitted" else f"{n} {type(i).__name__}" for n, i in rec.log]
+    assert order.index("second submitted") < order.index("first Prefilled")
+    assert rec.first("first").queued_ms >= 250

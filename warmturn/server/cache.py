@@ -285,6 +285,13 @@ class PrefixCache:
             self._counters["tokens_reused"] += best_n
             return _view(best.kv, best_n), best_n
 
+    def peek(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` a fetch would reuse from memory now (no copy, no counters;
+        disk files are not looked at): the engine's estimate of the prompt left to compute."""
+        q = np.asarray(tokens, dtype=np.int64)
+        with self._lock:
+            return min(self._covered(q), max(len(q) - 1, 0))
+
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
               *, owned: bool = False) -> int:
         """Keep `kv` (holding exactly `tokens`, or more if trimmable) as an entry, plus one

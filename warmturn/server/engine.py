@@ -6,7 +6,12 @@ each ``next()`` call runs one decode step for every generating sequence and one 
 for the sequences still reading their prompt. This module adds what a server needs around it:
 
 - a bounded wait queue in front of the batch (full: :class:`Overloaded`, a 529); a request
-  joins the batch between two steps as soon as fewer than ``decode_concurrency`` run;
+  is admitted between two steps as soon as fewer than ``decode_concurrency`` run;
+- the choice of who reads its prompt in each step (``_schedule``): shortest remaining prompt
+  first, several short prompts in one step, a title request after the turns, ageing against
+  starvation; a prompt that loses its place leaves the batch with its KV state and resumes;
+- requests that arrive together (being read and tokenized at the same moment, see
+  :meth:`Engine.arriving`) start together;
 - per-request cancellation and deadlines, checked between steps (so within one token), and a
   queued request can be withdrawn at once (:meth:`Engine.withdraw`);
 - the cross-request prefix store (``server/cache.py``) reached only through
@@ -32,11 +37,12 @@ extracted copy the batch no longer touches or the lone request's cache, handed o
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -64,9 +70,21 @@ class PromptCacheStore(Protocol):
         keep kv's buffers instead of copying them. Returns the number of tokens newly covered."""
         ...
 
+    def peek(self, tokens: Sequence[int]) -> int:
+        """How many of ``tokens`` a fetch would reuse from memory right now (no copy, no
+        counters): the scheduler's estimate of the prompt still to compute."""
+        ...
+
     def stats(self) -> dict[str, float]:
         """Counters for /metrics and the log: hits, misses, evictions, bytes, entries, ..."""
         ...
+
+
+@dataclass
+class Arrival:
+    """A request being read and tokenized, not submitted yet (see Engine.arriving)."""
+
+    done: bool = False
 
 
 class Overloaded(RuntimeError):
@@ -147,6 +165,7 @@ class GenerationRequest:
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
     request_id: str = ""
+    background: bool = False  # a side request (a conversation title): its prefill yields to turns
 
     def stopped(self) -> Literal["cancelled", "timeout"] | None:
         if self.cancel.is_set():
@@ -182,12 +201,53 @@ class _Active:
     prefilled_at: float | None = None
     first_token_at: float | None = None
     output_tokens: int = 0
-    waiters: int = 0
     last_log: float = 0.0
+    sampler: Any = None
 
     @property
     def tokens(self) -> list[int]:
         return self.req.tokens
+
+    @property
+    def covered(self) -> int:
+        """Prompt tokens the store has of it already (fetched, or stored for others)."""
+        return max(self.reused, self.shared)
+
+
+@dataclass
+class _Ready:
+    """A request admitted but not in the batch: :meth:`Engine._schedule` decides when it starts
+    (or goes on) reading its prompt. ``state`` and ``kv`` are set when it has read part of it
+    already: a lone request that got company mid-prompt, or one taken out of the batch so that
+    a shorter prompt could go first."""
+
+    req: GenerationRequest
+    was_parked: bool = False
+    parked_ms: float = 0.0
+    estimate: int = 0  # prompt tokens the store holds (PromptCacheStore.peek) when it has no state
+    state: _Active | None = None
+    kv: list[Any] | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.req.tokens
+
+    @property
+    def in_cache(self) -> int:
+        return self.state.in_cache if self.state is not None else 0
+
+    @property
+    def shared(self) -> int:
+        return self.state.shared if self.state is not None else 0
+
+    @property
+    def covered(self) -> int:
+        return self.state.covered if self.state is not None else self.estimate
+
+    @property
+    def progress(self) -> int:
+        """Prompt tokens it will not have to compute again."""
+        return self.state.in_cache if self.state is not None else self.estimate
 
 
 @dataclass
@@ -195,7 +255,7 @@ class _Parked:
     """A request waiting for `leader` to compute the `shared` tokens it will fetch (dedup)."""
 
     req: GenerationRequest
-    leader: int
+    leader: GenerationRequest
     shared: int
     since: float
 
@@ -205,7 +265,6 @@ class _Solo(_Active):
     """The one request running while nothing else does, outside the batch (see Engine._solo_step)."""
 
     kv: list[Any] = field(default_factory=list)
-    sampler: Any = None
     y: Any = None  # the next token, sampled but not yet emitted (an mx.array being computed)
     generated: list[int] = field(default_factory=list)
 
@@ -227,6 +286,7 @@ class Engine:
         dedup_min_tokens: int = 32,
         progress_every: float = 5.0,
         solo: bool = True,
+        arrival_window: float = 0.1,
         metrics: Metrics | None = None,
     ) -> None:
         if decode_concurrency < 1 or prompt_concurrency < 1 or prefill_step_size < 1:
@@ -241,17 +301,21 @@ class Engine:
         self.dedup_min_tokens = dedup_min_tokens
         self.progress_every = progress_every  # seconds between progress lines of a long prefill
         self.solo = solo  # serve a lone request outside the batch (False: for A/B measurements)
+        self.arrival_window = arrival_window  # seconds a lone request waits for others being read
         self.metrics = metrics or Metrics()
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._arriving = 0  # requests between their arrival and submit() (see arriving())
         # worker-thread state
         self._bg: Any = None
         self._active: dict[int, _Active] = {}
+        self._ready: list[_Ready] = []
         self._parked: list[_Parked] = []
         self._solo: _Solo | None = None
         self._service_s = 5.0  # moving average of request durations, for retry-after
+        self._prefill_rate = 200.0  # moving average of prefill tokens/s, for ageing (see _rank)
         self.metrics.bind_engine(self)
 
     # -- caller side (any thread)
@@ -263,8 +327,14 @@ class Engine:
 
     @property
     def running(self) -> int:
-        """Requests in the batch (prefilling or decoding) or parked for another's prefill."""
-        return len(self._active) + len(self._parked) + (self._solo is not None)
+        """Requests admitted: in the batch (prefilling or decoding), waiting for their turn to
+        prefill, or parked for another's prefill."""
+        return len(self._active) + len(self._ready) + len(self._parked) + (self._solo is not None)
+
+    @property
+    def waiting_prefill(self) -> int:
+        """Requests admitted and waiting for their turn to read their prompt (see _schedule)."""
+        return len(self._ready)
 
     @property
     def busy(self) -> bool:
@@ -315,7 +385,29 @@ class Engine:
             self._thread = None
         return True
 
-    def submit(self, req: GenerationRequest) -> None:
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[Arrival]:
+        """Wrap what happens between a request's arrival and :meth:`submit` (reading, parsing,
+        tokenizing), and pass the yielded ticket to ``submit``. A request that would start alone
+        waits up to ``arrival_window`` seconds for the others being read at that moment, so
+        requests sent together start together instead of one alone and the rest a prefill step
+        later."""
+        ticket = Arrival()
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield ticket
+        finally:
+            with self._cond:
+                self._arrived(ticket)
+
+    def _arrived(self, ticket: Arrival) -> None:
+        if not ticket.done:  # under self._cond
+            ticket.done = True
+            self._arriving -= 1
+            self._cond.notify_all()
+
+    def submit(self, req: GenerationRequest, arrival: Arrival | None = None) -> None:
         """Queue ``req``; raises :class:`Overloaded` at once when the queue is full."""
         if not self.alive:
             raise WorkerDead("the MLX worker thread has died; restart the server")
@@ -326,6 +418,8 @@ class Engine:
                 raise Overloaded(f"the server is busy: {self.max_queue} requests are already waiting",
                                  self.retry_after())
             self._pending.append(req)
+            if arrival is not None:
+                self._arrived(arrival)
             self._cond.notify_all()
 
     def withdraw(self, req: GenerationRequest) -> bool:
@@ -357,10 +451,12 @@ class Engine:
             dead = WorkerDead(f"the MLX worker thread has died ({type(e).__name__}); restart the server")
             with self._cond:
                 pending, self._pending = list(self._pending), collections.deque()
-            running = [a.req for a in self._active.values()] + [p.req for p in self._parked]
+            running = ([a.req for a in self._active.values()] + [r.req for r in self._ready]
+                       + [p.req for p in self._parked])
             if self._solo is not None:
                 running.append(self._solo.req)
             self._active.clear()
+            self._ready.clear()
             self._parked.clear()
             self._solo = None
             for req in running + pending:  # nobody waits forever for a worker that is gone
@@ -372,14 +468,17 @@ class Engine:
             with self._cond:
                 while not self._stopping and not self.running and not self._pending:
                     self._cond.wait()
+                if self.solo and not self.running and len(self._pending) == 1 and self._arriving:
+                    # others are being read right now: let them arrive (see arriving())
+                    self._cond.wait_for(lambda: self._stopping or not self._arriving, timeout=self.arrival_window)
                 if self._stopping:
                     break
                 room = self.decode_concurrency - self.running
                 incoming = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 alone = self.solo and not self._pending and len(incoming) == 1 and not self.running
             try:
-                if self._solo is not None and (incoming or self._parked):
-                    self._migrate()  # company: the solo request joins the batch first
+                if self._solo is not None and (incoming or self._parked or self._ready):
+                    self._migrate()  # company: the solo request joins the others first
             except Exception as e:
                 log.exception("moving the running request into the batch failed")
                 self._solo.req.emit(e)
@@ -390,8 +489,10 @@ class Engine:
                 self._sweep()
                 if self._solo is not None:
                     self._solo_step()
-                elif self._active:
-                    self._step()
+                else:
+                    self._schedule()
+                    if self._active:
+                        self._step()
                 self._release_parked()
             except Exception as e:  # a failing step fails the batch, never the worker
                 failed = list(self._active.values()) + ([self._solo] if self._solo is not None else [])
@@ -407,15 +508,16 @@ class Engine:
         for a in list(self._active.values()) + ([self._solo] if self._solo is not None else []):
             a.req.emit(Done("cancelled", a.output_tokens) if a.prefilled_at is not None else bye)
         self._solo = None
-        for p in self._parked:
-            p.req.emit(bye)
+        for w in self._ready + self._parked:
+            w.req.emit(bye)
         self._active.clear()
+        self._ready.clear()
         self._parked.clear()
         self._bg = None
 
     def _admit(self, req: GenerationRequest, solo_ok: bool = False, parked_since: float | None = None) -> None:
         """A request leaves the queue (or a park, ``parked_since`` set): stopped already, parked
-        behind a leader, alone (solo), or into the batch."""
+        behind a leader, alone (solo), or ready to prefill when its turn comes (_schedule)."""
         why = req.stopped()
         if why:
             req.emit(Done(why, 0))
@@ -423,65 +525,149 @@ class Engine:
         try:
             leader = self._leader_for(req)
             if leader is not None:
-                a, shared = leader
-                if a.prefilled_at is not None:
-                    self._share(a)  # its whole prompt is in the batch already: store it now
+                x, shared = leader
+                if isinstance(x, _Active) and x.prefilled_at is not None:
+                    self._share(x)  # its whole prompt is in the batch already: store it now
                 else:
-                    a.waiters += 1
                     since = time.monotonic() if parked_since is None else parked_since
-                    self._parked.append(_Parked(req, a.uid, shared, since))
+                    self._parked.append(_Parked(req, x.req, shared, since))
                     self.metrics.dedup_waits.inc()
                     return
-            if parked_since is not None:
-                joined = self._join(req, (time.monotonic() - parked_since) * 1000)
-                self.metrics.dedup_tokens.inc(joined.reused)
-            elif solo_ok:
+            if solo_ok and parked_since is None:
                 self._start_solo(req)
-            else:
-                self._join(req)
+                return
+            parked_ms = 0.0 if parked_since is None else (time.monotonic() - parked_since) * 1000
+            estimate = self.store.peek(req.tokens) if self.store is not None else 0
+            self._ready.append(_Ready(req, parked_since is not None, parked_ms, estimate))
         except Exception as e:  # this request's failure (e.g. the store's), not the batch's
             log.exception("could not start a request")
             req.emit(e)
 
-    def _leader_for(self, req: GenerationRequest) -> tuple[_Active, int] | None:
-        """The running request whose prompt shares the most not-yet-cached tokens with req's,
-        if that is at least ``dedup_min_tokens`` more than it has stored (or fetched) already."""
+    def _leader_for(self, req: GenerationRequest) -> tuple[_Active | _Ready, int] | None:
+        """The admitted request whose prompt shares the most not-yet-cached tokens with req's,
+        if that is at least ``dedup_min_tokens`` more than the store has of it already."""
         if self.store is None:  # nothing to fetch after a wait: waiting would only delay it
             return None
-        best: tuple[_Active, int] | None = None
+        best: tuple[_Active | _Ready, int] | None = None
         limit = len(req.tokens) - 1
-        for a in self._active.values():
-            s = min(shared_prefix(a.tokens, req.tokens), limit)
-            if s - max(a.reused, a.shared) >= self.dedup_min_tokens and (best is None or s > best[1]):
-                best = (a, s)
+        for x in [*self._active.values(), *self._ready]:
+            s = min(shared_prefix(x.tokens, req.tokens), limit)
+            if s - x.covered >= self.dedup_min_tokens and (best is None or s > best[1]):
+                best = (x, s)
         return best
 
-    def _join(self, req: GenerationRequest, parked_ms: float = 0.0) -> _Active:
+    def _find(self, req: GenerationRequest) -> _Active | _Ready | None:
+        for a in self._active.values():
+            if a.req is req:
+                return a
+        for r in self._ready:
+            if r.req is req:
+                return r
+        return None
+
+    def _has_waiters(self, req: GenerationRequest) -> bool:
+        return any(p.leader is req for p in self._parked)
+
+    # -- who reads its prompt next
+    #
+    # mlx-lm's BatchGenerator reads a chunk of every prompt in its prompt batch at every step,
+    # right-padded to the longest chunk. Left to itself, four prompts that arrive together all
+    # finish reading at the end of the four (each request's TTFT is the whole batch's prefill
+    # time), and a short prompt beside a long one pays for the padding. So the engine decides
+    # who is in the prompt batch, step by step (_schedule): shortest remaining prompt first
+    # (the order that minimises the mean wait), several prompts in one step only while the
+    # padded step stays within ``prefill_step_size`` tokens (four short prompts read in one
+    # step; two long ones one after the other), a prompt others are parked on first (its
+    # prefill serves them all), side requests such as a conversation title last (they yield
+    # to the turn a user waits for), and ageing so that a long prompt is never starved: a
+    # request that has waited t seconds counts as t * (prefill rate) tokens shorter. A prompt
+    # that loses its place mid-way leaves the batch with its KV state (_preempt) and goes on
+    # later from there. Decoding streams are untouched by all of this: every step decodes them.
+
+    def _rank(self, x: _Active | _Ready, now: float) -> tuple[int, float, float]:
+        group = 0 if self._has_waiters(x.req) else 2 if x.req.background else 1
+        remaining = len(x.tokens) - (x.in_cache if isinstance(x, _Active) else x.progress)
+        return group, remaining - self._prefill_rate * (now - x.req.submitted), x.req.submitted
+
+    def _schedule(self) -> None:
+        prefilling = [a for a in self._active.values() if a.prefilled_at is None]
+        if not self._ready:
+            return
+        if any(a.prefilled_at is not None and a.first_token_at is None for a in self._active.values()):
+            return  # a request's first token is due next step: no new prompt chunk delays it
+        now = time.monotonic()
+        chosen: list[_Active | _Ready] = []
+        widest = 0
+        for x in sorted([*prefilling, *self._ready], key=lambda x: self._rank(x, now)):
+            if len(chosen) >= self.prompt_concurrency:
+                break
+            done = x.in_cache if isinstance(x, _Active) else x.progress
+            chunk = min(max(1, len(x.tokens) - done), self.prefill_step_size)
+            if chosen and max(widest, chunk) * (len(chosen) + 1) > self.prefill_step_size:
+                continue
+            chosen.append(x)
+            widest = max(widest, chunk)
+        keep = {id(x) for x in chosen}
+        for a in prefilling:
+            if id(a) not in keep and not self._has_waiters(a.req):
+                self._preempt(a)
+        for x in chosen:
+            if isinstance(x, _Ready):
+                self._ready.remove(x)
+                try:
+                    self._insert(x)
+                except Exception as e:  # this request's failure (e.g. the store's), not the batch's
+                    log.exception("could not start a request")
+                    x.req.emit(e)
+
+    def _insert(self, r: _Ready) -> _Active:
+        """Into the batch: a fresh request fetches its cached prefix now (so it gets whatever
+        was stored while it waited), one that read part of its prompt before goes on from there."""
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
-        tokens = req.tokens
-        if self.store is not None:
-            kv, reused = self.store.fetch(tokens)
+        req, tokens = r.req, r.req.tokens
+        if r.state is not None and r.kv is not None:
+            kv, start, sampler = r.kv, r.state.in_cache, r.state.sampler
         else:
-            kv, reused = make_prompt_cache(self.model), 0
+            kv, start = self.store.fetch(tokens) if self.store is not None else (make_prompt_cache(self.model), 0)
+            sampler = make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k)
         # A segment boundary at the end of system+tools: BatchGenerator stops a chunk there,
         # so the checkpoint is stored exactly at that length (see _on_prompt_progress).
         plen = req.prefix_len
-        if reused < plen < len(tokens) - 1:
-            segments = [tokens[reused:plen], tokens[plen:]]
+        if start < plen < len(tokens) - 1:
+            segments = [tokens[start:plen], tokens[plen:]]
         else:
-            segments = [tokens[reused:]]
-        sampler = make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k)
+            segments = [tokens[start:]]
         (uid,) = self._bg.insert_segments([segments], max_tokens=[req.max_tokens], caches=[kv],
-                                          all_tokens=[list(tokens[:reused])], samplers=[sampler],
+                                          all_tokens=[list(tokens[:start])], samplers=[sampler],
                                           stop_sequences=[self._eos])
         now = time.monotonic()
-        queued_ms = (now - req.submitted) * 1000
-        a = self._active[uid] = _Active(req, uid, reused, now, queued_ms, parked_ms, self.tokenizer.detokenizer,
-                                        in_cache=reused, base=reused, last_log=now)
-        self.metrics.queue_wait.observe(queued_ms / 1000)
+        if r.state is not None:
+            a = r.state
+            a.uid, a.base = uid, start
+        else:
+            queued_ms = (now - req.submitted) * 1000
+            a = _Active(req, uid, start, now, queued_ms, r.parked_ms, self.tokenizer.detokenizer,
+                        in_cache=start, base=start, last_log=now, sampler=sampler)
+            self.metrics.queue_wait.observe(queued_ms / 1000)
+            if r.was_parked:
+                self.metrics.dedup_tokens.inc(start)
+        self._active[uid] = a
         return a
+
+    def _preempt(self, a: _Active) -> None:
+        """Take a request that is reading its prompt out of the batch, with the KV state it has,
+        so that another prompt goes first; it goes on from there when its turn comes again."""
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        kv, held = self._bg.remove([a.uid], return_prompt_caches=True)[a.uid]
+        del self._active[a.uid]
+        a.in_cache = min(len(held), kv[0].size())
+        if kv[0].size() > a.in_cache:
+            trim_prompt_cache(kv, kv[0].size() - a.in_cache)
+        self._ready.append(_Ready(a.req, state=a, kv=kv))
+        self.metrics.preemptions.inc()
 
     def _sweep(self) -> None:
         """Take cancelled and timed-out requests out of the batch (storing what they computed)."""
@@ -506,6 +692,14 @@ class Engine:
                     a.req.emit(RequestTimeout("the request's time limit passed during prefill"))
                 else:
                     a.req.emit(Done(why, a.output_tokens))
+        for r in list(self._ready):
+            why = r.req.stopped()
+            if why:
+                self._ready.remove(r)
+                if r.state is not None and r.kv is not None and r.in_cache > r.covered:
+                    self._store(r.state, list(r.tokens[: r.in_cache]), r.kv)  # what it computed
+                r.req.emit(RequestTimeout("the request's time limit passed during prefill") if why == "timeout"
+                           else Done(why, 0))
         for p in list(self._parked):
             why = p.req.stopped()
             if why:
@@ -522,13 +716,11 @@ class Engine:
         park on it for the longer part (or join at once when nothing more is shared)."""
         released: list[_Parked] = []
         for p in list(self._parked):
-            a = self._active.get(p.leader)
-            if a is not None and a.in_cache < p.shared:
+            x = self._find(p.leader)
+            if x is not None and x.in_cache < p.shared:
                 continue
-            if a is not None:
-                if a.shared < p.shared:
-                    self._share(a)
-                a.waiters -= 1
+            if x is not None and x.shared < p.shared:
+                self._share(x)
             self._parked.remove(p)
             released.append(p)
         if len(released) > 1:
@@ -538,10 +730,19 @@ class Engine:
         for p in released:
             self._admit(p.req, parked_since=p.since)
 
-    def _share(self, a: _Active, checkpoint: bool = False) -> None:
-        """Store what the batch holds of ``a`` now (an extracted copy), so others can fetch it."""
+    def _share(self, x: _Active | _Ready, checkpoint: bool = False) -> None:
+        """Store what the batch holds of ``x`` now (an extracted copy), so others can fetch it."""
         if self.store is None:
             return
+        if isinstance(x, _Ready):  # out of the batch, with the KV state it has read: a copy of that
+            if x.state is not None and x.kv is not None and x.in_cache > x.covered:
+                try:
+                    self.store.store(x.tokens[: x.in_cache], x.kv)
+                    x.state.shared = x.in_cache
+                except Exception:
+                    log.exception("prefix cache store failed (ignored)")
+            return
+        a = x
         kv, held = self._bg.extract_cache([a.uid])[a.uid]
         held = list(held)
         if len(held) <= max(a.reused, a.shared):
@@ -576,6 +777,7 @@ class Engine:
             a.in_cache = len(a.tokens)
             a.prefilled_at = now
             computed = len(a.tokens) - a.reused
+            self._prefill_rate = 0.8 * self._prefill_rate + 0.2 * computed / max(now - a.joined, 1e-3)
             self.metrics.prefill_tokens.inc(computed)
             self.metrics.reused_tokens.inc(a.reused)
             self.metrics.prefill_time.observe(now - a.joined)
@@ -697,6 +899,7 @@ class Engine:
             now = time.monotonic()
             s.in_cache = len(tokens)
             s.prefilled_at = now
+            self._prefill_rate = 0.8 * self._prefill_rate + 0.2 * (len(tokens) - s.reused) / max(now - s.joined, 1e-3)
             self.metrics.prefill_tokens.inc(len(tokens) - s.reused)
             self.metrics.reused_tokens.inc(s.reused)
             self.metrics.prefill_time.observe(now - s.joined)
@@ -754,26 +957,26 @@ class Engine:
             log.exception("prefix cache store failed (ignored)")
 
     def _migrate(self) -> None:
-        """Another request arrived: the solo request goes on inside the BatchGenerator, with the
-        KV state it has, exactly where it is (mid-prompt or mid-answer)."""
+        """Another request arrived: the solo request goes on with the others, with the KV state it
+        has, exactly where it is: mid-answer into the BatchGenerator, mid-prompt back to the
+        requests waiting for their turn to prefill (_schedule)."""
         s = self._solo
         assert s is not None
-        tokens, plen = s.tokens, s.req.prefix_len
-        if s.prefilled_at is None:
-            if s.in_cache < plen < len(tokens) - 1:
-                segments = [tokens[s.in_cache:plen], tokens[plen:]]
-            else:
-                segments = [tokens[s.in_cache:]]
-            held, max_tokens = list(tokens[: s.in_cache]), s.req.max_tokens
-        else:
-            # the token sampled last is not handed out yet: out with it first (it may end it)
-            self._solo_token(s, s.y.item())
-            if self._solo is None:
-                return
-            # kv holds the prompt and every generated token but that last one, which the
-            # batch feeds next; it samples the rest (its first answer is the token after it)
-            segments = [[s.generated[-1]]]
-            held, max_tokens = list(tokens) + s.generated[:-1], s.req.max_tokens - s.output_tokens
+        tokens = s.tokens
+        if s.prefilled_at is None:  # mid-prompt: its turn to go on comes from _schedule
+            a = _Active(s.req, -1, s.reused, s.joined, s.queued_ms, s.parked_ms, s.detok, in_cache=s.in_cache,
+                        base=s.in_cache, shared=s.shared, last_log=s.last_log, sampler=s.sampler)
+            self._ready.append(_Ready(s.req, state=a, kv=s.kv))
+            self._solo = None
+            return
+        # the token sampled last is not handed out yet: out with it first (it may end it)
+        self._solo_token(s, s.y.item())
+        if self._solo is None:
+            return
+        # kv holds the prompt and every generated token but that last one, which the
+        # batch feeds next; it samples the rest (its first answer is the token after it)
+        segments = [[s.generated[-1]]]
+        held, max_tokens = list(tokens) + s.generated[:-1], s.req.max_tokens - s.output_tokens
         (uid,) = self._bg.insert_segments([segments], max_tokens=[max_tokens], caches=[s.kv], all_tokens=[held],
                                           samplers=[s.sampler], stop_sequences=[self._eos])
         a = _Active(s.req, uid, s.reused, s.joined, s.queued_ms, s.parked_ms, s.detok, in_cache=s.in_cache,

@@ -35,6 +35,7 @@ from starlette.routing import Route
 
 from warmturn.server import wire
 from warmturn.server.engine import (
+    Arrival,
     Done,
     Engine,
     GenerationRequest,
@@ -47,7 +48,7 @@ from warmturn.server.engine import (
 from warmturn.server.guard import DRAIN_LIMIT, GuardMiddleware
 from warmturn.server.metrics import Metrics
 from warmturn.server.render import Renderer, Rendered, openai_tool
-from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model
+from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model, side_request
 from warmturn.server.toolcalls import OutputAssembler, ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -339,7 +340,7 @@ def check_context(state: ServerState, n: int) -> None:
 
 
 def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rendered: Rendered,
-           t_start: float) -> Call:
+           t_start: float, arrival: Arrival | None = None, background: bool = False) -> Call:
     """Queue the generation; engine items arrive on the call's asyncio queue."""
     loop = asyncio.get_running_loop()
     items: asyncio.Queue = asyncio.Queue()
@@ -361,8 +362,9 @@ def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rend
         top_k=req.top_k or 0,
         deadline=time.monotonic() + state.request_timeout,
         request_id=request_id(request),
+        background=background,
     )
-    state.engine.submit(gen)
+    state.engine.submit(gen, arrival)
     record = {"request_id": gen.request_id, "model": req.model, "stream": req.stream,
               "prompt_tokens": n, "prefix_len": rendered.prefix_len}
     return Call(request, req, gen, items, record, t_start)
@@ -492,11 +494,16 @@ def stream_events(request: Request, agen: AsyncIterator[dict[str, Any]], headers
 async def messages(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
     t_start = time.monotonic()
-    req = wire.parse_messages_request(await read_json(request, state.max_body_bytes))
-    refuse_before_tokenizing(state, req, state.context_length - 1)
-    rendered = await render(state, req)
-    check_context(state, len(rendered.tokens))
-    call = submit(state, request, req, rendered, t_start)
+    with state.engine.arriving() as arrival:  # others sent at the same moment start together
+        body = await read_json(request, state.max_body_bytes)
+        req = wire.parse_messages_request(body)
+        refuse_before_tokenizing(state, req, state.context_length - 1)
+        rendered = await render(state, req)
+        check_context(state, len(rendered.tokens))
+        # Claude Code's conversation title is written beside the first turn, which the user
+        # waits for: the title reads its prompt after the turns (engine: _rank)
+        background = side_request(request.headers, body) == "title"
+        call = submit(state, request, req, rendered, t_start, arrival, background)
     try:
         first = await wait_prefilled(state, call)
     except ClientGone:

@@ -43,6 +43,8 @@ class _EngineCollector(Collector):
             ("busy", "1 while any request is in the batch", float(e.busy)),
             ("batch_decoding", "sequences in the decode batch", decoding),
             ("batch_prefilling", "sequences reading their prompt (chunked prefill)", prefilling),
+            ("prefill_waiting", "requests admitted and waiting for their turn to read their prompt",
+             e.waiting_prefill),
             ("dedup_parked", "requests waiting for another request's prefill of a shared prefix",
              len(e._parked)),
             ("worker_alive", "1 while the MLX worker thread runs", float(e.alive)),
@@ -70,6 +72,9 @@ class Metrics:
         self.dedup_tokens = Counter(f"{PREFIX}_dedup_tokens",
                                     "prompt tokens fetched from the cache by requests that waited (not recomputed)",
                                     registry=r)
+        self.preemptions = Counter(f"{PREFIX}_prefill_preemptions",
+                                   "prompts that paused mid-prefill (KV kept) so a shorter one went first",
+                                   registry=r)
         self.ttft = Histogram(f"{PREFIX}_ttft_seconds", "from the request's arrival to its first generated token",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.prefill_time = Histogram(f"{PREFIX}_prefill_seconds", "from joining the batch to the end of prefill",
