@@ -95,7 +95,8 @@ def build_state(args: argparse.Namespace):
     engine = Engine(model, tokenizer, make_store(args, model), max_queue=args.max_queue,
                     decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
                     prefill_step_size=args.prefill_step_size, dedup_min_tokens=args.dedup_min_tokens,
-                    progress_every=args.prefill_progress_seconds, metrics=Metrics())
+                    progress_every=args.prefill_progress_seconds, arrival_window=args.arrival_window_ms / 1000,
+                    metrics=Metrics())
     renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
@@ -149,12 +150,17 @@ def make_parser() -> argparse.ArgumentParser:
                    help="requests generating at once in one batch; more wait in the queue (as mlx_lm.server's "
                         "flag; measured in docs/server.md) (default: 8)")
     p.add_argument("--prompt-concurrency", type=int, default=4,
-                   help="prompts prefilled at once, one chunk each per step, interleaved with decoding "
-                        "(as mlx_lm.server's flag) (default: 4)")
+                   help="most prompts read in one step, interleaved with decoding (as mlx_lm.server's flag); "
+                        "several share a step only while their padded chunks fit --prefill-step-size, shortest "
+                        "remaining prompt first (docs/server.md) (default: 4)")
     p.add_argument("--prefill-step-size", "--prefill-chunk", dest="prefill_step_size", type=int, default=256,
-                   help="prompt tokens per sequence per batch step: smaller keeps decoding streams flowing while "
-                        "a long prompt is read, larger prefills a lone prompt a little faster (as mlx_lm.server's "
-                        "flag; --prefill-chunk is the old name) (default: 256)")
+                   help="prompt tokens read per step, in all (padding included): smaller keeps decoding streams "
+                        "flowing while a long prompt is read, larger prefills a lone prompt a little faster (as "
+                        "mlx_lm.server's flag; --prefill-chunk is the old name) (default: 256)")
+    p.add_argument("--arrival-window-ms", type=float, default=100.0,
+                   help="a request that would start alone waits up to this long for requests still being read "
+                        "and tokenized at that moment, so requests sent together start together; 0 = never wait "
+                        "(default: 100)")
     p.add_argument("--dedup-min-tokens", type=int, default=32,
                    help="a request that shares at least this many not-yet-cached prompt tokens with one being "
                         "prefilled waits for that prefill and reads them from the cache (default: 32)")
