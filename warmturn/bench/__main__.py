@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "4 turns), scale (decode tok/s, 1 vs 4 streams). Default: all; smoke: b,scale")
     p.add_argument("--peers", default="",
                    help="servers of the concurrent replay: warmturn, mlx_lm.server, vllm-mlx-cb (default: all; "
-                        "vllm-mlx-cb only with --vllm-mlx-cmd; smoke: warmturn)")
+                        "vllm-mlx-cb only with --vllm-mlx-cmd; smoke: warmturn); warmturn-arrival (opt-in: warmturn "
+                        "with --prefill-order arrival, for A/B)")
     p.add_argument("--replay-target-tokens", type=int,
                    help="system+tools prefix tokens of the concurrent replay (default: --target-tokens)")
     p.add_argument("--replay-max-tokens", type=int,

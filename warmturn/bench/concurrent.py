@@ -27,6 +27,9 @@ from warmturn.bench.targets import distinct_prefix_tokens
 
 PEERS = {
     "warmturn": Arm("warmturn", "warmturn's embedded server behind the addon"),
+    # opt-in (--peers): the same server reading every admitted prompt at once, for A/B
+    "warmturn-arrival": Arm("warmturn-arrival", "warmturn with --prefill-order arrival",
+                            server_args=("--prefill-order", "arrival")),
     "mlx_lm.server": Arm("mlx_lm.server", "mlx_lm.server (BatchGenerator, its defaults) behind the addon",
                          backend="mlx_lm", backend_api="openai"),
     "vllm-mlx-cb": Arm("vllm-mlx-cb", "vllm-mlx --continuous-batching, its /v1/messages behind the addon",
@@ -38,7 +41,7 @@ def select_peers(spec: str, vllm_mlx: bool) -> list[str]:
     """Peer keys from a comma-separated spec ('' = all available; vllm-mlx only with its command)."""
     known = [k for k in PEERS if vllm_mlx or not k.startswith("vllm")]
     if not spec:
-        return known
+        return [k for k in known if k not in OPT_IN]
     wanted = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [w for w in wanted if w not in PEERS]
     if bad:
@@ -48,6 +51,8 @@ def select_peers(spec: str, vllm_mlx: bool) -> list[str]:
         raise SystemExit(f"--peers {missing} need --vllm-mlx-cmd (or VLLM_MLX_CMD; see scripts/vllm-mlx.sh)")
     return wanted
 
+
+OPT_IN = {"warmturn-arrival"}
 
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)\s*$")
 
@@ -141,7 +146,7 @@ def run_one(scenario: Scenario, peer: str, ctx: Context, rep: int, seed: int = 0
         after = scrape(peer, run.backend_url)
         info["prefill_tokens_metric"] = metric_delta(before, after, "warmturn_prefill_tokens_total")
         info["metrics_after"] = {k: v for k, v in (after.get("/metrics") or {}).items()
-                                 if k.startswith("warmturn_")} if peer == "warmturn" else {}
+                                 if k.startswith("warmturn_")} if arm.backend == "embedded" else {}
         if "/v1/status" in after:
             info["status_after"] = after["/v1/status"]
         if peer.startswith("vllm") and log_path is not None:

@@ -96,7 +96,7 @@ def build_state(args: argparse.Namespace):
                     decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
                     prefill_step_size=args.prefill_step_size, dedup_min_tokens=args.dedup_min_tokens,
                     progress_every=args.prefill_progress_seconds, arrival_window=args.arrival_window_ms / 1000,
-                    metrics=Metrics())
+                    prefill_order=args.prefill_order, metrics=Metrics())
     renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
@@ -157,6 +157,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="prompt tokens read per step, in all (padding included): smaller keeps decoding streams "
                         "flowing while a long prompt is read, larger prefills a lone prompt a little faster (as "
                         "mlx_lm.server's flag; --prefill-chunk is the old name) (default: 256)")
+    p.add_argument("--prefill-order", choices=("shortest", "arrival"), default="shortest",
+                   help="who reads its prompt first: shortest (the shortest remaining prompt first, short prompts "
+                        "sharing a step, a title request after the turns; docs/server.md) or arrival (every "
+                        "admitted prompt at once, one chunk each per step, as mlx_lm.server) (default: shortest)")
     p.add_argument("--arrival-window-ms", type=float, default=100.0,
                    help="a request that would start alone waits up to this long for requests still being read "
                         "and tokenized at that moment, so requests sent together start together; 0 = never wait "

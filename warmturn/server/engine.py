@@ -287,10 +287,13 @@ class Engine:
         progress_every: float = 5.0,
         solo: bool = True,
         arrival_window: float = 0.1,
+        prefill_order: Literal["shortest", "arrival"] = "shortest",
         metrics: Metrics | None = None,
     ) -> None:
         if decode_concurrency < 1 or prompt_concurrency < 1 or prefill_step_size < 1:
             raise ValueError("concurrency limits and the prefill step size must be at least 1")
+        if prefill_order not in ("shortest", "arrival"):
+            raise ValueError(f"prefill_order must be 'shortest' or 'arrival', not {prefill_order!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.store = store
@@ -302,6 +305,7 @@ class Engine:
         self.progress_every = progress_every  # seconds between progress lines of a long prefill
         self.solo = solo  # serve a lone request outside the batch (False: for A/B measurements)
         self.arrival_window = arrival_window  # seconds a lone request waits for others being read
+        self.prefill_order = prefill_order  # "arrival": every admitted prompt is read at once (A/B)
         self.metrics = metrics or Metrics()
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
@@ -595,6 +599,11 @@ class Engine:
             return
         if any(a.prefilled_at is not None and a.first_token_at is None for a in self._active.values()):
             return  # a request's first token is due next step: no new prompt chunk delays it
+        if self.prefill_order == "arrival":  # as mlx_lm.server: every admitted prompt at once
+            for r in list(self._ready):
+                self._ready.remove(r)
+                self._insert_or_fail(r)
+            return
         now = time.monotonic()
         chosen: list[_Active | _Ready] = []
         widest = 0
@@ -614,11 +623,14 @@ class Engine:
         for x in chosen:
             if isinstance(x, _Ready):
                 self._ready.remove(x)
-                try:
-                    self._insert(x)
-                except Exception as e:  # this request's failure (e.g. the store's), not the batch's
-                    log.exception("could not start a request")
-                    x.req.emit(e)
+                self._insert_or_fail(x)
+
+    def _insert_or_fail(self, r: _Ready) -> None:
+        try:
+            self._insert(r)
+        except Exception as e:  # this request's failure (e.g. the store's), not the batch's
+            log.exception("could not start a request")
+            r.req.emit(e)
 
     def _insert(self, r: _Ready) -> _Active:
         """Into the batch: a fresh request fetches its cached prefix now (so it gets whatever
