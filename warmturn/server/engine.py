@@ -480,15 +480,15 @@ class Engine:
                 room = self.decode_concurrency - self.running
                 incoming = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 alone = self.solo and not self._pending and len(incoming) == 1 and not self.running
+            for req in incoming:
+                self._admit(req, solo_ok=alone)
             try:
-                if self._solo is not None and (incoming or self._parked or self._ready):
-                    self._migrate()  # company: the solo request joins the others first
+                if self._solo is not None and self._solo_yields():
+                    self._migrate()  # company it must share the steps with: it joins the others
             except Exception as e:
                 log.exception("moving the running request into the batch failed")
                 self._solo.req.emit(e)
                 self._solo = None
-            for req in incoming:
-                self._admit(req, solo_ok=alone)
             try:
                 self._sweep()
                 if self._solo is not None:
@@ -554,13 +554,16 @@ class Engine:
             return None
         best: tuple[_Active | _Ready, int] | None = None
         limit = len(req.tokens) - 1
-        for x in [*self._active.values(), *self._ready]:
+        solo = [self._solo] if self._solo is not None else []
+        for x in [*solo, *self._active.values(), *self._ready]:
             s = min(shared_prefix(x.tokens, req.tokens), limit)
             if s - x.covered >= self.dedup_min_tokens and (best is None or s > best[1]):
                 best = (x, s)
         return best
 
     def _find(self, req: GenerationRequest) -> _Active | _Ready | None:
+        if self._solo is not None and self._solo.req is req:
+            return self._solo
         for a in self._active.values():
             if a.req is req:
                 return a
@@ -620,10 +623,34 @@ class Engine:
         for a in prefilling:
             if id(a) not in keep and not self._has_waiters(a.req):
                 self._preempt(a)
+        if self.solo and not self._active and len(chosen) == 1 and isinstance(chosen[0], _Ready):
+            # one prompt to read and nothing in the batch: it runs alone, outside the batch (see
+            # _start_solo), while the others wait for their turn
+            self._ready.remove(chosen[0])
+            try:
+                self._start_solo_from(chosen[0])
+            except Exception as e:  # this request's failure (e.g. the store's), not the batch's
+                log.exception("could not start a request")
+                chosen[0].req.emit(e)
+            return
         for x in chosen:
             if isinstance(x, _Ready):
                 self._ready.remove(x)
                 self._insert_or_fail(x)
+
+    def _solo_yields(self) -> bool:
+        """Whether the solo request must move in with the others: it is generating and others
+        wait to read their prompts (beside its decode steps), or the scheduler puts another
+        prompt before it. Otherwise it reads its prompt on alone, which is faster than a batch
+        of one, while the others wait for their turn as they would in the batch."""
+        s = self._solo
+        assert s is not None
+        if not self._ready:
+            return False
+        if s.prefilled_at is not None:
+            return True
+        now = time.monotonic()
+        return min([s, *self._ready], key=lambda x: self._rank(x, now)) is not s
 
     def _insert_or_fail(self, r: _Ready) -> None:
         try:
@@ -746,11 +773,12 @@ class Engine:
         """Store what the batch holds of ``x`` now (an extracted copy), so others can fetch it."""
         if self.store is None:
             return
-        if isinstance(x, _Ready):  # out of the batch, with the KV state it has read: a copy of that
-            if x.state is not None and x.kv is not None and x.in_cache > x.covered:
+        if isinstance(x, (_Ready, _Solo)):  # outside the batch, with the KV state it has read: a copy
+            kv = x.kv if isinstance(x, _Solo) else x.kv if x.state is not None else None
+            if kv is not None and x.in_cache > x.covered:
                 try:
-                    self.store.store(x.tokens[: x.in_cache], x.kv)
-                    x.state.shared = x.in_cache
+                    self.store.store(x.tokens[: x.in_cache], kv)
+                    (x if isinstance(x, _Solo) else x.state).shared = x.in_cache
                 except Exception:
                     log.exception("prefix cache store failed (ignored)")
             return
@@ -850,7 +878,7 @@ class Engine:
     # current one is handed out), step by step like the batch, and the moment another request
     # arrives it moves into the BatchGenerator with its KV state and goes on there (_migrate).
 
-    def _start_solo(self, req: GenerationRequest) -> None:
+    def _start_solo(self, req: GenerationRequest, parked_ms: float = 0.0, was_parked: bool = False) -> None:
         from mlx_lm.models.cache import make_prompt_cache
         from mlx_lm.sample_utils import make_sampler
 
@@ -860,10 +888,22 @@ class Engine:
             kv, reused = make_prompt_cache(self.model), 0
         now = time.monotonic()
         queued_ms = (now - req.submitted) * 1000
-        self._solo = _Solo(req, -1, reused, now, queued_ms, 0.0, self.tokenizer.detokenizer, in_cache=reused,
+        self._solo = _Solo(req, -1, reused, now, queued_ms, parked_ms, self.tokenizer.detokenizer, in_cache=reused,
                            last_log=now, kv=kv,
                            sampler=make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k))
         self.metrics.queue_wait.observe(queued_ms / 1000)
+        if was_parked:
+            self.metrics.dedup_tokens.inc(reused)
+
+    def _start_solo_from(self, r: _Ready) -> None:
+        """A waiting request's turn came with nothing else in the batch: it runs solo, from
+        where it stopped if it has read part of its prompt already."""
+        if r.state is None or r.kv is None:
+            self._start_solo(r.req, r.parked_ms, r.was_parked)
+            return
+        a = r.state
+        self._solo = _Solo(a.req, -1, a.reused, a.joined, a.queued_ms, a.parked_ms, a.detok, in_cache=a.in_cache,
+                           shared=a.shared, last_log=a.last_log, sampler=a.sampler, kv=r.kv)
 
     def _sample(self, s: _Solo, logits: Any) -> Any:
         import mlx.core as mx
