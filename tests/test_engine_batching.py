@@ -422,10 +422,14 @@ def test_a_title_request_reads_its_prompt_after_the_turn(parts):
     although its prompt is the shorter one."""
     model, tok = parts
     rng = random.Random(43)
+    prompts = {"title": (words(rng, 40), {"background": True}), "turn": (words(rng, 90), {})}
+    alone = {n: serve_stopped(Engine(model, tok, None, prefill_step_size=16), {n: p}).text(n)
+             for n, p in prompts.items()}
     eng = Engine(model, tok, None, prefill_step_size=16)
-    rec = serve_stopped(eng, {"title": (words(rng, 40), {"background": True}), "turn": (words(rng, 90), {})})
+    rec = serve_stopped(eng, prompts)
     started = [n for n, i in rec.log if isinstance(i, Prefilled)]
     assert started == ["turn", "title"]
+    assert rec.text("turn") == alone["turn"] and rec.text("title") == alone["title"]
 
 
 def test_requests_being_read_together_start_together(parts, make_engine):
