@@ -118,14 +118,36 @@ def test_prefix_order_tools_first(tokenizer):
 
 
 def test_mid_conversation_system_is_rendered_in_place(renderer):
-    msgs = [{"role": "user", "content": "Q1"}, {"role": "system", "content": "<total_tokens>99 tokens left</total_tokens>"},
-            {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "R"}]},
+            {"role": "system", "content": "<total_tokens>99 tokens left</total_tokens>"},
+            {"role": "assistant", "content": "A2"}, {"role": "user", "content": "Q2"}]
     r = renderer.render(req(msgs, system="Top."))
     t = r.text
     assert t.startswith("<|im_start|>system\nTop.<|im_end|>")
-    assert t.index("Q1") < t.index("<|im_start|>system\n<total_tokens>") < t.index("A1") < t.index("Q2")
+    assert t.index("A1") < t.index("R") < t.index("<|im_start|>system\n<total_tokens>") < t.index("A2") < t.index("Q2")
     without = renderer.render(req([msgs[0]], system="Top."))
     assert r.tokens[: r.prefix_len] == without.tokens[: without.prefix_len]
+
+
+def test_notes_after_a_plain_prompt_render_before_it(renderer):
+    """Claude Code 2.1.332's environment note (role system, after the first prompt): the turn
+    before the answer is the user's prompt, and every later request still extends the
+    previous one's tokens (the recorded session of 8 requests)."""
+    lines = [json.loads(x) for x in (FIXTURES / "claude_code_2.1.332" / "p_read.jsonl").read_text().splitlines()]
+    bodies = [x["request"]["body"] for x in lines if isinstance(x["request"].get("body"), dict)]
+    assert [m["role"] for m in bodies[0]["messages"]] == ["user", "system"]
+    first = renderer.render(parse_messages_request(bodies[0]))
+    note, prompt = first.text.index("# Environment"), first.text.rindex("What does notes.txt say?")
+    assert note < prompt and first.text.rindex("<|im_start|>user") < prompt
+    assert "# Environment" not in first.text[first.text.rindex("<|im_start|>user"):]
+    rendered = [renderer.render(parse_messages_request(b)) for b in bodies]
+    for a, b in zip(rendered, rendered[1:]):
+        head = a.tokens[:-3]  # the generation prompt (assistant header) aside
+        assert b.tokens[: len(head)] == head
+    several = renderer.render(req([{"role": "user", "content": "Q1"}, {"role": "system", "content": "N1"},
+                                   {"role": "system", "content": "N2"}]))
+    assert several.text.index("N1") < several.text.index("N2") < several.text.index("Q1")
 
 
 def test_template_refusing_inner_system_gets_it_folded_into_the_next_user_turn(model_dir):
@@ -135,8 +157,13 @@ def test_template_refusing_inner_system_gets_it_folded_into_the_next_user_turn(m
                         {"role": "system", "content": "NOTE"}, {"role": "user", "content": "Q2"}], system="Top."))
     assert "<|im_start|>user\nNOTE\n\nQ2<|im_end|>" in out.text
     assert out.text.index("A1") < out.text.index("NOTE")
-    trailing = r.render(req([{"role": "user", "content": "Q1"}, {"role": "system", "content": "LAST"}]))
-    assert "<|im_start|>user\nQ1\n\nLAST<|im_end|>" in trailing.text
+    after_prompt = r.render(req([{"role": "user", "content": "Q1"}, {"role": "system", "content": "NEXT"}],
+                                system="Top."))
+    assert "<|im_start|>user\nNEXT\n\nQ1<|im_end|>" in after_prompt.text
+    trailing = r.render(req([{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+                             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": "R"}]},
+                             {"role": "system", "content": "LAST"}], system="Top."))
+    assert "</tool_response>\n\nLAST<|im_end|>" in trailing.text
 
 
 def test_template_with_tool_support_gets_tools_natively(model_dir):

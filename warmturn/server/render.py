@@ -8,7 +8,12 @@ of two requests are identical, so
   sorted keys; parallel tool results are ordered by the assistant's tool_use order, whatever
   order the client echoes them back in; thinking blocks were already dropped by ``wire``;
 - mid-conversation ``system`` messages stay where they are (as system turns when the template
-  accepts them, else folded into the adjacent user turn), never moved to the front;
+  accepts them, else folded into the adjacent user turn), never moved to the front, with one
+  exception: notes right after a plain user message (no tool results) render just before it.
+  Claude Code 2.1.3xx sends its environment text that way, after the first prompt; rendered in
+  place it is the last turn before the answer, and small models answer the note instead of the
+  prompt. The swap is the same in every later request (the two stay adjacent in the history),
+  so prompts still grow by appending;
 - per-request instructions (``tool_choice``, ``output_config.format``) go at the end, after
   the last message, so they never change the prefix.
 
@@ -233,12 +238,19 @@ class Renderer:
         if system:
             out.append({"role": "system", "content": system})
         order: dict[str, int] = {}
+        anchor: int | None = None  # index of a plain user turn: system notes that follow go before it
         for m in msgs:
             if m.role == "assistant":
                 order = {b.id: i for i, b in enumerate(b for b in m.blocks if isinstance(b, ToolUseBlock))}
                 out.append(self._assistant(m))
+                anchor = None
             elif m.role == "user":
                 out.extend(self._user(m, order))
+                plain = not any(isinstance(b, ToolResultBlock) for b in m.blocks)
+                anchor = len(out) - 1 if plain else None
+            elif anchor is not None:
+                out.insert(anchor, {"role": "system", "content": _texts(m.blocks)})
+                anchor += 1
             else:
                 out.append({"role": "system", "content": _texts(m.blocks)})
         notes = tail_instructions(req)
