@@ -71,6 +71,19 @@ def cache_mib(port: int) -> float:
     return float(m.group(1)) / 2**20 if m else 0.0
 
 
+def mlx_mib(port: int) -> tuple[float, float]:
+    """The embedded server's MLX active and buffer-cache bytes (its /metrics), in MiB."""
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return 0.0, 0.0
+    out = []
+    for name in ("warmturn_mlx_active_bytes", "warmturn_mlx_cache_bytes"):
+        m = re.search(rf"^{name} (\S+)$", text, re.M)
+        out.append(float(m.group(1)) / 2**20 if m else 0.0)
+    return out[0], out[1]
+
+
 def anthropic_error(r: httpx.Response, statuses: tuple[int, ...] = (400, 413)) -> bool:
     try:
         body = r.json()
@@ -200,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(3)
         base_res = {"mitmdump": (fds(mitm.pid), rss_mib(mitm.pid), 0.0),
                     "server": (fds(server), rss_mib(server), cache_mib(server_port))}
+        base_mlx = mlx_mib(server_port)
         names = [n for n, w in MIX for _ in range(w)]
         plan = [rng.choice(names) for _ in range(args.requests)]
         t0 = time.monotonic()
@@ -214,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         time.sleep(10)  # let disconnected generations wind down and buffers drain
         end_res = {"mitmdump": (fds(mitm.pid), rss_mib(mitm.pid), 0.0),
                    "server": (fds(server), rss_mib(server), cache_mib(server_port))}
+        end_mlx = mlx_mib(server_port)
     finally:
         mitm.send_signal(signal.SIGTERM)
         try:
@@ -245,6 +260,8 @@ def run(args: argparse.Namespace) -> int:
         (f0, r0, c0), (f1, r1, c1) = base_res[proc], end_res[proc]
         print(f"{proc:10} {f0:>10} {f1:>10} {r0:>15.0f} {r1:>14.0f} {c0:>20.0f} {c1:>6.0f}")
         ok &= f1 <= f0 + 4 and r1 - max(c1 - c0, 0) <= r0 * 1.25 + 64
+    print(f"server MLX memory, MiB: arrays {base_mlx[0]:.0f} -> {end_mlx[0]:.0f}, "
+          f"buffer cache (freed, kept for reuse) {base_mlx[1]:.0f} -> {end_mlx[1]:.0f}")
     for f in soak.failures:
         print("  mishandled:", f)
     print("\nPASS" if ok else "\nFAIL", f"(files in {work})")

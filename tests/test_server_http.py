@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -317,6 +318,9 @@ def test_metrics_and_request_log(server):
     assert "warmturn_queue_depth 0" in text
     assert "warmturn_ttft_seconds_count" in text and "warmturn_generated_tokens_total" in text
     assert "warmturn_cache_hits" in text  # the prefix cache's own stats()
+    mlx = {k: float(v) for k, v in re.findall(r"^warmturn_mlx_(\w+)_bytes (\S+)$", text, re.M)}
+    assert set(mlx) == {"active", "cache", "peak"} and mlx["active"] > 1e8  # the model's weights at least
+    assert mlx["peak"] >= mlx["active"]
     log = server["log"].read_text()
     assert "BLAS: OpenBLAS" in log  # the server re-exec'd itself with OpenBLAS preloaded
     recs = [json.loads(line.split("warmturn.requests: ", 1)[1]) for line in log.splitlines()

@@ -29,6 +29,19 @@ PREFIX = "warmturn"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120, 300, float("inf"))
 
 
+def mlx_memory() -> list[tuple[str, str, float]]:
+    """MLX's own allocator figures (bytes): what arrays hold now, what it keeps freed for reuse
+    (its buffer cache: part of the process's RSS, reused, not leaked), and the peak."""
+    try:
+        import mlx.core as mx
+
+        return [("mlx_active_bytes", "bytes MLX arrays hold now", float(mx.get_active_memory())),
+                ("mlx_cache_bytes", "bytes MLX keeps freed for reuse (its buffer cache)", float(mx.get_cache_memory())),
+                ("mlx_peak_bytes", "the most bytes MLX arrays have held at once", float(mx.get_peak_memory()))]
+    except Exception:  # noqa: BLE001 - an MLX without these functions: no such gauges
+        return []
+
+
 class _EngineCollector(Collector):
     """Gauges read from the engine and its store at scrape time."""
 
@@ -49,6 +62,8 @@ class _EngineCollector(Collector):
              len(e._parked)),
             ("worker_alive", "1 while the MLX worker thread runs", float(e.alive)),
         ):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
+        for name, help_, value in mlx_memory():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
         for name, value in safe_stats(e.store).items():
             metric = "cache_" + "".join(c if c.isalnum() else "_" for c in name)
