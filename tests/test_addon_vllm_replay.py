@@ -93,7 +93,7 @@ def test_anthropic_backend_tap_passes_vllms_chunks_as_they_are():
                                         "name": "get_weather", "input": {"city": "Paris"}}]
 
 
-@pytest.mark.parametrize("name", ["chat_stream_text", "chat_stream_text_warm"])
+@pytest.mark.parametrize("name", ["chat_stream_text", "chat_stream_text_warm", "chat_stream_text_cold"])
 def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(tmp_path, name):
     usage = usage_chunk(name)
     with through_addon(tmp_path, {"/v1/chat/completions": name}, backend_api="openai",
@@ -103,10 +103,12 @@ def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(tmp_path, n
             msg = s.get_final_message()
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert "".join(b.text for b in msg.content) == "The capital of France is Paris."
-    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    details = usage["prompt_tokens_details"]
+    cached, created = details["cached_tokens"], details.get("created_cache_tokens", 0)
     assert msg.usage.output_tokens == usage["completion_tokens"]
-    assert msg.usage.input_tokens == usage["prompt_tokens"] - cached
+    assert msg.usage.input_tokens == usage["prompt_tokens"] - cached - created
     assert (msg.usage.cache_read_input_tokens or 0) == cached
+    assert (msg.usage.cache_creation_input_tokens or 0) == created
     assert replay.received[-1]["body"]["model"] == "smollm2"
     [line] = read_capture(cap)
     assert line["usage"]["output_tokens"] == usage["completion_tokens"]

@@ -132,14 +132,21 @@ def to_openai_request(body: dict, model: str | None = None) -> dict:
 
 
 def usage_from_openai(usage: Any) -> dict[str, int]:
-    """OpenAI usage -> Anthropic usage (cached prompt tokens become cache_read_input_tokens)."""
+    """OpenAI usage -> Anthropic usage: cached prompt tokens become cache_read_input_tokens, and
+    vLLM's ``created_cache_tokens`` (prompt tokens it has just written to its prefix cache)
+    cache_creation_input_tokens; input_tokens is the rest, so the three add up to the prompt."""
     if not isinstance(usage, dict):
         return {}
     prompt = int(usage.get("prompt_tokens") or 0)
-    cached = int(((usage.get("prompt_tokens_details") or {}).get("cached_tokens")) or 0)
-    out = {"input_tokens": prompt - cached, "output_tokens": int(usage.get("completion_tokens") or 0)}
+    details = usage.get("prompt_tokens_details")
+    details = details if isinstance(details, dict) else {}
+    cached = int(details.get("cached_tokens") or 0)
+    created = max(0, min(int(details.get("created_cache_tokens") or 0), prompt - cached))
+    out = {"input_tokens": prompt - cached - created, "output_tokens": int(usage.get("completion_tokens") or 0)}
     if cached or usage.get("prompt_tokens_details") is not None:
         out["cache_read_input_tokens"] = cached
+    if "created_cache_tokens" in details:
+        out["cache_creation_input_tokens"] = created
     return out
 
 
