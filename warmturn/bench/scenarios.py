@@ -23,7 +23,6 @@ asked for the same work. Pure: nothing here touches the network.
 from __future__ import annotations
 
 import copy
-import json
 import random
 from dataclasses import dataclass, field
 
@@ -33,12 +32,14 @@ from warmturn.bench.workload import (
     BenchRequest,
     Counter,
     _compacted,
-    _mark_last,
     _settle,
     _tool_result,
     _tool_use,
     _user_blocks,
     build_session,
+    new_session_id,
+    request_body,
+    session_identity,
     shrink_prefix,
 )
 
@@ -83,11 +84,6 @@ def _greedy(req: BenchRequest, max_tokens: int) -> BenchRequest:
     return req
 
 
-def _session_id(rng: random.Random) -> str:
-    a, b, c, d, e = (rng.getrandbits(n) for n in (32, 16, 12, 12, 48))
-    return f"{a:08x}-{b:04x}-4{c:03x}-8{d:03x}-{e:012x}"
-
-
 def title_request(fixture: dict, first_prompt: str, headers: dict[str, str], max_tokens: int) -> BenchRequest:
     """The recorded title request, wrapping `first_prompt` as Claude Code does."""
     t = fixture["title"]
@@ -127,18 +123,10 @@ def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: i
     m_system, m_tools, m_tokens = shrink_prefix(main["system"], main["tools"], target, count, MAIN_TOOL_ORDER)
     s_system, s_tools, s_tokens = shrink_prefix(sub["system"], sub["tools"], max(64, target // 2), count,
                                                 SUB_TOOL_ORDER)
-    session_id = _session_id(rng)
-    metadata = {"user_id": json.dumps({"device_id": fixture["device_id"], "account_uuid": "",
-                                       "session_id": session_id}, separators=(",", ":"))}
-    base_headers = dict(fixture["headers"], **{"x-claude-code-session-id": session_id})
+    metadata, base_headers = session_identity(fixture, new_session_id(rng))
 
     def body(model, system, tools, messages, params) -> dict:
-        msgs = copy.deepcopy(messages)
-        _mark_last(msgs)
-        b = {"model": model, "messages": msgs, "system": copy.deepcopy(system), "tools": copy.deepcopy(tools),
-             "metadata": metadata}
-        b.update(copy.deepcopy(params))
-        return b
+        return request_body(model, system, tools, messages, params, metadata)
 
     nodes: list[Node] = []
     history = [{"role": "user", "content": _user_blocks([main["reminder"], fo["first_prompt"]])},

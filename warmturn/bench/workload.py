@@ -143,6 +143,31 @@ def _mark_last(messages: list[dict]) -> None:
             return
 
 
+def new_session_id(rng: random.Random) -> str:
+    """A session id shaped as Claude Code's (a version-4 UUID), drawn from ``rng``."""
+    a, b, c, d, e = (rng.getrandbits(n) for n in (32, 16, 12, 12, 48))
+    return f"{a:08x}-{b:04x}-4{c:03x}-8{d:03x}-{e:012x}"
+
+
+def session_identity(fixture: dict, session_id: str) -> tuple[dict, dict[str, str]]:
+    """The body ``metadata`` and the headers every request of session ``session_id`` carries."""
+    metadata = {"user_id": json.dumps({"device_id": fixture["device_id"], "account_uuid": "",
+                                       "session_id": session_id}, separators=(",", ":"))}
+    return metadata, dict(fixture["headers"], **{"x-claude-code-session-id": session_id})
+
+
+def request_body(model: str, system: list, tools: list, messages: list[dict], params: dict,
+                 metadata: dict) -> dict:
+    """One Messages body: copies of everything given (requests never share objects), the last
+    user block marked for caching, as Claude Code marks it."""
+    msgs = copy.deepcopy(messages)
+    _mark_last(msgs)
+    b = {"model": model, "messages": msgs, "system": copy.deepcopy(system), "tools": copy.deepcopy(tools),
+         "metadata": metadata}
+    b.update(copy.deepcopy(params))
+    return b
+
+
 def build_session(fixture: dict, target_prefix_tokens: int, count: Counter, *, max_tokens: int = 8,
                   main_turns: int | None = None, subagent: bool = True, session_tag: str = "a",
                   seed: int = 0, compact: bool = False) -> Session:
@@ -152,7 +177,7 @@ def build_session(fixture: dict, target_prefix_tokens: int, count: Counter, *, m
     `session_tag` makes the first user prompt (and ids) differ between sessions, as two
     real sessions do; the subagent's prefix is half the main one."""
     rng = random.Random(f"{seed}-{session_tag}")
-    session_id = "%08x-%04x-4%03x-8%03x-%012x" % tuple(rng.getrandbits(b) for b in (32, 16, 12, 12, 48))
+    session_id = new_session_id(rng)
     main = _compacted(fixture["main"]) if compact else fixture["main"]
     sub = _compacted(fixture["subagent"]) if compact else fixture["subagent"]
     m_system, m_tools, m_tokens = shrink_prefix(main["system"], main["tools"], target_prefix_tokens, count,
@@ -161,17 +186,10 @@ def build_session(fixture: dict, target_prefix_tokens: int, count: Counter, *, m
                                                 count, SUB_TOOL_ORDER)
     params = {k: copy.deepcopy(v) for k, v in fixture["params"].items()}
     params["max_tokens"] = max_tokens
-    metadata = {"user_id": json.dumps({"device_id": fixture["device_id"], "account_uuid": "",
-                                       "session_id": session_id}, separators=(",", ":"))}
-    base_headers = dict(fixture["headers"], **{"x-claude-code-session-id": session_id})
+    metadata, base_headers = session_identity(fixture, session_id)
 
     def body(model: str, system, tools, messages) -> dict:
-        msgs = copy.deepcopy(messages)
-        _mark_last(msgs)
-        b = {"model": model, "messages": msgs, "system": copy.deepcopy(system), "tools": copy.deepcopy(tools),
-             "metadata": metadata}
-        b.update(copy.deepcopy(params))
-        return b
+        return request_body(model, system, tools, messages, params, metadata)
 
     first_prompt = main["first_prompt"] if session_tag == "a" else f"{main['first_prompt']} (session {session_tag})"
     history: list[dict] = [
