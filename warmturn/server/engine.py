@@ -43,7 +43,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, Protocol
 
 from warmturn.server.metrics import Metrics
@@ -212,6 +212,16 @@ class _Active:
     def covered(self) -> int:
         """Prompt tokens the store has of it already (fetched, or stored for others)."""
         return max(self.reused, self.shared)
+
+    @property
+    def progress(self) -> int:
+        """Prompt tokens it will not have to compute again."""
+        return self.in_cache
+
+    def copy_state(self) -> _Active:
+        """Its state as a batch member: every :class:`_Active` field carried over (from a
+        :class:`_Solo`, which moves in; the uid is set when it joins the batch)."""
+        return _Active(**{f.name: getattr(self, f.name) for f in fields(_Active)})
 
 
 @dataclass
@@ -593,7 +603,7 @@ class Engine:
 
     def _rank(self, x: _Active | _Ready, now: float) -> tuple[int, float, float]:
         group = 0 if self._has_waiters(x.req) else 2 if x.req.background else 1
-        remaining = len(x.tokens) - (x.in_cache if isinstance(x, _Active) else x.progress)
+        remaining = len(x.tokens) - x.progress
         return group, remaining - self._prefill_rate * (now - x.req.submitted), x.req.submitted
 
     def _schedule(self) -> None:
@@ -613,8 +623,7 @@ class Engine:
         for x in sorted([*prefilling, *self._ready], key=lambda x: self._rank(x, now)):
             if len(chosen) >= self.prompt_concurrency:
                 break
-            done = x.in_cache if isinstance(x, _Active) else x.progress
-            chunk = min(max(1, len(x.tokens) - done), self.prefill_step_size)
+            chunk = min(max(1, len(x.tokens) - x.progress), self.prefill_step_size)
             if chosen and max(widest, chunk) * (len(chosen) + 1) > self.prefill_step_size:
                 continue
             chosen.append(x)
@@ -735,7 +744,7 @@ class Engine:
             why = r.req.stopped()
             if why:
                 self._ready.remove(r)
-                if r.state is not None and r.kv is not None and r.in_cache > r.covered:
+                if r.kv is not None and r.in_cache > r.covered:
                     self._store(r.state, list(r.tokens[: r.in_cache]), r.kv)  # what it computed
                 r.req.emit(RequestTimeout("the request's time limit passed during prefill") if why == "timeout"
                            else Done(why, 0))
@@ -774,10 +783,9 @@ class Engine:
         if self.store is None:
             return
         if isinstance(x, (_Ready, _Solo)):  # outside the batch, with the KV state it has read: a copy
-            kv = x.kv if isinstance(x, _Solo) else x.kv if x.state is not None else None
-            if kv is not None and x.in_cache > x.covered:
+            if x.kv is not None and x.in_cache > x.covered:
                 try:
-                    self.store.store(x.tokens[: x.in_cache], kv)
+                    self.store.store(x.tokens[: x.in_cache], x.kv)
                     (x if isinstance(x, _Solo) else x.state).shared = x.in_cache
                 except Exception:
                     log.exception("prefix cache store failed (ignored)")
@@ -901,9 +909,8 @@ class Engine:
         if r.state is None or r.kv is None:
             self._start_solo(r.req, r.parked_ms, r.was_parked)
             return
-        a = r.state
-        self._solo = _Solo(a.req, -1, a.reused, a.joined, a.queued_ms, a.parked_ms, a.detok, in_cache=a.in_cache,
-                           shared=a.shared, last_log=a.last_log, sampler=a.sampler, kv=r.kv)
+        self._solo = _Solo(**{f.name: getattr(r.state, f.name) for f in fields(_Active)}, kv=r.kv)
+        self._solo.uid = -1  # outside the batch
 
     def _sample(self, s: _Solo, logits: Any) -> Any:
         import mlx.core as mx
@@ -1016,9 +1023,7 @@ class Engine:
         assert s is not None
         tokens = s.tokens
         if s.prefilled_at is None:  # mid-prompt: its turn to go on comes from _schedule
-            a = _Active(s.req, -1, s.reused, s.joined, s.queued_ms, s.parked_ms, s.detok, in_cache=s.in_cache,
-                        base=s.in_cache, shared=s.shared, last_log=s.last_log, sampler=s.sampler)
-            self._ready.append(_Ready(s.req, state=a, kv=s.kv))
+            self._ready.append(_Ready(s.req, state=s.copy_state(), kv=s.kv))
             self._solo = None
             return
         # the token sampled last is not handed out yet: out with it first (it may end it)
@@ -1031,8 +1036,7 @@ class Engine:
         held, max_tokens = list(tokens) + s.generated[:-1], s.req.max_tokens - s.output_tokens
         (uid,) = self._bg.insert_segments([segments], max_tokens=[max_tokens], caches=[s.kv], all_tokens=[held],
                                           samplers=[s.sampler], stop_sequences=[self._eos])
-        a = _Active(s.req, uid, s.reused, s.joined, s.queued_ms, s.parked_ms, s.detok, in_cache=s.in_cache,
-                    base=s.in_cache, shared=s.shared, prefilled_at=s.prefilled_at, first_token_at=s.first_token_at,
-                    output_tokens=s.output_tokens, last_log=s.last_log)
+        a = s.copy_state()
+        a.uid, a.base = uid, s.in_cache
         self._active[uid] = a
         self._solo = None
