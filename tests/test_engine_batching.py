@@ -60,6 +60,19 @@ class Recorder:
         return self.items[name][-1]
 
 
+def at_piece(req: GenerationRequest, n: int, action) -> None:
+    """Run ``action`` (in the engine's emit) on every piece ``req`` hands out from its ``n``-th
+    output token on (n=1: any piece); the actions used are idempotent."""
+    inner = req.emit
+
+    def emit(item):
+        inner(item)
+        if isinstance(item, Piece) and item.output_tokens >= n:
+            action()
+
+    req.emit = emit
+
+
 def serve(engine: Engine, requests: dict[str, tuple[list[int], dict]]) -> Recorder:
     rec = Recorder()
     for name, (tokens, kw) in requests.items():
@@ -230,14 +243,7 @@ def test_a_sibling_arriving_during_generation_reads_the_prompt_at_once(parts, ma
     rec = Recorder()
     started = threading.Event()
     first = rec.request("a", shared + words(rng, 4), max_tokens=200)
-    inner = first.emit
-
-    def emit(item):
-        inner(item)
-        if isinstance(item, Piece):
-            started.set()
-
-    first.emit = emit
+    at_piece(first, 1, started.set)
     eng.submit(first)
     assert started.wait(60)
     eng.submit(rec.request("b", shared + words(rng, 9)))
@@ -256,14 +262,7 @@ def test_short_request_is_served_while_a_long_prompt_is_read(parts, make_engine)
     rec = Recorder()
     generating = threading.Event()
     gen = rec.request("gen", words(rng, 10), max_tokens=400)
-    inner = gen.emit
-
-    def emit(item):
-        inner(item)
-        if isinstance(item, Piece):
-            generating.set()
-
-    gen.emit = emit
+    at_piece(gen, 1, generating.set)
     eng.submit(gen)
     assert generating.wait(60)
     eng.submit(rec.request("long", words(rng, 400), max_tokens=2))
@@ -285,14 +284,7 @@ def test_cancel_one_leaves_the_others_untouched(parts, make_engine):
     eng = make_engine()
     rec = Recorder()
     victim = rec.request("victim", words(rng, 20), max_tokens=300)
-    inner = victim.emit
-
-    def emit(item):
-        inner(item)
-        if isinstance(item, Piece) and item.output_tokens == 3:
-            victim.cancel.set()
-
-    victim.emit = emit
+    at_piece(victim, 3, victim.cancel.set)
     eng.submit(victim)
     for n, p in prompts.items():
         eng.submit(rec.request(n, p, max_tokens=12))
@@ -348,14 +340,7 @@ def test_a_lone_request_moves_into_the_batch_unchanged(parts, make_engine, when)
     rec = Recorder()
     req = rec.request("first", first, max_tokens=20)
     pieces = threading.Event()
-    inner = req.emit
-
-    def emit(item):
-        inner(item)
-        if isinstance(item, Piece) and item.output_tokens == 3:
-            pieces.set()
-
-    req.emit = emit
+    at_piece(req, 3, pieces.set)
     eng.submit(req)
     if when == "mid-prompt":
         while eng.batch_sizes()[1] != 1:  # until it is reading its prompt, alone
