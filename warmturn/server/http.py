@@ -205,18 +205,14 @@ async def read_json(request: Request, limit: int) -> Any:
         # a client that asked `Expect: 100-continue` sends no body before it is told to (uvicorn sends
         # the 100 only once the body is read), so it gets its answer without sending one
         if size <= limit + OVERSIZE_DRAIN_BYTES and request.headers.get("expect", "").lower() != "100-continue":
-            async for _ in request.stream():
-                pass
+            await _drain(request.stream(), limit + OVERSIZE_DRAIN_BYTES)
         raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     stream = request.stream()
     async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            async for more in stream:  # drain the rest (see OVERSIZE_DRAIN_BYTES)
-                size += len(more)
-                if size > limit + OVERSIZE_DRAIN_BYTES:
-                    break
+            await _drain(stream, limit + OVERSIZE_DRAIN_BYTES - size)  # the rest (see OVERSIZE_DRAIN_BYTES)
             raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return wire.decode_json(b"".join(chunks))
@@ -542,19 +538,21 @@ async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: fl
         await agen.aclose()  # type: ignore[attr-defined]
 
 
-async def _drain(request: Request) -> None:
+async def _drain(chunks: AsyncIterator[bytes], limit: int) -> None:
+    """Read and drop request body chunks, up to about ``limit`` bytes, before answering without
+    them (why: ``server.guard.drain_body``)."""
     total = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in chunks:
             total += len(chunk)
-            if total > DRAIN_LIMIT:
+            if total > limit:
                 return
     except Exception:  # noqa: BLE001 - consumed already, or the client left: nothing to drain
         return
 
 
 async def not_found(request: Request, exc: HTTPException) -> Response:
-    await _drain(request)  # no unread body left behind (see server.guard.drain_body)
+    await _drain(request.stream(), DRAIN_LIMIT)  # no unread body left behind
     if exc.status_code == 404:
         return send_error(request, 404, f"{request.method} {request.url.path}: no such endpoint")
     if exc.status_code == 405:
