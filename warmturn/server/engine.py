@@ -672,7 +672,7 @@ class Engine:
         """Into the batch: a fresh request fetches its cached prefix now (so it gets whatever
         was stored while it waited), one that read part of its prompt before goes on from there."""
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_sampler
+        from warmturn.server.sampling import make_sampler  # restores the random state if it raises
 
         req, tokens = r.req, r.req.tokens
         if r.state is not None and r.kv is not None:
@@ -888,7 +888,7 @@ class Engine:
 
     def _start_solo(self, req: GenerationRequest, parked_ms: float = 0.0, was_parked: bool = False) -> None:
         from mlx_lm.models.cache import make_prompt_cache
-        from mlx_lm.sample_utils import make_sampler
+        from warmturn.server.sampling import make_sampler  # restores the random state if it raises
 
         if self.store is not None:
             kv, reused = self.store.fetch(req.tokens)

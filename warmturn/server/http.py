@@ -48,6 +48,7 @@ from warmturn.server.engine import (
 from warmturn.server.guard import DRAIN_LIMIT, GuardMiddleware
 from warmturn.server.metrics import Metrics
 from warmturn.server.render import Renderer, Rendered, openai_tool
+from warmturn.server.sampling import clamp_top_k, vocab_size
 from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model, side_request
 from warmturn.server.toolcalls import OutputAssembler, ToolCallFormat
 
@@ -106,10 +107,13 @@ class ServerState:
     default_temperature: float = 1.0
     max_output_tokens: int = 0  # 0: no cap beyond the context
     renderers: RendererPool | None = None
+    vocab_size: int = 0  # the model's logits width (top_k at or above it is sent as 0); 0: the engine's model's
 
     def __post_init__(self) -> None:
         if self.renderers is None:
             self.renderers = RendererPool(self.renderer)
+        if not self.vocab_size:
+            self.vocab_size = vocab_size(getattr(self.engine, "model", None))
 
     @property
     def metrics(self) -> Metrics:
@@ -355,7 +359,7 @@ def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rend
         prefix_len=rendered.prefix_len,
         temperature=state.default_temperature if req.temperature is None else req.temperature,
         top_p=req.top_p or 0.0,
-        top_k=req.top_k or 0,
+        top_k=clamp_top_k(req.top_k, state.vocab_size),  # mlx-lm refuses top_k >= vocab: see server/sampling.py
         deadline=time.monotonic() + state.request_timeout,
         request_id=request_id(request),
         background=background,
