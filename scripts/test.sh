@@ -3,18 +3,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # MLX's Linux CPU wheel bundles a slow reference BLAS; the model tests run in this process,
-# so preload Debian's OpenBLAS here (the server arranges it for itself when it starts).
-BLAS=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3
-if [[ "$(uname -s)" == Linux && -f "$BLAS" && "${LD_PRELOAD:-}" != *openblas* ]]; then
-  export LD_PRELOAD="$BLAS${LD_PRELOAD:+:$LD_PRELOAD}"
-fi
+# so preload Debian's OpenBLAS here (the server arranges it for itself when it starts). Where it
+# lives, and the opt-out, are warmturn.plumbing's (the one place).
+PRELOAD=$(.venv/bin/python -c 'from warmturn.plumbing import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
+[[ -n "$PRELOAD" ]] && export LD_PRELOAD="$PRELOAD"
 export PYTHONUNBUFFERED=1
-# The linter (config in pyproject.toml) runs with the whole suite, i.e. unless test paths are given.
+# The linter and the type checker (config in pyproject.toml: [tool.ruff], [tool.mypy]) run with the
+# whole suite, i.e. unless test paths are given.
 lint_rc=0
 paths=0
 for a in "$@"; do [[ "$a" != -* && -e "${a%%::*}" ]] && paths=1; done
 if [[ $paths -eq 0 && "${WARMTURN_SKIP_LINT:-0}" != 1 ]]; then
   .venv/bin/python -m ruff check . || { lint_rc=$?; echo "ERROR: ruff check failed (see above)" >&2; }
+  .venv/bin/python -m mypy || { lint_rc=$?; echo "ERROR: mypy failed (see above)" >&2; }
 fi
 .venv/bin/python -m pytest "$@"
 rc=$?

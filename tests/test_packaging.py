@@ -184,3 +184,35 @@ def test_checkout_launchers_keep_the_documented_commands():
 
     ns = runpy.run_path(str(ROOT / "addons" / "normalize.py"))
     assert [type(a).__name__ for a in ns["addons"]][:2] == ["Gate", "Normalize"]
+
+
+def test_makefile_targets_are_phony_and_pass_args_quoted():
+    text = (ROOT / "Makefile").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", text, re.M))
+    phony = set(re.search(r"^\.PHONY:(.*)$", text, re.M).group(1).split())
+    assert targets - phony == set(), "targets missing from .PHONY"
+    recipes = [line for line in text.splitlines() if line.startswith("\t")]
+    # make's ARGS reach a command only as one quoted word ($(call shq,ARGS)), split by shell rules
+    # by the script that receives it (scripts/lib.sh split_words; scripts/exec_args.sh for the rest)
+    raw = [line for line in recipes if "$(ARGS)" in line]
+    assert not raw, f"unquoted $(ARGS): {raw}"
+
+
+def test_exec_args_splits_by_shell_rules_without_evaluating(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "PY": sys.executable, "ARGS": "--out 'a b' $HOME `id` \"c d\""}
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "exec_args.sh"), "printf", "[%s]"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "[--out][a b][$HOME][`id`][c d]", (r.stdout, r.stderr)
+    env["ARGS"] = "--set 'unbalanced"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "exec_args.sh"), "true"], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "cannot parse ARGS" in r.stderr
+
+
+def test_pre_commit_runs_the_pinned_ruff_and_mypy():
+    text = (ROOT / ".pre-commit-config.yaml").read_text()  # (no YAML parser among the declared packages)
+    hooks = dict(re.findall(r"- id: (\S+)\n\s+name: .*\n\s+entry: (.*)", text))
+    assert hooks["ruff"].startswith(".venv/bin/python -m ruff check") and hooks["mypy"] == ".venv/bin/python -m mypy"
+    files = PYPROJECT["tool"]["mypy"]["files"]
+    assert {"warmturn/protocol.py", "warmturn/rules.py"} <= set(files) and all((ROOT / f).is_file() for f in files)
+    assert "mypy" in EXTRAS["dev"]

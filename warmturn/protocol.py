@@ -366,8 +366,8 @@ class MessageFold:
     usage: dict[str, int] = field(default_factory=dict)
     stop_reason: str | None = None
     stop_sequence: str | None = None
-    content: list[dict] = field(default_factory=list)
-    error: dict | None = None
+    content: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
     model: str | None = None
     id: str | None = None
     saw_content: bool = False
@@ -468,7 +468,7 @@ class MessageFold:
         idx = data.get("index", default)
         return idx if isinstance(idx, int) and 0 <= idx < 10_000 else default
 
-    def _block(self, idx: int) -> dict:
+    def _block(self, idx: int) -> dict[str, Any]:
         while len(self.content) <= idx:
             self.content.append({})
         return self.content[idx]

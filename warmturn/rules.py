@@ -239,7 +239,7 @@ def stripped_from_json(entry: Mapping[str, Any] | Stripped) -> Stripped:
             return StrippedFragment(pattern, str(entry.get("path", "")), int(entry.get("offset", 0)),
                                     str(entry.get("text", "")))
         if kind == "header":
-            return StrippedHeader(pattern, str(entry.get("name", "")), entry.get("value"))
+            return StrippedHeader(pattern, str(entry.get("name", "")), str(entry.get("value", "")))
         if kind == "rewrite":
             return StrippedRewrite(pattern, str(entry.get("path", "")), int(entry.get("offset", 0)),
                                    str(entry.get("text", "")), str(entry.get("replacement", "")))
@@ -359,7 +359,7 @@ class Rules:
         return body, stripped
 
     @staticmethod
-    def _canonical_identity(body: dict) -> tuple[dict, list[StrippedRewrite]]:
+    def _canonical_identity(body: dict[str, Any]) -> tuple[dict[str, Any], list[StrippedRewrite]]:
         done: list[StrippedRewrite] = []
 
         def text_at(text: str, path: str) -> str:
@@ -367,7 +367,7 @@ class Rules:
             done.extend(StrippedRewrite(c.pattern, path, c.start, c.old, c.new) for c in changes)
             return new
 
-        def blocks_at(blocks: list, path: str) -> list:
+        def blocks_at(blocks: list[Any], path: str) -> list[Any]:
             out = []
             for j, b in enumerate(blocks):
                 if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
