@@ -1,4 +1,4 @@
-"""``python -m warmturn.analysis diff|report``: argument parsing only; the work is in the modules."""
+"""``python -m warmturn.analysis diff|report|whatif``: argument parsing only; the work is in the modules."""
 
 from __future__ import annotations
 
@@ -49,6 +49,29 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whatif(args: argparse.Namespace) -> int:
+    from .kvsize import parse_bytes
+    from .load import load_records, stderr_progress
+    from .term import format_whatif
+    from .whatif import Options, whatif
+
+    res = load_records(args.captures, labels=args.label or None, progress=stderr_progress)
+    opts = Options(tokenizer=args.tokenizer, model=args.model, kv_dtype=args.kv_dtype,
+                   ram_bytes=parse_bytes(args.ram) if args.ram else None,
+                   disk_bytes=parse_bytes(args.disk) if args.disk else 0, policy=args.policy, slots=args.slots,
+                   rules_off=tuple(args.no_rule or ()), suggestions=not args.no_suggestions,
+                   prefill_rate=args.prefill_rate, prefix_order=args.prefix_order, context=args.context)
+    out = whatif(res.records, opts)
+    out["load"] = {"records": res.stats.records, "bad_lines": res.stats.bad, "files": res.stats.files}
+    if args.json:
+        json.dump(out, sys.stdout, indent=1, ensure_ascii=False)
+        print()
+    else:
+        print(format_whatif(out))
+        print(f"\n{res.stats.records} records read, {res.stats.bad} bad lines skipped")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m warmturn.analysis", description=(
         "Read warmturn captures (or raw Anthropic request JSONL / HAR files): find what busts the "
@@ -73,6 +96,35 @@ def main(argv: list[str] | None = None) -> int:
                         "label, else the file name)")
     r.add_argument("--sample", action="store_true", help="mark the report as built from the bundled sample")
     r.set_defaults(func=_report)
+    w = sub.add_parser("whatif", help="replay captures through a prefix-cache model: hit rate, prefill, evictions")
+    w.add_argument("captures", nargs="+", metavar="CAPTURE", help="capture JSONL, raw request JSONL or HAR")
+    w.add_argument("--tokenizer", metavar="MODEL", default="default", help=(
+        "render prompts with this model's tokenizer and chat template, as the server does: 'default' (the "
+        "default model, offline) or an mlx-lm/Hugging Face model directory (default: default)"))
+    w.add_argument("--model", metavar="PRESET|DIR", help=(
+        "KV bytes per token and context from a preset (Qwen3-Coder-30B-A3B, gpt-oss-20b, Gemma-3-27B, "
+        "Qwen3-Next-80B, Llama-3.1-8B) or a model directory's config.json (default: the tokenizer's model)"))
+    w.add_argument("--kv-dtype", metavar="DTYPE", help=(
+        "KV dtype: bfloat16, float16, float32, 8bit, 4bit (default: the model's own; presets: bfloat16)"))
+    w.add_argument("--ram", metavar="BYTES", help="RAM budget of the prefix cache, e.g. 8G (default: the "
+                   "server's own default, a third of the memory available now)")
+    w.add_argument("--disk", metavar="BYTES", help="disk budget for checkpoints, e.g. 20G (default: off)")
+    w.add_argument("--policy", choices=("auto", "trimmable", "checkpoints"), default="auto", help=(
+        "trimmable: any stored prefix is reused; checkpoints: only whole entries at system+tools end, message "
+        "boundaries and prompt end (sliding-window and linear-attention families). auto: from the model's layers"))
+    w.add_argument("--slots", type=int, metavar="N", help="at most N conversation entries (default: unlimited)")
+    w.add_argument("--no-rule", action="append", metavar="NAME", choices=("billing_block", "model_identity"),
+                   help="turn one of today's normalization rules off in the 'rules' variants (repeatable)")
+    w.add_argument("--no-suggestions", action="store_true", help="skip the rules+<diff suggestion> variants")
+    w.add_argument("--prefill-rate", type=float, metavar="TOK/S", help=(
+        "prefill speed for predicted seconds (default: measured from the captures' prefill_ms when present)"))
+    w.add_argument("--prefix-order", choices=("system-first", "tools-first"), default="tools-first",
+                   help="the server's --prefix-order (default: tools-first, the server's default)")
+    w.add_argument("--context", type=int, metavar="TOKENS",
+                   help="refuse prompts this long, as the server does (default: the model's context)")
+    w.add_argument("--label", action="append", metavar="LABEL", help="arm label, as for report")
+    w.add_argument("--json", action="store_true", help="one JSON object: {\"variants\": [...], ...}")
+    w.set_defaults(func=_whatif)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

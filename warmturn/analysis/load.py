@@ -97,7 +97,7 @@ def _base_record(source: str, line: int) -> dict:
         "queue_ms": None, "prefill_ms": None, "ttft_ms": None, "total_ms": None, "usage": None, "stop_reason": None,
         "prefix_hash": None,
         "stripped": [], "headers": {}, "body": None, "original": None, "original_headers": {},
-        "shape": None,
+        "shape": None, "response": None, "backend": None,
     }
 
 
@@ -108,7 +108,7 @@ def record_from_capture(obj: dict, source: str, line: int) -> dict:
     rec = _base_record(source, line)
     for k in ("kind", "label", "normalize", "session_id", "agent_id", "model", "stream", "status",
               "error", "ttfb_ms", "ttft_ms", "total_ms", "queue_ms", "prefill_ms", "usage", "stop_reason",
-              "prefix_hash", "side"):
+              "prefix_hash", "side", "backend"):
         if k in obj:
             rec[k] = obj[k]
     rec["id"] = str(obj.get("id") or rec["id"])
@@ -120,6 +120,7 @@ def record_from_capture(obj: dict, source: str, line: int) -> dict:
     body = req.get("body")
     rec["body"] = body if isinstance(body, dict) else None
     rec["original"], rec["original_headers"] = restore_original(rec["body"], rec["headers"], rec["stripped"])
+    rec["response"] = obj.get("response") if isinstance(obj.get("response"), dict) else None
     rec["shape"] = "capture"
     return rec
 

@@ -127,3 +127,57 @@ def _turns(p) -> str:
     if p.relation == "session":
         return f"{p.a_session[:8]}…→1"
     return f"main {p.a_turn}→1"
+
+
+def _pct(x: float) -> str:
+    return f"{x:.1%}"
+
+
+def format_whatif(out: dict, style: Style | None = None) -> str:
+    """The what-if tables: per session and in total for every variant, then the reality check."""
+    st = style or Style()
+    s = out["settings"]
+    rate = s.get("prefill_rate")
+    lines = [st("What-if: the captured requests replayed through a prefix-cache model", "bold"),
+             f"  {s['requests']} requests in {s['sessions']} sessions; tokenizer {s['tokenizer']}; "
+             f"prefix order {s['prefix_order']}",
+             f"  KV: {s['kv']}",
+             f"  RAM {s['ram']}, disk {s['disk']}, policy {s['policy']}, slots {s['slots'] or 'unlimited'}, "
+             f"context {s['context']:,} tokens, rules off: {', '.join(s['rules_off']) or 'none'}",
+             "  prefill rate: " + (f"{rate:,.0f} tok/s ({s['prefill_rate_source']})" if rate else
+                                   "none (give --prefill-rate TOK/S for predicted seconds)"), ""]
+    heads = ["session", "variant", "requests", "prompt tokens", "read", "hit rate", "prefilled", "evictions"]
+    if rate:
+        heads += ["prefill s", "saved s"]
+    rows = []
+    sessions = [x["session"] for x in out["variants"][0]["sessions"]] if out["variants"] else []
+    for sess in sessions + ["TOTAL"]:
+        for v in out["variants"]:
+            t = v if sess == "TOTAL" else next((x for x in v["sessions"] if x["session"] == sess), None)
+            if t is None:
+                continue
+            row = [st("TOTAL", "bold") if sess == "TOTAL" else sess[:12], v["name"], t["requests"],
+                   f"{t['prompt_tokens']:,}", f"{t['read_tokens']:,}", _pct(t["hit_rate"]),
+                   f"{t['prefilled_tokens']:,}", t["evictions"]]
+            if rate:
+                row += [f"{t['prefill_seconds']:,.1f}", f"{t['seconds_saved']:,.1f}"]
+            rows.append(row)
+    lines.append(table(heads, rows, st))
+    refused = {v["name"]: v["refused"] for v in out["variants"] if v["refused"]}
+    if refused:
+        lines.append(st("  refused as the server would (invalid, or over the context): "
+                        + ", ".join(f"{k} {n}" for k, n in refused.items()) + " requests: counted with 0 tokens",
+                        "dim"))
+    for v in out["variants"]:
+        if v.get("set_arg"):
+            lines.append(f"  {v['name']}: {st(v['set_arg'], 'green')}")
+    check = out.get("check")
+    if check:
+        lines += ["", st("Checked against reality: the as-captured prediction vs the cache_read_input_tokens the "
+                         "backend reported", "bold")]
+        rows = [[c["session"][:12], c["requests"], f"{c['prompt_tokens']:,}", f"{c['reported_read']:,}",
+                 f"{c['predicted_read']:,}", f"{c['abs_error']:,}", _pct(c["error"]),
+                 c["prompt_mismatches"]] for c in check]
+        lines.append(table(["session", "requests", "prompt tokens", "reported read", "predicted read",
+                            "|error| tokens", "error / prompt", "prompt length mismatches"], rows, st))
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""analysis whatif: KV sizes from real configs, the cache model's rules, and the prediction checked
+against what the embedded server reported on recorded captures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import FIXTURES
+from warmturn.analysis.__main__ import main
+from warmturn.analysis.cachemodel import CacheModel
+from warmturn.analysis.kvsize import KVCost, cost_from_config, parse_bytes, preset_cost
+from warmturn.analysis.load import load_records
+from warmturn.analysis.whatif import (
+    Options,
+    Settings,
+    Tokenizing,
+    Variant,
+    budget_curve,
+    flattens_at,
+    load_renderer,
+    make_rules,
+    messages_in_order,
+    prepare_variant,
+    whatif,
+)
+
+CC332 = FIXTURES / "claude_code_2.1.332"
+# One mitmdump + embedded server recorded these in this order (record.sh's default scenario list),
+# so replayed together they start from the same cache state the server had.
+ONE_RUN = [CC332 / f"{n}.jsonl" for n in ("p_small", "p_full", "p_full_exclude", "p_read", "interactive_small",
+                                           "interactive_full", "intercept_p_small")]
+SAMPLE = FIXTURES.parent.parent / "warmturn" / "analysis" / "sample" / "sample-capture.jsonl"
+TITLE = FIXTURES / "claude_code" / "interactive_title_capture.jsonl"
+
+
+# --------------------------------------------------------------------------- KV sizes
+
+
+@pytest.mark.parametrize("name, per_token, window, window_per_token, constant", [
+    # 2 (K and V) x layers x KV heads x head dim x 2 bytes (bfloat16)
+    ("Llama-3.1-8B", 2 * 32 * 8 * 128 * 2, 0, 0, 0),
+    ("Qwen3-Coder-30B-A3B", 2 * 48 * 4 * 128 * 2, 0, 0, 0),
+    # 12 full + 12 sliding layers, window 128
+    ("gpt-oss-20b", 2 * 12 * 8 * 64 * 2, 128, 2 * 12 * 8 * 64 * 2, 0),
+    # every 6th of 62 layers global (10), 52 sliding with a 1,024-token window
+    ("Gemma-3-27B", 2 * 10 * 16 * 128 * 2, 1024, 2 * 52 * 16 * 128 * 2, 0),
+    # every 4th of 48 layers full attention (12); 36 Gated DeltaNet layers: a 32x128x128 state and a
+    # (4-1) x (2*16*128 + 32*128) conv state each, whatever the length
+    ("Qwen3-Next-80B", 2 * 12 * 2 * 256 * 2, 0, 0, 36 * (32 * 128 * 128 + 3 * (2 * 16 * 128 + 32 * 128)) * 2),
+])
+def test_presets_size_the_cache_from_their_published_configs(name, per_token, window, window_per_token, constant):
+    c = preset_cost(name)
+    assert (c.per_token, c.window, c.window_per_token, c.constant) == (per_token, window, window_per_token, constant)
+    assert c.trimmable == (window_per_token == 0 and constant == 0)
+
+
+def test_window_layers_stop_growing_at_the_window_and_dtype_scales():
+    g = preset_cost("gpt-oss-20b")
+    assert g.nbytes(100) == 100 * 24576 + 100 * 24576
+    assert g.nbytes(10_000) == 10_000 * 24576 + 128 * 24576
+    assert preset_cost("Llama-3.1-8B", "8bit").per_token == 2 * 32 * 8 * 128
+    assert preset_cost("Llama-3.1-8B", "float32").per_token == 2 * 32 * 8 * 128 * 4
+
+
+def test_the_default_models_config_gives_the_servers_measured_bytes_per_token(model_dir):
+    # server/cache.py's kv_bytes_per_token measures 46,080 for SmolLM2-135M in float32
+    cfg = json.loads((model_dir / "config.json").read_text())
+    assert cost_from_config(cfg, "float32").per_token == 46080
+
+
+def test_parse_bytes():
+    assert parse_bytes("512M") == 512 << 20
+    assert parse_bytes("1.5GiB") == 3 << 29
+    assert parse_bytes("1000") == 1000
+    with pytest.raises(ValueError):
+        parse_bytes("lots")
+
+
+# --------------------------------------------------------------------------- the cache model
+
+ONE = KVCost("test", 1)  # one byte per token: budgets read as token counts
+
+
+def test_trimmable_reuses_any_prefix_and_caps_at_all_but_the_last_token():
+    c = CacheModel(ONE, 1000)
+    assert c.fetch([1, 2, 3, 4], 0) == 0
+    c.store([1, 2, 3, 4, 9, 9], (), 1)  # prompt + answer
+    assert c.fetch([1, 2, 3, 4, 9, 9, 5], 2) == 6
+    assert c.fetch([1, 2, 3, 7], 3) == 3  # trimmed back to the shared part
+    assert c.fetch([1, 2, 3, 4, 9, 9], 4) == 5  # an exact repeat still computes its last token
+    assert (c.counters.hits, c.counters.misses) == (3, 1)
+
+
+def test_checkpoints_policy_reuses_only_whole_entries():
+    c = CacheModel(ONE, 1000, policy="checkpoints", min_checkpoint=2)
+    c.store([1, 2, 3, 4, 5, 6], (3,), 0)  # the system+tools checkpoint at 3
+    assert c.fetch([1, 2, 3, 4, 5, 7, 8], 1) == 3  # shares 5 tokens, but only the checkpoint is whole
+    assert c.fetch([1, 2, 3, 4, 5, 6, 7], 2) == 6
+    t = CacheModel(ONE, 1000, min_checkpoint=2)
+    t.store([1, 2, 3, 4, 5, 6], (3,), 0)
+    assert t.fetch([1, 2, 3, 4, 5, 7, 8], 1) == 5
+
+
+def test_lru_eviction_under_the_byte_budget_keeps_the_recent_entry():
+    c = CacheModel(ONE, 10)
+    c.store([1] * 6, (), 0)
+    c.store([2] * 6, (), 1)  # 12 bytes > 10: the older entry goes
+    assert c.counters.evictions == 1 and c.bytes == 6
+    assert c.fetch([1] * 7, 2) == 0 and c.fetch([2] * 7, 3) == 6
+    c.store([3] * 20, (), 4)  # larger than the whole budget: not stored at all
+    assert c.counters.rejected == 1 and c.fetch([3] * 21, 5) == 0
+
+
+def test_slots_cap_conversation_entries_but_not_checkpoints():
+    c = CacheModel(ONE, 1000, slots=1, min_checkpoint=2)
+    c.store([1, 1, 5, 5], (2,), 0)
+    c.store([1, 1, 6, 6], (2,), 1)
+    assert c.counters.evictions == 1
+    assert c.fetch([1, 1, 5, 5, 0], 2) == 2  # the first conversation is gone, its checkpoint is not
+    assert c.fetch([1, 1, 6, 6, 0], 3) == 4
+
+
+def test_checkpoints_come_back_from_disk_after_eviction():
+    c = CacheModel(ONE, 8, disk_bytes=100, min_checkpoint=2)
+    c.store([1, 1, 1, 1, 5, 5], (4,), 0)  # checkpoint [1,1,1,1] also written to disk
+    c.store([2] * 8, (), 1)  # evicts everything else from memory
+    assert c.fetch([1, 1, 1, 1, 7, 7], 2) == 4
+    assert c.counters.disk_loads == 1
+
+
+def test_a_new_checkpoint_branching_from_a_stored_one_stores_the_shared_part():
+    c = CacheModel(ONE, 1000, policy="checkpoints", min_checkpoint=2)
+    c.store([1, 2, 3, 4, 9], (4,), 0)
+    c.store([1, 2, 3, 5, 9], (4,), 1)  # parts at 3: [1, 2, 3] becomes a checkpoint of its own
+    assert c.fetch([1, 2, 3, 6, 6], 2) == 3
+
+
+# --------------------------------------------------------------------------- rules variants
+
+
+def test_rules_variants_turn_each_rule_off_separately():
+    body = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}],
+            "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.1.abc;"},
+                       {"type": "text", "text": "You are powered by the model named Opus 4.8 (1M context). "
+                                                "The exact model ID is claude-opus-4-8[1m]."}]}
+    on = make_rules().apply(body)[0]
+    assert len(on["system"]) == 1 and "Opus" not in on["system"][0]["text"]
+    no_billing = make_rules(["billing_block"]).apply(body)[0]
+    assert len(no_billing["system"]) == 2 and "Opus" not in no_billing["system"][1]["text"]
+    no_identity = make_rules(["model_identity"]).apply(body)[0]
+    assert len(no_identity["system"]) == 1 and "Opus 4.8" in no_identity["system"][0]["text"]
+    with pytest.raises(ValueError):
+        make_rules(["nope"])
+
+
+# --------------------------------------------------------------------------- against reality
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    return load_renderer("default")
+
+
+def _run(files, renderer, **kw):
+    ren, path = renderer
+    return whatif(load_records(files).records, Options(suggestions=False, **kw), ren, path)
+
+
+@pytest.mark.parametrize("files", [ONE_RUN, [SAMPLE], [TITLE]], ids=["claude-code-2.1.332", "sample", "title"])
+def test_prediction_matches_the_servers_cache_reads_within_2_percent_per_session(files, renderer):
+    out = _run(files, renderer)
+    check = out["check"]
+    assert check, "these captures carry the server's usage"
+    for c in check:
+        assert c["prompt_mismatches"] == 0, c  # rendered like the server: every prompt length exact
+        assert c["error"] <= 0.02, c
+
+
+def test_claude_code_run_numbers(renderer):
+    """The Claude Code 2.1.332 run: per session, what the server reported and what whatif predicts."""
+    check = {c["session"][:8]: c for c in _run(ONE_RUN, renderer)["check"]}
+    assert {k: (c["requests"], c["prompt_tokens"], c["reported_read"], c["predicted_read"])
+            for k, c in check.items()} == {
+        "9df0d0e7": (2, 699, 365, 365),  # p_small: turn 2 reads 365 of 381
+        "2c199817": (8, 17216, 15759, 15759),  # p_read: 8 requests, max_tokens continuations
+        "c5583bcd": (2, 697, 369, 369),  # interactive_small
+        # intercept_p_small's first request read 80 tokens the capture cannot explain (predicted 68)
+        "f85caf8b": (5, 4762, 4310, 4298),
+    }
+
+
+def test_variants_none_and_rules_on_the_intercepted_session(renderer):
+    """First-party interception: the billing block's cch= changes on every request, so without the
+    rules almost nothing is reused; with them, every continuation is warm."""
+    out = _run([CC332 / "intercept_p_small.jsonl"], renderer, ram_bytes=8 << 30)
+    v = {x["name"]: x for x in out["variants"]}
+    assert set(v) == {"none", "rules"}
+    assert v["none"]["hit_rate"] < 0.05 < 0.8 < v["rules"]["hit_rate"]
+    assert v["none"]["prompt_tokens"] - v["rules"]["prompt_tokens"] == 5 * 142  # the stripped billing block
+    assert v["rules"]["prefilled_tokens"] == v["rules"]["prompt_tokens"] - v["rules"]["read_tokens"]
+
+
+def test_a_small_budget_evicts_and_the_curve_flattens(renderer):
+    ren, path = renderer
+    msgs = messages_in_order(load_records([CC332 / "p_read.jsonl"]).records)
+    prepared = prepare_variant(msgs, Variant("as-captured", lambda r: r.get("body")), Tokenizing(ren, 8192), False)
+    cost = KVCost("smol", 46080)
+    curve = budget_curve(prepared, Settings(cost, 0), points=8)
+    rates = [h for _, h in curve]
+    assert rates == sorted(rates) and rates[0] < rates[-1]
+    at = flattens_at(curve)
+    assert at is not None and next(h for b, h in curve if b == at) >= rates[-1] - 0.01
+
+
+def test_cli_json_has_the_documented_shape(renderer, capsys):
+    assert main(["whatif", str(CC332 / "p_small.jsonl"), "--json", "--no-suggestions", "--ram", "1G",
+                 "--prefill-rate", "100"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    names = [v["name"] for v in out["variants"]]
+    assert names == ["none", "rules"]
+    rules_v = out["variants"][1]
+    assert set(rules_v) >= {"name", "hit_rate", "prefilled_tokens", "evictions", "sessions"}
+    assert rules_v["sessions"][0]["session"].startswith("9df0d0e7")
+    assert rules_v["seconds_saved"] == round(rules_v["read_tokens"] / 100, 2)
+    assert out["check"][0]["predicted_read"] == out["check"][0]["reported_read"] == 365

@@ -1,0 +1,528 @@
+"""What-if: replay captured requests through a model of the prefix cache.
+
+``python -m analysis whatif CAPTURE…`` answers "with my traffic, what hit rate and prefill
+would I get?" without running a server for a week:
+
+1. every Messages request is rendered to prompt tokens exactly as the embedded server renders
+   it (``warmturn.server.render.Renderer`` with the served model's tokenizer, offline), once
+   per *variant* of normalization: ``none`` (what the client sent), ``rules`` (today's addon
+   rules), ``rules+<suggestion>`` (plus one pattern ``analysis diff`` suggests), and
+   ``as-captured`` (the bodies the backend really got: what the reality check compares);
+2. the requests are replayed in their recorded order and timing through
+   :class:`~warmturn.analysis.cachemodel.CacheModel`: a fetch when the request arrived, the
+   system+tools checkpoint once its prefill passed it, the prompt and the answer when it ended,
+   and a concurrent request that shares a prefix with one in flight waits for it, as the
+   engine's dedup does;
+3. tokens read, tokens prefilled, evictions, per session and in total; with usage in the
+   captures, the prediction against the ``cache_read_input_tokens`` the server reported.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from warmturn import rules
+
+from .cachemodel import CacheModel, Policy, common_prefix_len
+from .kvsize import KVCost
+from .sessions import assign_sessions, order_key
+
+DEDUP_MIN_TOKENS = 32  # the server's --dedup-min-tokens default
+RULE_NAMES = ("billing_block", "model_identity")  # the addon's default rules, each on or off
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way of normalizing the captured requests before they reach the cache."""
+
+    name: str
+    body: Callable[[dict], dict | None]  # record -> the body the backend would get
+    pattern: str | None = None  # the suggested pattern it adds, if any
+
+
+def make_rules(disabled: Sequence[str] = (), extra_fragments: Sequence[str] = ()) -> rules.Rules:
+    """Today's default addon rules minus ``disabled`` (names in :data:`RULE_NAMES`), plus patterns."""
+    unknown = set(disabled) - set(RULE_NAMES)
+    if unknown:
+        raise ValueError(f"unknown rule {', '.join(sorted(unknown))}: one of {', '.join(RULE_NAMES)}")
+    billing = "billing_block" not in disabled
+    return rules.Rules.make(
+        patterns=rules.DEFAULT_VOLATILE_PATTERNS if billing else (),
+        fragments=(rules.DEFAULT_VOLATILE_FRAGMENTS if billing else ()) + tuple(extra_fragments),
+        identity="model_identity" not in disabled)
+
+
+def _ruled(engine: rules.Rules) -> Callable[[dict], dict | None]:
+    def body(rec: dict) -> dict | None:
+        original = rec.get("original") or rec.get("body")
+        return engine.apply(original)[0] if isinstance(original, dict) else None
+    return body
+
+
+def make_variants(records: Sequence[dict], disabled: Sequence[str] = (), suggestions: bool = True,
+                  captured: bool = True) -> list[Variant]:
+    """``none``, ``rules``, ``rules+<each diff suggestion>`` and (``captured``) ``as-captured``."""
+    out = [Variant("none", lambda r: r.get("original") or r.get("body")),
+           Variant("rules", _ruled(make_rules(disabled)))]
+    if suggestions:
+        from .diff import diff_records
+
+        for s in diff_records(records).suggestions:
+            name = f"rules+{s.poison or 'pattern'}@{s.path}"
+            if any(v.name == name for v in out):
+                name += f"#{len(out)}"
+            out.append(Variant(name, _ruled(make_rules(disabled, [s.pattern])), s.pattern))
+    if captured:
+        out.append(Variant("as-captured", lambda r: r.get("body")))
+    return out
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class Prepared:
+    """One request as the cache sees it under one variant."""
+
+    rec: dict
+    tokens: np.ndarray | None  # None: the server would refuse it (unparseable, over the context)
+    prefix_len: int = 0
+    boundaries: tuple[int, ...] = ()  # message boundaries (token offsets), for the checkpoints policy
+    reply: tuple[int, ...] = ()  # the answer's tokens as the server kept them after the prompt
+    refused: str | None = None
+
+
+class Tokenizing:
+    """The server's renderer over a tokenizer, refusing what the server would refuse."""
+
+    def __init__(self, renderer: Any, context: int = 0) -> None:
+        self.renderer = renderer
+        self.context = context
+        tok = renderer.tokenizer
+        ids = getattr(tok, "eos_token_ids", None) or [getattr(tok, "eos_token_id", None)]
+        self.eos = next((int(i) for i in ids if i is not None), None)
+
+    def prepare(self, rec: dict, body: dict | None, boundaries: bool) -> Prepared:
+        from warmturn.server.render import hermes_call_text
+        from warmturn.server.wire import RequestError, ToolUseBlock, parse_messages_request
+
+        if not isinstance(body, dict):
+            return Prepared(rec, None, refused="no JSON body")
+        try:
+            req = parse_messages_request(body)
+            r = self.renderer.render(req)
+        except (RequestError, ValueError, TypeError) as e:
+            return Prepared(rec, None, refused=f"invalid request: {e}")
+        if self.context and len(r.tokens) >= self.context:
+            return Prepared(rec, None, refused=f"{len(r.tokens)} tokens: over the {self.context}-token context")
+        bounds = self._boundaries(req, r.text) if boundaries else ()
+        reply: list[int] = []
+        resp = rec.get("response") or {}
+        content = resp.get("content") if isinstance(resp, dict) else None
+        if isinstance(content, list) and content:
+            parts = [b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text"]
+            if not self.renderer.template_tools:
+                parts += [hermes_call_text(ToolUseBlock(str(b.get("id", "")), str(b.get("name", "")), b.get("input") or {}))
+                          for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+            reply = self.renderer.encode("\n".join(p for p in parts if p))
+            out = (rec.get("usage") or {}).get("output_tokens")
+            if isinstance(out, int) and out >= 0:
+                reply = reply[:out]
+            if rec.get("stop_reason") in ("end_turn", "tool_use", "stop_sequence") and self.eos is not None:
+                reply.append(self.eos)  # the end-of-turn token is fed back too
+        return Prepared(rec, np.asarray(r.tokens, dtype=np.int64), r.prefix_len, bounds, tuple(reply))
+
+    def _boundaries(self, req: Any, text: str) -> tuple[int, ...]:
+        """Token offsets where each chat message of the prompt ends (the template's own turns)."""
+        msgs, _ = self.renderer.chat_messages(req)
+        ends = []
+        for i in range(1, len(msgs) + 1):
+            try:
+                t = self.renderer._apply(msgs[:i], tools=None, gen=False)
+            except Exception:  # noqa: BLE001 - a template that needs more turns: no boundary there
+                continue
+            if text.startswith(t):
+                ends.append(len(t))
+        if not ends:
+            return ()
+        enc = self.renderer.tokenizer._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        starts = [s for s, _ in enc["offset_mapping"]]
+        return tuple(sorted({i for c in ends for i, s in enumerate(starts) if s == c}))
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class RequestResult:
+    id: str
+    session: str
+    agent: str
+    prompt_tokens: int
+    read: int
+    refused: str | None = None
+    reported_read: int | None = None
+    reported_prompt: int | None = None
+    evictions: int = 0
+
+    @property
+    def prefilled(self) -> int:
+        return self.prompt_tokens - self.read
+
+
+@dataclass
+class Totals:
+    requests: int = 0
+    refused: int = 0
+    prompt_tokens: int = 0
+    read: int = 0
+    evictions: int = 0
+
+    @property
+    def prefilled(self) -> int:
+        return self.prompt_tokens - self.read
+
+    @property
+    def hit_rate(self) -> float:
+        return self.read / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def add(self, r: RequestResult) -> None:
+        self.requests += 1
+        self.refused += r.refused is not None
+        self.prompt_tokens += r.prompt_tokens
+        self.read += r.read
+        self.evictions += r.evictions
+
+    def as_dict(self, rate: float | None = None) -> dict:
+        d = {"requests": self.requests, "refused": self.refused, "prompt_tokens": self.prompt_tokens,
+             "read_tokens": self.read, "prefilled_tokens": self.prefilled, "hit_rate": round(self.hit_rate, 4),
+             "evictions": self.evictions}
+        if rate:
+            d["prefill_seconds"] = round(self.prefilled / rate, 2)
+            d["seconds_saved"] = round(self.read / rate, 2)
+        return d
+
+
+@dataclass
+class VariantResult:
+    name: str
+    requests: list[RequestResult]
+    pattern: str | None = None
+    total: Totals = field(default_factory=Totals)
+    sessions: dict[str, Totals] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for r in self.requests:
+            self.total.add(r)
+            self.sessions.setdefault(r.session, Totals()).add(r)
+
+    def as_dict(self, rate: float | None = None) -> dict:
+        out = {"name": self.name, **self.total.as_dict(rate),
+               "sessions": [{"session": s, **t.as_dict(rate)} for s, t in self.sessions.items()]}
+        if self.pattern:
+            out["pattern"] = self.pattern
+            out["set_arg"] = "--set " + f"volatile_fragments={self.pattern}"
+        return out
+
+
+# --------------------------------------------------------------------------- replay
+
+
+@dataclass(frozen=True)
+class Settings:
+    cost: KVCost
+    ram_bytes: int
+    disk_bytes: int = 0
+    policy: Policy = "trimmable"
+    slots: int | None = None
+    dedup_min: int = DEDUP_MIN_TOKENS
+
+    def model(self) -> CacheModel:
+        return CacheModel(self.cost, self.ram_bytes, self.disk_bytes, self.policy, self.slots)
+
+
+def _times(rec: dict, i: int) -> tuple[float, float, float]:
+    """(arrival, checkpoint written, end) of a request; sequential when the capture has no times."""
+    t = rec.get("t") or {}
+    t0 = t.get("request")
+    if not isinstance(t0, (int, float)):
+        return float(i), float(i) + 0.25, float(i) + 0.5
+    if isinstance(rec.get("queue_ms"), (int, float)):  # the engine fetched when the request joined
+        t0 += rec["queue_ms"] / 1000
+    end = next((t[k] for k in ("end", "first_content", "first_byte") if isinstance(t.get(k), (int, float))), t0)
+    mid = next((t[k] for k in ("first_content", "first_byte") if isinstance(t.get(k), (int, float))), end)
+    return float(t0), float(max(t0, min(mid, end))), float(max(end, t0))
+
+
+def replay(prepared: Sequence[Prepared], settings: Settings) -> list[RequestResult]:
+    """Run the requests through a cache model, in recorded order and timing: one fresh cache per
+    arm (A/B arms are separate server runs of the same traffic, never one cache)."""
+    arms: dict[str, list[Prepared]] = {}
+    for p in prepared:
+        arms.setdefault(str(p.rec.get("arm")), []).append(p)
+    return [r for group in arms.values() for r in _replay_one(group, settings)]
+
+
+def _replay_one(prepared: Sequence[Prepared], settings: Settings) -> list[RequestResult]:
+    cache = settings.model()
+    events: list[tuple[float, int, int]] = []  # (time, phase, index): phase 0 store, 1 checkpoint, 2 fetch
+    for i, p in enumerate(prepared):
+        t0, tck, t1 = _times(p.rec, i)
+        events += [(t0, 2, i), (tck, 1, i), (t1, 0, i)]
+    events.sort()
+    results: list[RequestResult | None] = [None] * len(prepared)
+    in_flight: dict[int, int] = {}  # index -> tokens already computed (for dedup)
+    for _t, phase, i in events:
+        p = prepared[i]
+        rec = p.rec
+        if p.tokens is None:
+            if phase == 2:
+                results[i] = _result(rec, 0, 0, p.refused)
+            continue
+        q = p.tokens
+        if phase == 2:
+            reused = cache.fetch(q, _t)
+            for j in in_flight:  # the engine parks a request on one in flight that shares its prefix
+                shared = min(common_prefix_len(prepared[j].tokens, q), len(q) - 1)
+                if shared >= settings.dedup_min and shared > reused:
+                    cache.store(prepared[j].tokens[:shared], (), _t)  # the leader shares what it computed
+                    reused = shared
+            in_flight[i] = reused
+            results[i] = _result(rec, len(q), reused, None)
+        elif phase == 1:
+            if 0 < p.prefix_len < len(q) and in_flight.get(i, 0) < p.prefix_len:
+                before = cache.counters.evictions
+                cache.store(q[: p.prefix_len], (p.prefix_len,), _t)
+                results[i].evictions += cache.counters.evictions - before
+        else:
+            in_flight.pop(i, None)
+            held = np.concatenate([q, np.asarray(p.reply, dtype=np.int64)]) if p.reply else q
+            cps = [p.prefix_len] if 0 < p.prefix_len < len(q) else []
+            if settings.policy == "checkpoints":
+                cps += [b for b in p.boundaries if 0 < b < len(q)] + [len(q)]
+            before = cache.counters.evictions
+            cache.store(held, cps, _t)
+            results[i].evictions += cache.counters.evictions - before
+    return [r for r in results if r is not None]
+
+
+def _result(rec: dict, prompt: int, read: int, refused: str | None) -> RequestResult:
+    u = rec.get("usage") or {}
+    rep_read = u.get("cache_read_input_tokens") if isinstance(u.get("cache_read_input_tokens"), int) else None
+    parts = [u.get(k) for k in ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens")]
+    rep_prompt = sum(x for x in parts if isinstance(x, int)) if isinstance(parts[0], int) else None
+    if rep_read is None and rep_prompt is not None:
+        rep_read = 0
+    return RequestResult(str(rec.get("id")), str(rec.get("session")), str(rec.get("agent") or "main"),
+                         prompt, read, refused, rep_read, rep_prompt)
+
+
+# --------------------------------------------------------------------------- the whole run
+
+
+def messages_in_order(records: Sequence[dict]) -> list[dict]:
+    """The Messages requests with a body, sessions assigned, in recorded order."""
+    msgs = [r for r in records if r.get("kind") == "messages" and isinstance(r.get("body") or r.get("original"), dict)]
+    assign_sessions(msgs)
+    return sorted(msgs, key=order_key)
+
+
+def prepare_variant(msgs: Sequence[dict], variant: Variant, tok: Tokenizing, boundaries: bool) -> list[Prepared]:
+    return [tok.prepare(r, variant.body(r), boundaries) for r in msgs]
+
+
+def run_variants(msgs: Sequence[dict], variants: Sequence[Variant], tok: Tokenizing,
+                 settings: Settings) -> list[VariantResult]:
+    out = []
+    for v in variants:
+        prepared = prepare_variant(msgs, v, tok, settings.policy == "checkpoints")
+        out.append(VariantResult(v.name, replay(prepared, settings), v.pattern))
+    return out
+
+
+def measured_prefill_rate(msgs: Sequence[dict]) -> float | None:
+    """Prompt tokens computed per second of prefill, from the backend's own ``prefill_ms``."""
+    toks = secs = 0.0
+    for r in msgs:
+        u = r.get("usage") or {}
+        ms = r.get("prefill_ms")
+        if isinstance(ms, (int, float)) and ms > 0 and isinstance(u.get("input_tokens"), int):
+            toks += u.get("input_tokens", 0) + (u.get("cache_creation_input_tokens") or 0)
+            secs += ms / 1000
+    return toks / secs if secs > 0 and toks > 0 else None
+
+
+# --------------------------------------------------------------------------- reality check
+
+
+@dataclass
+class SessionCheck:
+    session: str
+    requests: int
+    prompt_tokens: int  # as the server reported them
+    reported_read: int
+    predicted_read: int
+    abs_error: int  # sum over requests of |predicted - reported|
+    prompt_mismatches: int  # requests whose rendered length differs from the reported prompt
+
+    @property
+    def error(self) -> float:
+        return self.abs_error / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        return {"session": self.session, "requests": self.requests, "prompt_tokens": self.prompt_tokens,
+                "reported_read": self.reported_read, "predicted_read": self.predicted_read,
+                "abs_error": self.abs_error, "error": round(self.error, 4),
+                "prompt_mismatches": self.prompt_mismatches}
+
+
+def check_against_reported(result: VariantResult) -> list[SessionCheck]:
+    """Per session: the predicted cache reads against the server's ``cache_read_input_tokens``
+    (requests the server reported usage for)."""
+    out: dict[str, SessionCheck] = {}
+    for r in result.requests:
+        if r.reported_read is None or r.reported_prompt is None:
+            continue
+        c = out.setdefault(r.session, SessionCheck(r.session, 0, 0, 0, 0, 0, 0))
+        c.requests += 1
+        c.prompt_tokens += r.reported_prompt
+        c.reported_read += r.reported_read
+        c.predicted_read += r.read
+        c.abs_error += abs(r.read - r.reported_read)
+        c.prompt_mismatches += r.prompt_tokens != r.reported_prompt
+    return list(out.values())
+
+
+# --------------------------------------------------------------------------- budget curve
+
+
+def budget_curve(prepared: Sequence[Prepared], settings: Settings, points: int = 12) -> list[tuple[int, float]]:
+    """``(RAM budget in bytes, hit rate)`` from one request's prompt up to everything kept."""
+    lens = [len(p.tokens) + len(p.reply) for p in prepared if p.tokens is not None]
+    if not lens:
+        return []
+    lo = settings.cost.nbytes(min(lens))
+    hi = max(settings.cost.nbytes(sum(lens)), lo * 2)
+    out = []
+    for b in np.geomspace(lo, hi, points):
+        s = Settings(settings.cost, int(b), settings.disk_bytes, settings.policy, settings.slots, settings.dedup_min)
+        t = Totals()
+        for r in replay(prepared, s):
+            t.add(r)
+        out.append((int(b), t.hit_rate))
+    return out
+
+
+def flattens_at(curve: Sequence[tuple[int, float]], within: float = 0.01) -> int | None:
+    """The smallest budget whose hit rate is within ``within`` (absolute) of the curve's best."""
+    if not curve:
+        return None
+    best = max(h for _, h in curve)
+    return next(b for b, h in curve if h >= best - within)
+
+
+def default_dtype(model_dir: Path) -> str:
+    """The served model's KV dtype: its config's, else float32 for warmturn's own f32 conversion."""
+    import json
+
+    try:
+        cfg = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        cfg = {}
+    dtype = cfg.get("torch_dtype") or cfg.get("dtype")
+    return str(dtype) if dtype else ("float32" if model_dir.name.endswith("-f32") else "bfloat16")
+
+
+@dataclass
+class Options:
+    """What ``python -m analysis whatif`` was asked (the CLI's flags, parsed)."""
+
+    tokenizer: str | None = None
+    model: str | None = None  # preset name or model dir (bytes per token, context); default: the tokenizer's
+    kv_dtype: str | None = None
+    ram_bytes: int | None = None
+    disk_bytes: int = 0
+    policy: str = "auto"
+    slots: int | None = None
+    rules_off: tuple[str, ...] = ()
+    suggestions: bool = True
+    prefill_rate: float | None = None
+    prefix_order: str = "tools-first"
+    context: int | None = None
+
+
+def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_dir: Path | None = None) -> dict:
+    """The whole what-if run as one JSON-ready dict: ``settings``, ``variants`` (``name``,
+    ``hit_rate``, ``prefilled_tokens``, ``evictions``, ``sessions``…) and ``check`` (per session,
+    the as-captured prediction against the reported cache reads, when the captures have usage)."""
+    from .kvsize import model_cost
+
+    if renderer is None:
+        renderer, model_dir = load_renderer(opts.tokenizer, opts.prefix_order)
+    spec = opts.model or str(model_dir)
+    cost = model_cost(spec, opts.kv_dtype or (default_dtype(model_dir) if not opts.model and model_dir else "bfloat16"))
+    policy: Policy = ("trimmable" if cost.trimmable else "checkpoints") if opts.policy == "auto" else opts.policy
+    from warmturn.server.cache import default_cache_bytes
+
+    ram = default_cache_bytes() if opts.ram_bytes is None else opts.ram_bytes
+    context = opts.context if opts.context is not None else cost.context
+    settings = Settings(cost, ram, opts.disk_bytes, policy, opts.slots)
+    msgs = messages_in_order(records)
+    variants = make_variants(records, opts.rules_off, opts.suggestions, captured=False)
+    results = run_variants(msgs, variants, Tokenizing(renderer, context), settings)
+    if any(r.get("usage") for r in msgs) and model_dir is not None:
+        # the reality check replays what the backend got on the server that recorded it: the served
+        # model's own cost, context and family policy, the server's default budget
+        served = model_cost(str(model_dir), default_dtype(model_dir))
+        check = Settings(served, default_cache_bytes(), 0, "trimmable" if served.trimmable else "checkpoints")
+        results += run_variants(msgs, [Variant("as-captured", lambda r: r.get("body"))],
+                                Tokenizing(renderer, served.context), check)
+    rate, source = opts.prefill_rate, "given"
+    if not rate:
+        rate, source = measured_prefill_rate(msgs), "measured: the captures' prefill_ms"
+    out = {
+        "settings": {"requests": len(msgs), "sessions": len({r["session"] for r in msgs}),
+                     "tokenizer": str(model_dir), "prefix_order": opts.prefix_order, "kv": cost.describe(),
+                     "bytes_per_token": cost.per_token, "model": cost.name, "ram": fmt_bytes(ram), "ram_bytes": ram,
+                     "disk": fmt_bytes(opts.disk_bytes) if opts.disk_bytes else "off",
+                     "disk_bytes": opts.disk_bytes, "policy": policy, "slots": opts.slots, "context": context,
+                     "rules_off": list(opts.rules_off), "prefill_rate": rate,
+                     "prefill_rate_source": source if rate else None},
+        "variants": [v.as_dict(rate) for v in results if v.name != "as-captured"],
+    }
+    captured = next((v for v in results if v.name == "as-captured"), None)
+    if captured is not None:
+        out["as_captured"] = captured.as_dict(rate)
+        out["check"] = [c.as_dict() for c in check_against_reported(captured)]
+    return out
+
+
+def load_renderer(tokenizer: str | None, prefix_order: str = "tools-first") -> tuple[Any, Path]:
+    """The server's Renderer over a model's tokenizer (``default``: the default model's), offline."""
+    from mlx_lm.utils import load_tokenizer
+
+    from warmturn.server.convert import resolve_model
+    from warmturn.server.render import Renderer
+
+    path = resolve_model(None if tokenizer in (None, "", "default") else tokenizer)
+    return Renderer(load_tokenizer(Path(path)), prefix_order=prefix_order), Path(path)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:,.1f} {unit}"
+    return f"{n:,.0f} B"
+
+
+def is_finite(x: float | None) -> bool:
+    return x is not None and math.isfinite(x)
