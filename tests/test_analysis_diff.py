@@ -12,7 +12,7 @@ import pytest
 from warmturn.analysis.__main__ import main
 from warmturn.analysis.diff import diff_payloads, diff_records, pattern_for
 from warmturn.analysis.load import load_records
-from warmturn.analysis.divergence import divergence, flatten_prompt, load_tokenizer, shared_prefix_len
+from warmturn.analysis.divergence import divergence, flatten_prompt, load_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"
@@ -131,14 +131,6 @@ def test_divergence_at_token_level_with_the_default_tokenizer(tokenizer):
     assert d.tokens_a == len(tokenizer.encode(flatten_prompt(a).text))
     ta, tb = tokenizer.encode(flatten_prompt(a).text), tokenizer.encode(flatten_prompt(b).text)
     assert ta[: d.shared_tokens] == tb[: d.shared_tokens] and ta[d.shared_tokens] != tb[d.shared_tokens]
-
-
-def test_common_prefix_len_long_inputs():
-    x = "a" * 10_000 + "b" + "c" * 50
-    y = "a" * 10_000 + "d"
-    assert shared_prefix_len(x, y) == 10_000
-    assert shared_prefix_len(x, x) == len(x)
-    assert shared_prefix_len([1, 2, 3], [1, 2]) == 2
 
 
 def test_billing_block_named_between_main_agent_and_subagent_real_payloads():

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from warmturn.prefix import common_prefix_len
+
 
 @dataclass(frozen=True)
 class Segment:
@@ -113,22 +115,6 @@ def flatten_prompt(body: dict | None) -> FlatPrompt:
     return FlatPrompt("".join(pieces), tuple(segs))
 
 
-def shared_prefix_len(a: Sequence, b: Sequence) -> int:
-    """Length of the longest common prefix (chunked comparison: fast on 100K-char prompts)."""
-    n = min(len(a), len(b))
-    lo = 0
-    step = 4096
-    while lo < n:
-        hi = min(n, lo + step)
-        if a[lo:hi] == b[lo:hi]:
-            lo = hi
-            continue
-        while lo < hi and a[lo] == b[lo]:
-            lo += 1
-        return lo
-    return n
-
-
 class Tokenizer:
     """A thin wrapper over a ``tokenizers`` tokenizer.json (the model dir's own)."""
 
@@ -167,7 +153,7 @@ def divergence(a: dict | None, b: dict | None, tokenizer: Tokenizer | None = Non
                _cache: dict | None = None) -> Divergence:
     """Shared prefix of ``a`` and ``b`` in model order, in characters (and tokens if given)."""
     ra, rb = flatten_prompt(a), flatten_prompt(b)
-    n = shared_prefix_len(ra.text, rb.text)
+    n = common_prefix_len(ra.text, rb.text)
     if n == len(ra.text) == len(rb.text):
         where = "identical"
     else:
@@ -178,6 +164,6 @@ def divergence(a: dict | None, b: dict | None, tokenizer: Tokenizer | None = Non
         cache = _cache if _cache is not None else {}
         ta = cache.get(ra.text) or cache.setdefault(ra.text, tokenizer.encode(ra.text))
         tb = cache.get(rb.text) or cache.setdefault(rb.text, tokenizer.encode(rb.text))
-        d = Divergence(**{**d.__dict__, "shared_tokens": shared_prefix_len(ta, tb),
+        d = Divergence(**{**d.__dict__, "shared_tokens": common_prefix_len(ta, tb),
                           "tokens_a": len(ta), "tokens_b": len(tb)})
     return d

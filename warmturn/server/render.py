@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from warmturn.prefix import common_prefix_len
 from warmturn.server.wire import Message, MessagesRequest, RequestError, TextBlock, Tool, ToolResultBlock, ToolUseBlock
 
 PrefixOrder = Literal["system-first", "tools-first"]
@@ -324,9 +325,4 @@ class Renderer:
             head = self.encode(self._apply(messages[:1], tools=tools, gen=False))
         except Exception:  # noqa: BLE001 - templates that need a user turn: no known prefix
             return 0
-        n = 0
-        for a, b in zip(head, tokens):
-            if a != b:
-                break
-            n += 1
-        return n
+        return common_prefix_len(head, tokens)
