@@ -4,10 +4,17 @@ loopback, driven by httpx and the anthropic SDK. Each test here failed before it
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import httpx
 import pytest
 
+from tests.conftest import ROOT, free_port
 from tests.test_server_http import run_engine, serve_in_thread, sse_events
 
 pytestmark = pytest.mark.model
@@ -101,3 +108,92 @@ def test_clamp_top_k():
 
     assert [clamp_top_k(k, 100) for k in (None, 0, 1, 99, 100, 101, 10**18)] == [0, 0, 1, 99, 0, 0, 0]
     assert clamp_top_k(10**6, 0) == 10**6  # unknown width: unchanged (the sampler guard still holds)
+
+
+# --------------------------------------------------------------------------- 2. SIGTERM mid-answer
+
+LONG_ANSWER = {"model": "m", "max_tokens": 160, "temperature": 0.0,
+               "messages": [{"role": "user", "content": "Write a long story about a dragon and a knight."}]}
+
+
+def start_server(model_dir, log_file, *extra):
+    port = free_port()
+    cmd = [sys.executable, "-m", "warmturn.server", "--model", str(model_dir), "--port", str(port),
+           "--api-key", KEY, "--log-file", str(log_file), "--no-cache", *extra]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        assert proc.poll() is None, log_file.read_text() if log_file.exists() else "server exited"
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not become ready"
+        time.sleep(0.3)
+
+
+def answer_text(events: list[dict]) -> str:
+    return "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
+
+
+def test_sigterm_mid_answer_ends_it_with_an_error_never_a_short_end_turn(model_dir, tmp_path):
+    proc, base = start_server(model_dir, tmp_path / "server.log")
+    try:
+        full = httpx.post(base + "/v1/messages", json={**LONG_ANSWER, "stream": True}, headers=JSON, timeout=300)
+        reference = answer_text(sse_events(full.text))
+        assert len(reference) > 300  # long enough that a SIGTERM right after its first token cuts it
+        lines = []
+        with httpx.stream("POST", base + "/v1/messages", json={**LONG_ANSWER, "stream": True}, headers=JSON,
+                          timeout=300) as r:
+            assert r.status_code == 200
+            it = r.iter_lines()
+            for line in it:
+                lines.append(line)
+                if line.startswith("data: ") and '"content_block_delta"' in line:
+                    proc.send_signal(signal.SIGTERM)  # the answer has started
+                    break
+            lines.extend(it)
+        events = sse_events("\n".join(lines) + "\n")
+        last = events[-1]
+        if last["type"] == "message_stop":  # it finished before the signal reached it: then it is whole
+            assert answer_text(events) == reference
+        else:
+            assert last == {"type": "error", "error": {"type": "overloaded_error", "message": last["error"]["message"]}}
+            assert "shutting down" in last["error"]["message"]
+            assert not any(e["type"] in ("message_delta", "message_stop") for e in events)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sigterm_during_a_non_streaming_answer_is_a_retryable_error_or_the_whole_answer(model_dir, tmp_path):
+    proc, base = start_server(model_dir, tmp_path / "server.log")
+    try:
+        reference = httpx.post(base + "/v1/messages", json=LONG_ANSWER, headers=JSON, timeout=300).json()
+        got: dict = {}
+
+        def call():
+            got["r"] = httpx.post(base + "/v1/messages", json=LONG_ANSWER, headers=JSON, timeout=300)
+
+        t = threading.Thread(target=call)
+        t.start()
+        while httpx.get(base + "/health", timeout=10).json()["running"] < 1:  # in the engine
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        r = got["r"]
+        if r.status_code == 200:  # finished before the signal reached it: then it is whole
+            assert r.json()["content"] == reference["content"]
+        else:
+            assert r.status_code in (503, 529), r.text
+            assert r.json()["error"]["type"] in ("overloaded_error", "api_error")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+

@@ -419,6 +419,11 @@ def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: wire.M
                            json_mode=req.output_schema is not None)
 
 
+#: a cut answer is an error, never a short answer with ``end_turn`` (SIGTERM mid-answer: the
+#: engine's stop ends what it runs as ``Done("cancelled")``)
+CUT_BY_SHUTDOWN = "the server is shutting down and stopped this answer before its end; retry the request"
+
+
 async def events(state: ServerState, call: Call, stream: wire.MessageStream,
                  asm: OutputAssembler) -> AsyncIterator[dict[str, Any]]:
     """Engine items -> Anthropic events; cancels generation when the consumer stops."""
@@ -448,6 +453,9 @@ async def events(state: ServerState, call: Call, stream: wire.MessageStream,
                     return
             elif isinstance(item, Done):
                 output_tokens = max(output_tokens, item.output_tokens)
+                if item.reason == "cancelled":  # not by us (we stop reading first): the server is stopping
+                    outcome = "cut_by_shutdown"
+                    raise ApiError(529, "overloaded_error", CUT_BY_SHUTDOWN)
                 for ev in asm.finish(item.reason, output_tokens):
                     yield ev
                 outcome = item.reason
@@ -479,8 +487,11 @@ def stream_events(request: Request, agen: AsyncIterator[dict[str, Any]], headers
             async for ev in agen:
                 yield wire.sse(ev)
         except Exception as e:  # after the stream began: an `error` event, then the end
-            log.exception("generation failed mid-stream (request %s)", request_id(request))
             known = isinstance(e, (wire.RequestError, ApiError))
+            if known:
+                log.warning("stream of request %s ended with an error: %s", request_id(request), e)
+            else:
+                log.exception("generation failed mid-stream (request %s)", request_id(request))
             yield wire.sse(wire.error_body(getattr(e, "error_type", "api_error"),
                                            str(e) if known else internal_error_message(request)))
         finally:
