@@ -28,18 +28,12 @@ from typing import Literal
 
 import numpy as np
 
+from warmturn.prefix import common_prefix_len
+
 from .kvsize import KVCost
 
 Policy = Literal["trimmable", "checkpoints"]
 MIN_CHECKPOINT = 16  # PrefixCache's min_checkpoint
-
-
-def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
-    m = min(len(a), len(b))
-    if m == 0:
-        return 0
-    diff = np.flatnonzero(a[:m] != b[:m])
-    return int(diff[0]) if len(diff) else m
 
 
 def _key(q: np.ndarray) -> str:
