@@ -174,3 +174,69 @@ def test_server_refuses_an_unsafe_cache_dir_at_start_up(tmp_path):
     assert r.returncode == 2
     assert "error: cache directory" in r.stderr and "writable by other users" in r.stderr
     assert "loading" not in r.stderr  # refused before the model was loaded
+
+
+def test_a_symlink_planted_at_the_temporary_name_is_never_written_through(model, tmp_path):
+    """Issue 21: the temporary name was predictable (``.NAME.PID.tmp.safetensors``) and opened by
+    path, so a symlink planted there made a checkpoint overwrite its target (and chmod it 0600)."""
+    d = tmp_path / "kv"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    victim.chmod(0o644)
+    store = PrefixCache(model, max_bytes=1 << 24, cache_dir=d, min_checkpoint=4)
+    model_id = store._disk.model_id
+    from warmturn.server.cache_disk import token_hash
+
+    prefix = np.asarray(TOKS[:20])
+    name = f"{model_id}-20-{token_hash(prefix)}.safetensors"
+    for pid in {os.getpid(), os.getppid()}:
+        (d / f".{name}.{pid}.tmp.safetensors").symlink_to(victim)
+    put(store, model, TOKS, checkpoints=[20])
+    assert victim.read_text() == "precious" and stat.S_IMODE(victim.stat().st_mode) == 0o644
+    written = d / name
+    st = os.lstat(written)
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+    assert PrefixCache(model, max_bytes=1 << 24, cache_dir=d, min_checkpoint=4).fetch(TOKS)[1] == 20
+
+
+FAULTS = r"""
+import os, subprocess, sys, logging
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from tests.test_cache_logic import tiny_model
+from warmturn.server.cache_disk import DiskCache
+from mlx_lm.models.cache import make_prompt_cache
+from warmturn.server.cache import prefill
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stdout)
+d = sys.argv[1]
+subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k,mode=0700", "tmpfs", d], check=True)
+model = tiny_model()
+toks = np.arange(1, 40, dtype=np.int32)
+kv = make_prompt_cache(model)
+prefill(model, kv, [int(t) for t in toks])
+disk = DiskCache(d, model, "m" * 16, 1 << 24)
+print("full1", disk.save(toks, kv), disk.counters["disk_errors"])
+print("full2", disk.save(toks, kv), disk.counters["disk_errors"])  # the same write: not tried again
+print("left", sorted(os.listdir(d)))
+subprocess.run(["mount", "-o", "remount,ro", d], check=True)
+print("ro", disk.save(toks[:30], kv), disk.counters["disk_errors"])
+"""
+
+
+def test_a_full_or_read_only_cache_disk_fails_quietly_once(tmp_path):
+    """A full tmpfs, then read-only (a private mount namespace: needs root and unshare): each
+    write fails with one warning line, no traceback; the same write is not retried; no leftovers."""
+    d = tmp_path / "kv"
+    d.mkdir(mode=0o700)
+    try:
+        subprocess.run(["unshare", "-m", "true"], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs unshare -m (root) for a tmpfs of its own")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", sys.executable, "-c", FAULTS, str(d), str(REPO)],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out
+    assert "full1 False 1" in out and "full2 False 1" in out and "left []" in out, out
+    assert "ro False 2" in out, out
+    assert "Traceback" not in out and out.count("could not write") == 2, out

@@ -18,7 +18,8 @@ decides what the model "read" before the user's turn. So nothing here is trusted
   directory, which the checks above refuse).
 - Format, model id, token list, cache layout and head shapes are checked as before; a file not
   owned by us, writable by others, or not a regular file is skipped.
-- Files are written under a temporary name (``.NAME.PID.tmp.safetensors``) and renamed; the
+- Files are written under a new temporary name (``.NAME.RANDOM.PID.tmp.safetensors``, created
+  with ``O_EXCL``, so never through a planted symlink) and renamed; the
   temporary files a killed process left behind are removed at start-up.
 - A byte budget: when a write goes over it, the least recently used files (mtime, refreshed on
   load) are removed.
@@ -26,11 +27,13 @@ decides what the model "read" before the user's turn. So nothing here is trusted
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import re
 import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -197,6 +200,7 @@ class DiskCache:
         self.max_bytes = int(max_bytes)
         self.counters = dict.fromkeys(("disk_loads", "disk_writes", "disk_errors", "disk_evictions"), 0)
         self._files: dict[tuple[int, str], Path] = {}
+        self._failed: set[tuple[int, str]] = set()  # writes that failed (full disk): not retried
         self._clean_temp_files()
         self._scan()
 
@@ -244,20 +248,31 @@ class DiskCache:
         n, h = len(tokens), token_hash(tokens)
         if (n, h) in self._files:
             return False
+        if (n, h) in self._failed:  # a full or read-only disk: not retried on every request
+            return False
         path = self._path(n, h)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.safetensors")
         header = {"format": FILE_FORMAT, "model_id": self.model_id, "n_tokens": str(n),
                   "tokens": ",".join(map(str, np.asarray(tokens).tolist()))}
+        tmp: str | None = None
         try:
             meta = {**header, "digest": kv_digest(kv, header)}
-            save_prompt_cache(str(tmp), kv, meta)
-            os.chmod(tmp, 0o600)
+            # a new file (O_EXCL: never through a planted symlink), mode 0600, an unpredictable name
+            # that still matches _TMP_RE (".NAME.RANDOM.PID.tmp.safetensors"); written through its fd
+            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.",
+                                       suffix=f".{os.getpid()}.tmp.safetensors")
+            with os.fdopen(fd, "wb") as f:
+                save_prompt_cache(f, kv, meta)  # type: ignore[arg-type]  # mx.save_safetensors takes a file
             os.replace(tmp, path)
         except Exception as exc:  # noqa: BLE001 - a full disk must not fail the request
-            log.warning("prefix cache: could not write %s: %s", path, exc)
-            tmp.unlink(missing_ok=True)
+            log.warning("prefix cache: could not write %s: %s", path.name, exc)
+            if tmp is not None:
+                with contextlib.suppress(OSError):  # a read-only disk: EROFS here too
+                    os.unlink(tmp)
             self.counters["disk_errors"] += 1
+            if len(self._failed) < 4096:
+                self._failed.add((n, h))
             return False
+        self._failed.clear()  # space came back: what failed may fit now
         self._files[(n, h)] = path
         self._prune(keep=path)
         self.counters["disk_writes"] += 1
