@@ -28,6 +28,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from warmturn.addons.capture import append_record
 from tests.conftest import free_port
 from tests.procs import ROOT, VENV_BIN, child_env, port_open, process
 from tests.test_server_hardening import FUZZ_BASE, HOSTILE, PATHS, assemble
@@ -525,4 +526,33 @@ else:
 """
     out = subprocess.run([str(VENV_BIN / "python"), "-c", script], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip().startswith("raised"), out.stdout + out.stderr
-    assert (tmp_path / "cap.jsonl").stat().st_size == 4096  # what the kernel took, then the error
+    assert (tmp_path / "cap.jsonl").stat().st_size == 0  # what the kernel took is cut off again
+
+
+def test_a_line_torn_by_a_full_disk_does_not_swallow_the_next_record(tmp_path):
+    """Issue 21: after a write failed half-way, the next record was appended to the torn line and
+    lost with it as invalid JSON. A full disk (RLIMIT_FSIZE, child process), then space again;
+    and a torn tail left by a process that died mid-write (no chance to cut it)."""
+    cap = tmp_path / "cap.jsonl"
+    script = f"""
+import os, resource, signal, sys
+sys.path.insert(0, {str(ROOT)!r})
+from warmturn.addons.capture import append_record
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+append_record({str(cap)!r}, {{"n": 1}})
+resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize({str(cap)!r}) + 100, resource.RLIM_INFINITY))
+try:
+    append_record({str(cap)!r}, {{"n": 2, "pad": "x" * 10000}})
+except OSError as e:
+    print("full", e.errno)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+append_record({str(cap)!r}, {{"n": 3}})
+"""
+    out = subprocess.run([str(VENV_BIN / "python"), "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.startswith("full"), out.stdout + out.stderr
+    assert [json.loads(line)["n"] for line in cap.read_text().splitlines()] == [1, 3]
+    with cap.open("ab") as f:  # a writer killed mid-line
+        f.write(b'{"n": 4, "pad": "xxx')
+    append_record(str(cap), {"n": 5})
+    assert [json.loads(line)["n"] for line in cap.read_text().splitlines()] == [1, 3, 5]
+    assert cap.read_bytes().endswith(b"\n")

@@ -9,6 +9,7 @@ new file whenever the formatted path changes, missing directories created.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -178,20 +179,47 @@ def encode_line(record: dict[str, Any]) -> bytes:
         return encode_line({**record, "request": request})
 
 
+def _cut_torn_tail(fd: int) -> int:
+    """Truncate a file that does not end in a newline back to its last one (a line torn by a
+    full disk or a kill mid-write, which the next line would otherwise be glued onto and lost
+    with). Returns the file's size after."""
+    size = os.fstat(fd).st_size
+    if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+        return size
+    end = size
+    while end > 0:
+        start = max(0, end - 65536)
+        nl = os.pread(fd, end - start, start).rfind(b"\n")
+        if nl >= 0:
+            end = start + nl + 1
+            break
+        end = start
+    os.ftruncate(fd, end)
+    return end
+
+
 def append_record(path: str, record: dict[str, Any]) -> None:
     """Append one JSONL line on an O_APPEND descriptor (private file, 0600). A short write (a
-    signal, a nearly full disk) is continued until the whole line is written."""
+    signal, a nearly full disk) is continued until the whole line is written; a write that fails
+    half-way is cut off again, and a torn last line (an older failure, a kill) is cut before the
+    new line goes after it, so every line stays valid JSON once space returns."""
     line = memoryview(encode_line(record))
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
     try:
-        while line:
-            written = os.write(fd, line)
-            if written <= 0:
-                raise OSError(f"write returned {written}")
-            line = line[written:]
+        start = _cut_torn_tail(fd)
+        try:
+            while line:
+                written = os.write(fd, line)
+                if written <= 0:
+                    raise OSError(f"write returned {written}")
+                line = line[written:]
+        except OSError:
+            with contextlib.suppress(OSError):  # best effort: the next append cuts it otherwise
+                os.ftruncate(fd, start)
+            raise
     finally:
         os.close(fd)
 
