@@ -20,7 +20,7 @@ from warmturn.server.toolcalls import (
     extract_json,
     merge_text,
 )
-from warmturn.server.wire import MessageStream, Usage
+from warmturn.protocol import MessageStream, Usage
 
 CALL = '<tool_call>\n{"name": "Read", "arguments": {"file_path": "/tmp/a.txt"}}\n</tool_call>'
 READ = ToolCall("Read", {"file_path": "/tmp/a.txt"})

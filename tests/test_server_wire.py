@@ -6,18 +6,9 @@ import json
 
 import pytest
 
-from warmturn.server.wire import (
-    MessageStream,
-    RequestError,
-    TextBlock,
-    ToolResultBlock,
-    ToolUseBlock,
-    Usage,
-    error_body,
-    page_models,
-    parse_messages_request,
-    sse,
-)
+from warmturn.protocol import MessageStream, RequestError, Usage, error_body, page_models
+from warmturn.protocol import encode_sse as sse
+from warmturn.server.wire import TextBlock, ToolResultBlock, ToolUseBlock, parse_messages_request
 from tests.conftest import FIXTURES
 
 CC = FIXTURES / "claude_code"

@@ -25,10 +25,9 @@ from __future__ import annotations
 import ipaddress
 import json
 import socket
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from warmturn.server import wire
 from warmturn import protocol
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -38,8 +37,12 @@ LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 @dataclass(frozen=True)
 class Refusal:
     status: int
-    error_type: str
     message: str
+
+    @property
+    def error_type(self) -> str:
+        """Anthropic's error type for the status: the protocol module's one map."""
+        return protocol.error_type_for(self.status)
 
 
 def split_host(value: str) -> str:
@@ -102,44 +105,52 @@ def check(method: str, path: str, headers: Mapping[str, str], *, names: frozense
     """The first reason to refuse this request, or None. `headers` keys are lower-case."""
     host = headers.get("host")
     if host is not None and not host_allowed(split_host(host), names, bind_host):
-        return Refusal(403, "permission_error",
-                       f"Host {host!r} is not an address of this server (DNS rebinding protection); "
-                       f"start it with --allowed-hosts NAME to accept that name")
+        return Refusal(403, f"Host {host!r} is not an address of this server (DNS rebinding protection); "
+                            f"start it with --allowed-hosts NAME to accept that name")
     origin = headers.get("origin")
     if origin is not None:
         authority = origin.split("://", 1)[1] if "://" in origin else ""
         if not authority or not host_allowed(split_host(authority.split("/", 1)[0]), names, bind_host):
-            return Refusal(403, "permission_error",
-                           f"Origin {origin!r} may not use this server: browser pages of other sites are refused")
+            return Refusal(403, f"Origin {origin!r} may not use this server: browser pages of other sites are refused")
     protected = path.startswith("/v1/") or path == "/v1" or path == "/metrics"
     if api_key is not None and protected:
         ok = key_matches(headers, api_key)
         if ok is None:
-            return Refusal(401, "authentication_error",
-                           "missing API key: send it in x-api-key or Authorization: Bearer")
+            return Refusal(401, "missing API key: send it in x-api-key or Authorization: Bearer")
         if not ok:
-            return Refusal(401, "authentication_error", "invalid API key")
+            return Refusal(401, "invalid API key")
     if method == "POST" and path.startswith("/v1/"):
         ctype = headers.get("content-type")
         if ctype is None or _media_type(ctype) != "application/json":
-            return Refusal(415, "invalid_request_error",
-                           f"content-type must be application/json, not {ctype!r}")
+            return Refusal(415, f"content-type must be application/json, not {ctype!r}")
     return None
 
 
 DRAIN_LIMIT = 1 << 20
 
 
-async def drain_body(receive: Callable, limit: int = DRAIN_LIMIT) -> None:
-    """Read (and drop) the request body before answering without it. A server that closes a
-    connection with unread request bytes in its socket makes the kernel send a reset, which can
-    destroy the answer before the client (or a proxy) reads it."""
+async def drain(chunks: AsyncIterator[bytes], limit: int = DRAIN_LIMIT) -> None:
+    """Read (and drop) up to about ``limit`` bytes of request body before answering without it. A
+    server that closes a connection with unread request bytes in its socket makes the kernel send
+    a reset, which can destroy the answer before the client (or a proxy) reads it. The one body
+    drain: this front door's refusals and http.py's 413/404/405 answers."""
     total = 0
-    while total <= limit:
+    try:
+        async for chunk in chunks:
+            total += len(chunk)
+            if total > limit:
+                return
+    except Exception:  # noqa: BLE001 - consumed already, or the client left: nothing to drain
+        return
+
+
+async def body_chunks(receive: Callable) -> AsyncIterator[bytes]:
+    """An ASGI ``receive`` as the request body's chunks (what :func:`drain` reads)."""
+    while True:
         message = await receive()
         if message.get("type") != "http.request":
             return
-        total += len(message.get("body", b""))
+        yield message.get("body", b"")
         if not message.get("more_body"):
             return
 
@@ -169,9 +180,9 @@ class GuardMiddleware:
             return await self.app(scope, receive, send)
         if self.on_refusal is not None:
             self.on_refusal(refusal.status)
-        rid = scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
-        await drain_body(receive)
-        body = json.dumps(wire.error_body(refusal.error_type, refusal.message, rid)).encode()
+        rid = scope.setdefault("state", {}).setdefault("request_id", protocol.new_id("req_"))
+        await drain(body_chunks(receive))
+        body = json.dumps(protocol.error_body(refusal.error_type, refusal.message, rid)).encode()
         await send({"type": "http.response.start", "status": refusal.status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"request-id", rid.encode())]})

@@ -45,11 +45,24 @@ from warmturn.server.engine import (
     RequestTimeout,
     WorkerDead,
 )
-from warmturn.server.guard import DRAIN_LIMIT, GuardMiddleware
+from warmturn.server.guard import DRAIN_LIMIT, GuardMiddleware, drain
 from warmturn.server.metrics import Metrics
 from warmturn.server.render import Renderer, Rendered, openai_tool
 from warmturn.server.sampling import clamp_top_k, vocab_size
-from warmturn.protocol import CLAUDE_MODELS, MODELS_CREATED_AT, error_type_for, is_claude_model, side_request
+from warmturn.protocol import (
+    CLAUDE_MODELS,
+    MODELS_CREATED_AT,
+    MessageStream,
+    Usage,
+    encode_sse,
+    error_body,
+    error_type_for,
+    is_claude_model,
+    model_info,
+    new_id,
+    page_models,
+    side_request,
+)
 from warmturn.server.toolcalls import OutputAssembler, ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -127,7 +140,7 @@ class ApiError(Exception):
 
 
 def request_id(request: Request) -> str:
-    return request.scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
+    return request.scope.setdefault("state", {}).setdefault("request_id", new_id("req_"))
 
 
 def send_error(request: Request, status: int, message: str, error_type: str | None = None,
@@ -135,7 +148,7 @@ def send_error(request: Request, status: int, message: str, error_type: str | No
     """The one place errors are produced: Anthropic's shape, status, and the request id."""
     rid = request_id(request)
     etype = error_type or error_type_for(status)
-    return JSONResponse(wire.error_body(etype, message, rid), status_code=status,
+    return JSONResponse(error_body(etype, message, rid), status_code=status,
                         headers={"request-id": rid, **(headers or {})})
 
 
@@ -148,7 +161,7 @@ class RequestIdMiddleware:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        rid = scope.setdefault("state", {}).setdefault("request_id", wire.new_id("req_"))
+        rid = scope.setdefault("state", {}).setdefault("request_id", new_id("req_"))
 
         async def send_with_id(message: dict) -> None:
             if message["type"] == "http.response.start":
@@ -209,14 +222,14 @@ async def read_json(request: Request, limit: int) -> Any:
         # a client that asked `Expect: 100-continue` sends no body before it is told to (uvicorn sends
         # the 100 only once the body is read), so it gets its answer without sending one
         if size <= limit + OVERSIZE_DRAIN_BYTES and request.headers.get("expect", "").lower() != "100-continue":
-            await _drain(request.stream(), limit + OVERSIZE_DRAIN_BYTES)
+            await drain(request.stream(), limit + OVERSIZE_DRAIN_BYTES)
         raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     stream = request.stream()
     async for chunk in stream:
         size += len(chunk)
         if size > limit:
-            await _drain(stream, limit + OVERSIZE_DRAIN_BYTES - size)  # the rest (see OVERSIZE_DRAIN_BYTES)
+            await drain(stream, limit + OVERSIZE_DRAIN_BYTES - size)  # the rest (see OVERSIZE_DRAIN_BYTES)
             raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return wire.decode_json(b"".join(chunks))
@@ -276,7 +289,7 @@ async def metrics(request: Request) -> Response:
 
 def _models(state: ServerState) -> list[dict[str, Any]]:
     ids = [state.model_id] + [a for a in CLAUDE_MODELS if a != state.model_id]
-    return [wire.model_info(i, i if i == state.model_id else f"{i} (served by {state.model_id})", MODELS_CREATED_AT)
+    return [model_info(i, i if i == state.model_id else f"{i} (served by {state.model_id})", MODELS_CREATED_AT)
             for i in ids]
 
 
@@ -288,8 +301,8 @@ async def list_models(request: Request) -> Response:
         limit = int(q.get("limit", "20"))
     except ValueError:
         raise ApiError(400, "invalid_request_error", "limit: expected an integer") from None
-    return JSONResponse(wire.page_models(_models(state), limit=limit, after_id=q.get("after_id"),
-                                         before_id=q.get("before_id")))
+    return JSONResponse(page_models(_models(state), limit=limit, after_id=q.get("after_id"),
+                                    before_id=q.get("before_id")))
 
 
 @guarded
@@ -300,7 +313,7 @@ async def get_model(request: Request) -> Response:
         if m["id"] == model_id:
             return JSONResponse(m)
     if is_claude_model(model_id):  # any Claude name is served by the loaded model
-        return JSONResponse(wire.model_info(model_id, f"{model_id} (served by {state.model_id})", MODELS_CREATED_AT))
+        return JSONResponse(model_info(model_id, f"{model_id} (served by {state.model_id})", MODELS_CREATED_AT))
     raise ApiError(404, "not_found_error", f"model: {model_id}")
 
 
@@ -402,10 +415,10 @@ async def wait_prefilled(state: ServerState, call: Call) -> Prefilled:
     return first
 
 
-def usage_of(first: Prefilled) -> wire.Usage:
+def usage_of(first: Prefilled) -> Usage:
     u = first.usage
-    return wire.Usage(input_tokens=u.input_tokens, cache_read_input_tokens=u.cache_read_input_tokens,
-                      cache_creation_input_tokens=u.cache_creation_input_tokens)
+    return Usage(input_tokens=u.input_tokens, cache_read_input_tokens=u.cache_read_input_tokens,
+                 cache_creation_input_tokens=u.cache_creation_input_tokens)
 
 
 def timing_headers(first: Prefilled) -> dict[str, str]:
@@ -413,7 +426,7 @@ def timing_headers(first: Prefilled) -> dict[str, str]:
     return {"x-warmturn-queue-ms": f"{first.queued_ms:.1f}", "x-warmturn-prefill-ms": f"{first.prefill_ms:.1f}"}
 
 
-def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: wire.MessageStream) -> OutputAssembler:
+def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: MessageStream) -> OutputAssembler:
     fmt = state.tool_format if (req.tools and req.tool_choice.type != "none") else None
     return OutputAssembler(stream, req.stop_sequences, fmt, tools=[openai_tool(t) for t in req.tools],
                            json_mode=req.output_schema is not None)
@@ -424,7 +437,7 @@ def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: wire.M
 CUT_BY_SHUTDOWN = "the server is shutting down and stopped this answer before its end; retry the request"
 
 
-async def events(state: ServerState, call: Call, stream: wire.MessageStream,
+async def events(state: ServerState, call: Call, stream: MessageStream,
                  asm: OutputAssembler) -> AsyncIterator[dict[str, Any]]:
     """Engine items -> Anthropic events; cancels generation when the consumer stops."""
     outcome = "cancelled"
@@ -468,7 +481,7 @@ async def events(state: ServerState, call: Call, stream: wire.MessageStream,
                  total_ms=round((time.monotonic() - call.t_start) * 1000, 1))
 
 
-async def collect_message(call: Call, agen: AsyncIterator[dict[str, Any]], stream: wire.MessageStream,
+async def collect_message(call: Call, agen: AsyncIterator[dict[str, Any]], stream: MessageStream,
                           headers: dict[str, str]) -> Response:
     """Non-streaming: run the events to the end (watching for a client that leaves)."""
     try:
@@ -485,15 +498,15 @@ def stream_events(request: Request, agen: AsyncIterator[dict[str, Any]], headers
     async def body() -> AsyncIterator[bytes]:
         try:
             async for ev in agen:
-                yield wire.sse(ev)
+                yield encode_sse(ev)
         except Exception as e:  # after the stream began: an `error` event, then the end
             known = isinstance(e, (wire.RequestError, ApiError))
             if known:
                 log.warning("stream of request %s ended with an error: %s", request_id(request), e)
             else:
                 log.exception("generation failed mid-stream (request %s)", request_id(request))
-            yield wire.sse(wire.error_body(getattr(e, "error_type", "api_error"),
-                                           str(e) if known else internal_error_message(request)))
+            yield encode_sse(error_body(getattr(e, "error_type", "api_error"),
+                                        str(e) if known else internal_error_message(request)))
         finally:
             await agen.aclose()  # type: ignore[attr-defined]
 
@@ -519,7 +532,7 @@ async def messages(request: Request) -> Response:
         first = await wait_prefilled(state, call)
     except ClientGone:
         return Response(status_code=499)  # nobody is listening any more
-    stream = wire.MessageStream(req.model, usage_of(first))
+    stream = MessageStream(req.model, usage_of(first))
     agen = events(state, call, stream, make_assembler(state, req, stream))
     if not req.stream:
         return await collect_message(call, agen, stream, timing_headers(first))
@@ -553,21 +566,8 @@ async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: fl
         await agen.aclose()  # type: ignore[attr-defined]
 
 
-async def _drain(chunks: AsyncIterator[bytes], limit: int) -> None:
-    """Read and drop request body chunks, up to about ``limit`` bytes, before answering without
-    them (why: ``server.guard.drain_body``)."""
-    total = 0
-    try:
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > limit:
-                return
-    except Exception:  # noqa: BLE001 - consumed already, or the client left: nothing to drain
-        return
-
-
 async def not_found(request: Request, exc: HTTPException) -> Response:
-    await _drain(request.stream(), DRAIN_LIMIT)  # no unread body left behind
+    await drain(request.stream(), DRAIN_LIMIT)  # no unread body left behind
     if exc.status_code == 404:
         return send_error(request, 404, f"{request.method} {request.url.path}: no such endpoint")
     if exc.status_code == 405:

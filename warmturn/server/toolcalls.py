@@ -251,7 +251,7 @@ class OutputAssembler:
     ``feed(piece)`` returns ``(events, stop_hit)``; once a stop sequence matched, the caller
     should end generation and call :meth:`finish`. With ``json_mode`` (``output_config.format``)
     text is held until the end and the first JSON object in it is sent as the answer.
-    ``stream`` is a :class:`server.wire.MessageStream` (already started by the caller).
+    ``stream`` is a :class:`warmturn.protocol.MessageStream` (already started by the caller).
     """
 
     def __init__(self, stream: Any, stops: Sequence[str] = (), fmt: ToolCallFormat | None = HERMES,

@@ -5,8 +5,8 @@ validates a decoded request body and raises :class:`RequestError` (a ``ValueErro
 a message fit to send back as an ``invalid_request_error``; :func:`decode_json` turns the raw
 bytes into that body, refusing what would break later stages (deep nesting, huge integers,
 lone surrogates) with the path of the offending field. The response side (the event builder
-:class:`MessageStream`, SSE encoding as :func:`sse`, :func:`error_body`, model listings) is
-:mod:`warmturn.protocol`'s, shared with the addon, the bench and the analysis, and re-exported here.
+:class:`MessageStream`, SSE encoding, error bodies, model listings) is :mod:`warmturn.protocol`'s,
+shared with the addon, the bench and the analysis: import it from there.
 """
 
 from __future__ import annotations
@@ -17,18 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-# The response side (errors, SSE, the event builder, model listings) is the shared protocol module's.
-from warmturn.protocol import (  # noqa: F401  (re-exported: server code imports them from here)
-    MessageStream,
-    RequestError,
-    StopReason,
-    Usage,
-    encode_sse as sse,
-    error_body,
-    model_info,
-    new_id,
-    page_models,
-)
+from warmturn.protocol import RequestError
 
 Role = Literal["user", "assistant", "system"]
 
