@@ -157,7 +157,7 @@ def test_build_report_on_constructed_capture(tmp_path):
     # self-contained: no external references of any kind, every image inline
     assert not re.search(r"(?:src|href)\s*=\s*['\"](?!data:)", html)
     assert "http://" not in html and "https://" not in html and "<link" not in html and "<script" not in html
-    assert html.count("src='data:image/png;base64,") == 5
+    assert html.count("src='data:image/png;base64,") == 6  # the five plots and the what-if chart
     # the summary numbers computed from the data: off cold median 3020 ms, on warm median 410 ms
     s = summarize(pd.read_csv(out / "flows.csv")).set_index(["arm", "class"])
     assert s.loc[("normalize-off", "cold"), "median_ttft_ms"] == 3020.0
@@ -202,8 +202,9 @@ def test_ab_arms_come_only_from_labels(tmp_path):
     s = summarize(df).set_index(["arm", "class"])
     assert s.loc[("on", "all"), "speedup_vs_baseline"] == 1.0
     assert s["speedup_vs_baseline"].xs("unlabelled").isna().all()  # no A/B against unlabelled flows
-    fig = plot_ab(df, tmp_path / "ab.png")
-    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["on"]
+    fig = plot_ab(df, tmp_path / "ab.png")  # one labelled arm: nothing to compare it with
+    assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["cold turns\n(1 timed)", "warm turns\n(1 timed)"]
+    assert fig.axes[0].get_xlabel() == "arm on: the only one in these captures"
     # without any label, the flows are one arm, never one arm per file
     real = ROOT / "tests" / "fixtures" / "claude_code"
     res = load_records([real / "small_two_turns.jsonl", real / "tool_round.jsonl"])
@@ -264,3 +265,25 @@ def test_building_a_report_leaves_matplotlib_global_state_alone(tmp_path):
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_plot_ab_with_one_arm_draws_its_cold_and_warm_turns_labelled(tmp_path):
+    """Issue 21: the A/B chart of a capture with one arm was a single unlabelled bar."""
+    df = _flows([("unlabelled", False, "s", "main", None, 1.0, 9000.0, 900, 0, 900, None, "h"),
+                 ("unlabelled", False, "s", "main", None, 2.0, 300.0, 10, 900, 10, None, "h"),
+                 ("unlabelled", False, "s", "main", None, 3.0, 500.0, 10, 910, 10, None, "h")])
+    ax = plot_ab(df, tmp_path / "ab.png").axes[0]
+    assert [round(p.get_height(), 6) for p in ax.patches] == [9.0, 0.4]  # cold 9 s, warm median 0.4 s
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cold turns\n(1 timed)", "warm turns\n(2 timed)"]
+    assert [t.get_text() for t in ax.texts] == ["", "×22.5"]
+    assert "capture_label" in ax.get_title()
+
+
+def test_report_whatif_section_on_the_sample(tmp_path):
+    info = build_report([ROOT / "warmturn" / "analysis" / "sample" / "sample-capture.jsonl"], tmp_path, sample=True)
+    assert str(tmp_path / "whatif_budget.png") in info["plots"]
+    md = (tmp_path / "report.md").read_text()
+    # the sample's billing block rotates cch= on every request: only the rules make it hit
+    assert "Without normalization: the hit rate reaches 3.7% and flattens from a 48.7 MiB budget." in md
+    assert "With today's rules: the hit rate reaches 82.4% and flattens from a 48.7 MiB budget." in md
+    assert "![What-if: hit rate against the RAM budget](whatif_budget.png)" in md

@@ -163,6 +163,8 @@ def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
     labelled = labelled_arms(d)
     if labelled:
         d = d[d["arm"].isin(labelled)]
+    if len(arm_order(d)) == 1 and "cls" in d:
+        return _plot_one_arm(d, path)
     if "turn" in d:
         later = d[d["turn"] > 1]
         d = pd.concat([later, d[~d["arm"].isin(later["arm"])]])
@@ -193,6 +195,31 @@ def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
     return _save(fig, path)
 
 
+def _plot_one_arm(d: pd.DataFrame, path: str | Path):
+    """One arm, nothing to compare it with: its cold and warm median TTFT side by side (labelled
+    bars, p10–p90 whiskers, the warm speed-up written on the warm bar) and how to record an A/B."""
+    arm = arm_order(d)[0]
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    classes = [c for c in ("cold", "warm") if (d["cls"] == c).any()]
+    q = d.groupby("cls")["ttft_ms"].agg(median="median", lo=lambda x: x.quantile(0.1),
+                                        hi=lambda x: x.quantile(0.9), n="size").reindex(classes)
+    med = q["median"].to_numpy() / 1000
+    err = np.vstack([med - q["lo"].to_numpy() / 1000, q["hi"].to_numpy() / 1000 - med])
+    bars = ax.bar(range(len(classes)), med, yerr=err, capsize=6, color=[COLORS[c] for c in classes])
+    for bar, m, c in zip(bars, med, classes):
+        text = f"×{med[0] / m:.1f}" if c == "warm" and classes[0] == "cold" and m > 0 else ""
+        ax.text(bar.get_x() + bar.get_width() / 2, m / 2, text, ha="center", va="center", fontsize=12,
+                fontweight="bold", color="white")
+    ax.set_xticks(range(len(classes)), [f"{c} turns\n({int(q.loc[c, 'n'])} timed)" for c in classes])
+    ax.set_xlabel(f"arm {arm}: the only one in these captures")
+    ax.set_ylabel("median TTFT (s), whiskers p10–p90")
+    ax.set_title("No A/B: one arm. Cold vs warm median TTFT (speed-up on the warm bar)\n"
+                 "Record a second arm with --set capture_label=NAME to compare", fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    return _save(fig, path)
+
+
 def arm_order(df: pd.DataFrame) -> list:
     """The arms in the order they first appear (file order)."""
     if "arm" not in df or df.empty:
@@ -215,3 +242,34 @@ PLOTS: Sequence[tuple[str, str, Callable[..., Figure]]] = (
     ("hit_ratio.png", "Prompt cache hit ratio per turn", plot_hit_ratio),
     ("ab_median_ttft.png", "A/B: median time to first token per labelled arm", plot_ab),
 )
+
+
+def plot_whatif_budget(curves: dict[str, Sequence[tuple[int, float]]], flat: dict[str, int | None],
+                       path: str | Path, kv: str = ""):
+    """What-if: cache hit rate (%) against the prefix cache's RAM budget, one line per
+    normalization variant, a dotted line where each curve flattens (within 1 point of its best)."""
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    drawn = False
+    for i, (name, curve) in enumerate(curves.items()):
+        if not curve:
+            continue
+        color = _ARM_COLORS[i % len(_ARM_COLORS)]
+        xs = [b / 2**20 for b, _ in curve]
+        label = {"none": "without normalization", "rules": "with today's rules"}.get(name, name)
+        ax.plot(xs, [h * 100 for _, h in curve], marker="o", color=color, label=label)
+        at = flat.get(name)
+        if at:
+            ax.axvline(at / 2**20, color=color, linestyle=":", label=f"{label}: flat from {at / 2**20:,.0f} MiB")
+        drawn = True
+    if drawn:
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    else:
+        _empty(ax, "requests to replay")
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("prefix cache RAM budget (MiB, log scale)")
+    ax.set_ylabel("predicted hit rate (% of prompt tokens read)")
+    ax.set_title("What-if: hit rate against the RAM budget" + (f"\n{kv}" if kv else ""), fontsize=10)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)

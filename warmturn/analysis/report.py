@@ -135,8 +135,35 @@ def _class_counts(df: pd.DataFrame) -> str:
     return "Requests by class: " + ", ".join(parts) + (f"; side requests (title): {side}." if side else ".")
 
 
+WHATIF_TITLE = "What-if: hit rate against the RAM budget"
+WHATIF_PNG = "whatif_budget.png"
+
+
+def whatif_section(records: Sequence[dict], out: Path) -> tuple[list[str], bool]:
+    """The what-if chart (``whatif_budget.png``) and its sentences; (reason it was skipped, False)
+    when the served model's tokenizer is not there to render the prompts with."""
+    from .plots import plot_whatif_budget
+    from .whatif import fmt_bytes, load_renderer, report_curves
+
+    try:
+        renderer, model_dir = load_renderer("default")
+    except (ImportError, OSError, ValueError) as e:
+        return [f"What-if skipped: no tokenizer to render the prompts with ({e})."], False
+    res = report_curves(records, renderer, model_dir)
+    plot_whatif_budget(res["curves"], res["flattens_at"], out / WHATIF_PNG,
+                       f"{res['model']}: {res['bytes_per_token']:,.0f} KV bytes/token")
+    lines = [f"The captured requests replayed through a model of the server's prefix cache (`python -m analysis "
+             f"whatif`), rendered with the default model's tokenizer; KV cost {res['kv']}."]
+    for name, label in (("none", "Without normalization"), ("rules", "With today's rules")):
+        curve, at = res["curves"].get(name) or [], res["flattens_at"].get(name)
+        if curve and at:
+            best = max(h for _, h in curve)
+            lines.append(f"{label}: the hit rate reaches {best:.1%} and flattens from a {fmt_bytes(at)} budget.")
+    return lines, True
+
+
 def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
-                 sample: bool = False, baseline: str | None = None) -> dict:
+                 sample: bool = False, baseline: str | None = None, whatif: bool = True) -> dict:
     """Read captures, write plots, CSVs, report.html and report.md into ``out``; return a summary dict."""
     t0 = time.monotonic()
     out = Path(out)
@@ -152,6 +179,9 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     for name, _, fn in PLOTS:
         fn(df, out / name)
         images[name] = (out / name).read_bytes()
+    wi_lines, wi_plot = whatif_section(res.records, out) if whatif else ([], False)
+    if wi_plot:
+        images[WHATIF_PNG] = (out / WHATIF_PNG).read_bytes()
     diff = diff_records(res.records)
     fit = cost_model(df)
     heads, rows = summary_rows(summary)
@@ -189,6 +219,11 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
         data = base64.b64encode(images[name]).decode("ascii")
         parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
                      f"src='data:image/png;base64,{data}'>")
+    if wi_lines:
+        parts.append(f"<h2>{WHATIF_TITLE}</h2>" + "".join(f"<p>{_html_text(x)}</p>" for x in wi_lines))
+    if wi_plot:
+        data = base64.b64encode(images[WHATIF_PNG]).decode("ascii")
+        parts.append(f"<img alt='{WHATIF_TITLE}' src='data:image/png;base64,{data}'>")
     parts.append(f"<h2>{PROMPT_TITLE}</h2>" + _html_table(vol_heads, vol_rows))
     if out_rows:
         parts.append(f"<h3>{OUTSIDE_TITLE}</h3>" + _html_table(out_heads, out_rows))
@@ -212,6 +247,10 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
                                         CLASS_NOTE, ""]
     for name, caption, _ in PLOTS:
         md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    if wi_lines:
+        md += [f"## {WHATIF_TITLE}", ""] + [f"{x}\n" for x in wi_lines]
+    if wi_plot:
+        md += [f"![{WHATIF_TITLE}]({WHATIF_PNG})", ""]
     md += [f"## {PROMPT_TITLE}", "", _md_table(vol_heads, vol_rows), ""]
     if out_rows:
         md += [f"### {OUTSIDE_TITLE}", "", _md_table(out_heads, out_rows), ""]
@@ -224,5 +263,6 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     md_path = out / "report.md"
     md_path.write_text("\n".join(md), encoding="utf-8")
     return {"html": str(html_path), "md": str(md_path), "csv": str(csv), "flows_csv": str(flows_csv),
-            "plots": [str(out / n) for n, _, _ in PLOTS], "records": res.stats.records, "flows": len(df),
+            "plots": [str(out / n) for n, _, _ in PLOTS] + ([str(out / WHATIF_PNG)] if wi_plot else []),
+            "records": res.stats.records, "flows": len(df),
             "bad": res.stats.bad, "summary": summary, "seconds": time.monotonic() - t0}

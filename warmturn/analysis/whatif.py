@@ -19,6 +19,7 @@ would I get?" without running a server for a week:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -405,20 +406,47 @@ def check_against_reported(result: VariantResult) -> list[SessionCheck]:
 # --------------------------------------------------------------------------- budget curve
 
 
-def budget_curve(prepared: Sequence[Prepared], settings: Settings, points: int = 12) -> list[tuple[int, float]]:
-    """``(RAM budget in bytes, hit rate)`` from one request's prompt up to everything kept."""
+def budget_points(prepared: Sequence[Prepared], cost: KVCost, points: int = 12) -> list[int]:
+    """RAM budgets from half the smallest request (nothing fits) up to everything kept at once."""
     lens = [len(p.tokens) + len(p.reply) for p in prepared if p.tokens is not None]
     if not lens:
         return []
-    lo = settings.cost.nbytes(min(lens))
-    hi = max(settings.cost.nbytes(sum(lens)), lo * 2)
+    lo = max(cost.nbytes(min(lens)) // 2, 1)
+    hi = max(cost.nbytes(sum(lens)), lo * 4)
+    return [int(b) for b in np.geomspace(lo, hi, points)]
+
+
+def budget_curve(prepared: Sequence[Prepared], settings: Settings, points: int = 12,
+                 budgets: Sequence[int] | None = None) -> list[tuple[int, float]]:
+    """``(RAM budget in bytes, hit rate)`` at each budget (default: :func:`budget_points`)."""
     out = []
-    for b in np.geomspace(lo, hi, points):
+    for b in budgets if budgets is not None else budget_points(prepared, settings.cost, points):
         s = Settings(settings.cost, int(b), settings.disk_bytes, settings.policy, settings.slots, settings.dedup_min)
         t = Totals()
         for r in replay(prepared, s):
             t.add(r)
         out.append((int(b), t.hit_rate))
+    return out
+
+
+def report_curves(records: Sequence[dict], renderer: Any, model_dir: Path, points: int = 12) -> dict:
+    """For ``make report``: hit rate against the RAM budget for ``none`` and ``rules``, on the
+    served model's own KV cost and family policy, and where each curve flattens."""
+    from .kvsize import model_cost
+
+    cost = model_cost(str(model_dir), default_dtype(model_dir))
+    settings = Settings(cost, 0, policy="trimmable" if cost.trimmable else "checkpoints")
+    msgs = messages_in_order(records)
+    tok = Tokenizing(renderer, cost.context)
+    out: dict[str, Any] = {"kv": cost.describe(), "model": cost.name, "bytes_per_token": cost.per_token,
+                           "curves": {}, "flattens_at": {}}
+    prepared = {v.name: prepare_variant(msgs, v, tok, settings.policy == "checkpoints")
+                for v in make_variants(records, suggestions=False, captured=False)}
+    budgets = budget_points([p for ps in prepared.values() for p in ps], cost, points)
+    for name, ps in prepared.items():
+        curve = budget_curve(ps, settings, budgets=budgets)
+        out["curves"][name] = curve
+        out["flattens_at"][name] = flattens_at(curve)
     return out
 
 
@@ -506,8 +534,10 @@ def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_d
     return out
 
 
+@functools.lru_cache(maxsize=4)
 def load_renderer(tokenizer: str | None, prefix_order: str = "tools-first") -> tuple[Any, Path]:
-    """The server's Renderer over a model's tokenizer (``default``: the default model's), offline."""
+    """The server's Renderer over a model's tokenizer (``default``: the default model's), offline.
+    Loaded once per process (rendering is pure: one renderer serves every caller)."""
     from mlx_lm.utils import load_tokenizer
 
     from warmturn.server.convert import resolve_model
