@@ -445,6 +445,34 @@ def test_a_server_that_exits_at_once_fails_fast_with_its_exit_code(tmp_path):
     assert e["slog"].read_text().count("=== pid") == 1  # a usage error is not restarted
 
 
+@pytest.mark.model
+def test_round_two_secret_names_reach_neither_capture_nor_logs(embedded):
+    """Issue 21: names the first list missed, through the real mitmdump, in headers, the body and
+    the query string (which mitmdump's own flow line prints)."""
+    e = embedded
+    s = [f"planted-round2-{i:02d}-{os.urandom(4).hex()}" for i in range(9)]
+    headers = {"content-type": "application/json", "X-Access-Tokens": s[0], "X-Refresh-Tokens": s[1],
+               "x-amz-signature": s[2]}
+    body = {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "Hi."}],
+            "metadata": {"privkey": s[3], "creds": s[4], "api_tokens": s[5],
+                         "database_url": f"postgres://app:{s[6]}@db.internal:5432/app"}}
+    r = httpx.post(e["base"] + f"/v1/messages?access_tokens={s[7]}&Signature={s[8]}", json=body, headers=headers,
+                   timeout=300)
+    e["flows"] += 1
+    assert r.status_code == 200, r.text
+    rec = json.loads(e["cap"].read_text().splitlines()[-1])
+    assert rec["request"]["body"]["max_tokens"] == 2  # counts stay
+    mitm_log = e["tmp"] / "mitm.log"
+    deadline = time.monotonic() + 30
+    while "access_tokens=" not in mitm_log.read_text():  # mitmdump prints its flow line after the response
+        assert time.monotonic() < deadline, "no flow line"
+        time.sleep(0.1)
+    assert "access_tokens=%3Credacted%3E" in mitm_log.read_text()
+    for path in written_files(e):
+        text = path.read_text(errors="replace")
+        assert not [x for x in s if x in text], path.name
+
+
 # --------------------------------------------------------------------------- capture units
 
 
@@ -455,11 +483,30 @@ def test_a_server_that_exits_at_once_fails_fast_with_its_exit_code(tmp_path):
     ("max_tokens", False), ("input_tokens", False), ("cache_read_input_tokens", False), ("budget_tokens", False),
     ("model", False), ("keyboard", False), ("author", False), ("x-claude-code-session-id", False),
     ("anthropic-version", False), ("signature", False), ("tokenizer", False),
+    # issue 21: names the `*tokens` exemption and the word list missed
+    ("X-Access-Tokens", True), ("X-Refresh-Tokens", True), ("access_tokens", True), ("api_tokens", True),
+    ("apiTokens", True), ("privkey", True), ("x-amz-signature", True), ("Signature", True), ("creds", True),
+    ("aws_creds", True), ("ssh_private_key", True),
+    ("output_tokens", False), ("maxTokens", False), ("max_new_tokens", False), ("tokens", False),
+    ("cache_creation_input_tokens", False), ("anthropic-ratelimit-input-tokens-remaining", False),
+    ("anthropic-ratelimit-tokens-limit", False), ("count_tokens", False), ("database_url", False),
 ])
 def test_secret_names_by_pattern(name, secret):
     from warmturn.protocol import is_secret_name
 
     assert is_secret_name(name) is secret
+
+
+@pytest.mark.parametrize("text,kept", [
+    ("postgres://app:hunter2@db.internal:5432/x", "postgres://app:<redacted>@db.internal:5432/x"),
+    ("see redis://:s3cr3t@cache/0 and https://example.com:8080/a@b", "see redis://:<redacted>@cache/0 and "
+                                                                     "https://example.com:8080/a@b"),
+    ("ssh://git@github.com/x.git", "ssh://git@github.com/x.git"),
+])
+def test_passwords_in_urls_are_redacted(text, kept):
+    from warmturn.protocol import redact_json
+
+    assert redact_json({"database_url": text, "list": [text]}) == {"database_url": kept, "list": [kept]}
 
 
 def test_a_record_with_planted_secrets_keeps_none_of_them():

@@ -23,7 +23,7 @@ import mitmproxy.types
 from mitmproxy import command, ctx, exceptions, flow, http
 from mitmproxy.log import ALERT
 
-from warmturn.protocol import REDACTED, is_secret_name, redact_headers, redact_json
+from warmturn.protocol import REDACTED, is_secret_name, redact_headers, redact_json, redact_url_passwords
 
 from .state import FlowState
 
@@ -64,7 +64,7 @@ def redact_text(text: str, content_type: str = "") -> str:
     field and every ``"name": value`` pair whose name looks like a credential is redacted,
     whatever the content type says. The patterns are possessive (no backtracking): linear time
     on any text, e.g. 10,000 brackets in a row, since this runs on mitmproxy's event loop."""
-    text = _FORM_PAIR.sub(lambda m: f"{m[1]}={REDACTED}" if is_secret_name(m[1]) else m[0], text)
+    text = redact_url_passwords(_FORM_PAIR.sub(lambda m: f"{m[1]}={REDACTED}" if is_secret_name(m[1]) else m[0], text))
     return _JSON_PAIR.sub(lambda m: f'"{m[1]}"{m[2]}"{REDACTED}"' if is_secret_name(m[1]) else m[0], text)
 
 
