@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import difflib
 import re
-import shlex
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -31,9 +30,11 @@ from typing import Any
 from deepdiff import DeepDiff
 from deepdiff.helper import notpresent
 
-from warmturn import identity, protocol, rules
+from warmturn import protocol, rules
 
 from .divergence import Divergence, Tokenizer, divergence
+from .suggest import Suggestion, pattern_for, suggest  # noqa: F401 - pattern_for: part of this module's API
+from .textdiff import changed_lines, changed_middle, clip_value, common_ends, path_around, text_window
 from .sessions import group
 
 # Headers that differ on every request for reasons no cache cares about.
@@ -82,7 +83,6 @@ _ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|
 _ENV = re.compile(r"working directory|current branch|gitstatus|git status|<env>|platform:|os version|"
                   r"is directory a git repo|is a git repository|shell:", re.I)
 _MODEL = re.compile(r"model named|model id|co-authored-by|powered by", re.I)
-_PATH = re.compile(r"(?<![\w.])(?:~|/)[\w.@%+~-]*(?:/[\w.@%+~-]*)+")
 
 
 @dataclass
@@ -138,22 +138,6 @@ class VolatilePath:
     expected: bool
     poison: str | None
     in_prompt: bool = True
-
-
-@dataclass
-class Suggestion:
-    """A normalization pattern that removes volatile text seen at ``path``."""
-
-    path: str
-    pattern: str
-    option: str  # the addon option it belongs to
-    poison: str | None
-    example_old: str
-    example_new: str
-
-    @property
-    def set_arg(self) -> str:
-        return "--set " + shlex.quote(f"{self.option}={self.pattern}")
 
 
 @dataclass
@@ -309,23 +293,6 @@ def _sort_key(path: str) -> list:
     return [int(p) if p.isdigit() else p for p in re.split(r"[\[\]\.]+", path) if p]
 
 
-def _common_ends(old: str, new: str) -> tuple[int, int]:
-    """Lengths of the common prefix and of the common suffix (not overlapping it) of two strings."""
-    i = 0
-    n = min(len(old), len(new))
-    while i < n and old[i] == new[i]:
-        i += 1
-    j = 0
-    while j < n - i and old[-1 - j] == new[-1 - j]:
-        j += 1
-    return i, j
-
-
-def _changed_middle(old: str, new: str) -> tuple[str, str]:
-    i, j = _common_ends(old, new)
-    return old[i: len(old) - j], new[i: len(new) - j]
-
-
 def classify(c: Change) -> str | None:
     """The known poison a change is an instance of, if any."""
     texts = [t for t in (c.old, c.new) if isinstance(t, str)]
@@ -351,32 +318,18 @@ def classify(c: Change) -> str | None:
     return None
 
 
-def _changed_lines(old: str, new: str) -> tuple[list[tuple[str, str]], list[str]]:
-    """(replaced line pairs, lines only one side has) between two texts, matched by difflib."""
-    la, lb = old.splitlines(), new.splitlines()
-    pairs: list[tuple[str, str]] = []
-    single: list[str] = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=la, b=lb, autojunk=False).get_opcodes():
-        if tag == "replace":
-            pairs.extend(zip(la[i1:i2], lb[j1:j2]))
-            single.extend(la[i1 + (j2 - j1):i2] + lb[j1 + (i2 - i1):j2])
-        elif tag != "equal":
-            single.extend(la[i1:i2] + lb[j1:j2])
-    return pairs, single
-
-
 def _text_kind(old: str, new: str, system: bool) -> str | None:
     """The poison behind the changed lines of a text: the first of environment, date, model
     identity, id and path that any changed line shows (a wholly different text: a new prompt)."""
-    pairs, single = _changed_lines(old, new)
+    pairs, single = changed_lines(old, new)
     changed = sum(len(a) + len(b) for a, b in pairs) + sum(map(len, single))
     if system and changed > max(1000, 0.5 * (len(old) + len(new))):  # most of a long prompt changed
         return "system_prompt_changed"
     kinds = set()
     for a, b in pairs:
-        i, j = _common_ends(a, b)
+        i, j = common_ends(a, b)
         mid_a, mid_b = a[i: len(a) - j], b[i: len(b) - j]
-        window_a, window_b = _window(a, mid_a), _window(b, mid_b)
+        window_a, window_b = text_window(a, mid_a), text_window(b, mid_b)
         if _ENV.search(a) or _ENV.search(b):
             kinds.add("environment")
         if _DATE.search(window_a) and _DATE.search(window_b):
@@ -385,7 +338,7 @@ def _text_kind(old: str, new: str, system: bool) -> str | None:
             kinds.add("model_identity")  # the same model line, naming the model a little differently
         if _ID.search(window_a) or _ID.search(window_b):
             kinds.add("session_id")
-        if _path_around(a, i, len(a) - j) or _path_around(b, i, len(b) - j):
+        if path_around(a, i, len(a) - j) or path_around(b, i, len(b) - j):
             kinds.add("path")
     for line in single:
         if _ENV.search(line):
@@ -396,30 +349,6 @@ def _text_kind(old: str, new: str, system: bool) -> str | None:
     if system and (single or pairs) and changed > 0.5 * (len(old) + len(new)):
         return "system_prompt_changed"
     return None
-
-
-def _path_around(line: str, start: int, end: int) -> tuple[int, int] | None:
-    """The span of the path that ``line[start:end]`` (the changed part, maybe empty) sits in, if any."""
-    for m in _PATH.finditer(line):
-        if m.start() <= start and end <= m.end():
-            return m.span()
-    return None
-
-
-def _window(text: str, mid: str, pad: int = 12) -> str:
-    i = text.find(mid) if mid else -1
-    if i < 0:
-        return mid
-    return text[max(0, i - pad): i + len(mid) + pad]
-
-
-def _line_of(text: str, mid: str) -> str:
-    i = text.find(mid) if mid else -1
-    if i < 0:
-        return ""
-    start = text.rfind("\n", 0, i) + 1
-    end = text.find("\n", i + len(mid))
-    return text[start: end if end >= 0 else len(text)]
 
 
 # --------------------------------------------------------------------------- pairs
@@ -512,16 +441,6 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
                       [r for r in rows if not r.in_prompt], side, canonical)
 
 
-def _clip_value(v: Any, n: int = 80) -> Any:
-    """Long strings and containers cut to ``n`` characters for display; other values as they are."""
-    if isinstance(v, str) and len(v) > n:
-        return v[: n - 1] + "…"
-    if isinstance(v, (dict, list)):
-        s = repr(v)
-        return s if len(s) <= n else s[: n - 1] + "…"
-    return v
-
-
 def aggregate(pairs: Sequence[PairDiff]) -> list[VolatilePath]:
     """The changed-path table: one row per path (appended messages folded into ``messages[+]``)."""
     rows: dict[str, VolatilePath] = {}
@@ -532,8 +451,8 @@ def aggregate(pairs: Sequence[PairDiff]) -> list[VolatilePath]:
             if row is None:
                 old, new = c.old, c.new
                 if isinstance(old, str) and isinstance(new, str):
-                    old, new = _changed_middle(old, new)
-                row = rows[key] = VolatilePath(key, c.region, 0, [], _clip_value(old), _clip_value(new), c.expected,
+                    old, new = changed_middle(old, new)
+                row = rows[key] = VolatilePath(key, c.region, 0, [], clip_value(old), clip_value(new), c.expected,
                                                c.poison, c.in_prompt)
             row.count += 1
             row.poison = row.poison or c.poison
@@ -541,282 +460,3 @@ def aggregate(pairs: Sequence[PairDiff]) -> list[VolatilePath]:
                 row.relations.append(p.relation)
     order = {"prefix": 0, "headers": 1, "params": 2, "messages": 3}
     return sorted(rows.values(), key=lambda r: (r.expected, order.get(r.region, 9), -r.count, r.path))
-
-
-# --------------------------------------------------------------------------- suggestions
-
-
-def _token_class(parts: Sequence[str]) -> str:
-    joined = "".join(parts)
-    if re.fullmatch(r"[0-9]+", joined):
-        return r"[0-9]+"
-    if re.fullmatch(r"[0-9a-f]+", joined):
-        return r"[0-9a-f]+"
-    if re.fullmatch(r"[0-9-]+", joined):
-        return r"[0-9-]+"
-    if re.fullmatch(r"[0-9A-Fa-f-]+", joined):
-        return r"[0-9A-Fa-f-]+"
-    if re.fullmatch(r"[\w.:/-]+", joined):
-        return r"[\w.:/-]+"
-    return r"[^\n]*"
-
-
-def _escape(text: str) -> str:
-    """re.escape for readable patterns: only the characters that are special in a regex."""
-    return re.sub(r"([.^$*+?{}\[\]\\|()])", r"\\\1", text)
-
-
-_PATH_CHARS = r"[^\s`]+"
-
-
-def _line_pattern(old: str, new: str, rest_of_line: bool = False) -> str | None:
-    """A regex that matches the differing part of two versions of one line, anchored on the stable
-    text before it by a lookbehind (the anchor itself is kept). A change inside a path is widened
-    to the whole path and matched by a path class, so the pattern fits any machine's path, not
-    the two compared."""
-    i, j = _common_ends(old, new)
-    path_old = _path_around(old, i, len(old) - j)
-    path_new = _path_around(new, i, len(new) - j)
-    is_path = (not rest_of_line and path_old is not None and path_new is not None
-               and path_old[0] == path_new[0] and old[path_old[1]:] == new[path_new[1]:])
-    if is_path:
-        i, j = path_old[0], len(old) - path_old[1]
-    else:  # widen the change to whole words on both sides
-        while i > 0 and (old[i - 1].isalnum() or old[i - 1] in "_-"):
-            i -= 1
-        while j > 0 and (old[len(old) - j].isalnum() or old[len(old) - j] in "_-"):
-            j -= 1
-    mid_old, mid_new = old[i: len(old) - j], new[i: len(new) - j]
-    anchor = old[:i].lstrip()
-    if len(anchor) > 40:  # keep the last 40 characters, starting at a word
-        anchor = re.sub(r"^\S*\s+", "", anchor[-40:]) or anchor[-40:]
-    tail = "" if rest_of_line else old[len(old) - j:]
-    if is_path:  # up to the text after the path, when the path class could run into it
-        stop = re.match(r"[^\s`]*", tail).group(0)
-        cls = _PATH_CHARS + ("?(?=" + _escape(stop) + ")" if stop else "")
-    else:
-        cls = r"[^\n]*" if rest_of_line else _token_class([mid_old, mid_new])
-        if cls == r"[^\n]*" and tail.strip():
-            cls = r"[^\n]*?(?=" + _escape(tail[:12]) + ")"
-    if not anchor and not tail.strip():
-        return r"^[^\n]*" if cls == r"[^\n]*" else "^" + cls
-    return f"(?<={_escape(anchor)})" + cls  # the stable text before the change anchors it but stays
-
-
-def _piece_patterns(old: str, new: str) -> list[str]:
-    """One pattern per separate change inside a line (2.1.197's model line differs in two places:
-    "Opus 4.8 (1M context)" and "claude-opus-4-8[1m]"), each anchored on the stable text before it,
-    so the words between the changes stay."""
-    sm = difflib.SequenceMatcher(a=old, b=new, autojunk=False)
-    regions: list[list[int]] = []
-    for tag, i1, i2, j1, j2 in sm.get_opcodes():
-        if tag == "equal":
-            continue
-        if regions and i1 - regions[-1][1] < 4:  # a few equal characters between: one change
-            regions[-1][1], regions[-1][3] = i2, j2
-        else:
-            regions.append([i1, i2, j1, j2])
-    out: list[str] = []
-    prev_end = 0
-    for i1, i2, j1, j2 in regions:
-        while i1 > prev_end and i2 > i1 and j2 > j1 and (old[i1 - 1].isalnum() or old[i1 - 1] in "_-"):
-            i1, j1 = i1 - 1, j1 - 1  # a replaced word is matched whole; an insertion is matched as itself
-        while (i2 < len(old) and j2 < len(new) and i2 > i1 and j2 > j1 and old[i2] == new[j2]
-               and (old[i2].isalnum() or old[i2] in "_-")):
-            i2, j2 = i2 + 1, j2 + 1
-        a, b = old[i1:i2], new[j1:j2]
-        anchor = old[max(prev_end, i1 - 40):i1]
-        if len(anchor) == 40:
-            anchor = re.sub(r"^\S*\s+", "", anchor) or anchor
-        cls = _token_class([a, b])
-        if cls == r"[^\n]*":
-            alternatives = [_escape(t) for t in sorted({a, b} - {""}, key=len, reverse=True)]
-            cls = alternatives[0] if len(alternatives) == 1 else "(?:" + "|".join(alternatives) + ")"
-        out.append((f"(?<={_escape(anchor)})" if anchor else "^") + cls)
-        prev_end = i2
-    return out
-
-
-def _generalizes(pattern: str) -> bool:
-    """A pattern that removes a value of a known shape (number, hex id, path, date token), not free text."""
-    return "[^\\n]*" not in pattern and pattern.startswith("(?<=")
-
-
-def _apply(patterns: Sequence[str], text: str) -> str:
-    """``text`` as the addon forwards it with ``patterns`` as its volatile_fragments (its own rules engine)."""
-    return rules.Rules.make(patterns=(), fragments=patterns, headers=(), identity=False).strip_text(text)[0]
-
-
-def pattern_for(old: str, new: str, generalize_only: bool = False) -> list[str] | None:
-    """Fragment patterns that make ``old`` and ``new`` equal once removed, or None.
-
-    Lines are matched with difflib. One pass over the changed lines builds three candidate sets,
-    tried from the narrowest: the changed token of each replaced line (anchored on the stable text
-    before it), each separate change inside a line, the rest of each replaced line from its
-    anchor, and whole changed lines from
-    their stable label (``Label:``) on. When no set makes the texts equal, the patterns that each
-    equalize one replaced line are returned (the shared prefix still grows). No pattern may match
-    a line both texts share (a stable instruction). ``generalize_only`` keeps only token patterns
-    of a known shape (paths, ids, numbers): what is allowed from comparing two different sessions.
-    """
-    la, lb = old.splitlines(), new.splitlines()
-    token: list[str] = []
-    pieces: list[str] = []
-    rest: list[str] = []
-    whole: list[str] = []
-    for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=la, b=lb, autojunk=False).get_opcodes():
-        if tag == "equal":
-            continue
-        if tag == "replace":
-            for x, y in zip(la[i1:i2], lb[j1:j2]):
-                _add(token, _line_pattern(x, y))
-                for piece in _piece_patterns(x, y):
-                    _add(pieces, piece)
-                _add(rest, _line_pattern(x, y, rest_of_line=True))
-        for x in la[i1:i2] + lb[j1:j2]:
-            label = re.match(r"\s*[^:=\n]{1,40}[:=]", x)
-            _add(whole, (_escape(label.group(0).lstrip()) + r"[^\n]*\n?") if label else ("^" + _escape(x) + r"\n?"))
-    stable = _stable_lines(la, lb)
-    if not generalize_only:
-        for patterns in (token, pieces, rest, whole):
-            if patterns and _apply(patterns, old) == _apply(patterns, new) and not _touches(patterns, stable):
-                return patterns
-    # no set equalizes the whole text: one pattern per replaced line that equalizes that line
-    partial: list[str] = []
-    for x, y in _changed_lines(old, new)[0]:
-        for cand in (_line_pattern(x, y), None if generalize_only else _line_pattern(x, y, rest_of_line=True)):
-            if (cand and (not generalize_only or _generalizes(cand)) and _apply([cand], x) == _apply([cand], y)
-                    and not _touches([cand], stable)):
-                _add(partial, cand)
-                break
-    return partial or None
-
-
-def _stable_lines(la: Sequence[str], lb: Sequence[str]) -> list[str]:
-    """The lines two texts share (difflib's equal blocks)."""
-    sm = difflib.SequenceMatcher(a=la, b=lb, autojunk=False)
-    return [line for tag, i1, i2, _, _ in sm.get_opcodes() if tag == "equal" for line in la[i1:i2]]
-
-
-def _touches(patterns: Sequence[str], lines: Sequence[str]) -> bool:
-    """Whether a pattern would remove anything from one of these (stable) lines."""
-    compiled = [re.compile(p, re.MULTILINE) for p in patterns]
-    return any(c.search(line) and c.search(line).end() > c.search(line).start() for c in compiled for line in lines)
-
-
-def _add(patterns: list[str], p: str | None) -> None:
-    if p and p not in patterns:
-        patterns.append(p)
-
-
-_CROSS_SESSION_KINDS = frozenset({"date", "session_id", "environment", "path"})
-
-
-def _text(v: Any) -> str | None:
-    if isinstance(v, str):
-        return v
-    if isinstance(v, dict) and isinstance(v.get("text"), str):
-        return v["text"]
-    return None
-
-
-def _get(body: Any, path: str) -> Any:
-    cur = body
-    for k in re.findall(r"[A-Za-z_][A-Za-z0-9_]*|\d+", path):
-        try:
-            cur = cur[int(k)] if k.isdigit() else cur[k]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return cur
-
-
-def _block_path(path: str) -> str:
-    """``system[2]`` / ``system[2].text`` -> ``system[2].text``: where the addon records a fragment."""
-    m = re.match(r"system\[\d+\]", path)
-    return m.group(0) + ".text" if m else path
-
-
-def check_with_addon_rules(patterns: Sequence[str], a_body: dict, b_body: dict, path: str) -> str | None:
-    """Run the addon's own rules engine (``warmturn.rules``) with these fragment patterns on both bodies.
-
-    ``"equal"`` when the text at ``path`` becomes the same, ``"closer"`` when it shares a longer
-    prefix and fewer differing lines than before, None otherwise or when a pattern cuts anything
-    elsewhere in the system prompt."""
-    engine = rules.Rules.make(patterns=(), fragments=list(patterns), headers=(), identity=False)
-    (sa, ea), (sb, eb) = engine.apply(a_body), engine.apply(b_body)
-    target = _block_path(path)
-    if any(getattr(e, "path", None) != target for e in ea + eb):
-        return None
-    before = (_text(_get(a_body, target)) or "", _text(_get(b_body, target)) or "")
-    after = (_text(_get(sa, target)) or "", _text(_get(sb, target)) or "")
-    if after[0] == after[1]:
-        return "equal"
-    grew = _common_ends(*after)[0] > _common_ends(*before)[0]
-    fewer = sum(map(len, _changed_lines(*after))) < sum(map(len, _changed_lines(*before)))
-    return "closer" if grew and fewer else None
-
-
-def _same_identity(old: Any, new: Any) -> bool:
-    """Two texts that differ only in the model's name/id, which the addon canonicalizes by default."""
-    return isinstance(old, str) and isinstance(new, str) and identity.rewrites(old)[0] == identity.rewrites(new)[0]
-
-
-def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
-            option: str = "volatile_fragments") -> tuple[list[Suggestion], list[str], list[str]]:
-    """Patterns for volatile text in system blocks, each checked with the addon's rules engine.
-
-    Within a session (``turn`` pairs) any text that changes can get a pattern. Between sessions
-    and agents only per-machine values (paths, dates, ids, environment lines) generalized into a
-    pattern of their shape: text that is stable within each session but differs between them is a
-    different prompt, not volatile. ``unsuggested`` lists the prompt paths that still differ once
-    every suggested pattern is applied, with the reason; the last list, the paths whose only change is
-    the model's name or id, which the addon canonicalizes by default (``canonical_model_identity``)."""
-    out: list[Suggestion] = []
-    reasons: dict[str, str] = {}
-    canonical: set[str] = set()
-    targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body, poison) to equalize
-    for pd_, ab, bb in compared:
-        cross = pd_.relation != "turn"
-        for c in pd_.changes:
-            if not c.in_prompt or c.expected or c.poison == "billing_block":
-                continue
-            if c.path.startswith("tools"):
-                if _same_identity(c.old, c.new):
-                    canonical.add(c.path)  # e.g. the Bash tool's Co-Authored-By line: canonicalized by default
-                else:
-                    reasons.setdefault("tools", "tool definitions: volatile_fragments patterns apply to the system prompt only")
-                continue
-            if not c.path.startswith("system"):
-                continue  # messages: the conversation itself
-            if c.poison == "system_prompt_changed":
-                reasons.setdefault(c.path, "a different system prompt, not volatile text")
-                continue
-            old, new = _text(c.old), _text(c.new)
-            if old is None or new is None:
-                reasons.setdefault(c.path, "a system block added or removed")
-                continue
-            if c.poison == "model_identity" and _same_identity(old, new):
-                canonical.add(c.path)  # the addon's canonical_model_identity (on by default) already equalizes it
-                continue
-            if cross and c.poison not in _CROSS_SESSION_KINDS:
-                reasons.setdefault(c.path, f"differs between {pd_.relation}s but not within one: a different prompt")
-                continue
-            targets.append((c.path, ab, bb, c.poison))
-            pats = pattern_for(old, new, generalize_only=cross)
-            if not pats or not check_with_addon_rules(pats, ab, bb, c.path):
-                continue
-            for pat in pats:
-                if pat not in {s.pattern for s in out}:
-                    mo, mn = (re.search(pat, t, re.MULTILINE) for t in (old, new))
-                    out.append(Suggestion(c.path, pat, option, c.poison, _clip_value(mo.group(0) if mo else "", 60),
-                                          _clip_value(mn.group(0) if mn else "", 60)))
-    patterns = [s.pattern for s in out]
-    for path, ab, bb, poison in targets:
-        if patterns and check_with_addon_rules(patterns, ab, bb, path) == "equal":
-            continue
-        if poison == "environment":
-            reasons.setdefault(path, "per-session environment left (e.g. git status): claude "
-                                     "--exclude-dynamic-system-prompt-sections moves it out of the system prompt")
-        else:
-            reasons.setdefault(path, "no pattern removes only the changing text")
-    return out, [f"{path} ({why})" for path, why in reasons.items()], sorted(canonical)
