@@ -425,3 +425,39 @@ def test_title_requests_are_side_requests_outside_turn_numbering():
     titles = df[df["side"] == "title"]
     assert len(titles) == 2 and titles["turn"].isna().all() and set(titles["cls"]) == {"side"}
     assert df[df["side"].isna()]["turn"].tolist() == [1, 2]
+
+
+def test_content_shape_is_harmless_and_not_listed_as_a_poison(capsys):
+    """Issue 21: content_shape was listed under "Known cache poisons" while its own text calls it harmless
+    (the server renders a string and the same text as one block identically)."""
+    from warmturn.analysis.diff import HARMLESS
+    from warmturn.analysis.term import Style, format_diff
+
+    assert "content_shape" in HARMLESS
+    rep = diff_records(load_records([ROOT / "tests" / "fixtures" / "claude_code_2.1.332" / "p_read.jsonl"]).records)
+    shapes = [c for p in rep.pairs for c in p.changes if c.poison == "content_shape"]
+    assert shapes and "content_shape" not in rep.prompt_poisons()
+    text = format_diff(rep, Style(False))
+    assert "content_shape (harmless)" in text
+    assert "content_shape ×" not in text
+
+
+def test_session_rows_show_the_servers_tokens_and_cache_reads():
+    """Issue 21: a session row said 8/3,245 shared (0%) where the server reused 70%: it compared the raw JSON
+    (system first) with the previous session's first request only. With the server's view, the row gives the
+    two prompts' shared tokens as the server renders them and what the request really read from the cache."""
+    from warmturn.analysis.whatif import Served, load_renderer
+
+    cc = ROOT / "tests" / "fixtures" / "claude_code_2.1.332"
+    recs = load_records([cc / "interactive_small.jsonl", cc / "intercept_p_small.jsonl"]).records
+    rep = diff_records(recs, served=Served(*load_renderer("default")))
+    rows = {(p.relation, p.session[:8], p.b_turn): p for p in rep.pairs}
+    s = rows[("session", "f85caf8b", 1)]
+    assert (s.divergence.shared_chars, s.divergence.chars_b) == (8, 1103)  # raw JSON: 1%
+    assert (s.shared_tokens, s.prompt_tokens) == (5, 320)  # the two first prompts, rendered
+    assert (s.cache_read, s.cache_read_source) == (80, "reported")  # what the server read: 25%
+    t = rows[("turn", "c5583bcd", 2)]
+    assert (t.shared_tokens, t.prompt_tokens, t.cache_read) == (317, 380, 364)  # the reply is reused too
+    # without usage in the capture (a raw request log), the read is whatif's prediction
+    raw = diff_records(load_records([REAL / "small_two_turns.jsonl"]).records, served=Served(*load_renderer("default")))
+    assert (raw.pairs[0].cache_read_source, raw.pairs[0].shared_tokens, raw.pairs[0].cache_read) == ("predicted", 164, 164)

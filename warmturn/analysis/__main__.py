@@ -16,7 +16,15 @@ def _diff(args: argparse.Namespace) -> int:
 
     res = load_records(args.captures, progress=stderr_progress)
     tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
-    rep = diff_records(res.records, tokenizer=tok, session=args.session, original=args.original)
+    served = None
+    if not args.no_tokens:
+        from .whatif import Served, load_renderer
+
+        try:  # the prompts as the server renders them, and what its cache gave each request
+            served = Served(*load_renderer(args.tokenizer or "default"))
+        except (ImportError, OSError, ValueError) as e:
+            print(f"note: no server rendering ({e}): token columns left empty", file=sys.stderr)
+    rep = diff_records(res.records, tokenizer=tok, session=args.session, original=args.original, served=served)
     if args.json:
         out = rep.as_dict()
         out["load"] = {"records": res.stats.records, "bad_lines": res.stats.bad, "files": res.stats.files,
@@ -83,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--tokenizer", metavar="MODEL", help=(
         "count the shared prefix in tokens too: 'default' (the default model) or an mlx-lm/Hugging Face "
         "model directory holding tokenizer.json"))
+    d.add_argument("--no-tokens", action="store_true", help=(
+        "skip the server's view (prompts rendered by the chat template, cache reads): no tokenizer loaded"))
     d.add_argument("--original", action="store_true",
                    help="diff what the client sent (stripped content restored) instead of what was forwarded")
     d.add_argument("--json", action="store_true", help="machine-readable output")

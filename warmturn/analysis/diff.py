@@ -74,8 +74,9 @@ POISONS: dict[str, str] = {
                      "output_config, max_tokens…): harmless to a KV prefix cache.",
 }
 
-# Changes a prefix cache never sees: listed apart as harmless (see in_prompt()).
-HARMLESS = frozenset({"cache_control_moved", "volatile_header", "request_field", "session_id"})
+# Changes a prefix cache never sees (see in_prompt()), or that the server renders away (a message's
+# content as a string or as one text block renders the same): harmless, never listed as poisons.
+HARMLESS = frozenset({"cache_control_moved", "volatile_header", "request_field", "session_id", "content_shape"})
 
 _DATE = re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}/\d{1,2}/\d{2,4}\b|"
                    r"\b(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]* \d{1,2},? \d{4}\b")
@@ -112,6 +113,13 @@ class PairDiff:
     a_turn: int = 0  # turn numbers within their session and agent (1-based)
     b_turn: int = 0
     a_session: str = ""
+    # As the server sees them (prompts rendered by its chat template, given a ``Served``): the prompt
+    # tokens the two share, b's prompt length, and what b read from the prefix cache, which holds every
+    # earlier request, not only a: the reported cache_read_input_tokens, else whatif's prediction.
+    shared_tokens: int | None = None
+    prompt_tokens: int | None = None
+    cache_read: int | None = None
+    cache_read_source: str | None = None  # "reported" | "predicted"
 
     @property
     def paths(self) -> list[str]:
@@ -151,6 +159,15 @@ class DiffReport:
     outside: list[VolatilePath] = field(default_factory=list)  # changes outside the prompt: harmless
     side: dict[str, int] = field(default_factory=dict)  # side requests (title…) left out of the pairs
     canonical_identity: list[str] = field(default_factory=list)  # model-identity changes the addon already fixes
+
+    def prompt_poisons(self) -> dict[str, int]:
+        """The known poisons among the prompt's changes, most frequent first (harmless kinds left out)."""
+        out: dict[str, int] = {}
+        for p in self.pairs:
+            for c in p.changes:
+                if c.poison and c.in_prompt and c.poison not in HARMLESS:
+                    out[c.poison] = out.get(c.poison, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
     def as_dict(self) -> dict:
         return {
@@ -399,9 +416,11 @@ def match_session(records: Sequence[dict], prefix: str) -> str:
 
 
 def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, session: str | None = None,
-                 original: bool = False) -> DiffReport:
+                 original: bool = False, served: Any = None) -> DiffReport:
     """Diff a capture's requests. ``original`` diffs what the client sent instead of what was
-    forwarded; ``session`` (a session id or a prefix of one) keeps the pairs involving it."""
+    forwarded; ``session`` (a session id or a prefix of one) keeps the pairs involving it;
+    ``served`` (a :class:`~warmturn.analysis.whatif.Served`) adds each pair's shared prompt tokens
+    as the server renders them and what the later request read from the prefix cache."""
     pairs_out: list[PairDiff] = []
     compared: list[tuple[PairDiff, dict, dict]] = []
     tok_cache: dict = {}
@@ -409,6 +428,7 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
     if session:
         session = match_session([r for r in records if r.get("kind") == "messages"], session)
     body_key, head_key = ("original", "original_headers") if original else ("body", "headers")
+    seen = served.replay(records, original) if served is not None else {}
     for relation, a, b in all_pairs:
         if session and session not in (a["session"], b["session"]):
             continue
@@ -417,6 +437,10 @@ def diff_records(records: Sequence[dict], tokenizer: Tokenizer | None = None, se
         div = divergence(ab, bb, tokenizer, tok_cache)
         pd_ = PairDiff(relation, str(b.get("arm")), b["session"], b["agent"], a["id"], b["id"], changes, div,
                        a.get("turn", 0), b.get("turn", 0), a["session"])
+        if b["id"] in seen:
+            ta, (tb, read, source) = seen.get(a["id"], (None, 0, None))[0], seen[b["id"]]
+            pd_.prompt_tokens, pd_.cache_read, pd_.cache_read_source = len(tb), read, source
+            pd_.shared_tokens = served.shared(ta, tb) if ta is not None else None
         pairs_out.append(pd_)
         compared.append((pd_, ab, bb))
     stripped: dict[str, int] = {}

@@ -199,12 +199,7 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     if fit:
         facts.append(f"Cost model (least squares over all timed flows): TTFT ≈ {fit[0]:,.0f} ms + "
                      f"{fit[1]:.2f} ms × uncached prompt tokens.")
-    in_prompt: dict[str, int] = {}
-    for pair in diff.pairs:
-        for c in pair.changes:
-            if c.poison and c.in_prompt:
-                in_prompt[c.poison] = in_prompt.get(c.poison, 0) + 1
-    poisons = [f"{k} ×{n}: {POISONS.get(k, '')}" for k, n in sorted(in_prompt.items(), key=lambda kv: -kv[1])]
+    poisons = [f"{k} ×{n}: {POISONS.get(k, '')}" for k, n in diff.prompt_poisons().items()]
 
     title = "warmturn latency report"
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"

@@ -7,7 +7,7 @@ import re
 import sys
 from collections.abc import Sequence
 
-from .diff import POISONS, DiffReport
+from .diff import HARMLESS, POISONS, DiffReport
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _CODES = {"red": "31", "green": "32", "yellow": "33", "blue": "34", "dim": "2", "bold": "1"}
@@ -53,13 +53,27 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
     for p in rep.pairs:
         d = p.divergence
         share = d.shared_chars / d.chars_b if d.chars_b else 1.0
-        tok = f"{d.shared_tokens}/{d.tokens_b}" if d.shared_tokens is not None else "-"
+        if p.shared_tokens is not None:  # as the server renders them
+            tok = f"{p.shared_tokens:,}/{p.prompt_tokens:,}"
+        else:
+            tok = f"{d.shared_tokens:,}/{d.tokens_b:,}" if d.shared_tokens is not None else "-"
+        read = "-"
+        if p.cache_read is not None and p.prompt_tokens:
+            read = (f"{p.cache_read:,} ({p.cache_read / p.prompt_tokens:.0%})"
+                    + ("" if p.cache_read_source == "reported" else " ~"))
         where = d.where
         where = st(where, "red") if d.in_prefix else st(where, "green") if where in ("identical", "end") else where
         rows.append([p.relation, p.session[:12], p.agent[:12], _turns(p),
-                     f"{d.shared_chars}/{d.chars_b}", f"{share:.0%}", tok, where, len(p.changes)])
+                     f"{d.shared_chars:,}/{d.chars_b:,}", f"{share:.0%}", tok, read, where, len(p.changes)])
     out.append(table(["relation", "session", "agent", "turns", "shared chars", "share", "shared tokens",
-                      "diverges at", "changes"], rows, st))
+                      "cache read", "diverges at", "changes"], rows, st))
+    if any(p.shared_tokens is not None for p in rep.pairs):
+        out.append(st("  shared tokens: the two prompts as the server renders them (chat template, tools first); "
+                      "cache read: what the later request read from the prefix cache, which holds every earlier "
+                      "request (as reported; ~ predicted by whatif)", "dim"))
+    elif not any(p.divergence.shared_tokens is not None for p in rep.pairs):
+        out.append(st("  (no tokenizer: shared chars compare the raw JSON in system-first order; --tokenizer "
+                      "default renders the prompts as the server does)", "dim"))
     for p in rep.pairs:
         if p.divergence.in_prefix:
             out.append(f"  {p.label}: prefix diverges at {p.divergence.where}:")
@@ -75,7 +89,8 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
         region = st(v.region, "red") if v.region == "prefix" else v.region
         if v.expected:
             region = st("messages (growth, expected)", "green")
-        rows.append([v.path, region, v.count, ",".join(v.relations), v.poison or "",
+        known = (v.poison + (" (harmless)" if v.poison in HARMLESS else "")) if v.poison else ""
+        rows.append([v.path, region, v.count, ",".join(v.relations), known,
                      _clip(v.example_old, 36), _clip(v.example_new, 36)])
     out.append(table(["path", "where", "times", "seen in", "known as", "old", "new"], rows, st)
                if rows else "  nothing")
@@ -86,15 +101,11 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:
         rows = [[v.path, v.count, ",".join(v.relations), v.poison or "", _clip(v.example_old, 36),
                  _clip(v.example_new, 36)] for v in rep.outside]
         out.append(table(["path", "times", "seen in", "known as", "old", "new"], rows, st))
-    in_prompt: dict[str, int] = {}
-    for p in rep.pairs:
-        for c in p.changes:
-            if c.poison and c.in_prompt:
-                in_prompt[c.poison] = in_prompt.get(c.poison, 0) + 1
+    in_prompt = rep.prompt_poisons()
     if in_prompt:
         out.append("")
         out.append(st("Known cache poisons in the prompt", "bold"))
-        for name, n in sorted(in_prompt.items(), key=lambda kv: -kv[1]):
+        for name, n in in_prompt.items():
             out.append(f"  {st(name, 'yellow')} ×{n}: {POISONS.get(name, '')}")
     if rep.stripped:
         out.append("")

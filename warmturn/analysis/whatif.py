@@ -261,7 +261,8 @@ def _times(rec: dict, i: int) -> tuple[float, float, float]:
         t0 += rec["queue_ms"] / 1000
     end = next((t[k] for k in ("end", "first_content", "first_byte") if isinstance(t.get(k), (int, float))), t0)
     mid = next((t[k] for k in ("first_content", "first_byte") if isinstance(t.get(k), (int, float))), end)
-    return float(t0), float(max(t0, min(mid, end))), float(max(end, t0))
+    tck = max(float(t0) + 1e-6, float(min(mid, end)))  # each request: fetch, then checkpoint, then store
+    return float(t0), tck, max(float(end), tck + 1e-6)
 
 
 def replay(prepared: Sequence[Prepared], settings: Settings) -> list[RequestResult]:
@@ -532,6 +533,44 @@ def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_d
         out["as_captured"] = captured.as_dict(rate)
         out["check"] = [c.as_dict() for c in check_against_reported(captured)]
     return out
+
+
+class Served:
+    """The server's view of a capture, for ``analysis diff``: prompts rendered by its renderer and
+    the cache reads of every request (reported when the capture has usage, else replayed)."""
+
+    def __init__(self, renderer: Any, model_dir: Path) -> None:
+        from .kvsize import model_cost
+
+        from warmturn.server.cache import default_cache_bytes
+
+        self.renderer = renderer
+        self.cost = model_cost(str(model_dir), default_dtype(model_dir))
+        self.settings = Settings(self.cost, default_cache_bytes(), 0,
+                                 "trimmable" if self.cost.trimmable else "checkpoints")
+
+    def replay(self, records: Sequence[dict], original: bool = False) -> dict[str, tuple[np.ndarray, int, str]]:
+        """``{record id: (prompt tokens, tokens read from the cache, "reported" | "predicted")}``."""
+        msgs = messages_in_order(records)
+        v = Variant("none", lambda r: r.get("original") or r.get("body")) if original else \
+            Variant("as-captured", lambda r: r.get("body"))
+        prepared = prepare_variant(msgs, v, Tokenizing(self.renderer, self.cost.context),
+                                   self.settings.policy == "checkpoints")
+        results = {r.id: r for r in replay(prepared, self.settings)}
+        out = {}
+        for p in prepared:
+            r = results.get(str(p.rec.get("id")))
+            if p.tokens is None or r is None:
+                continue
+            if not original and r.reported_read is not None:
+                out[r.id] = (p.tokens, r.reported_read, "reported")
+            else:
+                out[r.id] = (p.tokens, r.read, "predicted")
+        return out
+
+    @staticmethod
+    def shared(a: np.ndarray, b: np.ndarray) -> int:
+        return common_prefix_len(a, b)
 
 
 @functools.lru_cache(maxsize=4)
