@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -197,3 +198,54 @@ def test_sigterm_during_a_non_streaming_answer_is_a_retryable_error_or_the_whole
             proc.kill()
             proc.wait()
 
+
+
+# --------------------------------------------------------------------------- 6. disconnect timing
+
+
+def metric(live, name: str, **labels: str) -> float:
+    text = httpx.get(live["base"] + "/metrics", headers=JSON, timeout=30).text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def raw_request(port: int, body: dict) -> socket.socket:
+    data = json.dumps(body).encode()
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                 + f"x-api-key: {KEY}\r\ncontent-length: {len(data)}\r\n\r\n".encode() + data)
+    return sock
+
+
+def wait_until(cond, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.02)
+
+
+def decoding(engine) -> bool:
+    """Whether a request in the engine has produced a token (the engine's own records of it)."""
+    runs = list(engine._active.values()) + ([engine._solo] if engine._solo is not None else [])
+    return any(r.output_tokens > 0 for r in runs)
+
+
+def test_a_non_streaming_client_leaving_mid_decode_is_a_499_not_a_500(live, caplog):
+    before_499 = metric(live, "warmturn_requests_total", endpoint="messages", status="499")
+    before_500 = metric(live, "warmturn_requests_total", status="500")
+    # a JSON-schema answer is held back until its end, so no item reaches the handler while it
+    # decodes: the disconnect is seen while the next step is still pending (as on a loaded machine)
+    sock = raw_request(live["port"], {**LONG_ANSWER, "max_tokens": 400,
+                                      "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}})
+    wait_until(lambda: decoding(live["state"].engine), "never started decoding")
+    sock.close()
+    wait_until(lambda: metric(live, "warmturn_requests_total", endpoint="messages", status="499")
+               + metric(live, "warmturn_requests_total", status="500") > before_499 + before_500, "never answered")
+    assert metric(live, "warmturn_requests_total", status="500") == before_500
+    assert metric(live, "warmturn_requests_total", endpoint="messages", status="499") == before_499 + 1
+    assert "already running" not in caplog.text
+    r = post(live, HELLO)
+    assert r.status_code == 200

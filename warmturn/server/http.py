@@ -555,6 +555,10 @@ async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: fl
                 last_check = time.monotonic()
                 if await request.is_disconnected():
                     task.cancel()
+                    # let the cancelled step finish before `finally` closes the generator: closing
+                    # one that is still inside __anext__ raises "aclose(): asynchronous generator
+                    # is already running" (a logged 500 instead of the 499)
+                    await asyncio.wait({task})
                     raise ClientGone()
                 if done:
                     break
