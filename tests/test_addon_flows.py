@@ -435,18 +435,19 @@ def test_routing_helpers():
     assert plumbing.is_loopback("[::1]") and not plumbing.is_loopback("10.0.0.1")
 
 
-def test_connect_to_anthropic_is_answered_locally_when_rerouting(wt):
+def test_connect_to_anthropic_is_answered_locally(wt):
+    """Rerouted or not: with passthrough the relay, not mitmproxy, makes the connection to
+    Anthropic (tests/test_addon_relay.py has that path through a real mitmdump)."""
     addon, tctx, cap, _ = wt
-    f = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
-    addon.http_connect(f)
-    assert f.response is not None and f.response.status_code == 200
-    other = make_flow(method="CONNECT", host="example.com", port=443, path="")
-    addon.http_connect(other)
-    assert other.response is None
-    tctx.configure(addon.gate, backend="passthrough")
-    f = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
-    addon.http_connect(f)
-    assert f.response is None, "passthrough must really connect to Anthropic"
+    for backend in (None, "passthrough"):
+        if backend:
+            tctx.configure(addon.gate, backend=backend)
+        f = make_flow(method="CONNECT", host="api.anthropic.com", port=443, path="")
+        addon.http_connect(f)
+        assert f.response is not None and f.response.status_code == 200, backend
+        other = make_flow(method="CONNECT", host="example.com", port=443, path="")
+        addon.http_connect(other)
+        assert other.response is None, backend
 
 
 def test_count_tokens_is_normalized_and_its_count_captured(wt):

@@ -8,18 +8,24 @@
   refused in Anthropic's shape (never HTML) unless ``ssl_insecure`` or
   ``ssl_verify_upstream_trusted_ca`` says otherwise;
 - a credential in the query string reaches the backend but neither mitmdump's output nor the
-  capture.
+  capture;
+- connections to a backend are kept alive and reused: a real loopback backend counts the
+  connections it accepts over sequential requests and a burst of 26 ``count_tokens`` calls;
+- ``backend=passthrough`` goes through the relay too: a real https upstream that is unreachable,
+  or dies, gets the same Anthropic-shaped answers (never mitmproxy's HTML 502).
 
 No model is loaded: the backend is a small real HTTP(S) server of the test's own.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import ipaddress
 import json
 import os
 import select
+import socket
 import signal
 import ssl
 import subprocess
@@ -43,6 +49,7 @@ from warmturn.addons.relay import TlsSettings, make_tls_context
 from warmturn.protocol import SSEDecoder
 from tests.conftest import ROOT, free_port
 from tests.procs import VENV_BIN, child_env, process, read_capture
+from tests.scripted_backend import Handler, Server
 
 BACKEND = ROOT / "tests" / "scripted_backend.py"
 STREAM = {"model": "m", "max_tokens": 24, "stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}
@@ -339,3 +346,124 @@ def test_a_query_string_credential_reaches_the_backend_but_no_output(tmp_path):
     assert SECRET not in out
     assert SECRET not in cap.read_text()
     assert [rec["status"] for rec in read_capture(cap)][0] == 200 and os.path.getsize(cap) > 0
+
+
+# --------------------------------------------------------------------------- keep-alive pooling
+
+
+class CountingBackend(Server):
+    """tests/scripted_backend.py's replaying server, in a thread of this process, counting the
+    TCP connections it accepts (every one: the adapters' reachability probes too)."""
+
+    request_queue_size = 128  # a listen backlog like uvicorn's (socketserver's 5 drops a burst's SYNs)
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.accepted = 0
+        self.requests = 0
+        self.port = self.server_address[1]
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def get_request(self) -> tuple[socket.socket, object]:
+        conn = super().get_request()
+        self.accepted += 1
+        return conn
+
+
+COUNT = {"model": "m", "messages": [{"role": "user", "content": "Capital of France?"}]}
+
+
+def test_backend_connections_are_kept_alive_and_reused(tmp_path, capsys):
+    """Each client request comes on its own client connection (as Claude Code's parallel calls do);
+    the relay still reuses its backend connections: 8 requests one after another take one
+    connection, and two bursts of 26 count_tokens calls (Claude Code's /context) take far fewer
+    than one each. Before pooling every request took two (the probe and the relayed request)."""
+    b = CountingBackend()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with mitmdump(port, tmp_path / "mitm.log", backend=f"http://127.0.0.1:{b.port}", capture_file=""):
+            for _ in range(8):
+                with httpx.Client(timeout=60) as c:  # a new client connection each time
+                    r = c.post(base + "/v1/messages", json=STREAM)
+                assert r.status_code == 200 and '"type":"message_stop"' in r.text
+            sequential = b.accepted
+            assert sequential == 1, f"8 sequential requests opened {sequential} backend connections"
+
+            def count(_: int) -> tuple[int, str]:
+                with httpx.Client(timeout=60) as c:
+                    r = c.post(base + "/v1/messages/count_tokens?beta=true", json=COUNT)
+                return r.status_code, r.text[:300]
+
+            with concurrent.futures.ThreadPoolExecutor(26) as pool:
+                for _ in range(2):
+                    answers = list(pool.map(count, range(26)))
+                    assert [status for status, _ in answers] == [200] * 26, answers
+            burst = b.accepted - sequential
+    finally:
+        b.shutdown()
+        b.server_close()
+    with capsys.disabled():
+        print(f"\nbackend connections: 8 sequential requests -> {sequential}, 2 x 26 count_tokens -> {burst}")
+    assert burst <= 26, f"52 count_tokens calls opened {burst} backend connections"
+
+
+# --------------------------------------------------------------------------- passthrough through the relay
+
+
+def anthropic_resolves() -> bool:
+    try:
+        socket.getaddrinfo("api.anthropic.com", 443)
+    except OSError:
+        return False
+    return True
+
+
+def test_passthrough_gets_the_relays_contract(tmp_path, certs):
+    """backend=passthrough keeps the real destination but goes through the relay like any http(s)
+    backend. One mitmdump, two ways in: interception of https://api.anthropic.com (HTTPS_PROXY;
+    the CONNECT is answered by the addon, so mitmproxy never dials Anthropic itself), and reverse
+    mode to a real TLS upstream on loopback (trusted through ssl_verify_upstream_trusted_ca)."""
+    port, rport, bport = free_port(), free_port(), free_port()
+    confdir, cap = tmp_path / "conf", tmp_path / "cap.jsonl"
+    cmd = [str(VENV_BIN / "mitmdump"), "-s", str(ROOT / "addons" / "normalize.py"), "--listen-host", "127.0.0.1",
+           "--mode", f"regular@{port}", "--mode", f"reverse:https://127.0.0.1:{bport}@{rport}",
+           "--set", "backend=passthrough", "--set", f"confdir={confdir}", "--set", f"capture_file={cap}",
+           "--set", f"ssl_verify_upstream_trusted_ca={certs['ca']}",
+           # reverse mode opens its upstream connection on connect unless lazy (docs/addon.md)
+           "--set", "connection_strategy=lazy"]
+    with process(cmd, port, tmp_path / "mitm.log", env=child_env(PYTHONUNBUFFERED="1")):
+        # 1. the real API through interception: offline it is unreachable; online Anthropic answers
+        # our bogus key itself. Either way an Anthropic error in JSON, never mitmproxy's page.
+        with httpx.Client(proxy=f"http://127.0.0.1:{port}", verify=str(confdir / "mitmproxy-ca-cert.pem"),
+                          timeout=60) as c:
+            r = c.post("https://api.anthropic.com/v1/messages", json=PLAIN,
+                       headers={"x-api-key": "sk-not-a-key", "anthropic-version": "2023-06-01"})
+        assert r.headers["content-type"].startswith("application/json"), (r.status_code, r.text[:300])
+        assert r.json()["type"] == "error", r.text[:300]
+        if not anthropic_resolves():
+            assert r.status_code == 502 and r.json()["error"]["type"] == "api_error"
+            assert "backend https://api.anthropic.com:443 is unreachable" in r.json()["error"]["message"]
+        reverse = f"http://127.0.0.1:{rport}/v1/messages"
+        # 2. a real TLS upstream that is not listening
+        r = httpx.post(reverse, json=STREAM, timeout=60)
+        assert r.status_code == 502 and r.headers["content-type"].startswith("application/json"), r.text[:300]
+        assert r.json()["error"]["type"] == "api_error" and "is unreachable" in r.json()["error"]["message"]
+        # 3. up: the stream goes through; 4. killed mid-stream: an error event ends it
+        with backend(bport, "replay", certs) as b:
+            with httpx.stream("POST", reverse, json=STREAM, timeout=60) as resp:
+                events = list(events_of(resp))
+            b.expect("request POST /v1/messages")
+        assert resp.status_code == 200 and events[-1]["type"] == "message_stop"
+        with backend(bport, "cut", certs) as b:
+            with httpx.stream("POST", reverse, json=STREAM, timeout=60) as resp:
+                events = []
+                for event in events_of(resp):
+                    events.append(event)
+                    if event["type"] == "content_block_delta" and b.proc.poll() is None:
+                        b.expect("streaming")
+                        b.kill()
+        assert events[-1]["type"] == "error" and "died mid-stream" in events[-1]["error"]["message"]
+    records = capture_is_one_valid_line_per_flow(cap, 4)
+    assert [rec["backend"] for rec in records] == ["passthrough"] * 4
+    assert records[0]["upstream"] == "https://api.anthropic.com/v1/messages"

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, get_args
 
 from mitmproxy import http
@@ -38,8 +38,13 @@ from warmturn.protocol import (CLAUDE_MODELS, ErrorType, error_for_status, is_er
 from warmturn.rules import encode_body
 
 from . import openai_translate, routing
+from .relay import can_connect
 from .state import FlowState
-from .supervisor import EmbeddedServer, can_connect
+from .supervisor import EmbeddedServer
+
+#: "does host:port accept connections": the relay's (:meth:`addons.relay.Relay.reachable`, which
+#: answers from its pool and keeps the connection it opens) or a plain TCP probe
+Probe = Callable[[str, int], Awaitable[bool]]
 
 
 #: the error types Anthropic's API (and so its clients) know; engines invent others (vLLM: NotFoundError…)
@@ -95,10 +100,12 @@ class AnthropicAdapter:
     #: routes whose JSON body carries a ``model`` to map to ``backend_model``
     MODEL_ROUTES = ("messages", "count_tokens")
 
-    def __init__(self, target: routing.Backend, api_key: str = "", model: str = "") -> None:
+    def __init__(self, target: routing.Backend, api_key: str = "", model: str = "",
+                 reachable: Probe = can_connect) -> None:
         self.target = target
         self.api_key = api_key
         self.model = model
+        self.reachable = reachable
 
     @property
     def name(self) -> str:
@@ -121,7 +128,7 @@ class AnthropicAdapter:
             flow.request.headers["x-api-key"] = self.api_key
 
     async def check_reachable(self) -> http.Response | None:
-        if self.target.kind == "url" and not await can_connect(self.target.host, self.target.port):
+        if self.target.kind == "url" and not await self.reachable(self.target.host, self.target.port):
             return error_response(502, f"warmturn: backend {self.name} is unreachable")
         return None
 
@@ -164,8 +171,8 @@ class EmbeddedAdapter(AnthropicAdapter):
     """The embedded ``python -m warmturn.server`` (Anthropic API), started and watched by the supervise addon."""
 
     def __init__(self, server: Callable[[], EmbeddedServer | None], start_timeout: Callable[[], float],
-                 api_key: str = "", model: str = "") -> None:
-        super().__init__(routing.Backend("embedded"), api_key, model)
+                 api_key: str = "", model: str = "", reachable: Probe = can_connect) -> None:
+        super().__init__(routing.Backend("embedded"), api_key, model, reachable)
         self._server = server
         self._start_timeout = start_timeout
 
@@ -176,10 +183,10 @@ class EmbeddedAdapter(AnthropicAdapter):
         for _ in range(3):
             if not server.is_ready() and not await server.wait_ready(self._start_timeout()):
                 break
-            if await can_connect(server.host, server.port):
+            if await self.reachable(server.host, server.port):
                 break
             await asyncio.sleep(1.0)  # a dead child is noticed (and restarted) within 0.5 s
-        if not server.is_ready() or not await can_connect(server.host, server.port):
+        if not server.is_ready() or not await self.reachable(server.host, server.port):
             return error_response(529, f"warmturn: embedded backend {server.base_url} is not "
                                                            f"ready: {server.last_error or 'still starting'}")
         self.rewrite(flow, state)
@@ -263,11 +270,11 @@ class OpenAIAdapter(AnthropicAdapter):
 
 def make_adapter(target: routing.Backend, api: str, *, api_key: str = "", model: str = "",
                  server: Callable[[], EmbeddedServer | None] = lambda: None,
-                 start_timeout: Callable[[], float] = lambda: 600.0) -> BackendAdapter:
+                 start_timeout: Callable[[], float] = lambda: 600.0, reachable: Probe = can_connect) -> BackendAdapter:
     """The adapter for the ``backend`` / ``backend_api`` options. The embedded server speaks
     Anthropic's API and ``passthrough`` keeps the real one, whatever ``backend_api`` says."""
     if target.kind == "embedded":
-        return EmbeddedAdapter(server, start_timeout, api_key, model)
+        return EmbeddedAdapter(server, start_timeout, api_key, model, reachable)
     if api == "openai" and target.kind == "url":
-        return OpenAIAdapter(target, api_key, model)
-    return AnthropicAdapter(target, api_key, model)
+        return OpenAIAdapter(target, api_key, model, reachable)
+    return AnthropicAdapter(target, api_key, model, reachable)

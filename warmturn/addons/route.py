@@ -1,9 +1,11 @@
 """Route: send admitted API flows to the backend through its adapter (:mod:`addons.backends`).
 
 Parses ``backend`` / ``backend_api`` / ``backend_api_key`` / ``backend_model`` once in
-``configure`` into one :class:`~addons.backends.BackendAdapter`. When rerouting, it also answers
-``CONNECT api.anthropic.com`` itself and skips the server-first TLS handshake, so nothing dials
-Anthropic (which fails offline and is never needed).
+``configure`` into one :class:`~addons.backends.BackendAdapter`, and sends the flows of http(s)
+backends through the relay (:mod:`addons.relay`). It also answers ``CONNECT api.anthropic.com``
+itself and skips the server-first TLS handshake: those requests go to the backend or, with
+``passthrough``, through the relay to the real API, so mitmproxy never dials Anthropic itself (an
+unreachable API is then the relay's Anthropic-shaped 502, not mitmproxy's page).
 """
 
 from __future__ import annotations
@@ -63,7 +65,8 @@ class Route:
 
     def _make(self, api: str, key: str, model: str) -> BackendAdapter:
         return make_adapter(self.target, api, api_key=key, model=model, server=lambda: self.supervise.server,
-                            start_timeout=lambda: float(ctx.options.embedded_start_timeout))
+                            start_timeout=lambda: float(ctx.options.embedded_start_timeout),
+                            reachable=self.relay.reachable)
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
@@ -90,11 +93,14 @@ class Route:
     def done(self) -> None:
         self.relay.close()
 
-    def _rerouting(self, host: str | None) -> bool:
-        return self.target.kind != "passthrough" and (host or "").lower() in routing.ANTHROPIC_HOSTS
+    @staticmethod
+    def _api_host(host: str | None) -> bool:
+        """Anthropic's API host: its requests go to the backend, or with passthrough through the
+        relay to the real API, so mitmproxy never needs its own connection there."""
+        return (host or "").lower() in routing.ANTHROPIC_HOSTS
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or not self._rerouting(flow.request.host):
+        if flow.response or flow.error or not flow.live or not self._api_host(flow.request.host):
             return
         reply = http.Response.make(200)
         reply.headers.pop("content-length", None)  # RFC 9110 9.3.6: none in a 2xx reply to CONNECT
@@ -103,7 +109,7 @@ class Route:
         flow.response = reply
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
-        if self._rerouting(data.client_hello.sni):
+        if self._api_host(data.client_hello.sni):
             data.establish_server_tls_first = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -125,11 +131,10 @@ class Route:
         state.t.sent = time.time()
 
     def _via_relay(self, flow: http.HTTPFlow, adapter: BackendAdapter) -> None:
-        """Send a flow bound for an http:// or https:// backend through the relay
-        (:mod:`addons.relay`), which is the TLS client of an https:// one. Passthrough flows keep
-        mitmproxy's own connection to their real destination."""
+        """Send a flow bound for an http:// or https:// backend (with passthrough, the real API)
+        through the relay (:mod:`addons.relay`), which is the TLS client of an https:// one."""
         req = flow.request
-        if not self.relay.port or req.scheme not in ("http", "https") or self.target.kind == "passthrough":
+        if not self.relay.port or req.scheme not in ("http", "https"):
             return
         token = self.relay.register(req.host, req.port, getattr(adapter, "api", "anthropic"), tls=req.scheme == "https")
         host_header = req.headers.get("host")

@@ -44,15 +44,6 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
         writer.close()
 
 
-async def can_connect(host: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    writer.close()
-    return True
-
-
 class EmbeddedServer:
     """One supervised `python -m warmturn.server` child (or a reused running server)."""
 
