@@ -9,6 +9,7 @@ import pytest
 
 from tests.conftest import FIXTURES
 from warmturn.analysis.__main__ import main
+from warmturn.analysis.budget import budget_curve, flattens_at
 from warmturn.analysis.cachemodel import CacheModel
 from warmturn.analysis.kvsize import KVCost, cost_from_config, parse_bytes, preset_cost
 from warmturn.analysis.load import load_records
@@ -17,8 +18,6 @@ from warmturn.analysis.whatif import (
     Settings,
     Tokenizing,
     Variant,
-    budget_curve,
-    flattens_at,
     load_renderer,
     make_rules,
     messages_in_order,
@@ -225,3 +224,90 @@ def test_cli_json_has_the_documented_shape(renderer, capsys):
     assert rules_v["sessions"][0]["session"].startswith("9df0d0e7")
     assert rules_v["seconds_saved"] == round(rules_v["read_tokens"] / 100, 2)
     assert out["check"][0]["predicted_read"] == out["check"][0]["reported_read"] == 365
+
+
+# --------------------------------------------------------------------------- Anthropic's cache (passthrough)
+# The repository holds no response recorded from the real Anthropic API (every usage field in
+# tests/fixtures comes from the embedded server, vLLM or a stub recorder), so these tests give
+# real Claude Code request bodies, or literal ones, usage written the way Anthropic's documented
+# cache would answer, and check the verdicts and numbers compare() computes from them.
+
+
+def _api(body: dict, t: float, read: int, creation: int, inp: int, rid: str) -> dict:
+    return {"id": rid, "session": "s", "kind": "messages", "backend": "passthrough", "body": body,
+            "t": {"request": t}, "usage": {"input_tokens": inp, "cache_read_input_tokens": read,
+                                           "cache_creation_input_tokens": creation}}
+
+
+def _body(system: str, turns: list[str], model: str = "claude-opus-4-8", ttl: str | None = None) -> dict:
+    cc = {"type": "ephemeral", **({"ttl": ttl} if ttl else {})}
+    msgs = []
+    for i, text in enumerate(turns):
+        msgs.append({"role": "user", "content": [{"type": "text", "text": text,
+                                                  **({"cache_control": cc} if i == len(turns) - 1 else {})}]})
+        if i < len(turns) - 1:
+            msgs.append({"role": "assistant", "content": [{"type": "text", "text": f"answer {i}"}]})
+    return {"model": model, "max_tokens": 8, "system": [{"type": "text", "text": system, "cache_control": cc}],
+            "messages": msgs}
+
+
+def test_anthropic_verdicts_hit_expired_too_short_and_unexplained():
+    from warmturn.analysis.anthropic import compare, summarize
+
+    sys_ = "S" * 8000
+    recs = [
+        _api(_body(sys_, ["q1"]), 0.0, 0, 2000, 3, "cold"),
+        _api(_body(sys_, ["q1", "q2"]), 60.0, 2000, 12, 3, "hit"),  # reads turn 1's prefix (2,000 tokens, exact)
+        _api(_body(sys_, ["q1", "q2", "q3"]), 60.0 + 301, 0, 2024, 3, "expired"),  # 5 min 1 s later
+        _api(_body(sys_, ["q1", "q2", "q3", "q4"]), 400.0, 0, 2036, 3, "evicted"),  # should have hit, did not
+        _api(_body("tiny", ["hello"]), 410.0, 0, 0, 12, "short"),  # ~10 tokens: under 1,024
+        _api({"model": "claude-opus-4-8", "max_tokens": 8, "system": sys_,  # no cache_control at all
+              "messages": [{"role": "user", "content": "q1"}]}, 420.0, 0, 0, 2003, "plain"),
+        _api(_body(sys_, ["q1", "q2", "q3", "q4", "q5"], ttl="1h"), 4000.0, 0, 2048, 3, "long gap"),
+    ]
+    v = {x.id: x for x in compare(recs)}
+    assert (v["cold"].verdict, v["cold"].why) == ("cold", "the first request seen")
+    assert (v["hit"].verdict, v["hit"].predicted_read, v["hit"].predicted_creation) == ("hit", 2000, 12)
+    assert v["hit"].why == "reads the prefix up to messages[0].content[0]"
+    assert v["expired"].verdict == "expired" and v["expired"].why.startswith("the prefix up to messages[2].content[0] "
+                                                                           "was last used 301 s ago (TTL 300 s)")
+    assert v["evicted"].verdict == "unexpected_miss" and v["evicted"].predicted_read == 2024
+    assert v["short"].verdict == "too_short" and "1,024-token minimum" in v["short"].why
+    assert v["plain"].verdict == "no_breakpoint"
+    assert v["long gap"].verdict == "expired"  # 1h TTL on the new request, but what it would read was written with 5m
+    s = summarize(list(v.values()))
+    assert s["verdicts"] == {"cold": 1, "hit": 1, "expired": 2, "unexpected_miss": 1, "too_short": 1,
+                             "no_breakpoint": 1}
+    assert (s["reported_read"], s["predicted_read"]) == (2000, 4024)
+
+
+def test_anthropic_real_claude_code_bodies_part_at_the_model_name_in_the_bash_tool():
+    """Claude Code 2.1.197's first -p turn and its --continue turn (real request bodies, not normalized):
+    the Bash tool's Co-Authored-By line names the model differently, so on Anthropic's cache (tools first)
+    the second turn shares only tools[0] and must write everything again."""
+    from warmturn.analysis.anthropic import compare
+
+    recs = [r for r in load_records([FIXTURES / "claude_code" / "full_two_turns.jsonl"]).records
+            if r["kind"] == "messages"]
+    recs[0]["usage"] = {"input_tokens": 3, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 19000}
+    recs[1]["usage"] = {"input_tokens": 3, "cache_read_input_tokens": 0, "cache_creation_input_tokens": 19030}
+    first, second = compare(recs)
+    assert first.verdict == "cold" and second.verdict == "cold"
+    assert second.why == "parts from the closest earlier request at tools[1] (1 blocks shared)"
+    # with the addon's rules (canonical model identity) the second turn reads the first one's prefix
+    rules_on = [dict(r, body=make_rules().apply(r["body"])[0]) for r in recs]
+    rules_on[1]["usage"] = {"input_tokens": 3, "cache_read_input_tokens": 19000, "cache_creation_input_tokens": 30}
+    assert [x.verdict for x in compare(rules_on)] == ["cold", "hit"]
+
+
+def test_whatif_compares_passthrough_captures_and_keeps_them_out_of_the_local_check(renderer, capsys):
+    sys_ = "S" * 8000
+    recs = [_api(_body(sys_, ["q1"]), 0.0, 0, 2000, 3, "a"), _api(_body(sys_, ["q1", "q2"]), 30.0, 0, 2012, 3, "b")]
+    ren, path = renderer
+    out = whatif(recs, Options(suggestions=False, ram_bytes=1 << 30), ren, path)
+    assert "check" not in out  # Anthropic's usage is not the local server's
+    assert out["anthropic"]["summary"]["verdicts"] == {"cold": 1, "unexpected_miss": 1}
+    from warmturn.analysis.term import Style, format_whatif
+
+    text = format_whatif(out, Style(False))
+    assert "Anthropic's own cache (passthrough)" in text and "unexpected_miss" in text

@@ -68,7 +68,8 @@ def _whatif(args: argparse.Namespace) -> int:
                    ram_bytes=parse_bytes(args.ram) if args.ram else None,
                    disk_bytes=parse_bytes(args.disk) if args.disk else 0, policy=args.policy, slots=args.slots,
                    rules_off=tuple(args.no_rule or ()), suggestions=not args.no_suggestions,
-                   prefill_rate=args.prefill_rate, prefix_order=args.prefix_order, context=args.context)
+                   prefill_rate=args.prefill_rate, prefix_order=args.prefix_order, context=args.context,
+                   anthropic=args.anthropic)
     out = whatif(res.records, opts)
     out["load"] = {"records": res.stats.records, "bad_lines": res.stats.bad, "files": res.stats.files}
     if args.json:
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="the server's --prefix-order (default: tools-first, the server's default)")
     w.add_argument("--context", type=int, metavar="TOKENS",
                    help="refuse prompts this long, as the server does (default: the model's context)")
+    w.add_argument("--anthropic", action="store_true", help=(
+        "the captures' usage is Anthropic's own (e.g. a HAR of api.anthropic.com): compare every request with a "
+        "model of Anthropic's cache (captures recorded with --set backend=passthrough are compared anyway)"))
     w.add_argument("--label", action="append", metavar="LABEL", help="arm label, as for report")
     w.add_argument("--json", action="store_true", help="one JSON object: {\"variants\": [...], ...}")
     w.set_defaults(func=_whatif)

@@ -143,7 +143,8 @@ def whatif_section(records: Sequence[dict], out: Path) -> tuple[list[str], bool]
     """The what-if chart (``whatif_budget.png``) and its sentences; (reason it was skipped, False)
     when the served model's tokenizer is not there to render the prompts with."""
     from .plots import plot_whatif_budget
-    from .whatif import fmt_bytes, load_renderer, report_curves
+    from .budget import report_curves
+    from .whatif import fmt_bytes, load_renderer
 
     try:
         renderer, model_dir = load_renderer("default")

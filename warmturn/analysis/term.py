@@ -191,4 +191,22 @@ def format_whatif(out: dict, style: Style | None = None) -> str:
                  c["prompt_mismatches"]] for c in check]
         lines.append(table(["session", "requests", "prompt tokens", "reported read", "predicted read",
                             "|error| tokens", "error / prompt", "prompt length mismatches"], rows, st))
+    api = out.get("anthropic")
+    if api:
+        s = api["summary"]
+        lines += ["", st("Anthropic's own cache (passthrough): what a model of it predicts vs what the API reported",
+                         "bold"),
+                  f"  {s['requests']} requests: read {s['reported_read']:,} of {s['prompt_tokens']:,} prompt tokens "
+                  f"(predicted {s['predicted_read']:,}); "
+                  + ", ".join(f"{k} {n}" for k, n in sorted(s["verdicts"].items()))]
+        t0 = next((r["t"] for r in api["requests"] if r["t"] is not None), None)
+        rows = []
+        for r in api["requests"]:
+            when = f"{r['t'] - t0:,.0f}" if r["t"] is not None and t0 is not None else "-"
+            verdict = r["verdict"]
+            color = "green" if verdict == "hit" else "red" if verdict.startswith("unexpected") else "yellow"
+            rows.append([r["session"][:12], when, f"{r['reported_read']:,}", f"{r['reported_creation']:,}",
+                         f"{r['reported_input']:,}", f"{r['predicted_read']:,}", st(verdict, color), _clip(r["why"], 90)])
+        lines.append(table(["session", "t (s)", "read", "written", "input", "predicted read", "verdict", "why"],
+                           rows, st))
     return "\n".join(lines)

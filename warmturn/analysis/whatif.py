@@ -20,7 +20,6 @@ would I get?" without running a server for a week:
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,61 +403,6 @@ def check_against_reported(result: VariantResult) -> list[SessionCheck]:
     return list(out.values())
 
 
-# --------------------------------------------------------------------------- budget curve
-
-
-def budget_points(prepared: Sequence[Prepared], cost: KVCost, points: int = 12) -> list[int]:
-    """RAM budgets from half the smallest request (nothing fits) up to everything kept at once."""
-    lens = [len(p.tokens) + len(p.reply) for p in prepared if p.tokens is not None]
-    if not lens:
-        return []
-    lo = max(cost.nbytes(min(lens)) // 2, 1)
-    hi = max(cost.nbytes(sum(lens)), lo * 4)
-    return [int(b) for b in np.geomspace(lo, hi, points)]
-
-
-def budget_curve(prepared: Sequence[Prepared], settings: Settings, points: int = 12,
-                 budgets: Sequence[int] | None = None) -> list[tuple[int, float]]:
-    """``(RAM budget in bytes, hit rate)`` at each budget (default: :func:`budget_points`)."""
-    out = []
-    for b in budgets if budgets is not None else budget_points(prepared, settings.cost, points):
-        s = Settings(settings.cost, int(b), settings.disk_bytes, settings.policy, settings.slots, settings.dedup_min)
-        t = Totals()
-        for r in replay(prepared, s):
-            t.add(r)
-        out.append((int(b), t.hit_rate))
-    return out
-
-
-def report_curves(records: Sequence[dict], renderer: Any, model_dir: Path, points: int = 12) -> dict:
-    """For ``make report``: hit rate against the RAM budget for ``none`` and ``rules``, on the
-    served model's own KV cost and family policy, and where each curve flattens."""
-    from .kvsize import model_cost
-
-    cost = model_cost(str(model_dir), default_dtype(model_dir))
-    settings = Settings(cost, 0, policy="trimmable" if cost.trimmable else "checkpoints")
-    msgs = messages_in_order(records)
-    tok = Tokenizing(renderer, cost.context)
-    out: dict[str, Any] = {"kv": cost.describe(), "model": cost.name, "bytes_per_token": cost.per_token,
-                           "curves": {}, "flattens_at": {}}
-    prepared = {v.name: prepare_variant(msgs, v, tok, settings.policy == "checkpoints")
-                for v in make_variants(records, suggestions=False, captured=False)}
-    budgets = budget_points([p for ps in prepared.values() for p in ps], cost, points)
-    for name, ps in prepared.items():
-        curve = budget_curve(ps, settings, budgets=budgets)
-        out["curves"][name] = curve
-        out["flattens_at"][name] = flattens_at(curve)
-    return out
-
-
-def flattens_at(curve: Sequence[tuple[int, float]], within: float = 0.01) -> int | None:
-    """The smallest budget whose hit rate is within ``within`` (absolute) of the curve's best."""
-    if not curve:
-        return None
-    best = max(h for _, h in curve)
-    return next(b for b, h in curve if h >= best - within)
-
-
 def default_dtype(model_dir: Path) -> str:
     """The served model's KV dtype: its config's, else float32 for warmturn's own f32 conversion."""
     import json
@@ -487,6 +431,7 @@ class Options:
     prefill_rate: float | None = None
     prefix_order: str = "tools-first"
     context: int | None = None
+    anthropic: bool = False  # every request's usage is Anthropic's own (else: captures with backend=passthrough)
 
 
 def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_dir: Path | None = None) -> dict:
@@ -508,12 +453,14 @@ def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_d
     msgs = messages_in_order(records)
     variants = make_variants(records, opts.rules_off, opts.suggestions, captured=False)
     results = run_variants(msgs, variants, Tokenizing(renderer, context), settings)
-    if any(r.get("usage") for r in msgs) and model_dir is not None:
+    anthropic = [r for r in msgs if opts.anthropic or r.get("backend") == "passthrough"]
+    local = [r for r in msgs if r not in anthropic]
+    if any(r.get("usage") for r in local) and model_dir is not None:
         # the reality check replays what the backend got on the server that recorded it: the served
         # model's own cost, context and family policy, the server's default budget
         served = model_cost(str(model_dir), default_dtype(model_dir))
         check = Settings(served, default_cache_bytes(), 0, "trimmable" if served.trimmable else "checkpoints")
-        results += run_variants(msgs, [Variant("as-captured", lambda r: r.get("body"))],
+        results += run_variants(local, [Variant("as-captured", lambda r: r.get("body"))],
                                 Tokenizing(renderer, served.context), check)
     rate, source = opts.prefill_rate, "given"
     if not rate:
@@ -532,6 +479,11 @@ def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_d
     if captured is not None:
         out["as_captured"] = captured.as_dict(rate)
         out["check"] = [c.as_dict() for c in check_against_reported(captured)]
+    if anthropic:
+        from . import anthropic as api
+
+        verdicts = api.compare(anthropic)
+        out["anthropic"] = {"summary": api.summarize(verdicts), "requests": [v.as_dict() for v in verdicts]}
     return out
 
 
@@ -591,7 +543,3 @@ def fmt_bytes(n: float) -> str:
         if n >= div:
             return f"{n / div:,.1f} {unit}"
     return f"{n:,.0f} B"
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
