@@ -249,3 +249,59 @@ def test_a_non_streaming_client_leaving_mid_decode_is_a_499_not_a_500(live, capl
     assert "already running" not in caplog.text
     r = post(live, HELLO)
     assert r.status_code == 200
+
+
+# --------------------------------------------------------------------------- 7. UTF-8 at cut points
+
+EMOJI = {"model": "m", "temperature": 0.0, "messages": [{"role": "user", "content": "Reply with three emoji."}]}
+
+
+def streamed_text(r: httpx.Response) -> str:
+    return answer_text(sse_events(r.text))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_cutting_a_multibyte_character_drops_it_not_a_replacement_char(live, stream):
+    full = post(live, {**EMOJI, "max_tokens": 20}).json()["content"][0]["text"].rstrip("\ufffd")
+    assert sum(ord(c) > 0xFFFF for c in full) >= 3  # emoji: 4 UTF-8 bytes, more than one token each
+    for k in range(1, 10):
+        r = post(live, {**EMOJI, "max_tokens": k, "stream": stream})
+        assert r.status_code == 200, r.text
+        text = streamed_text(r) if stream else "".join(b.get("text", "") for b in r.json()["content"])
+        assert "\ufffd" not in text and full.startswith(text), (k, text, full)
+
+
+def test_hold_replacement_tail_over_the_real_detokenizer_at_every_cut(model_and_tokenizer):
+    """hypothesis: any text of mixed scripts, tokenized by the real tokenizer and cut after any
+    token, streamed through the real streaming detokenizer as the engine does: what the server
+    sends never holds U+FFFD and is always a prefix of the whole text."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from warmturn.server.http import hold_replacement_tail
+
+    _, tokenizer = model_and_tokenizer
+    alphabet = st.sampled_from("aZ 1.é中文日本語😀🌟👍🏽ßΩж\n")
+
+    def stream(ids):
+        detok = tokenizer.detokenizer
+        detok.reset()
+        pieces = []
+        for i in ids:
+            detok.add_token(i)
+            pieces.append(detok.last_segment)
+        detok.finalize()
+        return pieces + [detok.last_segment]
+
+    @settings(max_examples=200, deadline=None)
+    @given(text=st.text(alphabet, min_size=1, max_size=20), cut=st.integers(1, 60))
+    def check(text, cut):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        whole = "".join(stream(ids))  # the uncut answer, as the detokenizer spells it
+        sent, held = "", ""
+        for p in stream(ids[:cut]):
+            ready, held = hold_replacement_tail(held + p)
+            sent += ready
+        assert "\ufffd" not in sent and whole.startswith(sent), (text, ids, sent, whole)
+
+    check()

@@ -432,6 +432,17 @@ def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: Messag
                            json_mode=req.output_schema is not None)
 
 
+def hold_replacement_tail(text: str) -> tuple[str, str]:
+    """``(ready, held)``: `text` without its trailing U+FFFD characters, and those characters.
+
+    The engine's streaming detokenizer holds back an incomplete UTF-8 sequence while the answer
+    goes on, but its ``finalize()`` at the end of an answer (``max_tokens`` cutting a multi-byte
+    character) decodes the leftover bytes as U+FFFD. So a trailing U+FFFD is held until the next
+    piece shows it was followed by more text, and dropped when the answer ends instead."""
+    ready = text.rstrip("\ufffd")
+    return ready, text[len(ready):]
+
+
 #: a cut answer is an error, never a short answer with ``end_turn`` (SIGTERM mid-answer: the
 #: engine's stop ends what it runs as ``Done("cancelled")``)
 CUT_BY_SHUTDOWN = "the server is shutting down and stopped this answer before its end; retry the request"
@@ -442,6 +453,7 @@ async def events(state: ServerState, call: Call, stream: MessageStream,
     """Engine items -> Anthropic events; cancels generation when the consumer stops."""
     outcome = "cancelled"
     output_tokens = 0
+    held = ""  # a trailing U+FFFD: released by the next piece, dropped at the end (hold_replacement_tail)
     try:
         for ev in stream.start():
             yield ev
@@ -455,7 +467,8 @@ async def events(state: ServerState, call: Call, stream: MessageStream,
                     call.ttft_ms = (time.monotonic() - call.t_start) * 1000
                     state.metrics.ttft.observe(call.ttft_ms / 1000)
                 output_tokens = item.output_tokens
-                evs, stop_hit = asm.feed(item.text)
+                text, held = hold_replacement_tail(held + item.text)
+                evs, stop_hit = asm.feed(text)
                 for ev in evs:
                     yield ev
                 if stop_hit:
