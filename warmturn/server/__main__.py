@@ -98,6 +98,15 @@ def build_state(args: argparse.Namespace):
                     progress_every=args.prefill_progress_seconds, arrival_window=args.arrival_window_ms / 1000,
                     prefill_order=args.prefill_order, metrics=Metrics())
     renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
+    family = engine.cache_family
+    layers = ", ".join(f"{n} {k}" for k, n in family.layers.items())
+    if engine.store is None:
+        log.info("model cache: %s (%s); prefix cache off (--no-cache): every request prefills in full",
+                 family.name, layers)
+    else:
+        log.info("model cache: %s (%s): %s", family.name, layers, family.policy)
+    # stateful caches resume only at marked points: render() finds where each history ends
+    renderer.history_marks = engine.store is not None and family.name != "attention"
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
     name = args.served_model_name or model_dir.name

@@ -42,13 +42,9 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
-from mlx_lm.models.cache import (
-    KVCache,
-    can_trim_prompt_cache,
-    make_prompt_cache,
-    trim_prompt_cache,
-)
+from mlx_lm.models.cache import make_prompt_cache
 
+from warmturn.server import kvfamily
 from warmturn.server.cache_disk import DiskCache, token_hash
 
 log = logging.getLogger(__name__)
@@ -103,16 +99,17 @@ def model_identity(model: Any) -> str:
 
 
 def kv_bytes_per_token(model: Any) -> int:
-    """KV-cache bytes one token costs for this model, measured by a one-token forward pass
-    (works for any cache layout mlx-lm builds; 46,080 for SmolLM2-135M in float32)."""
+    """KV-cache bytes one token costs for this model, measured by a one-token forward pass: the
+    attention leaves' bytes for one position (46,080 for SmolLM2-135M in float32). State leaves
+    (Mamba, linear attention) cost the same at any length and are not counted; a window costs
+    this per token up to its window."""
     kv = make_prompt_cache(model)
     model(mx.array([[0]]), cache=kv)
     total = 0.0
-    for c in kv:
-        for a in tree_flatten(c.state):
-            arr = a[1]
-            if isinstance(arr, mx.array) and arr.ndim >= 3 and arr.shape[2] > 0:
-                total += arr.nbytes / arr.shape[2]
+    for c in kvfamily.leaves(kv):
+        if isinstance(getattr(c, "offset", None), int):  # attention leaves: [B, heads, positions, dim]
+            total += sum(a.nbytes / a.shape[2] for _, a in tree_flatten(c.state)
+                         if isinstance(a, mx.array) and a.ndim >= 3 and a.shape[2] > 0)
     return int(round(total))
 
 
@@ -132,76 +129,42 @@ def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) 
 
 
 # ---------------------------------------------------------------------------------------------
-# KV snapshots
+# Entries
 # ---------------------------------------------------------------------------------------------
 
-
-def _kv_len(kv: list[Any]) -> int:
-    return kv[0].size() if kv else 0
+MAX_MARKS = 8  # resumable points kept per entry besides its full length (stateful families)
 
 
-def _is_plain_kv(kv: list[Any]) -> bool:
-    return all(type(c) is KVCache for c in kv)
-
-
-def _snapshot(kv: list[Any], n: int) -> list[Any]:
-    """A compact, private copy of the first `n` positions of `kv` (evaluated, so no lazy graph
-    keeps the caller's buffer alive or blocks its in-place updates)."""
-    if _is_plain_kv(kv):
-        out = []
-        for c in kv:
-            s = KVCache()
-            s.keys = mx.contiguous(c.keys[..., :n, :])
-            s.values = mx.contiguous(c.values[..., :n, :])
-            s.offset = n
-            out.append(s)
-        mx.eval([(c.keys, c.values) for c in out])
-        return out
-    # Other cache types (rotating, quantized, hybrid models): mlx-lm's own copy + trim.
-    import copy
-
-    out = copy.deepcopy(kv)
-    extra = _kv_len(out) - n
-    if extra > 0 and trim_prompt_cache(out, extra) != extra:
-        raise ValueError("cache cannot be trimmed to the stored length")
-    mx.eval([c.state for c in out])
-    return out
-
-
-def _view(kv: list[Any], n: int) -> list[Any]:
-    """A cache for the caller holding the first `n` positions of a stored entry. Plain KV
-    caches get new array objects sliced from the stored buffers (no copy: MLX copies on
-    write); other types are deep-copied and trimmed."""
-    if _is_plain_kv(kv):
-        out = []
-        for c in kv:
-            s = KVCache()
-            s.keys = c.keys[..., :n, :]
-            s.values = c.values[..., :n, :]
-            s.offset = n
-            out.append(s)
-        return out
-    import copy
-
-    out = copy.deepcopy(kv)
-    extra = _kv_len(out) - n
-    if extra > 0:
-        trim_prompt_cache(out, extra)
-    return out
-
-
-def _nbytes(kv: list[Any]) -> int:
-    return int(sum(c.nbytes for c in kv))
+def _sized(kv: list[Any]) -> tuple[list[Any], int]:
+    return kv, kvfamily.nbytes(kv)
 
 
 @dataclass
 class _Entry:
     tokens: np.ndarray
-    kv: list[Any]
+    kv: list[Any]  # holds exactly len(tokens) tokens (sliceable leaves may hold more buffer)
     nbytes: int
     checkpoint: bool
-    trimmable: bool
+    stateful: bool  # some leaf cannot be cut back: resume only at len(tokens) or a mark
+    marks: dict[int, list[Any | None]] = field(default_factory=dict)  # position -> stateful leaves there
+    kv_bytes: int = 0  # of kv alone (nbytes adds the marks')
     last_used: float = field(default_factory=time.monotonic)
+
+    def resumable(self, cp: int) -> int:
+        """The longest position <= cp at which this entry can hand out a cache."""
+        n = len(self.tokens)
+        if cp >= n:
+            return n
+        if not self.stateful:
+            return cp
+        return max((p for p in self.marks if p <= cp), default=0)
+
+    def view(self, p: int) -> list[Any]:
+        return kvfamily.view(self.kv, p, None if p == len(self.tokens) else self.marks.get(p))
+
+    def snapshot(self, p: int) -> list[Any]:
+        """A compact private copy of this entry at position p (p must be resumable)."""
+        return kvfamily.compact(self.view(p), p)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +197,8 @@ class PrefixCache:
         # default the memory budget; the least recently used files go first.
         self.max_disk_bytes = int(max_disk_bytes) if max_disk_bytes is not None else self.max_bytes
         self.bytes_per_token = kv_bytes_per_token(model)
+        self.family = kvfamily.family_of(make_prompt_cache(model))
+        self.stateful = self.family.name != "attention"
         self._entries: dict[str, _Entry] = {}
         self._bytes = 0
         self._lock = threading.RLock()
@@ -257,7 +222,9 @@ class PrefixCache:
 
     def fetch(self, tokens: Sequence[int]) -> tuple[list[Any], int]:
         """Return (kv, reused): a private cache already holding tokens[:reused], reused being
-        the longest prefix shared with any entry (memory, then disk), capped at len(tokens)-1."""
+        the longest prefix shared with any entry (memory, then disk) at which that entry can
+        resume (any length for full attention; the entry's end or a mark for window and state
+        caches), capped at len(tokens)-1."""
         q = np.asarray(tokens, dtype=np.int64)
         limit = len(q) - 1
         with self._lock:
@@ -268,9 +235,7 @@ class PrefixCache:
                 cp = common_prefix_len(e.tokens, q)
                 if cp == len(e.tokens) and cp <= limit:
                     e.last_used = now  # fully contained entries (checkpoints) stay warm
-                usable = min(cp, limit)
-                if not e.trimmable and usable < len(e.tokens):
-                    continue
+                usable = e.resumable(min(cp, limit))
                 if usable > best_n or (usable == best_n and best is not None and len(e.tokens) < len(best.tokens)):
                     best, best_n = e, usable
             if self._disk:
@@ -283,47 +248,65 @@ class PrefixCache:
             best.last_used = time.monotonic()
             self._counters["hits"] += 1
             self._counters["tokens_reused"] += best_n
-            return _view(best.kv, best_n), best_n
+            return best.view(best_n), best_n
 
     def peek(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens`` a fetch would reuse from memory now (no copy, no counters;
         disk files are not looked at): the engine's estimate of the prompt left to compute."""
         q = np.asarray(tokens, dtype=np.int64)
         with self._lock:
-            return min(self._covered(q), max(len(q) - 1, 0))
+            return self._covered(q, max(len(q) - 1, 0))
+
+    def mark(self, kv: list[Any]) -> list[Any | None] | None:
+        """What :meth:`store` needs (``marks=``) to resume later at the position ``kv`` holds
+        now: a private copy of its window and state leaves, or None for full-attention models,
+        which need none (a stored prompt is cut back to any length)."""
+        return kvfamily.take_mark(kv) if self.stateful else None
+
+    def admits(self, n_tokens: int) -> bool:
+        """Whether an entry of ``n_tokens`` tokens fits the byte budget at all."""
+        return n_tokens * self.bytes_per_token <= self.max_bytes
 
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
-              *, owned: bool = False) -> int:
-        """Keep `kv` (holding exactly `tokens`, or more if trimmable) as an entry, plus one
-        checkpoint entry per length in `checkpoints` (a checkpoint at len(tokens) marks the
-        entry itself as one). Returns the number of tokens not already covered by the store
-        before this call.
+              *, owned: bool = False, marks: dict[int, Any] | None = None) -> int:
+        """Keep `kv` (holding exactly `tokens`: the count the caller fed; full-attention leaves
+        may hold more and are cut back) as an entry, plus one checkpoint entry per length in
+        `checkpoints` (a checkpoint at len(tokens) marks the entry itself as one). ``marks``
+        maps positions below len(tokens) to :meth:`mark` results taken there: for window and
+        state caches they are the only earlier points the entry can resume at, and a
+        checkpoint needs one at its position (a checkpoint without is skipped, not an error).
+        Returns the number of tokens not covered by the store before this call that are now.
 
         ``owned=True``: the caller hands `kv` over and never uses it again (the engine's
-        extracted caches). The full-length entry then keeps slices of kv's own buffers instead
-        of a copy (plain ``KVCache`` only; shorter checkpoints are compact copies, as they may
-        outlive the entry and go to disk). Otherwise every entry is a compact copy."""
+        extracted caches), so the entry keeps kv's own buffers (full-attention leaves as slices);
+        otherwise it keeps a compact copy. Shorter checkpoints are always compact copies."""
         q = np.asarray(tokens, dtype=np.int64)
         n = len(q)
         if n == 0:
             return 0
-        have = _kv_len(kv)
-        if have < n:
-            raise ValueError(f"kv holds {have} positions but {n} tokens were given")
-        owned = owned and _is_plain_kv(kv)
+        fed = kvfamily.fed_tokens(kv)
+        if fed is not None and (fed < n or (fed > n and self.stateful)):
+            raise ValueError(f"kv holds {fed} tokens but {n} were given")
+        marks = {int(p): m for p, m in (marks or {}).items() if 0 < int(p) < n and m is not None}
         cps = {int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n}
         whole_is_checkpoint = any(int(c) == n for c in checkpoints) and n >= self.min_checkpoint
         with self._lock:
-            covered = self._covered(q)
-            cps = sorted(cps | self._branch_points(q, cps | ({n} if whole_is_checkpoint else set())))
+            covered = self._covered(q, n)
+            cps |= self._branch_points(q, cps | ({n} if whole_is_checkpoint else set()))
+            if self.stateful:
+                skipped = sorted(p for p in cps if p not in marks)
+                if skipped:
+                    log.debug("prefix cache: no mark at %s: those checkpoints are skipped", skipped)
+                cps -= set(skipped)
+            whole = _Entry(q.copy(), kv, 0, whole_is_checkpoint, self.stateful, marks)
             # Snapshot everything first, then commit: an exception (or a cancelled caller) never
             # leaves some of this call's entries behind without the others.
-            todo = [(q[:p], True, False) for p in cps] + [(q, whole_is_checkpoint, owned)]
-            snaps = [(t, ck, self._prepare(t, kv, own)) for t, ck, own in todo]
-            for t, ck, (snap, nbytes) in snaps:
-                self._commit(t, snap, ck, nbytes)
+            snaps = [(q[:p], True, self._prepare(q[:p], lambda p=p: _sized(whole.snapshot(p)))) for p in sorted(cps)]
+            snaps.append((q, whole_is_checkpoint, self._prepare(q, lambda: self._whole(whole, owned))))
+            for t, ck, (entry_kv, nbytes) in snaps:
+                self._commit(t, entry_kv, ck, nbytes, marks if t is q else None)
             self._counters["stores"] += 1
-            created = max(n - covered, 0)
+            created = max(self._covered(q, n) - covered, 0)
             self._counters["tokens_stored"] += created
             return created
 
@@ -360,32 +343,37 @@ class PrefixCache:
                         out.add(cp)
         return out
 
-    def _covered(self, q: np.ndarray) -> int:
+    def _covered(self, q: np.ndarray, limit: int | None = None) -> int:
+        """Tokens of ``q`` (up to ``limit``) some entry can resume at."""
+        limit = len(q) if limit is None else limit
         best = 0
         for e in self._entries.values():
-            cp = common_prefix_len(e.tokens, q)
-            if e.trimmable or cp == len(e.tokens):
-                best = max(best, cp)
+            best = max(best, e.resumable(min(common_prefix_len(e.tokens, q), limit)))
         return best
 
-    def _prepare(self, q: np.ndarray, kv: list[Any], owned: bool = False) -> tuple[list[Any] | None, int]:
-        """(snapshot to store for `q`, its bytes), or (None, 0) when nothing needs storing
-        (already stored, or over budget). With `owned`, the snapshot is slices of kv's buffers
-        (no copy), counted at the size of the whole buffers they keep alive."""
+    def _whole(self, whole: _Entry, owned: bool) -> tuple[list[Any], int]:
+        """(cache to keep for a whole entry, its bytes)."""
+        n = len(whole.tokens)
+        if owned:  # kv's own buffers: counted at their full (step-padded) size
+            return kvfamily.view(whole.kv, n) if not self.stateful else whole.kv, kvfamily.nbytes(whole.kv)
+        snap = kvfamily.compact(whole.kv, n)
+        return snap, kvfamily.nbytes(snap)
+
+    def _prepare(self, q: np.ndarray, make: Any) -> tuple[list[Any] | None, int]:
+        """(cache to store for `q`, its bytes) from ``make()``, or (None, 0) when nothing needs
+        storing (already stored, or over budget)."""
         existing = self._entries.get(token_hash(q))
         if existing is not None and np.array_equal(existing.tokens, q):
             return None, 0
-        if len(q) * self.bytes_per_token > self.max_bytes:
+        if not self.admits(len(q)):
             return None, 0
-        if owned:
-            held = _nbytes(kv)  # the step-padded buffers, not only the len(q) positions
-            snap = _view(kv, len(q))
-            mx.eval([(c.keys, c.values) for c in snap])
-            return snap, held
-        snap = _snapshot(kv, len(q))
-        return snap, _nbytes(snap)
+        snap, nbytes = make()
+        mx.eval([a for c in kvfamily.leaves(snap) if kvfamily.is_sliceable(c) and c.keys is not None
+                 for a in (c.keys, c.values)])
+        return snap, nbytes
 
-    def _commit(self, q: np.ndarray, snap: list[Any] | None, checkpoint: bool, nbytes: int = 0) -> None:
+    def _commit(self, q: np.ndarray, snap: list[Any] | None, checkpoint: bool, nbytes: int = 0,
+                marks: dict[int, Any] | None = None) -> None:
         key = token_hash(q)
         n = len(q)
         if snap is None:
@@ -397,18 +385,25 @@ class PrefixCache:
                 return
             existing.last_used = time.monotonic()
             existing.checkpoint = existing.checkpoint or checkpoint
+            for p, m in (marks or {}).items():
+                existing.marks.setdefault(p, m)
+            self._bytes += self._bound_marks(existing)
             if checkpoint:
                 self._maybe_save(existing)
             return
-        entry = _Entry(
-            tokens=q.copy(), kv=snap, nbytes=nbytes or _nbytes(snap), checkpoint=checkpoint,
-            trimmable=can_trim_prompt_cache(snap),
-        )
-        if entry.trimmable:
-            # A non-checkpoint entry that this one extends is redundant: trimming gives it back.
-            for k, e in list(self._entries.items()):
-                if not e.checkpoint and len(e.tokens) < n and np.array_equal(e.tokens, q[: len(e.tokens)]):
-                    self._drop(k)
+        entry = _Entry(tokens=q.copy(), kv=snap, nbytes=nbytes, checkpoint=checkpoint, stateful=self.stateful,
+                       marks=dict(marks or {}), kv_bytes=nbytes)
+        # A non-checkpoint entry that this one extends is redundant: the new one resumes wherever
+        # it could (full attention: any length; window and state caches: its marks, and its own
+        # end, which becomes a mark of the new entry).
+        for k, e in list(self._entries.items()):
+            if not e.checkpoint and len(e.tokens) < n and np.array_equal(e.tokens, q[: len(e.tokens)]):
+                if self.stateful:
+                    for p, m in e.marks.items():
+                        entry.marks.setdefault(p, m)
+                    entry.marks.setdefault(len(e.tokens), kvfamily.take_mark(e.kv))
+                self._drop(k)
+        self._bound_marks(entry)
         if key in self._entries:  # same hash, other tokens: the newer entry wins
             self._drop(key)
         self._entries[key] = entry
@@ -416,6 +411,18 @@ class PrefixCache:
         self._evict(keep=key)
         if checkpoint:
             self._maybe_save(entry)
+
+    @staticmethod
+    def _bound_marks(e: _Entry) -> int:
+        """Keep at most MAX_MARKS marks (the earliest, where other conversations branch off, and
+        the latest ones) and count their bytes in the entry's; returns the change in bytes."""
+        if len(e.marks) > MAX_MARKS:
+            ps = sorted(e.marks)
+            for p in ps[1 : len(ps) - MAX_MARKS + 1]:
+                del e.marks[p]
+        before = e.nbytes
+        e.nbytes = e.kv_bytes + sum(kvfamily.mark_nbytes(m) for m in e.marks.values())
+        return e.nbytes - before
 
     def _drop(self, key: str) -> None:
         e = self._entries.pop(key)
@@ -439,10 +446,9 @@ class PrefixCache:
             kv = self._disk.load(q[:n])
             if kv is None:
                 continue
-            entry = _Entry(
-                tokens=q[:n].copy(), kv=kv, nbytes=_nbytes(kv), checkpoint=True,
-                trimmable=can_trim_prompt_cache(kv),
-            )
+            nb = kvfamily.nbytes(kv)
+            entry = _Entry(tokens=q[:n].copy(), kv=kv, nbytes=nb, checkpoint=True, stateful=self.stateful,
+                           kv_bytes=nb)
             key = token_hash(entry.tokens)
             self._entries[key] = entry
             self._bytes += entry.nbytes

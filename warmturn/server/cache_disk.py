@@ -48,6 +48,8 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
 )
 
+from warmturn.server.kvfamily import fed_tokens
+
 log = logging.getLogger(__name__)
 
 FILE_FORMAT = "warmturn-prefix-2"  # -2: adds the content digest; -1 files are refused (no digest)
@@ -164,17 +166,14 @@ def kv_digest(kv: Sequence[Any], header: dict[str, str]) -> str:
     return h.hexdigest()
 
 
-def _kv_len(kv: list[Any]) -> int:
-    return kv[0].size() if kv else 0
-
-
 def check_layout(kv: list[Any], model: Any, n_tokens: int) -> None:
     """Raise ValueError unless `kv` has the model's cache layout and holds `n_tokens` positions."""
     ref = make_prompt_cache(model)
     if len(kv) != len(ref) or any(type(a) is not type(b) for a, b in zip(kv, ref)):
         raise ValueError("cache layout does not match the model")
-    if _kv_len(kv) != n_tokens:
-        raise ValueError(f"cache holds {_kv_len(kv)} positions, expected {n_tokens}")
+    fed = fed_tokens(kv)
+    if fed is not None and fed != n_tokens:
+        raise ValueError(f"cache holds {fed} tokens, expected {n_tokens}")
     if all(type(c) is KVCache for c in kv):
         # shape check per layer against a one-token probe: heads and head dims must agree
         model(mx.array([[0]]), cache=ref)

@@ -62,12 +62,22 @@ class PromptCacheStore(Protocol):
         ...
 
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
-              *, owned: bool = False) -> int:
-        """Keep the KV state of `tokens` (kv may hold more positions; only len(tokens) count),
-        plus a separate, pinned entry at each length in `checkpoints` (the end of the
-        system+tools prefix; a checkpoint equal to len(tokens) marks the entry itself).
+              *, owned: bool = False, marks: dict[int, Any] | None = None) -> int:
+        """Keep the KV state of `tokens` (the tokens fed into kv; full-attention kv may hold more
+        positions, only len(tokens) count), plus a separate, pinned entry at each length in
+        `checkpoints` (the end of the system+tools prefix; a checkpoint equal to len(tokens)
+        marks the entry itself). ``marks``: :meth:`mark` results taken at earlier positions.
         ``owned=True``: the caller hands kv over and never touches it again, so the store may
         keep kv's buffers instead of copying them. Returns the number of tokens newly covered."""
+        ...
+
+    def mark(self, kv: list[Any]) -> Any:
+        """What ``store(..., marks={position: mark})`` needs to resume later at the position kv
+        holds now (window and state leaves), or None when the model needs none."""
+        ...
+
+    def admits(self, n_tokens: int) -> bool:
+        """Whether an entry of ``n_tokens`` tokens fits the store's budget at all."""
         ...
 
     def peek(self, tokens: Sequence[int]) -> int:
@@ -166,6 +176,14 @@ class GenerationRequest:
     submitted: float = field(default_factory=time.monotonic)
     request_id: str = ""
     background: bool = False  # a side request (a conversation title): its prefill yields to turns
+    history_len: int = 0  # end of the last message, before the generation prompt (render.Rendered)
+
+    def mark_points(self) -> list[int]:
+        """Prompt positions a later request may resume at, besides the whole prompt + answer: the
+        end of system+tools, of the history, and of the prompt but its last token. Models whose
+        cache cannot be cut back keep their state there (PromptCacheStore.mark)."""
+        end = len(self.tokens) - 1
+        return sorted({p for p in (self.prefix_len, self.history_len, end) if 0 < p <= end})
 
     def stopped(self) -> Literal["cancelled", "timeout"] | None:
         if self.cancel.is_set():
@@ -203,6 +221,7 @@ class _Active:
     output_tokens: int = 0
     last_log: float = 0.0
     sampler: Any = None
+    marks: dict[int, Any] = field(default_factory=dict)  # position -> store.mark() taken there
 
     @property
     def tokens(self) -> list[int]:
@@ -277,6 +296,7 @@ class _Solo(_Active):
     kv: list[Any] = field(default_factory=list)
     y: Any = None  # the next token, sampled but not yet emitted (an mx.array being computed)
     generated: list[int] = field(default_factory=list)
+    fed: int = 0  # tokens fed into kv: the count the store is told it holds
 
 
 class Engine:
@@ -317,6 +337,13 @@ class Engine:
         self.arrival_window = arrival_window  # seconds a lone request waits for others being read
         self.prefill_order = prefill_order  # "arrival": every admitted prompt is read at once (A/B)
         self.metrics = metrics or Metrics()
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from warmturn.server import kvfamily
+
+        self.cache_family = kvfamily.family_of(make_prompt_cache(model))
+        # window and state caches resume only where the engine took a mark (see _take_mark)
+        self._marks = store is not None and self.cache_family.name != "attention"
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -333,6 +360,13 @@ class Engine:
         self.metrics.bind_engine(self)
 
     # -- caller side (any thread)
+
+    def cache_info(self) -> dict[str, Any]:
+        """The model's cache family and the reuse policy (for /health)."""
+        info = self.cache_family.as_dict()
+        if self.store is None:
+            info["policy"] = "prefix cache off: every request prefills in full"
+        return info
 
     @property
     def depth(self) -> int:
@@ -682,11 +716,8 @@ class Engine:
             sampler = make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k)
         # A segment boundary at the end of system+tools: BatchGenerator stops a chunk there,
         # so the checkpoint is stored exactly at that length (see _on_prompt_progress).
-        plen = req.prefix_len
-        if start < plen < len(tokens) - 1:
-            segments = [tokens[start:plen], tokens[plen:]]
-        else:
-            segments = [tokens[start:]]
+        cuts = [p for p in req.mark_points() if start < p < len(tokens) - 1]
+        segments = [tokens[a:b] for a, b in zip([start, *cuts], [*cuts, len(tokens)])]
         (uid,) = self._bg.insert_segments([segments], max_tokens=[req.max_tokens], caches=[kv],
                                           all_tokens=[list(tokens[:start])], samplers=[sampler],
                                           stop_sequences=[self._eos])
@@ -709,12 +740,18 @@ class Engine:
         so that another prompt goes first; it goes on from there when its turn comes again."""
         from mlx_lm.models.cache import trim_prompt_cache
 
+        from warmturn.server.kvfamily import fed_tokens
+
         kv, held = self._bg.remove([a.uid], return_prompt_caches=True)[a.uid]
         del self._active[a.uid]
-        a.in_cache = min(len(held), kv[0].size())
-        if kv[0].size() > a.in_cache:
-            trim_prompt_cache(kv, kv[0].size() - a.in_cache)
-        self._ready.append(_Ready(a.req, state=a, kv=kv))
+        fed = fed_tokens(kv)
+        fed = len(held) if fed is None else fed
+        a.in_cache = min(len(held), fed)
+        if fed > a.in_cache and trim_prompt_cache(kv, fed - a.in_cache) != fed - a.in_cache:
+            # a window or state cache past the point its tokens say: start again from the store
+            self._ready.append(_Ready(a.req, was_parked=False, parked_ms=a.parked_ms))
+        else:
+            self._ready.append(_Ready(a.req, state=a, kv=kv))
         self.metrics.preemptions.inc()
 
     def _sweep(self) -> None:
@@ -735,7 +772,7 @@ class Engine:
                 if uid in caches:
                     kv, held = caches[uid]
                     if len(held) > max(a.reused, a.shared):
-                        self._store(a, held, kv)
+                        self._store(a, held, kv, exact=a.prefilled_at is None)
                 if a.prefilled_at is None and why == "timeout":
                     a.req.emit(RequestTimeout("the request's time limit passed during prefill"))
                 else:
@@ -745,7 +782,7 @@ class Engine:
             if why:
                 self._ready.remove(r)
                 if r.kv is not None and r.in_cache > r.covered:
-                    self._store(r.state, list(r.tokens[: r.in_cache]), r.kv)  # what it computed
+                    self._store(r.state, list(r.tokens[: r.in_cache]), r.kv, exact=True)  # what it computed
                 r.req.emit(RequestTimeout("the request's time limit passed during prefill") if why == "timeout"
                            else Done(why, 0))
         for p in list(self._parked):
@@ -783,27 +820,73 @@ class Engine:
         if self.store is None:
             return
         if isinstance(x, (_Ready, _Solo)):  # outside the batch, with the KV state it has read: a copy
-            if x.kv is not None and x.in_cache > x.covered:
-                try:
-                    self.store.store(x.tokens[: x.in_cache], x.kv)
-                    (x if isinstance(x, _Solo) else x.state).shared = x.in_cache
-                except Exception:
-                    log.exception("prefix cache store failed (ignored)")
+            state = x if isinstance(x, _Solo) else x.state
+            if x.kv is None or x.in_cache <= x.covered or state is None:
+                return
+            kv, n = x.kv, x.in_cache
+            if self._marks and isinstance(x, _Solo) and x.fed != n:
+                # answering already: its state is past the prompt; resume from the last mark in it
+                from warmturn.server.kvfamily import view
+
+                n = max((p for p in x.marks if p <= x.in_cache), default=0)
+                if n <= x.covered:
+                    return
+                kv = view(x.kv, n, x.marks[n])
+            if self._try_store(x.tokens[:n], kv, marks={p: m for p, m in state.marks.items() if p < n}):
+                state.shared = n
             return
         a = x
         kv, held = self._bg.extract_cache([a.uid])[a.uid]
         held = list(held)
         if len(held) <= max(a.reused, a.shared):
             return
-        self._store(a, held, kv, checkpoints=[len(held)] if checkpoint else ())
+        self._store(a, held, kv, checkpoints=[len(held)] if checkpoint else (), exact=a.prefilled_at is None)
         a.shared = len(held)
 
-    def _store(self, a: _Active, held: list[int], kv: list[Any], checkpoints: Sequence[int] = ()) -> None:
+    def _store(self, a: _Active, held: list[int], kv: list[Any], checkpoints: Sequence[int] = (),
+               exact: bool = False) -> bool:
+        """Hand an extracted cache over to the store, told the tokens it was fed: the count its
+        attention leaves keep, or ``len(held)`` when the caller knows kv holds exactly those
+        (``exact``: a prompt being read; an answer's last token may not have been fed yet)."""
+        from warmturn.server.kvfamily import fed_tokens
+
+        fed = fed_tokens(kv)
+        if fed is None and exact:
+            fed = len(held)
+        if fed is None:
+            log.debug("prefix cache: token count of an extracted cache unknown, not stored")
+            return False
+        return self._try_store(held[:fed], kv, checkpoints=checkpoints, owned=True, marks=a.marks)
+
+    def _try_store(self, tokens: Sequence[int], kv: list[Any], **kwargs: Any) -> bool:
+        """store() whose failure is logged and skipped: a cache that could not be kept never
+        fails the request that computed it."""
         try:
-            n = min(len(held), kv[0].size())
-            self.store.store(held[:n], kv, checkpoints=checkpoints, owned=True)
-        except Exception:
-            log.exception("prefix cache store failed (ignored)")
+            self.store.store(tokens, kv, **kwargs)
+            return True
+        except Exception as e:  # noqa: BLE001
+            log.warning("prefix cache: %d tokens not stored: %s", len(tokens), e, exc_info=log.isEnabledFor(logging.DEBUG))
+            return False
+
+    def _take_mark(self, x: _Active, kv: list[Any] | None) -> None:
+        """At a point later requests may resume at (GenerationRequest.mark_points), keep what a
+        window or state cache needs to resume there. ``kv`` None: x is in the batch (a copy is
+        extracted)."""
+        p = x.in_cache
+        if not self._marks or p <= x.reused or p in x.marks or p not in x.req.mark_points():
+            return
+        try:
+            if kv is None:
+                kv, _ = self._bg.extract_cache([x.uid])[x.uid]
+            x.marks[p] = self.store.mark(kv)
+        except Exception as e:  # noqa: BLE001 - a mark that fails only loses that resume point
+            log.warning("prefix cache: no resume point at %d tokens: %s", p, e)
+
+    def _created(self, x: _Active) -> int:
+        """Prompt tokens this request computed that the store will hold (cache_creation)."""
+        if self.store is None or not self.store.admits(len(x.tokens)):
+            return 0
+        return len(x.tokens) - 1 - x.reused
 
     def _step(self) -> None:
         prompt_responses, gen_responses = self._bg.next()
@@ -829,13 +912,14 @@ class Engine:
             self.metrics.prefill_tokens.inc(computed)
             self.metrics.reused_tokens.inc(a.reused)
             self.metrics.prefill_time.observe(now - a.joined)
-            created = len(a.tokens) - 1 - a.reused if self.store is not None else 0
-            a.req.emit(Prefilled(a.reused, created, (now - a.joined) * 1000, a.queued_ms, len(a.tokens),
+            a.req.emit(Prefilled(a.reused, self._created(a), (now - a.joined) * 1000, a.queued_ms, len(a.tokens),
                                  a.parked_ms))
             return
         a.in_cache = a.base + done
-        if r.end_of_segment and a.in_cache == a.req.prefix_len and a.reused < a.in_cache:
-            self._share(a, checkpoint=True)  # the system+tools checkpoint, as soon as it exists
+        if r.end_of_segment:
+            self._take_mark(a, None)
+            if a.in_cache == a.req.prefix_len and a.reused < a.in_cache:
+                self._share(a, checkpoint=True)  # the system+tools checkpoint, as soon as it exists
         if now - a.last_log >= self.progress_every:
             a.last_log = now
             rate = done / max(now - a.joined, 1e-9)
@@ -868,11 +952,7 @@ class Engine:
         if self.store is not None and r.prompt_cache is not None:
             # the extracted cache holds the prompt and every token fed back (the last one too)
             ck = [a.req.prefix_len] if 0 < a.req.prefix_len < len(a.tokens) else []
-            try:
-                n = r.prompt_cache[0].size()
-                self.store.store(list(r.all_tokens)[:n], r.prompt_cache, checkpoints=ck, owned=True)
-            except Exception:
-                log.exception("prefix cache store failed (ignored)")
+            self._store(a, list(r.all_tokens), r.prompt_cache, checkpoints=ck)
 
     # -- one request alone: outside the batch
     #
@@ -897,7 +977,7 @@ class Engine:
         now = time.monotonic()
         queued_ms = (now - req.submitted) * 1000
         self._solo = _Solo(req, -1, reused, now, queued_ms, parked_ms, self.tokenizer.detokenizer, in_cache=reused,
-                           last_log=now, kv=kv,
+                           last_log=now, kv=kv, fed=reused,
                            sampler=make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k))
         self.metrics.queue_wait.observe(queued_ms / 1000)
         if was_parked:
@@ -909,7 +989,8 @@ class Engine:
         if r.state is None or r.kv is None:
             self._start_solo(r.req, r.parked_ms, r.was_parked)
             return
-        self._solo = _Solo(**{f.name: getattr(r.state, f.name) for f in fields(_Active)}, kv=r.kv)
+        self._solo = _Solo(**{f.name: getattr(r.state, f.name) for f in fields(_Active)}, kv=r.kv,
+                           fed=r.state.in_cache)
         self._solo.uid = -1  # outside the batch
 
     def _sample(self, s: _Solo, logits: Any) -> Any:
@@ -932,19 +1013,20 @@ class Engine:
         if s.prefilled_at is None:
             end = len(tokens) - 1
             stop = min(s.in_cache + self.prefill_step_size, end)
-            if s.in_cache < s.req.prefix_len < stop:
-                stop = s.req.prefix_len  # a chunk ends at the checkpoint
+            for p in s.req.mark_points():
+                if s.in_cache < p < stop:
+                    stop = p  # a chunk ends at each point a later request may resume at
+                    break
             if s.in_cache < stop:
                 with mx.stream(generation_stream):
                     self.model(mx.array(tokens[s.in_cache:stop])[None], cache=s.kv)
                     mx.eval([c.state for c in s.kv])
-                s.in_cache = stop
+                s.in_cache = s.fed = stop
+                self._take_mark(s, s.kv)
                 if stop == s.req.prefix_len and s.reused < stop and self.store is not None:
-                    try:  # the system+tools checkpoint, as soon as it exists (a copy: kv goes on)
-                        self.store.store(tokens[:stop], s.kv, checkpoints=[stop])
+                    # the system+tools checkpoint, as soon as it exists (a copy: kv goes on)
+                    if self._try_store(tokens[:stop], s.kv, checkpoints=[stop], marks=s.marks):
                         s.shared = stop
-                    except Exception:
-                        log.exception("prefix cache store failed (ignored)")
                 if now - s.last_log >= self.progress_every:
                     s.last_log = now
                     done, total = stop - s.reused, len(tokens) - s.reused
@@ -956,19 +1038,19 @@ class Engine:
             with mx.stream(generation_stream):
                 s.y = self._sample(s, self.model(mx.array(tokens[-1:])[None], cache=s.kv)[:, -1, :])
             now = time.monotonic()
-            s.in_cache = len(tokens)
+            s.in_cache = s.fed = len(tokens)
             s.prefilled_at = now
             self._prefill_rate = 0.8 * self._prefill_rate + 0.2 * (len(tokens) - s.reused) / max(now - s.joined, 1e-3)
             self.metrics.prefill_tokens.inc(len(tokens) - s.reused)
             self.metrics.reused_tokens.inc(s.reused)
             self.metrics.prefill_time.observe(now - s.joined)
-            created = len(tokens) - 1 - s.reused if self.store is not None else 0
-            s.req.emit(Prefilled(s.reused, created, (now - s.joined) * 1000, s.queued_ms, len(tokens), 0.0))
+            s.req.emit(Prefilled(s.reused, self._created(s), (now - s.joined) * 1000, s.queued_ms, len(tokens), 0.0))
             return
         y = s.y
         if s.output_tokens + 1 < s.req.max_tokens:  # compute the next token while this one goes out
             with mx.stream(generation_stream):
                 s.y = self._sample(s, self.model(y[None], cache=s.kv)[:, -1, :])
+            s.fed += 1
         else:
             s.y = None
         self._solo_token(s, y.item())
@@ -1010,10 +1092,7 @@ class Engine:
             return
         held = (list(s.tokens[: s.in_cache]) + (s.generated if s.prefilled_at is not None else []))
         ck = [s.req.prefix_len] if 0 < s.req.prefix_len < s.in_cache else []
-        try:
-            self.store.store(held[: s.kv[0].size()], s.kv, checkpoints=ck, owned=True)
-        except Exception:
-            log.exception("prefix cache store failed (ignored)")
+        self._try_store(held[: s.fed], s.kv, checkpoints=ck, owned=True, marks=s.marks)
 
     def _migrate(self) -> None:
         """Another request arrived: the solo request goes on with the others, with the KV state it

@@ -94,7 +94,9 @@ class RendererPool:
             if grow:
                 self._made += 1
         if grow:
-            return Renderer(copy.deepcopy(self.base.tokenizer), prefix_order=self.base.prefix_order)
+            r = Renderer(copy.deepcopy(self.base.tokenizer), prefix_order=self.base.prefix_order)
+            r.history_marks = self.base.history_marks
+            return r
         return self._free.get()
 
     def render(self, req: wire.MessagesRequest) -> Rendered:
@@ -277,7 +279,8 @@ async def health(request: Request) -> Response:
         return send_error(request, 503, "unhealthy: the MLX worker thread has died; restart the server", "api_error")
     return JSONResponse({"status": "ok", "model": state.model_id, "queue_depth": state.engine.depth,
                          "busy": state.engine.busy, "running": state.engine.running,
-                         "context_length": state.context_length, "max_output_tokens": state.max_output_tokens or None})
+                         "context_length": state.context_length, "max_output_tokens": state.max_output_tokens or None,
+                         "cache": state.engine.cache_info()})
 
 
 @guarded
@@ -370,6 +373,7 @@ def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rend
         max_tokens=min(req.max_tokens or 1, state.context_length - n, state.max_output_tokens or state.context_length),
         emit=emit,
         prefix_len=rendered.prefix_len,
+        history_len=rendered.history_len,
         temperature=state.default_temperature if req.temperature is None else req.temperature,
         top_p=req.top_p or 0.0,
         top_k=clamp_top_k(req.top_k, state.vocab_size),  # mlx-lm refuses top_k >= vocab: see server/sampling.py

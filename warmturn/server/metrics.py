@@ -65,6 +65,12 @@ class _EngineCollector(Collector):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
         for name, help_, value in mlx_memory():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
+        family = getattr(e, "cache_family", None)
+        if family is not None:
+            g = GaugeMetricFamily(f"{PREFIX}_cache_family", "the served model's cache family and the reuse policy "
+                                  "that follows (server/kvfamily.py); always 1", labels=["family", "marks"])
+            g.add_metric([family.name, "no" if family.name == "attention" else "yes"], 1.0)
+            yield g
         for name, value in safe_stats(e.store).items():
             metric = "cache_" + "".join(c if c.isalnum() else "_" for c in name)
             yield GaugeMetricFamily(f"{PREFIX}_{metric}", f"prefix cache stats(): {name}", value=value)

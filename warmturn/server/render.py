@@ -40,6 +40,10 @@ class Rendered:
     tokens: list[int]
     prefix_len: int  # tokens of the system+tools prefix (0 if there is none)
     text: str
+    # tokens up to the end of the last message, before the assistant's generation prompt (0 if
+    # unknown): where the next turn of this conversation parts from this prompt when the chat
+    # template re-renders the answer differently from what was generated (reasoning dropped)
+    history_len: int = 0
 
 
 def canonical(obj: Any) -> Any:
@@ -161,6 +165,9 @@ class Renderer:
             raise ValueError(f"prefix_order must be 'system-first' or 'tools-first', not {prefix_order!r}")
         self.tokenizer = tokenizer
         self.prefix_order = prefix_order
+        # whether render() finds where the history ends (Rendered.history_len): the server turns it
+        # on for models whose cache resumes only at marked points (server/kvfamily.py)
+        self.history_marks = False
         self.longest_token = longest_token_bytes(tokenizer)
         template = getattr(tokenizer, "chat_template", None)
         custom = getattr(tokenizer, "_chat_template", None)
@@ -316,13 +323,21 @@ class Renderer:
         if prefill:
             text += prefill
         tokens = self.encode(text)
-        return Rendered(tokens, self._prefix_len(messages, tools, tokens), text)
+        history = self._history_len(messages, tools, tokens) if self.history_marks else 0
+        return Rendered(tokens, self._prefix_len(messages, tools, tokens), text, history)
 
     def _prefix_len(self, messages: list[dict[str, Any]], tools: list[dict] | None, tokens: list[int]) -> int:
         if not messages or messages[0]["role"] != "system":
             return 0
+        return self._shared_with(messages[:1], tools, tokens)
+
+    def _history_len(self, messages: list[dict[str, Any]], tools: list[dict] | None, tokens: list[int]) -> int:
+        return min(self._shared_with(messages, tools, tokens), max(len(tokens) - 1, 0)) if messages else 0
+
+    def _shared_with(self, messages: list[dict[str, Any]], tools: list[dict] | None, tokens: list[int]) -> int:
+        """Tokens ``messages`` rendered alone (no generation prompt) share with ``tokens``."""
         try:
-            head = self.encode(self._apply(messages[:1], tools=tools, gen=False))
-        except Exception:  # noqa: BLE001 - templates that need a user turn: no known prefix
+            head = self.encode(self._apply(messages, tools=tools, gen=False))
+        except Exception:  # noqa: BLE001 - templates that refuse this shape: no known boundary
             return 0
         return common_prefix_len(head, tokens)
