@@ -10,7 +10,16 @@ import threading
 import pytest
 
 from warmturn.server.cache import PrefixCache
-from warmturn.server.engine import Done, Engine, GenerationRequest, Overloaded, Piece, Prefilled, prompt_usage
+from warmturn.server.engine import (
+    Admitted,
+    Done,
+    Engine,
+    GenerationRequest,
+    Overloaded,
+    Piece,
+    Prefilled,
+    prompt_usage,
+)
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 
 
@@ -28,6 +37,7 @@ class Recorder:
 
     def __init__(self) -> None:
         self.items: dict[str, list] = {}
+        self.admitted: dict[str, Admitted] = {}  # the cache lookup's item, kept apart from the rest
         self.log: list[tuple[str, object]] = []
         self.done: dict[str, threading.Event] = {}
         self.lock = threading.Lock()
@@ -37,6 +47,10 @@ class Recorder:
         self.done[name] = threading.Event()
 
         def emit(item):
+            if isinstance(item, Admitted):
+                assert name not in self.admitted and not self.items[name], "Admitted comes once, first"
+                self.admitted[name] = item
+                return
             with self.lock:
                 self.items[name].append(item)
                 self.log.append((name, item))
@@ -53,8 +67,12 @@ class Recorder:
         return "".join(i.text for i in self.items[name] if isinstance(i, Piece))
 
     def first(self, name: str) -> Prefilled:
-        assert isinstance(self.items[name][0], Prefilled), self.items[name]
-        return self.items[name][0]
+        first = self.items[name][0]
+        assert isinstance(first, Prefilled), self.items[name]
+        # the lookup's count is the prefill's (a request taken out of the batch keeps its KV)
+        admitted = self.admitted[name]
+        assert (admitted.reused, admitted.prompt_tokens) == (first.reused, first.prompt_tokens)
+        return first
 
     def last(self, name: str):
         return self.items[name][-1]

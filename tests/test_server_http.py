@@ -358,13 +358,15 @@ def test_openblas_preload_plan(env, platform, cpu, lib, expected):
 
 def run_engine(engine, tokens, *, on_piece=None, **kw):
     """Submit one request and collect what the worker emits (Prefilled, Pieces, Done or an exception)."""
-    from warmturn.server.engine import Done, GenerationRequest, Piece
+    from warmturn.server.engine import Admitted, Done, GenerationRequest, Piece
 
     items: list = []
     finished = threading.Event()
     holder: dict = {}
 
     def emit(item):
+        if isinstance(item, Admitted):  # the cache lookup's item: the tests below start at Prefilled
+            return
         items.append(item)
         if isinstance(item, Piece) and on_piece is not None:
             on_piece(holder["req"], item)

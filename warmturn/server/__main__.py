@@ -106,7 +106,7 @@ def build_state(args: argparse.Namespace):
     else:
         log.info("model cache: %s (%s): %s", family.name, layers, family.policy)
     # stateful caches resume only at marked points: render() finds where each history ends
-    renderer.history_marks = engine.store is not None and family.name != "attention"
+    renderer.history_marks = bool(getattr(engine.store, "stateful", False))
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
     name = args.served_model_name or model_dir.name

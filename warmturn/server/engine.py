@@ -25,8 +25,8 @@ for the sequences still reading their prompt. This module adds what a server nee
   part (the tools) still computes the longer part its members share (a subagent prompt) once;
 - a request that runs alone is served outside the batch, the way mlx-lm's ``generate_step``
   serves one, and moves into the batch when another arrives (why: see ``_start_solo``);
-- results back through the request's ``emit`` callback as :class:`Prefilled`, :class:`Piece`
-  and :class:`Done` items, or as the exception that ended it. A failing step fails the
+- results back through the request's ``emit`` callback as :class:`Admitted` (cache lookup
+  done), :class:`Prefilled`, :class:`Piece` and :class:`Done` items, or as the exception that ended it. A failing step fails the
   requests in the batch; the worker itself goes on.
 
 KV state is never shared mutably: the store hands out private caches (``fetch``), the batch
@@ -133,6 +133,16 @@ def prompt_usage(prompt_tokens: int, reused: int, created: int) -> PromptUsage:
     reused = max(0, min(reused, prompt_tokens))
     created = max(0, min(created, prompt_tokens - reused - 1))
     return PromptUsage(prompt_tokens - reused - created, reused, created)
+
+
+@dataclass(frozen=True)
+class Admitted:
+    """The request left the queue and its cache lookup ended: ``reused`` prompt tokens come from
+    the store; its prefill starts now or when the scheduler gives it its turn."""
+
+    reused: int
+    prompt_tokens: int
+    queued_ms: float
 
 
 @dataclass(frozen=True)
@@ -337,13 +347,15 @@ class Engine:
         self.arrival_window = arrival_window  # seconds a lone request waits for others being read
         self.prefill_order = prefill_order  # "arrival": every admitted prompt is read at once (A/B)
         self.metrics = metrics or Metrics()
-        from mlx_lm.models.cache import make_prompt_cache
+        self.cache_family = getattr(store, "family", None)
+        if self.cache_family is None and model is not None:
+            from mlx_lm.models.cache import make_prompt_cache
 
-        from warmturn.server import kvfamily
+            from warmturn.server.kvfamily import family_of
 
-        self.cache_family = kvfamily.family_of(make_prompt_cache(model))
+            self.cache_family = family_of(make_prompt_cache(model))
         # window and state caches resume only where the engine took a mark (see _take_mark)
-        self._marks = store is not None and self.cache_family.name != "attention"
+        self._marks = bool(getattr(store, "stateful", False))
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -363,7 +375,7 @@ class Engine:
 
     def cache_info(self) -> dict[str, Any]:
         """The model's cache family and the reuse policy (for /health)."""
-        info = self.cache_family.as_dict()
+        info = self.cache_family.as_dict() if self.cache_family is not None else {}
         if self.store is None:
             info["policy"] = "prefix cache off: every request prefills in full"
         return info
@@ -730,6 +742,7 @@ class Engine:
             a = _Active(req, uid, start, now, queued_ms, r.parked_ms, self.tokenizer.detokenizer,
                         in_cache=start, base=start, last_log=now, sampler=sampler)
             self.metrics.queue_wait.observe(queued_ms / 1000)
+            req.emit(Admitted(start, len(tokens), queued_ms))
             if r.was_parked:
                 self.metrics.dedup_tokens.inc(start)
         self._active[uid] = a
@@ -980,6 +993,7 @@ class Engine:
                            last_log=now, kv=kv, fed=reused,
                            sampler=make_sampler(temp=req.temperature, top_p=req.top_p, top_k=req.top_k))
         self.metrics.queue_wait.observe(queued_ms / 1000)
+        req.emit(Admitted(reused, len(req.tokens), queued_ms))
         if was_parked:
             self.metrics.dedup_tokens.inc(reused)
 

@@ -40,6 +40,7 @@ from warmturn.server.engine import (
     Engine,
     GenerationRequest,
     Overloaded,
+    Admitted,
     Piece,
     Prefilled,
     RequestTimeout,
@@ -405,6 +406,8 @@ async def wait_prefilled(state: ServerState, call: Call) -> Prefilled:
     withdraws the request: a queued one frees its queue slot at once."""
     try:
         first = await _first_item(call)
+        while isinstance(first, Admitted):  # the cache lookup ended; prefill is under way
+            first = await _first_item(call)
     except (ClientGone, RequestTimeout, asyncio.CancelledError) as e:
         state.engine.withdraw(call.gen)
         call.log(outcome="timeout" if isinstance(e, RequestTimeout) else "client_gone")
