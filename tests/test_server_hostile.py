@@ -305,3 +305,54 @@ def test_hold_replacement_tail_over_the_real_detokenizer_at_every_cut(model_and_
         assert "\ufffd" not in sent and whole.startswith(sent), (text, ids, sent, whole)
 
     check()
+
+
+# --------------------------------------------------------------------------- 8. smaller points
+
+TOOL = {"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {}}}
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize("extra,fragment", [
+    ({"tools": [TOOL], "tool_choice": {"type": "tool", "name": "Write"}}, "tool_choice.name: no tool named 'Write'"),
+    ({"tool_choice": {"type": "tool", "name": "Read"}}, "tool_choice.name: no tool named 'Read'"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok",
+                                                 "is_error": "false"}]}]}, "messages.0.content.0.is_error: expected a boolean"),
+])
+def test_requests_the_api_refuses_are_400s(live, path, extra, fragment):
+    r = post(live, {**HELLO, **extra}, path=path)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and fragment in r.json()["error"]["message"]
+
+
+def test_tool_choice_naming_a_tool_that_exists_is_served(live):
+    r = post(live, {**HELLO, "tools": [TOOL], "tool_choice": {"type": "tool", "name": "Read"}})
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_an_incomplete_body_is_given_up_on_not_waited_for_forever(live, framing):
+    """A Content-Length larger than the body, or a chunked body without its last chunk: the
+    server answers 408 once no byte came for its body_idle_timeout, and keeps serving."""
+    state = live["state"]
+    before, state.body_idle_timeout = state.body_idle_timeout, 0.5
+    try:
+        sock = socket.create_connection(("127.0.0.1", live["port"]), timeout=60)
+        head = f"POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\nx-api-key: {KEY}\r\n"
+        if framing == "content-length":
+            sock.sendall((head + "content-length: 1000\r\n\r\n" + '{"model": "m"').encode())
+        else:
+            sock.sendall((head + "transfer-encoding: chunked\r\n\r\n" + 'd\r\n{"model": "m"\r\n').encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            data = sock.recv(65536)  # the socket's 60 s timeout fails the test if the server waits on
+            if not data:
+                break
+            answer += data
+        sock.close()
+    finally:
+        state.body_idle_timeout = before
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["error"]["type"] == "invalid_request_error" and "stopped arriving after 13 bytes" in body["error"]["message"]
+    assert post(live, HELLO).status_code == 200

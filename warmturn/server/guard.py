@@ -22,6 +22,7 @@ Every refusal is Anthropic's error shape. Pure: the checks are plain functions o
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import socket
@@ -129,18 +130,23 @@ def check(method: str, path: str, headers: Mapping[str, str], *, names: frozense
 DRAIN_LIMIT = 1 << 20
 
 
-async def drain(chunks: AsyncIterator[bytes], limit: int = DRAIN_LIMIT) -> None:
+#: a request body that sends no bytes for this long is given up on (a Content-Length larger than
+#: what is sent, a chunked body without its final chunk): reading it never holds a connection longer
+BODY_IDLE_SECONDS = 30.0
+
+
+async def drain(chunks: AsyncIterator[bytes], limit: int = DRAIN_LIMIT, idle: float = BODY_IDLE_SECONDS) -> None:
     """Read (and drop) up to about ``limit`` bytes of request body before answering without it. A
     server that closes a connection with unread request bytes in its socket makes the kernel send
     a reset, which can destroy the answer before the client (or a proxy) reads it. The one body
-    drain: this front door's refusals and http.py's 413/404/405 answers."""
+    drain: this front door's refusals and http.py's 413/404/405 answers. A body that stalls for
+    ``idle`` seconds is left where it is."""
     total = 0
+    it = chunks.__aiter__()
     try:
-        async for chunk in chunks:
-            total += len(chunk)
-            if total > limit:
-                return
-    except Exception:  # noqa: BLE001 - consumed already, or the client left: nothing to drain
+        while total <= limit:
+            total += len(await asyncio.wait_for(it.__anext__(), idle))
+    except (Exception, StopAsyncIteration):  # noqa: BLE001 - the end, consumed already, stalled, or the client left
         return
 
 

@@ -46,7 +46,7 @@ from warmturn.server.engine import (
     RequestTimeout,
     WorkerDead,
 )
-from warmturn.server.guard import DRAIN_LIMIT, GuardMiddleware, drain
+from warmturn.server.guard import BODY_IDLE_SECONDS, DRAIN_LIMIT, GuardMiddleware, drain
 from warmturn.server.metrics import Metrics
 from warmturn.server.render import Renderer, Rendered, openai_tool
 from warmturn.server.sampling import clamp_top_k, vocab_size
@@ -123,6 +123,7 @@ class ServerState:
     default_temperature: float = 1.0
     max_output_tokens: int = 0  # 0: no cap beyond the context
     renderers: RendererPool | None = None
+    body_idle_timeout: float = BODY_IDLE_SECONDS  # a request body stalled this long is a 408 (server/guard.py)
     vocab_size: int = 0  # the model's logits width (top_k at or above it is sent as 0); 0: the engine's model's
 
     def __post_init__(self) -> None:
@@ -217,22 +218,32 @@ def internal_error_message(request: Request) -> str:
 OVERSIZE_DRAIN_BYTES = 64 * 1024 * 1024
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request's JSON body, at most `limit` bytes (else a 413 once the rest is drained)."""
+async def read_json(request: Request, limit: int, idle: float = BODY_IDLE_SECONDS) -> Any:
+    """The request's JSON body, at most `limit` bytes (else a 413 once the rest is drained); a
+    body that stalls for `idle` seconds is a 408."""
     declared = request.headers.get("content-length")
     size = int(declared) if declared is not None and declared.isdigit() else None
     if size is not None and size > limit:
         # a client that asked `Expect: 100-continue` sends no body before it is told to (uvicorn sends
         # the 100 only once the body is read), so it gets its answer without sending one
         if size <= limit + OVERSIZE_DRAIN_BYTES and request.headers.get("expect", "").lower() != "100-continue":
-            await drain(request.stream(), limit + OVERSIZE_DRAIN_BYTES)
+            await drain(request.stream(), limit + OVERSIZE_DRAIN_BYTES, idle)
         raise ApiError(413, "request_too_large", f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
     stream = request.stream()
-    async for chunk in stream:
+    it = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(it.__anext__(), idle)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise ApiError(408, "invalid_request_error",
+                           f"the request body stopped arriving after {size} bytes: none for {idle:g} s (a "
+                           "Content-Length larger than the body, or a chunked body without its last chunk)") from None
         size += len(chunk)
         if size > limit:
-            await drain(stream, limit + OVERSIZE_DRAIN_BYTES - size)  # the rest (see OVERSIZE_DRAIN_BYTES)
+            await drain(it, limit + OVERSIZE_DRAIN_BYTES - size, idle)  # the rest (see OVERSIZE_DRAIN_BYTES)
             raise ApiError(413, "request_too_large", f"request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return wire.decode_json(b"".join(chunks))
@@ -324,7 +335,8 @@ async def get_model(request: Request) -> Response:
 @guarded
 async def count_tokens(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
-    req = wire.parse_messages_request(await read_json(request, state.max_body_bytes), count_only=True)
+    body = await read_json(request, state.max_body_bytes, state.body_idle_timeout)
+    req = wire.parse_messages_request(body, count_only=True)
     refuse_before_tokenizing(state, req, COUNT_LIMIT_CONTEXTS * state.context_length)
     rendered = await render(state, req)
     return JSONResponse(wire.count_tokens_body(len(rendered.tokens)))
@@ -539,7 +551,7 @@ async def messages(request: Request) -> Response:
     state: ServerState = request.app.state.warmturn
     t_start = time.monotonic()
     with state.engine.arriving() as arrival:  # others sent at the same moment start together
-        body = await read_json(request, state.max_body_bytes)
+        body = await read_json(request, state.max_body_bytes, state.body_idle_timeout)
         req = wire.parse_messages_request(body)
         refuse_before_tokenizing(state, req, state.context_length - 1)
         rendered = await render(state, req)

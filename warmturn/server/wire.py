@@ -233,9 +233,9 @@ def _parse_block(block: Any, where: str) -> Block | None:
     if kind == "tool_result":
         _require(isinstance(block.get("tool_use_id"), str), f"{where}.tool_use_id: Field required")
         content = block.get("content", "")
-        return ToolResultBlock(
-            block["tool_use_id"], _text_of(content, f"{where}.content"), bool(block.get("is_error", False))
-        )
+        is_error = block.get("is_error", False)
+        _require(is_error is None or isinstance(is_error, bool), f"{where}.is_error: expected a boolean")
+        return ToolResultBlock(block["tool_use_id"], _text_of(content, f"{where}.content"), bool(is_error))
     if kind in _DROPPED_BLOCKS:
         return None
     if kind in _IMAGE_BLOCKS:
@@ -360,12 +360,18 @@ def parse_messages_request(body: Any, *, count_only: bool = False) -> MessagesRe
     )
     stream = body.get("stream", False)
     _require(isinstance(stream, bool), "stream: expected a boolean")
+    tools = _parse_tools(body["tools"]) if body.get("tools") is not None else ()
+    tool_choice = _parse_tool_choice(body.get("tool_choice"))
+    if tool_choice.type == "tool":
+        names = {t.get("name") for t in body.get("tools") or () if isinstance(t, dict)}  # server tools too
+        _require(tool_choice.name in names,
+                 f"tool_choice.name: no tool named {tool_choice.name!r} in tools")
     return MessagesRequest(
         model=model,
         messages=messages,
         system=system,
-        tools=_parse_tools(body["tools"]) if body.get("tools") is not None else (),
-        tool_choice=_parse_tool_choice(body.get("tool_choice")),
+        tools=tools,
+        tool_choice=tool_choice,
         max_tokens=max_tokens,
         stream=stream,
         stop_sequences=tuple(stops),
