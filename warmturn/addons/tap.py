@@ -17,24 +17,45 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
+from warmturn.protocol import SSEEvent
+
 from .state import FlowState, Live
 
 logger = logging.getLogger(__name__)
 
 VIEW_COPY_LIMIT = 8 * 1024 * 1024  # the stream kept for mitmweb's view
-# Response headers in which a backend reports its own timings (docs/server.md): state field -> header
+# Where a backend reports its own timings (docs/server.md): state field -> response header of a
+# buffered answer; a stream (whose headers go out before prefill ends) has them as the fields of the
+# same names in its message_delta event's "warmturn" object.
 BACKEND_TIMINGS = {"queue_ms": "x-warmturn-queue-ms", "prefill_ms": "x-warmturn-prefill-ms"}
+
+
+def _set_timing(state: FlowState, field_name: str, raw: object) -> None:
+    try:
+        value = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return
+    if math.isfinite(value) and value >= 0:
+        setattr(state, field_name, value)
 
 
 def read_backend_timings(state: FlowState, headers: http.Headers) -> None:
     """The backend's queue wait and prefill time, from its response headers (absent or junk: None)."""
     for field_name, header in BACKEND_TIMINGS.items():
-        try:
-            value = float(headers.get(header, ""))
-        except ValueError:
-            continue
-        if math.isfinite(value) and value >= 0:
-            setattr(state, field_name, value)
+        if header in headers:
+            _set_timing(state, field_name, headers[header])
+
+
+def read_stream_timings(state: FlowState, ev: SSEEvent) -> None:
+    """The same timings from a ``message_delta`` event's ``warmturn`` object (absent or junk: None)."""
+    if ev.event != "message_delta" or '"warmturn"' not in ev.data:
+        return
+    data = ev.json()
+    found = data.get("warmturn") if isinstance(data, dict) else None
+    if isinstance(found, dict):
+        for field_name in BACKEND_TIMINGS:
+            if field_name in found:
+                _set_timing(state, field_name, found[field_name])
 
 
 def make_tap(state: FlowState) -> Callable[[bytes], list[bytes]]:
@@ -56,6 +77,7 @@ def make_tap(state: FlowState) -> Callable[[bytes], list[bytes]]:
             for ev in events:
                 if live.fold.add(ev) and t.first_content is None:
                     t.first_content = now
+                read_stream_timings(state, ev)
         except Exception:  # the tap must never break the stream
             logger.exception("warmturn: SSE tap failed")
         live.size += len(out)

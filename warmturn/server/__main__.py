@@ -119,7 +119,14 @@ def build_state(args: argparse.Namespace):
                        api_key=args.api_key, bind_host=args.host, allowed_hosts=tuple(args.allowed_hosts),
                        max_body_bytes=args.max_body_bytes,
                        request_timeout=args.request_timeout, default_temperature=temperature,
-                       max_output_tokens=cap)
+                       max_output_tokens=cap, ping_interval=args.ping_interval)
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and value < float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -189,6 +196,10 @@ def make_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_MODEL_OUTPUT_CAP} with the bundled default model, else 0)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, queue wait included (default: 600)")
+    p.add_argument("--ping-interval", type=_positive_seconds, default=5.0,
+                   help="seconds between Anthropic `ping` events while a streamed request waits in the queue or "
+                        "reads its prompt; a stream still waiting after one interval gets its headers and "
+                        "message_start at once (default: 5; Claude Code drops a stream idle for 300 s)")
     p.add_argument("--max-body-bytes", type=int, default=32 * 1024 * 1024,
                    help="larger request bodies get 413 (default: 33554432 = 32 MiB)")
     p.add_argument("--log-file", default=None,

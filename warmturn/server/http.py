@@ -125,6 +125,7 @@ class ServerState:
     renderers: RendererPool | None = None
     body_idle_timeout: float = BODY_IDLE_SECONDS  # a request body stalled this long is a 408 (server/guard.py)
     vocab_size: int = 0  # the model's logits width (top_k at or above it is sent as 0); 0: the engine's model's
+    ping_interval: float = 5.0  # seconds between `ping` events while a stream waits for its first token
 
     def __post_init__(self) -> None:
         if self.renderers is None:
@@ -177,6 +178,22 @@ class RequestIdMiddleware:
         await self.app(scope, receive, send_with_id)
 
 
+def engine_error(e: Exception) -> tuple[int, str, str] | None:
+    """(status, Anthropic error type, message) of an error the engine or a handler raises on
+    purpose; None for anything else (a bug)."""
+    if isinstance(e, ApiError):
+        return e.status, e.error_type, e.message
+    if isinstance(e, wire.RequestError):
+        return 400, "invalid_request_error", str(e)
+    if isinstance(e, Overloaded):
+        return 529, "overloaded_error", str(e)
+    if isinstance(e, RequestTimeout):
+        return 504, "timeout_error", str(e)
+    if isinstance(e, WorkerDead):
+        return 503, "api_error", str(e)
+    return None
+
+
 def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
     """Map exceptions to Anthropic errors; count the request by endpoint and status."""
 
@@ -185,19 +202,15 @@ def guarded(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Requ
         state: ServerState = request.app.state.warmturn
         try:
             resp = await handler(request)
-        except ApiError as e:
-            resp = send_error(request, e.status, e.message, e.error_type)
-        except wire.RequestError as e:
-            resp = send_error(request, 400, str(e))
-        except Overloaded as e:
-            resp = send_error(request, 529, str(e), headers={"retry-after": str(e.retry_after)})
-        except RequestTimeout as e:
-            resp = send_error(request, 504, str(e))
-        except WorkerDead as e:
-            resp = send_error(request, 503, str(e), "api_error")
-        except Exception:  # a bug must not kill the server: 500, logged with its traceback
-            log.exception("unhandled error in %s (request %s)", handler.__name__, request_id(request))
-            resp = send_error(request, 500, internal_error_message(request))
+        except Exception as e:
+            known = engine_error(e)
+            if known is None:  # a bug must not kill the server: 500, logged with its traceback
+                log.exception("unhandled error in %s (request %s)", handler.__name__, request_id(request))
+                resp = send_error(request, 500, internal_error_message(request))
+            else:
+                status, etype, message = known
+                retry = {"retry-after": str(e.retry_after)} if isinstance(e, Overloaded) else None
+                resp = send_error(request, status, message, etype, headers=retry)
         state.metrics.requests.labels(endpoint=handler.__name__, status=str(resp.status_code)).inc()
         return resp
 
@@ -400,17 +413,23 @@ def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rend
     return Call(request, req, gen, items, record, t_start)
 
 
-async def _first_item(call: Call, poll: float = 0.25) -> object:
-    """The first engine item; raises :class:`ClientGone` if the client went away meanwhile, or
-    :class:`RequestTimeout` if the request's time limit passed while it was still queued."""
+async def _first_item(call: Call, poll: float = 0.25, until: float | None = None,
+                      watch_client: bool = True) -> object | None:
+    """The next engine item, or None once ``time.monotonic()`` passes ``until``; raises
+    :class:`RequestTimeout` if the request's time limit passed while it was still queued, or (with
+    ``watch_client``) :class:`ClientGone` if the client went away meanwhile. A streaming body does
+    not watch: Starlette cancels it when the client leaves."""
     while True:
+        wait = poll if until is None else max(0.0, min(poll, until - time.monotonic()))
         try:
-            return await asyncio.wait_for(call.items.get(), poll)
+            return await asyncio.wait_for(call.items.get(), wait)
         except TimeoutError:
-            if await call.request.is_disconnected():
-                raise ClientGone() from None
             if time.monotonic() > call.gen.deadline + 1.0:  # still queued: the worker never saw it
                 raise RequestTimeout("the request's time limit passed while it waited in the queue") from None
+            if until is not None and time.monotonic() >= until:
+                return None
+            if watch_client and await call.request.is_disconnected():
+                raise ClientGone() from None
 
 
 async def wait_prefilled(state: ServerState, call: Call) -> Prefilled:
@@ -424,14 +443,20 @@ async def wait_prefilled(state: ServerState, call: Call) -> Prefilled:
         state.engine.withdraw(call.gen)
         call.log(outcome="timeout" if isinstance(e, RequestTimeout) else "client_gone")
         raise
-    if isinstance(first, Exception):
-        raise first
-    if isinstance(first, Done):  # cancelled or timed out before prefill finished
+    return prefilled(call, first)
+
+
+def prefilled(call: Call, item: object) -> Prefilled:
+    """The engine's first item as the end of prefill (recorded in the request's log line); an
+    error, or the end of a request cancelled or timed out before it, is raised."""
+    if isinstance(item, Exception):
+        raise item
+    if isinstance(item, Done):  # cancelled or timed out before prefill finished
         raise RequestTimeout("the request's time limit passed before generation started")
-    assert isinstance(first, Prefilled)
-    call.record.update(reused=first.reused, created=first.created, prefill_ms=round(first.prefill_ms, 1),
-                       queued_ms=round(first.queued_ms, 1), parked_ms=round(first.parked_ms, 1))
-    return first
+    assert isinstance(item, Prefilled)
+    call.record.update(reused=item.reused, created=item.created, prefill_ms=round(item.prefill_ms, 1),
+                       queued_ms=round(item.queued_ms, 1), parked_ms=round(item.parked_ms, 1))
+    return item
 
 
 def usage_of(first: Prefilled) -> Usage:
@@ -441,8 +466,15 @@ def usage_of(first: Prefilled) -> Usage:
 
 
 def timing_headers(first: Prefilled) -> dict[str, str]:
-    """The engine's view of this request's wait, for the proxy's capture (docs/server.md)."""
+    """The engine's view of this request's wait, for the proxy's capture (docs/server.md): as response
+    headers of a non-streaming answer (they go out after prefill there)."""
     return {"x-warmturn-queue-ms": f"{first.queued_ms:.1f}", "x-warmturn-prefill-ms": f"{first.prefill_ms:.1f}"}
+
+
+def timings(first: Prefilled) -> dict[str, float]:
+    """The same timings for a stream, whose headers go out before prefill ends: the ``warmturn``
+    field of its ``message_delta`` event (docs/server.md)."""
+    return {"queue_ms": round(first.queued_ms, 1), "prefill_ms": round(first.prefill_ms, 1)}
 
 
 def make_assembler(state: ServerState, req: wire.MessagesRequest, stream: MessageStream) -> OutputAssembler:
@@ -468,8 +500,9 @@ CUT_BY_SHUTDOWN = "the server is shutting down and stopped this answer before it
 
 
 async def events(state: ServerState, call: Call, stream: MessageStream,
-                 asm: OutputAssembler) -> AsyncIterator[dict[str, Any]]:
-    """Engine items -> Anthropic events; cancels generation when the consumer stops."""
+                 asm: OutputAssembler, extra: dict[str, Any] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Engine items -> Anthropic events; cancels generation when the consumer stops. ``extra``
+    fields are added to the ``message_delta`` event."""
     outcome = "cancelled"
     output_tokens = 0
     held = ""  # a trailing U+FFFD: released by the next piece, dropped at the end (hold_replacement_tail)
@@ -493,7 +526,7 @@ async def events(state: ServerState, call: Call, stream: MessageStream,
                 if stop_hit:
                     call.gen.cancel.set()
                     for ev in asm.finish("stop", output_tokens):
-                        yield ev
+                        yield ev | extra if extra and ev["type"] == "message_delta" else ev
                     outcome = "stop_sequence"
                     return
             elif isinstance(item, Done):
@@ -502,7 +535,7 @@ async def events(state: ServerState, call: Call, stream: MessageStream,
                     outcome = "cut_by_shutdown"
                     raise ApiError(529, "overloaded_error", CUT_BY_SHUTDOWN)
                 for ev in asm.finish(item.reason, output_tokens):
-                    yield ev
+                    yield ev | extra if extra and ev["type"] == "message_delta" else ev
                 outcome = item.reason
                 call.record["decode_tps"] = round(item.decode_tps, 1)
                 return
@@ -524,26 +557,51 @@ async def collect_message(call: Call, agen: AsyncIterator[dict[str, Any]], strea
     return JSONResponse(stream.message(), headers=headers)
 
 
-def stream_events(request: Request, agen: AsyncIterator[dict[str, Any]], headers: dict[str, str]) -> StreamingResponse:
-    """Streaming: SSE bytes; a failure after the stream began becomes an `error` event."""
+def stream_events(state: ServerState, call: Call, first: Prefilled | None) -> StreamingResponse:
+    """Streaming: SSE bytes. ``first`` is None when the request still waits (in the queue or in
+    prefill) after one ping interval: then ``message_start`` goes out at once, with the whole prompt
+    as ``input_tokens`` (the final split, in ``message_delta``, is what clients keep), and a ``ping``
+    every ``state.ping_interval`` seconds until the first token, so the client never waits on a silent
+    connection. A failure after the stream began becomes an ``error`` event."""
+    request, req = call.request, call.req
+    stream = MessageStream(req.model, usage_of(first) if first else Usage(call.record["prompt_tokens"]))
+    asm = make_assembler(state, req, stream)
 
     async def body() -> AsyncIterator[bytes]:
+        nonlocal first
+        agen: AsyncIterator[dict[str, Any]] | None = None
         try:
+            if first is None:
+                for ev in stream.start():
+                    yield encode_sse(ev)
+            while first is None:
+                item = await _first_item(call, until=time.monotonic() + state.ping_interval, watch_client=False)
+                if item is None:
+                    yield encode_sse({"type": "ping"})
+                else:
+                    first = prefilled(call, item)
+            stream.usage = usage_of(first)
+            agen = events(state, call, stream, asm, {"warmturn": timings(first)})
             async for ev in agen:
                 yield encode_sse(ev)
         except Exception as e:  # after the stream began: an `error` event, then the end
-            known = isinstance(e, (wire.RequestError, ApiError))
-            if known:
-                log.warning("stream of request %s ended with an error: %s", request_id(request), e)
-            else:
+            known = engine_error(e)
+            if known is None:
                 log.exception("generation failed mid-stream (request %s)", request_id(request))
-            yield encode_sse(error_body(getattr(e, "error_type", "api_error"),
-                                        str(e) if known else internal_error_message(request)))
+            else:
+                log.warning("stream of request %s ended with an error: %s", request_id(request), e)
+                if first is None:
+                    call.log(outcome="timeout" if isinstance(e, RequestTimeout) else "error")
+            _, etype, message = known or (500, "api_error", internal_error_message(request))
+            yield encode_sse(error_body(etype, message))
         finally:
-            await agen.aclose()  # type: ignore[attr-defined]
+            if first is None:  # the client left (or it failed) before prefill ended: free its place
+                state.engine.withdraw(call.gen)
+            if agen is not None:
+                await agen.aclose()  # type: ignore[attr-defined]
 
     return StreamingResponse(body(), media_type="text/event-stream",
-                             headers={"cache-control": "no-cache", "x-accel-buffering": "no", **headers})
+                             headers={"cache-control": "no-cache", "x-accel-buffering": "no"})
 
 
 @guarded
@@ -561,14 +619,22 @@ async def messages(request: Request) -> Response:
         background = side_request(request.headers, body) == "title"
         call = submit(state, request, req, rendered, t_start, arrival, background)
     try:
-        first = await wait_prefilled(state, call)
-    except ClientGone:
-        return Response(status_code=499)  # nobody is listening any more
-    stream = MessageStream(req.model, usage_of(first))
-    agen = events(state, call, stream, make_assembler(state, req, stream))
-    if not req.stream:
-        return await collect_message(call, agen, stream, timing_headers(first))
-    return stream_events(request, agen, timing_headers(first))
+        if not req.stream:  # silent until the answer is whole: bounded by --request-timeout (docs/server.md)
+            first = await wait_prefilled(state, call)
+            stream = MessageStream(req.model, usage_of(first))
+            agen = events(state, call, stream, make_assembler(state, req, stream))
+            return await collect_message(call, agen, stream, timing_headers(first))
+        # A stream whose prefill ends within one ping interval starts as it always did (an early error
+        # is still an HTTP status); one that waits longer starts now and gets pings (stream_events).
+        item = await _first_item(call, until=time.monotonic() + state.ping_interval)
+    except (ClientGone, RequestTimeout, asyncio.CancelledError) as e:
+        if req.stream:  # (wait_prefilled withdraws and logs by itself)
+            state.engine.withdraw(call.gen)
+            call.log(outcome="timeout" if isinstance(e, RequestTimeout) else "client_gone")
+        if isinstance(e, ClientGone):
+            return Response(status_code=499)  # nobody is listening any more
+        raise
+    return stream_events(state, call, None if item is None else prefilled(call, item))
 
 
 async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: float = 0.25) -> AsyncIterator[Any]:
