@@ -461,3 +461,13 @@ def test_session_rows_show_the_servers_tokens_and_cache_reads():
     # without usage in the capture (a raw request log), the read is whatif's prediction
     raw = diff_records(load_records([REAL / "small_two_turns.jsonl"]).records, served=Served(*load_renderer("default")))
     assert (raw.pairs[0].cache_read_source, raw.pairs[0].shared_tokens, raw.pairs[0].cache_read) == ("predicted", 164, 164)
+
+
+def test_a_clock_in_the_system_prompt_gets_one_pattern_for_the_whole_token():
+    """A real run whose system prompt carries `Session clock: 00:01:20.778 since start.`: the pairs differ in
+    different digits (00.182→21.236, 00:54.960→01:20.778…). One pattern takes the whole time token, anchored on
+    its label, instead of one per pair anchored on the digits that happened to stay; and the session pair,
+    equal once it is applied, is not reported as a different prompt."""
+    rep = diff_records(load_records([CAPTURES / "walkthrough_before.jsonl"]).records)
+    assert [s.pattern for s in rep.suggestions] == [r"(?<=Session clock: )[\w.:/-]+"]
+    assert rep.unsuggested == []

@@ -311,3 +311,25 @@ def test_whatif_compares_passthrough_captures_and_keeps_them_out_of_the_local_ch
 
     text = format_whatif(out, Style(False))
     assert "Anthropic's own cache (passthrough)" in text and "unexpected_miss" in text
+
+
+def test_a_suggested_rule_predicted_from_one_run_matches_the_run_recorded_with_it(renderer):
+    """docs/whatif-walkthrough.md: two real runs of the same conversations, the second recorded with the
+    pattern `analysis diff` suggested for the first. whatif's rules+<that pattern> variant, computed from
+    the first run only, predicts what the server reported in the second: per session within 2%."""
+    captures = FIXTURES / "captures"
+    before = load_records([captures / "walkthrough_before.jsonl"]).records
+    ren, path = renderer
+    out = whatif(before, Options(), ren, path)
+    names = [v["name"] for v in out["variants"]]
+    assert names == ["none", "rules", "rules+pattern@system[0].text"]
+    added = out["variants"][2]
+    assert added["set_arg"] == "--set 'volatile_fragments=(?<=Session clock: )[\\w.:/-]+'"
+    assert [round(v["hit_rate"], 3) for v in out["variants"]] == [0.030, 0.030, 0.831]
+    after = whatif(load_records([captures / "walkthrough_after.jsonl"]).records, Options(suggestions=False), ren, path)
+    reported = [(c["prompt_tokens"], c["reported_read"]) for c in after["check"]]
+    predicted = [(s["prompt_tokens"], s["read_tokens"]) for s in added["sessions"]]
+    assert reported == [(2351, 1556), (2351, 2348)]
+    assert predicted == [(2351, 1558), (2351, 2348)]
+    for (prompt, rep), (_, pred) in zip(reported, predicted):
+        assert abs(pred - rep) <= 0.02 * prompt

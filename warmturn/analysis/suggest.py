@@ -81,6 +81,13 @@ def _line_pattern(old: str, new: str, rest_of_line: bool = False) -> str | None:
             i -= 1
         while j > 0 and (old[len(old) - j].isalnum() or old[len(old) - j] in "_-"):
             j -= 1
+        if all(re.fullmatch(r"[0-9.:-]+", m) for m in (old[i: len(old) - j], new[i: len(new) - j])):
+            # a number inside a time, date or version (00:01:20.778): the whole token changes, not the
+            # digits two requests happen to differ in, so the pattern fits every later value too
+            while i > 0 and old[i - 1] in "0123456789.:-":
+                i -= 1
+            while j > 0 and old[len(old) - j] in "0123456789.:-":
+                j -= 1
     mid_old, mid_new = old[i: len(old) - j], new[i: len(new) - j]
     anchor = old[:i].lstrip()
     if len(anchor) > 40:  # keep the last 40 characters, starting at a word
@@ -270,6 +277,7 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
     reasons: dict[str, str] = {}
     canonical: set[str] = set()
     targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body, poison) to equalize
+    cross_only: dict[str, list[tuple[str, dict, dict]]] = {}  # text that differs between sessions/agents
     for pd_, ab, bb in compared:
         cross = pd_.relation != "turn"
         for c in pd_.changes:
@@ -294,7 +302,7 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
                 canonical.add(c.path)  # the addon's canonical_model_identity (on by default) already equalizes it
                 continue
             if cross and c.poison not in _CROSS_SESSION_KINDS:
-                reasons.setdefault(c.path, f"differs between {pd_.relation}s but not within one: a different prompt")
+                cross_only.setdefault(c.path, []).append((pd_.relation, ab, bb))
                 continue
             targets.append((c.path, ab, bb, c.poison))
             pats = pattern_for(old, new, generalize_only=cross)
@@ -306,6 +314,10 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
                     out.append(Suggestion(c.path, pat, option, c.poison, clip_value(mo.group(0) if mo else "", 60),
                                           clip_value(mn.group(0) if mn else "", 60)))
     patterns = [s.pattern for s in out]
+    for path, compared_pairs in cross_only.items():  # unless what changes within a session explains it too
+        rel, _, _ = compared_pairs[0]
+        if not patterns or any(check_with_addon_rules(patterns, ab, bb, path) != "equal" for _, ab, bb in compared_pairs):
+            reasons.setdefault(path, f"differs between {rel}s but not within one: a different prompt")
     for path, ab, bb, poison in targets:
         if patterns and check_with_addon_rules(patterns, ab, bb, path) == "equal":
             continue

@@ -20,6 +20,7 @@ would I get?" without running a server for a week:
 from __future__ import annotations
 
 import functools
+import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,7 +231,7 @@ class VariantResult:
                "sessions": [{"session": s, **t.as_dict(rate)} for s, t in self.sessions.items()]}
         if self.pattern:
             out["pattern"] = self.pattern
-            out["set_arg"] = "--set " + f"volatile_fragments={self.pattern}"
+            out["set_arg"] = "--set " + shlex.quote(f"volatile_fragments={self.pattern}")
         return out
 
 
