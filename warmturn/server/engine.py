@@ -356,6 +356,20 @@ class Engine:
             self.cache_family = family_of(make_prompt_cache(model))
         # window and state caches resume only where the engine took a mark (see _take_mark)
         self._marks = bool(getattr(store, "stateful", False))
+        # mlx-lm batches every cache class but ChunkedKVCache (Llama 4): such a model is served
+        # one request at a time, each the way a lone request is (see _start_solo)
+        self.batchable = True
+        if model is not None:
+            from mlx_lm.models.cache import make_prompt_cache
+
+            from warmturn.server.kvfamily import leaves
+
+            unbatchable = sorted({type(c).__name__ for c in leaves(make_prompt_cache(model))
+                                  if not hasattr(c, "merge")})
+            if unbatchable:
+                self.batchable = False
+                log.warning("mlx-lm cannot batch %s caches: requests to this model run one at a time",
+                            ", ".join(unbatchable))
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -535,9 +549,10 @@ class Engine:
                     break
                 room = self.decode_concurrency - self.running
                 incoming = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
-                alone = self.solo and not self._pending and len(incoming) == 1 and not self.running
+                alone = (self.solo or not self.batchable) and not self.running and (
+                    not self._pending and len(incoming) == 1 or not self.batchable)
             for req in incoming:
-                self._admit(req, solo_ok=alone)
+                self._admit(req, solo_ok=alone and self._solo is None)
             try:
                 if self._solo is not None and self._solo_yields():
                     self._migrate()  # company it must share the steps with: it joins the others
@@ -656,6 +671,16 @@ class Engine:
         prefilling = [a for a in self._active.values() if a.prefilled_at is None]
         if not self._ready:
             return
+        if not self.batchable:  # one at a time: the best-placed waiting request runs alone
+            now = time.monotonic()
+            r = min(self._ready, key=lambda x: self._rank(x, now))
+            self._ready.remove(r)
+            try:
+                self._start_solo_from(r)
+            except Exception as e:  # this request's failure (e.g. the store's), not the batch's
+                log.exception("could not start a request")
+                r.req.emit(e)
+            return
         if any(a.prefilled_at is not None and a.first_token_at is None for a in self._active.values()):
             return  # a request's first token is due next step: no new prompt chunk delays it
         if self.prefill_order == "arrival":  # as mlx_lm.server: every admitted prompt at once
@@ -700,7 +725,7 @@ class Engine:
         of one, while the others wait for their turn as they would in the batch."""
         s = self._solo
         assert s is not None
-        if not self._ready:
+        if not self._ready or not self.batchable:
             return False
         if s.prefilled_at is not None:
             return True

@@ -80,6 +80,12 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "mamba_d_state": 16, "mamba_d_conv": 4, "mamba_n_groups": 1, "mamba_conv_bias": True,
         "position_embedding_type": "rope",
     },
+    # chunked attention in three layers of four (Llama 4): ChunkedKVCache + KVCache
+    "llama4": {
+        "num_hidden_layers": 4, "head_dim": 16, "attention_bias": False, "attention_chunk_size": 64,
+        "interleave_moe_layer_step": 2, "intermediate_size_mlp": 128, "num_experts_per_tok": 1,
+        "num_local_experts": 2, "rope_scaling": None, "rope_theta": 500000.0, "use_qk_norm": True,
+    },
     # attention and Mamba side by side in every layer: CacheList(ArraysCache, KVCache)
     "falcon_h1": {
         "num_hidden_layers": 2, "head_dim": 16, "mamba_d_ssm": 64, "mamba_d_head": 16, "mamba_n_heads": 4,
@@ -94,6 +100,8 @@ def family_config(family: str, vocab_size: int, context: int = 8192, **overrides
         raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
     cfg = {"model_type": family, **_COMMON, **FAMILIES[family], "vocab_size": vocab_size,
            "max_position_embeddings": context, **overrides}
+    if family == "llama4":  # a multimodal wrapper: the language model's config is nested
+        return {"model_type": family, "tie_word_embeddings": False, "text_config": cfg}
     return cfg
 
 
