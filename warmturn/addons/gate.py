@@ -31,6 +31,7 @@ from .state import FlowState
 logger = logging.getLogger(__name__)
 
 LOOP_MESSAGE = "warmturn: this request is addressed to the proxy itself (it would loop); refused"
+BACKEND_ONLY_MESSAGE = "warmturn forwards API requests to its backend only (addon option backend_only)"
 
 
 def is_remote_client(client: connection.Client | None) -> bool:
@@ -72,6 +73,11 @@ class Gate:
         loader.add_option("client_api_key", str, "",
                           "If set, API requests must carry this key (x-api-key or Authorization: Bearer), "
                           "else 401 authentication_error.")
+        loader.add_option("backend_only", bool, False,
+                          "Forward nothing but API flows to the configured backend: any other request (a "
+                          "foreign Host, an absolute-form URL) gets 403 permission_error and a CONNECT to any "
+                          "host but api.anthropic.com is refused. Off by default: as a regular proxy "
+                          "(HTTPS_PROXY) mitmdump forwards the client's other traffic like any mitmproxy.")
 
     # -- every way in -------------------------------------------------------------------------
 
@@ -117,6 +123,9 @@ class Gate:
             logger.warning("warmturn: refused CONNECT to the proxy itself (%s:%s)", flow.request.host,
                            flow.request.port)
             flow.response = error_response(400, LOOP_MESSAGE)
+            return
+        if ctx.options.backend_only and flow.request.host.lower() not in routing.ANTHROPIC_HOSTS:
+            flow.response = error_response(403, BACKEND_ONLY_MESSAGE)
 
     # -- HTTP -----------------------------------------------------------------------------------
 
@@ -133,8 +142,15 @@ class Gate:
             if routing.mode_type(flow) == "regular" and await targets_proxy(
                     flow.request.host, flow.request.port, routing.proxy_listen_addrs(flow)):
                 flow.response = error_response(400, LOOP_MESSAGE)
+            elif o.backend_only:
+                flow.response = error_response(403, BACKEND_ONLY_MESSAGE)
             return
         req = flow.request
+        codings = [c.strip().lower() for c in ",".join(req.headers.get_all("transfer-encoding")).split(",") if c.strip()]
+        if codings not in ([], ["chunked"]):  # the relay (h11) frames chunked only
+            flow.response = error_response(400, f"Transfer-Encoding: {', '.join(codings)} is not supported: send "
+                                                "the body plain (chunked or with a Content-Length)")
+            return
         state = FlowState(kind=request_kind(req.path), path=req.path, mode=routing.mode_of(flow),
                           backend=o.backend.strip(), backend_api=o.backend_api, normalize=o.normalize)
         state.t.request = req.timestamp_end or time.time()
