@@ -557,14 +557,23 @@ async def collect_message(call: Call, agen: AsyncIterator[dict[str, Any]], strea
     return JSONResponse(stream.message(), headers=headers)
 
 
-def stream_events(state: ServerState, call: Call, first: Prefilled | None) -> StreamingResponse:
+def early_usage(call: Call, admitted: Admitted | None) -> Usage:
+    """``message_start``'s usage before prefill ends: what the cache lookup read (if it ended),
+    the rest as ``input_tokens``; ``message_delta`` has the final split, which clients keep."""
+    prompt = call.record["prompt_tokens"]
+    reused = min(admitted.reused, prompt - 1) if admitted is not None else 0
+    return Usage(input_tokens=prompt - reused, cache_read_input_tokens=reused)
+
+
+def stream_events(state: ServerState, call: Call, first: Prefilled | None,
+                  admitted: Admitted | None = None) -> StreamingResponse:
     """Streaming: SSE bytes. ``first`` is None when the request still waits (in the queue or in
-    prefill) after one ping interval: then ``message_start`` goes out at once, with the whole prompt
-    as ``input_tokens`` (the final split, in ``message_delta``, is what clients keep), and a ``ping``
-    every ``state.ping_interval`` seconds until the first token, so the client never waits on a silent
-    connection. A failure after the stream began becomes an ``error`` event."""
+    prefill) after one ping interval: then ``message_start`` goes out at once (usage:
+    :func:`early_usage`), and a ``ping`` every ``state.ping_interval`` seconds until the first
+    token, so the client never waits on a silent connection. A failure after the stream began
+    becomes an ``error`` event."""
     request, req = call.request, call.req
-    stream = MessageStream(req.model, usage_of(first) if first else Usage(call.record["prompt_tokens"]))
+    stream = MessageStream(req.model, usage_of(first) if first else early_usage(call, admitted))
     asm = make_assembler(state, req, stream)
 
     async def body() -> AsyncIterator[bytes]:
@@ -578,7 +587,7 @@ def stream_events(state: ServerState, call: Call, first: Prefilled | None) -> St
                 item = await _first_item(call, until=time.monotonic() + state.ping_interval, watch_client=False)
                 if item is None:
                     yield encode_sse({"type": "ping"})
-                else:
+                elif not isinstance(item, Admitted):
                     first = prefilled(call, item)
             stream.usage = usage_of(first)
             agen = events(state, call, stream, asm, {"warmturn": timings(first)})
@@ -626,7 +635,10 @@ async def messages(request: Request) -> Response:
             return await collect_message(call, agen, stream, timing_headers(first))
         # A stream whose prefill ends within one ping interval starts as it always did (an early error
         # is still an HTTP status); one that waits longer starts now and gets pings (stream_events).
-        item = await _first_item(call, until=time.monotonic() + state.ping_interval)
+        until, admitted = time.monotonic() + state.ping_interval, None
+        item = await _first_item(call, until=until)
+        while isinstance(item, Admitted):  # the cache lookup ended: its counts, for an early start
+            admitted, item = item, await _first_item(call, until=until)
     except (ClientGone, RequestTimeout, asyncio.CancelledError) as e:
         if req.stream:  # (wait_prefilled withdraws and logs by itself)
             state.engine.withdraw(call.gen)
@@ -634,7 +646,7 @@ async def messages(request: Request) -> Response:
         if isinstance(e, ClientGone):
             return Response(status_code=499)  # nobody is listening any more
         raise
-    return stream_events(state, call, None if item is None else prefilled(call, item))
+    return stream_events(state, call, None if item is None else prefilled(call, item), admitted)
 
 
 async def _watch_disconnect(agen: AsyncIterator[Any], request: Request, poll: float = 0.25) -> AsyncIterator[Any]:
