@@ -85,6 +85,13 @@ flags=()
 has --exclude-dynamic-system-prompt-sections || flags+=(--exclude-dynamic-system-prompt-sections)
 env_extra=()
 profile="Claude Code's own system prompt and tools"
+# Claude Code's own system prompt and tools: ~12.5K tokens (2.1.332). A context below 16K cannot hold them and
+# a conversation: refuse at once rather than let every turn be refused with advice (/clear, /compact) that can't help.
+FULL_PROMPT_MIN_CONTEXT=16384
+if [[ "${WARMTURN_FULL_PROMPT:-0}" == 1 ]] && (( CONTEXT > 0 && CONTEXT < FULL_PROMPT_MIN_CONTEXT )); then
+  say "WARMTURN_FULL_PROMPT=1 needs a context of $FULL_PROMPT_MIN_CONTEXT tokens or more (Claude Code $CLAUDE_CODE_VERSION's own prompt is ~12.5K tokens), but $MODEL has $CONTEXT. Fix: drop WARMTURN_FULL_PROMPT (the small-model profile fits), or serve a model with a longer context, e.g. make run MODEL=Qwen/Qwen2.5-Coder-1.5B-Instruct (32K; README, 'Use your own model')."
+  exit 1
+fi
 if (( CONTEXT > 0 && CONTEXT <= 16384 )) && [[ "${WARMTURN_FULL_PROMPT:-0}" != 1 ]]; then
   cap=$(( CAP > 0 ? CAP : CONTEXT / 16 ))
   [[ -n "${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-}" ]] || env_extra+=(CLAUDE_CODE_MAX_OUTPUT_TOKENS="$cap")
@@ -103,4 +110,20 @@ export CLAUDE_CONFIG_DIR="$CONFIG" ANTHROPIC_BASE_URL="http://127.0.0.1:$PORT" A
   NO_PROXY="127.0.0.1,localhost${NO_PROXY:+,$NO_PROXY}"
 [[ ${#env_extra[@]} -eq 0 ]] || export "${env_extra[@]}"
 # The user's arguments first: --tools takes several values and would swallow a prompt after it.
-exec "$CLAUDE" "${args[@]}" "${flags[@]}"
+if has -p || has --print; then exec "$CLAUDE" "${args[@]}" "${flags[@]}"; fi
+# Interactive: Claude Code's exit hint says `claude --resume ID`, but this claude is not on PATH. Say what works.
+started=$(date +%s)
+rc=0
+"$CLAUDE" "${args[@]}" "${flags[@]}" || rc=$?
+session=$("$PY" - "$CONFIG/projects" "$started" <<'PY' || true
+import sys
+from pathlib import Path
+newest = max((p for p in Path(sys.argv[1]).glob("*/*.jsonl") if p.stat().st_mtime >= int(sys.argv[2])),
+             key=lambda p: p.stat().st_mtime, default=None)
+print(newest.stem if newest else "")
+PY
+)
+if [[ -n "$session" ]]; then
+  say "(claude is not on your PATH) to go on with this conversation, in $PWD:  $ROOT/scripts/claude.sh --resume $session"
+fi
+exit "$rc"

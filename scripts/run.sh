@@ -4,13 +4,20 @@
 # protected by $WEB_TOKEN (default: a random token mitmweb prints in the UI's URL).
 # Extra mitmproxy arguments go in ARGS, parsed with shell quoting rules (never evaluated), e.g.
 #   ARGS="--set normalize=false"   or   ARGS="--set embedded_args='--default-temperature 0.7'"
+# It ends at once, with one line and a fix, when MODEL is not on this machine or the embedded server
+# cannot start (exit code 1). The server keeps its prefix cache in $WARMTURN_CACHE_DIR (default
+# ~/.cache/warmturn/kv, private), so a restart is warm.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PORT=${PORT:-8080}
 MODEL=${MODEL:-}
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
+CACHE=${WARMTURN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warmturn}
+CACHE_DIR=${WARMTURN_CACHE_DIR:-$CACHE/kv}
 source scripts/lib.sh
+source scripts/versions.sh
+WARMUP=${WARMTURN_WARMUP:-warmturn/server/prefixes/claude-code-$CLAUDE_CODE_VERSION.json}
 
 check_port "$PORT"
 PORT=$((10#$PORT))
@@ -26,9 +33,30 @@ if [[ "${1:-}" == web ]]; then
     exit 1
   fi
 fi
+# MODEL is checked before anything starts: a name that is not on this machine ends here, with one
+# line saying how to get it (warmturn/server/locate.py: the Hugging Face cache, LM Studio, Ollama).
+if [[ -n "$MODEL" ]]; then "$PY" -m warmturn.server.locate "$MODEL" >/dev/null || exit 1; fi
 split_words "${ARGS:-}"
-extra=("${WORDS[@]}")
-if [[ -n "$MODEL" ]]; then extra=(--set "embedded_args=--model $("$PY" -c 'import shlex, sys; print(shlex.quote(sys.argv[1]))' "$MODEL")" "${extra[@]}"); fi
+# The embedded server's arguments: ours first (the model, a private prefix-cache directory under
+# ~/.cache/warmturn, so restarts stay warm), then the user's own embedded_args (the last flag wins).
+embedded=(--cache-dir "$CACHE_DIR")
+if [[ -n "$MODEL" ]]; then embedded=(--model "$MODEL" "${embedded[@]}"); fi
+extra=()
+user_embedded=""
+for ((i = 0; i < ${#WORDS[@]}; i++)); do
+  if [[ "${WORDS[i]}" == --set && "${WORDS[i+1]:-}" == embedded_args=* ]]; then
+    user_embedded=${WORDS[i+1]#embedded_args=}; i=$((i + 1))
+  else
+    extra+=("${WORDS[i]}")
+  fi
+done
+embedded_args=$("$PY" -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' "${embedded[@]}")
+embedded_args+="${user_embedded:+ $user_embedded}"
+# With the default model, the small-model profile's prefix (make claude's system prompt and Read tool)
+# is prefilled as soon as the server is up, and persisted in the cache directory: the first turn is warm.
+warm=()
+if [[ -z "$MODEL" ]]; then warm=(--set "embedded_warmup=$WARMUP"); fi
+extra=(--set "embedded_args=$embedded_args" --set embedded_exit_on_failure=true "${warm[@]}" "${extra[@]}")
 if ! port_free "$PORT"; then
   next=$(( PORT < 65534 ? PORT + 2 : 8082 ))  # +2: 8081 is mitmweb's UI port (make web)
   echo "warmturn: port $PORT on 127.0.0.1 is already in use (another make run, or another program)." >&2

@@ -19,9 +19,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DELAY_S = 0.5
 
 
+# What the bundled default model cannot do, said before anyone finds out the hard way (README, Quick start).
+DEFAULT_MODEL_NOTE = """
+
+The default model (SmolLM2-135M, 8K context) is for trying warmturn: it answers short questions, but it
+does not call tools (make claude's Read tool included) and often loops (the server stops a loop early).
+For real work serve a model that does: make run MODEL=org/name   (README, "Use your own model")"""
+
+
 def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, web: str = "",
-                root: str = ROOT) -> str:
-    """The banner for a proxy listening on 127.0.0.1:port (pure); `web` is mitmweb's UI URL, if any."""
+                root: str = ROOT, default_model: bool = False) -> str:
+    """The banner for a proxy listening on 127.0.0.1:port (pure); `web` is mitmweb's UI URL, if any;
+    `default_model`: the embedded server serves the bundled default model (say what it cannot do)."""
     served = "embedded MLX server (starting now; its log: %s)" % embedded_log if backend == "embedded" else backend
     capture = datetime.datetime.now().strftime(capture_file.replace("{date}", "%Y%m%d")) if capture_file else "off"
     web_line = f"\nmitmweb: {web}      (flows, the warmturn view, warmturn.export)" if web else ""
@@ -35,7 +44,7 @@ By hand, with your own claude (README, "Claude Code by hand"):
   ANTHROPIC_BASE_URL=http://127.0.0.1:{port} ANTHROPIC_API_KEY=warmturn-local \\
   CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC=1 DISABLE_AUTOUPDATER=1 \\
   CLAUDE_CONFIG_DIR=~/.cache/warmturn/claude-config claude --exclude-dynamic-system-prompt-sections
-Stop with Ctrl-C (the embedded server stops with it).
+Stop with Ctrl-C (the embedded server stops with it).{DEFAULT_MODEL_NOTE if default_model else ""}
 """
 
 
@@ -49,8 +58,10 @@ class Banner:
         if "web_port" in o:  # mitmweb: its URL (with the token when it was fixed with web_password)
             token = o.web_password if o.web_password and not o.web_password.startswith("$") else ""
             web = f"http://{o.web_host}:{o.web_port}/" + (f"?token={token}" if token else "  (the token: see above)")
-        print(banner_text(o.listen_port or 8080, getattr(o, "backend", "embedded"), getattr(o, "capture_file", ""),
-                          getattr(o, "embedded_log", ""), web), file=sys.stderr, flush=True)
+        backend = getattr(o, "backend", "embedded")
+        default_model = backend == "embedded" and "--model" not in getattr(o, "embedded_args", "")
+        print(banner_text(o.listen_port or 8080, backend, getattr(o, "capture_file", ""),
+                          getattr(o, "embedded_log", ""), web, default_model=default_model), file=sys.stderr, flush=True)
 
 
 addons = [Banner()]

@@ -7,16 +7,43 @@ backend adapter asks it for the current :class:`~addons.supervisor.EmbeddedServe
 
 from __future__ import annotations
 
+import json
+import logging
 import shlex
+import sys
 
 from mitmproxy import ctx, exceptions
 
 from .supervisor import EmbeddedServer, default_python
 
+logger = logging.getLogger(__name__)
+
+
+def exit_now(reason: str) -> None:
+    """The backend cannot start: say why in one line and end mitmproxy with exit code 1 (raised inside
+    the supervision task, SystemExit ends the event loop; mitmproxy still runs every addon's done hook)."""
+    logger.error("warmturn: %s. Fix that, then start again.", reason)
+    sys.exit(1)
+
+
+def load_warmup(path: str) -> list[dict]:
+    """The request bodies in an ``embedded_warmup`` file (a JSON list of objects); [] for no file."""
+    if not path:
+        return []
+    try:
+        with open(path, encoding="utf-8") as f:
+            bodies = json.load(f)
+    except (OSError, ValueError) as e:
+        raise exceptions.OptionsError(f"embedded_warmup: cannot read {path}: {e}") from e
+    if not isinstance(bodies, list) or not all(isinstance(b, dict) and b.get("messages") for b in bodies):
+        raise exceptions.OptionsError(f"embedded_warmup: {path} must hold a list of Messages request bodies")
+    return bodies
+
 
 class Supervise:
     def __init__(self) -> None:
         self.server: EmbeddedServer | None = None
+        self.warmup: list[dict] = []
         self._running = False
 
     def load(self, loader) -> None:
@@ -32,6 +59,15 @@ class Supervise:
                           "Log file of the embedded server (stdout and stderr).")
         loader.add_option("embedded_start_timeout", int, 600,
                           "Seconds to wait for the embedded server's /health before requests fail.")
+        loader.add_option("embedded_exit_on_failure", bool, False,
+                          "End mitmproxy (exit code 1, with one line saying why) when the embedded server fails "
+                          "before it ever served, instead of retrying and leaving the proxy without a backend "
+                          "(make run sets it).")
+        loader.add_option("embedded_warmup", str, "",
+                          "A JSON file holding a list of Messages request bodies, sent to the embedded server (one "
+                          "output token each) once it is ready, so that their prefix is prefilled (and persisted "
+                          "with --cache-dir) before the first real turn; empty = none. make run passes make "
+                          "claude's small-model prompt (warmturn/server/prefixes/).")
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
@@ -42,6 +78,8 @@ class Supervise:
                 raise exceptions.OptionsError(f"embedded_args: {e}") from e
         if "embedded_port" in updated and not 0 <= o.embedded_port <= 65535:
             raise exceptions.OptionsError(f"embedded_port must be 0..65535, not {o.embedded_port}")
+        if "embedded_warmup" in updated:
+            self.warmup = load_warmup(o.embedded_warmup)
         if "embedded_start_timeout" in updated and o.embedded_start_timeout <= 0:
             raise exceptions.OptionsError("embedded_start_timeout must be positive")
         if "backend" in updated and self._running:
@@ -62,7 +100,9 @@ class Supervise:
         if want and self.server is None:
             o = ctx.options
             self.server = EmbeddedServer(o.embedded_python or default_python(), shlex.split(o.embedded_args),
-                                         o.embedded_port, o.embedded_log, float(o.embedded_start_timeout))
+                                         o.embedded_port, o.embedded_log, float(o.embedded_start_timeout),
+                                         on_give_up=exit_now if o.embedded_exit_on_failure else None,
+                                         warmup=self.warmup)
             self.server.start()
         elif not want and self.server is not None:
             self.server.stop()

@@ -8,15 +8,21 @@ answering /health at a configured port is reused instead.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from warmturn.plumbing import free_port, openblas_env
 
 logger = logging.getLogger(__name__)
+
+# Server log lines shown on mitmproxy's console too (the rest stays in the log file): what a user must see.
+CONSOLE_MARKERS = ("repetition guard:",)
 
 ADDON_DIR = Path(__file__).resolve().parent
 PROJECT_DIR = ADDON_DIR.parents[1]
@@ -44,11 +50,44 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
         writer.close()
 
 
+async def post_json(host: str, port: int, path: str, body: dict, headers: dict[str, str] | None = None,
+                    timeout: float = 600.0) -> tuple[int, Any]:
+    """POST a JSON body (stdlib asyncio, no client library): (status, parsed JSON answer or None)."""
+    data = json.dumps(body).encode()
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 10)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: {len(data)}\r\n{extra}Connection: close\r\n\r\n".encode() + data)
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), timeout)  # Connection: close: the answer ends with EOF
+    finally:
+        writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    parts = head.split(b"\r\n", 1)[0].split()
+    status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+    if b"transfer-encoding: chunked" in head.lower():
+        chunks, rest = [], payload
+        while rest:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0] or b"0", 16)
+            if size == 0:
+                break
+            chunks.append(rest[:size])
+            rest = rest[size + 2:]
+        payload = b"".join(chunks)
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, None
+
+
 class EmbeddedServer:
     """One supervised `python -m warmturn.server` child (or a reused running server)."""
 
     def __init__(self, python: str, args: list[str], port: int, log_path: str,
-                 start_timeout_s: float = 300.0, host: str = "127.0.0.1") -> None:
+                 start_timeout_s: float = 300.0, host: str = "127.0.0.1",
+                 on_give_up: Callable[[str], None] | None = None, warmup: Sequence[dict] = ()) -> None:
         self.python = python
         self.args = args
         self.host = host
@@ -61,6 +100,14 @@ class EmbeddedServer:
         self.restarts = 0
         self.last_error: str | None = None
         self.gave_up = False  # a crash loop: no more restarts until the backend option changes
+        # Called instead of the crash-loop handling when the server fails before ever being healthy
+        # (make run: end mitmdump at once with one line, not three restarts and a listening proxy).
+        self.on_give_up = on_give_up
+        # Request bodies sent once the server is ready, to prefill (and with --cache-dir persist) a
+        # prefix every client sends (make run: make claude's small-model profile), so its first turn is warm.
+        self.warmup = list(warmup)
+        self._warming: asyncio.Task | None = None
+        self._following: asyncio.Task | None = None
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()  # set on every state change (ready, failed), then replaced
         self._failed = False  # the current child exited (or timed out) before getting healthy
@@ -107,6 +154,15 @@ class EmbeddedServer:
             self._ready.clear()  # died since the last supervision tick (restarted by _supervise)
         return self._ready.is_set()
 
+    def failure_line(self) -> str:
+        """One line for a server that could not start: its exit and the last line it logged (for a
+        traceback, the exception), with where the full log is."""
+        last = self.log_tail(1) if not self._timed_out else ""
+        rc = self.proc.returncode if self.proc is not None else None
+        what = (f"not healthy after {self.start_timeout_s:.0f} s" if self._timed_out
+                else f"exited with code {rc}" if rc is not None else "could not start")
+        return f"the embedded server {what}" + (f": {last.strip()}" if last else "") + f" (its log: {self.log_path})"
+
     def log_tail(self, lines: int = 8) -> str:
         """The last lines of the server's log (what it said before exiting)."""
         try:
@@ -136,6 +192,8 @@ class EmbeddedServer:
                 logger.error("warmturn: %s", self.last_error)
                 self.gave_up = True
                 self._signal()
+                if self.on_give_up is not None:
+                    self.on_give_up(self.last_error)
                 return
             self._failed = False
             self._timed_out = False
@@ -146,6 +204,10 @@ class EmbeddedServer:
                 self._ready.set()
                 self._signal()
                 logger.info("warmturn: embedded server ready at %s (log: %s)", self.base_url, self.log_path)
+                if self.warmup:
+                    self._warming = asyncio.get_running_loop().create_task(self._warm())
+                if self._following is None:
+                    self._following = asyncio.get_running_loop().create_task(self._follow_log())
             while self.proc is not None and self.proc.poll() is None and not self._stopping:
                 await asyncio.sleep(0.5)
             self._ready.clear()
@@ -160,6 +222,11 @@ class EmbeddedServer:
             # One that served and then died is restarted, and requests wait for the new one.
             self._failed = not healthy
             early_exits = 0 if healthy else early_exits + 1
+            if not healthy and self.on_give_up is not None:
+                self.gave_up = True
+                self._signal()
+                self.on_give_up(self.failure_line())
+                return
             # Exit code 2 is a usage error (bad flag, unsafe --cache-dir, empty key): restarting
             # cannot help. Three exits in a row before ever getting healthy: a crash loop.
             if not healthy and (rc == 2 or early_exits >= 3):
@@ -175,6 +242,51 @@ class EmbeddedServer:
                 backoff = 1.0
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+
+    async def _follow_log(self, every_s: float = 1.0) -> None:
+        """Repeat the server's log lines that carry a CONSOLE_MARKERS text on mitmproxy's console."""
+        try:
+            offset = os.path.getsize(self.log_path)
+        except OSError:
+            offset = 0
+        while not self._stopping:
+            await asyncio.sleep(every_s)
+            try:
+                if os.path.getsize(self.log_path) < offset:  # truncated or replaced: start over
+                    offset = 0
+                with open(self.log_path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read()
+            except OSError:
+                continue
+            data = data[:data.rfind(b"\n") + 1]  # whole lines only; the rest next time
+            offset += len(data)
+            for line in data.decode("utf-8", "replace").splitlines():
+                for marker in CONSOLE_MARKERS:
+                    if marker in line:
+                        logger.warning("warmturn: %s", line[line.index(marker):])
+
+    async def _warm(self) -> None:
+        """Send the warm-up bodies (one output token each) and log what they cost and reused."""
+        t0 = time.monotonic()
+        read = created = 0
+        key = os.environ.get("WARMTURN_API_KEY", "").strip()
+        for body in self.warmup:
+            try:
+                status, answer = await post_json(self.host, self.port, "/v1/messages",
+                                                 {**body, "max_tokens": 1, "stream": False},
+                                                 {"x-api-key": key} if key else None)
+            except (OSError, asyncio.TimeoutError, ValueError) as e:
+                logger.warning("warmturn: warm-up request failed (%s): the first turn will be cold", e)
+                return
+            usage = answer.get("usage") if isinstance(answer, dict) else None
+            if status != 200 or not isinstance(usage, dict):
+                logger.warning("warmturn: warm-up request answered %s: the first turn will be cold", status)
+                return
+            read += int(usage.get("cache_read_input_tokens") or 0)
+            created += int(usage.get("cache_creation_input_tokens") or 0) + int(usage.get("input_tokens") or 0)
+        logger.info("warmturn: warmed make claude's small-model prompt in %.1f s (%d tokens read from the cache, "
+                    "%d computed): the first turn starts warm", time.monotonic() - t0, read, created)
 
     async def _await_health(self) -> bool:
         deadline = time.monotonic() + self.start_timeout_s
@@ -259,6 +371,9 @@ class EmbeddedServer:
         self._ready.clear()
         if self._task is not None:
             self._task.cancel()
+        for task in (self._warming, self._following):
+            if task is not None:
+                task.cancel()
         self._close_lifeline()
         self._terminate()
         self._signal()

@@ -37,6 +37,11 @@ def sampling_defaults(args: argparse.Namespace) -> tuple[float, int]:
     return temperature, cap
 
 
+def repetition_guard_on(args: argparse.Namespace) -> bool:
+    """--repetition-guard / --no-repetition-guard, else on with the bundled default model only."""
+    return args.repetition_guard if args.repetition_guard is not None else args.model is None
+
+
 def make_store(args: argparse.Namespace, model: Any):
     """The cross-request prefix KV store (``server.cache``), or None for ``--no-cache``."""
     if args.no_cache:
@@ -109,17 +114,22 @@ def build_state(args: argparse.Namespace):
     renderer.history_marks = bool(getattr(engine.store, "stateful", False))
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
-    name = args.served_model_name or model_dir.name
+    # (a Hugging Face cache snapshot is named after its commit: serve it under the repository's name)
+    hf_snapshot = model_dir.parent.name == "snapshots" and model_dir.parent.parent.name.startswith("models--")
+    name = args.served_model_name or (model_dir.parent.parent.name.split("--")[-1] if hf_snapshot else model_dir.name)
     temperature, cap = sampling_defaults(args)
     log.info("serving %s: context %d tokens, tool calls %s, tools via %s, prefix order %s", name, ctx,
              fmt.name, "chat template" if renderer.template_tools else "system prompt (hermes)", args.prefix_order)
-    log.info("requests without a temperature use %s; output %s", "greedy decoding" if temperature == 0 else
-             f"temperature {temperature:g}", f"capped at {cap} tokens per turn" if cap else "limited by the context only")
+    log.info("requests without a temperature use %s; output %s; repetition guard %s", "greedy decoding"
+             if temperature == 0 else f"temperature {temperature:g}",
+             f"capped at {cap} tokens per turn" if cap else "limited by the context only",
+             "on" if repetition_guard_on(args) else "off")
     return ServerState(engine=engine, renderer=renderer, model_id=name, context_length=ctx, tool_format=fmt,
                        api_key=args.api_key, bind_host=args.host, allowed_hosts=tuple(args.allowed_hosts),
                        max_body_bytes=args.max_body_bytes,
                        request_timeout=args.request_timeout, default_temperature=temperature,
-                       max_output_tokens=cap, ping_interval=args.ping_interval)
+                       max_output_tokens=cap, ping_interval=args.ping_interval,
+                       repetition_guard=repetition_guard_on(args))
 
 
 def _positive_seconds(text: str) -> float:
@@ -194,6 +204,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="stop every turn after this many output tokens, with stop_reason max_tokens, whatever "
                         "max_tokens the request asks for; 0 = no cap beyond the context (default: "
                         f"{DEFAULT_MODEL_OUTPUT_CAP} with the bundled default model, else 0)")
+    p.add_argument("--repetition-guard", action=argparse.BooleanOptionalAction, default=None,
+                   help="end an answer that has started to loop (the same text repeated back to back, 3 times or "
+                        "more over 160+ characters) at once, with stop_reason max_tokens and a warning in the log "
+                        "(default: on with the bundled default model, else off)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="seconds a request may take, queue wait included (default: 600)")
     p.add_argument("--ping-interval", type=_positive_seconds, default=5.0,

@@ -249,7 +249,7 @@ def convert_gguf(gguf: Path, out_dir: Path, quantized: bool) -> Path:
 
     t0 = time.monotonic()
     _progress(f"converting {gguf.name} -> {out_dir} ({'4-bit' if quantized else 'float32'}) ...")
-    weights, meta = mx.load(str(gguf), return_metadata=True)
+    weights, meta = mx.load(str(gguf), format="gguf", return_metadata=True)  # an Ollama blob has no suffix
     config = gguf_config(meta)
     renamed = {_rename(k): v for k, v in weights.items()}
     out: dict[str, mx.array] = {}
@@ -291,32 +291,29 @@ def convert_gguf(gguf: Path, out_dir: Path, quantized: bool) -> Path:
     return out_dir
 
 
-def gguf_model_dir(gguf: Path, quantized: bool | None = None) -> Path:
-    """Return (converting once if needed) the cached mlx-lm directory for a GGUF file."""
+def gguf_model_dir(gguf: Path, quantized: bool | None = None, name: str | None = None) -> Path:
+    """Return (converting once if needed) the cached mlx-lm directory for a GGUF file (named after
+    ``name``, default the file's stem)."""
     if quantized is None:
         quantized = is_gpu_backend()
     digest = file_sha256(gguf)[:16]
-    out = cache_root() / "models" / f"{gguf.stem}-{digest}-{'q4' if quantized else 'f32'}"
+    out = cache_root() / "models" / f"{name or gguf.stem}-{digest}-{'q4' if quantized else 'f32'}"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     return convert_gguf(gguf, out, quantized)
 
 
 def resolve_model(model: str | None) -> Path:
-    """Map ``--model`` to a loadable mlx-lm directory: None -> default model; a ``.gguf`` -> converted."""
+    """Map ``--model`` to a loadable mlx-lm directory: None -> default model; a ``.gguf`` -> converted;
+    a name (``org/name``, ``name:tag``) -> found offline where users keep models (:mod:`.locate`)."""
+    from warmturn.server.locate import locate
+
     if not model:
         return gguf_model_dir(find_default_gguf())
-    p = Path(model).expanduser()
-    if p.is_file() and p.suffix == ".gguf":
-        return gguf_model_dir(p)
-    if p.is_dir():
-        if not (p / "config.json").is_file():
-            raise FileNotFoundError(f"{p} is not an mlx-lm model directory (no config.json)")
-        return p
-    raise FileNotFoundError(
-        f"model {model!r} not found: pass an mlx-lm model directory or a .gguf file "
-        "(warmturn never downloads weights)"
-    )
+    found = locate(model)
+    if found.kind == "gguf":
+        return gguf_model_dir(found.path, name=None if found.source == "path" else found.label)
+    return found.path
 
 
 def main(argv: list[str] | None = None) -> int:

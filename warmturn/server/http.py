@@ -64,6 +64,7 @@ from warmturn.protocol import (
     page_models,
     side_request,
 )
+from warmturn.server.repetition import RepetitionGuard
 from warmturn.server.toolcalls import OutputAssembler, ToolCallFormat
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,7 @@ class ServerState:
     body_idle_timeout: float = BODY_IDLE_SECONDS  # a request body stalled this long is a 408 (server/guard.py)
     vocab_size: int = 0  # the model's logits width (top_k at or above it is sent as 0); 0: the engine's model's
     ping_interval: float = 5.0  # seconds between `ping` events while a stream waits for its first token
+    repetition_guard: bool = False  # end a looping answer early as max_tokens (server/repetition.py)
 
     def __post_init__(self) -> None:
         if self.renderers is None:
@@ -506,6 +508,7 @@ async def events(state: ServerState, call: Call, stream: MessageStream,
     outcome = "cancelled"
     output_tokens = 0
     held = ""  # a trailing U+FFFD: released by the next piece, dropped at the end (hold_replacement_tail)
+    guard = RepetitionGuard() if state.repetition_guard else None
     try:
         for ev in stream.start():
             yield ev
@@ -523,6 +526,16 @@ async def events(state: ServerState, call: Call, stream: MessageStream,
                 evs, stop_hit = asm.feed(text)
                 for ev in evs:
                     yield ev
+                loop = guard.feed(text) if guard is not None and not stop_hit else None
+                if loop is not None:  # a looping answer: end it now, honestly incomplete (max_tokens)
+                    call.gen.cancel.set()
+                    log.warning("repetition guard: %s ended after %d output tokens: its answer repeats %r %d times "
+                                "(stop_reason max_tokens; --no-repetition-guard turns this off)", call.gen.request_id,
+                                output_tokens, loop.unit[:60], loop.repeats)
+                    for ev in asm.finish("length", output_tokens):
+                        yield ev | extra if extra and ev["type"] == "message_delta" else ev
+                    outcome = "repetition"
+                    return
                 if stop_hit:
                     call.gen.cancel.set()
                     for ev in asm.finish("stop", output_tokens):
