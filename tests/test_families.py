@@ -322,3 +322,50 @@ def test_family_is_reported(loaded, engines):
     assert info["family"] == "hybrid" and info["layers"] == {"ArraysCache": 1, "KVCache": 1}
     assert "marked points" in info["policy"]
     assert engines("llama").cache_info()["family"] == "attention"
+
+
+# --------------------------------------------------------------------------- through the real server
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen3_next"])
+def test_real_server_turns_and_restart(family, family_dir, tmp_path):
+    """`python -m warmturn.server --model DIR --cache-dir D` on a window and a hybrid model, the
+    anthropic SDK as the client: turns 2 and 3 read >= 99% of the previous prompt, and after a
+    restart a new conversation reads system+tools from disk."""
+    import anthropic
+    import httpx
+
+    from tests.test_cache_http import start_server, stop
+
+    d = family_dir(family)
+    flags = ("--model", str(d), "--cache-dir", str(tmp_path / "kv"), "--default-temperature", "0")
+    proc, url = start_server(*flags)
+    try:
+        health = httpx.get(f"{url}/health", timeout=5).json()
+        client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0, timeout=300)
+        msgs: list[dict] = []
+        prompts = []
+        for n, text in enumerate(["Write a function.", "Make it faster.", "Add a test."]):
+            msgs.append({"role": "user", "content": text})
+            m = client.messages.create(model="claude-opus-5-5", max_tokens=6, system=SYSTEM, messages=msgs)
+            u = m.usage
+            total = u.input_tokens + (u.cache_read_input_tokens or 0) + (u.cache_creation_input_tokens or 0)
+            if n:
+                assert (u.cache_read_input_tokens or 0) >= 0.99 * prompts[-1], (n, u, prompts)
+            prompts.append(total)
+            msgs.append({"role": "assistant", "content": "".join(b.text for b in m.content if b.type == "text") or "ok"})
+    finally:
+        stop(proc)
+    assert health["cache"]["family"] == ("sliding-window" if family == "gemma3_text" else "hybrid")
+    proc, url = start_server(*flags)
+    try:
+        client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0, timeout=300)
+        m = client.messages.create(model="claude-opus-5-5", max_tokens=4, system=SYSTEM,
+                                   messages=[{"role": "user", "content": "Something new."}])
+        system_only = client.messages.count_tokens(model="claude-opus-5-5", system=SYSTEM,
+                                                   messages=[{"role": "user", "content": "x"}]).input_tokens
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+    finally:
+        stop(proc)
+    assert (m.usage.cache_read_input_tokens or 0) >= system_only - 12  # the system+tools checkpoint
+    assert "warmturn_cache_disk_loads 1.0" in metrics
