@@ -39,7 +39,7 @@ test: setup  ## run the test suite (pytest exit code 5 = no tests is a failure)
 test-browser: setup  ## opt-in: mitmweb's warmturn view in headless chromium (installs chromium and playwright)
 	@ARGS=$(call shq,ARGS) bash scripts/exec_args.sh bash scripts/test_browser.sh
 
-check-install: setup  ## opt-in, minutes: pip install . into a fresh venv, then report + smoke bench from outside the repo
+check-install: setup  ## opt-in, minutes: pip install '.[server,analysis,bench]' into a fresh venv, then report + smoke bench from outside the repo (the addon alone: make test)
 	@bash scripts/check_install.sh
 
 report: setup  ## build report/ from captures/ (or the bundled sample capture)
