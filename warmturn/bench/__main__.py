@@ -22,6 +22,8 @@ from pathlib import Path
 from warmturn.bench import procs
 from warmturn.bench.arms import ROOT, ArmRun, BenchTimeout, Context, all_arms
 from warmturn.bench.concurrent import ideal_prefill, run_concurrent, select_peers
+from warmturn.bench.families import build_workload, family_table, overview_table, run_families, select_families, \
+    select_servers
 from warmturn.bench.peer_model import peer_model_dir
 from warmturn.bench.scenarios import SCENARIOS, build_scenarios
 from warmturn.bench.summary import ratios, summarize_arm, table, write_csv
@@ -69,6 +71,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tools (default): when the model's chat template ignores tools, the peers load a copy "
                         "whose template renders them as warmturn's server does, so every server prefills the "
                         "same prompt; native: the model's own template (peers then drop the tool schemas)")
+    p.add_argument("--families", default="",
+                   help="opt-in, minutes: the model-family comparison (issue 18) on tiny random models of each "
+                        "family, warmturn (solo and --no-solo) beside mlx_lm.server (batched and seeded solo): "
+                        "'all' or comma-separated mlx-lm model types (llama, gemma3_text, qwen3_5...). With it, "
+                        "--arms and --scenarios default to none")
+    p.add_argument("--family-servers", default="",
+                   help="servers of --families, comma-separated (default all: warmturn-solo, warmturn-batched, "
+                        "mlx_lm-batched, mlx_lm-solo)")
+    p.add_argument("--family-target-tokens", type=int, default=1500,
+                   help="system+tools prefix tokens of --families (default 1500)")
+    p.add_argument("--family-turns", type=int, default=3, help="conversation turns of --families (default 3)")
+    p.add_argument("--family-max-tokens", type=int, default=8, help="max_tokens per request of --families "
+                                                                    "(default 8), greedy")
+    p.add_argument("--family-concurrent", type=int, default=3,
+                   help="requests sent at once on a fresh prefix in --families (default 3)")
+    p.add_argument("--family-history", choices=["own", "scripted"], default="own",
+                   help="what the next turn's history carries as the assistant's answer: the server's own answer "
+                        "(default, as Claude Code re-sends it) or one fixed text for every server")
     p.add_argument("--time-limit", type=float, help="seconds; no request starts after it (default 3600; "
                                                     "smoke 600)")
     p.add_argument("--request-timeout", type=float, default=900.0, help="seconds per request (default 900)")
@@ -79,6 +99,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                             "else ./warmturn-bench-results/<UTC timestamp>)")
     args = p.parse_args(argv)
     smoke = args.smoke
+    if args.families:  # the family comparison alone unless arms or scenarios are asked for too
+        args.arms = args.arms or "none"
+        args.scenarios = "none" if args.scenarios is None else args.scenarios
     args.target_tokens = args.target_tokens or (300 if smoke else 2000)
     args.turns = args.turns or (2 if smoke else None)
     args.max_tokens = args.max_tokens or (4 if smoke else 8)
@@ -227,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd), vllm=args.vllm)
     scenario_keys = select_scenarios(args.scenarios)
     peers = select_peers(args.peers, vllm_mlx=bool(args.vllm_mlx_cmd)) if scenario_keys else []
+    families = select_families(args.families) if args.families else []
+    family_servers = select_servers(args.family_servers) if families else []
+    family_workload = build_workload(fixture, make_counter(resolve_model(None)), args.family_target_tokens,
+                                     args.family_turns, args.family_max_tokens, args.family_concurrent,
+                                     args.family_history) if families else None
     scenarios = build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
                                 args.title_max_tokens, args.decode_tokens, compact=args.smoke)
     meta = {"date": stamp, "command": "python -m warmturn.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
@@ -236,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
             "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in arms],
             "scenarios": scenario_keys, "peers": peers, "replay_target_tokens": args.replay_target_tokens,
             "replay_max_tokens": args.replay_max_tokens, "title_max_tokens": args.title_max_tokens,
-            "decode_tokens": args.decode_tokens}
+            "decode_tokens": args.decode_tokens, "families": families, "family_servers": family_servers}
+    if family_workload is not None:
+        meta.update({"family_prefix_tokens": family_workload.prefix_tokens, "family_turns": args.family_turns,
+                     "family_max_tokens": args.family_max_tokens, "family_concurrent": args.family_concurrent,
+                     "family_history": args.family_history})
     progress(f"warmturn bench → {out_dir}")
     progress(f"model {model}; prefix ~{session.prefix_tokens['main']} tokens (subagent "
              f"~{session.prefix_tokens['subagent']}); {len(session.requests)} requests per session; "
@@ -246,7 +278,14 @@ def main(argv: list[str] | None = None) -> int:
                  f"~{args.replay_target_tokens} tokens, max_tokens {args.replay_max_tokens} (title "
                  f"{args.title_max_tokens}, decode streams {args.decode_tokens}), greedy")
 
+    if families:
+        progress(f"families: {', '.join(families)} on {', '.join(family_servers)}; prefix "
+                 f"~{family_workload.prefix_tokens} tokens, {args.family_turns} turns ({args.family_history} "
+                 f"answers in the history), max_tokens {args.family_max_tokens}, greedy; "
+                 f"{args.family_concurrent} concurrent")
     rows: list[dict] = []
+    fam_rows: list[dict] = []
+    fam_summaries: list[dict] = []
     conc_rows: list[dict] = []
     conc_infos: list[dict] = []
     skipped: list[str] = []
@@ -271,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
         if scenarios:
             conc_ctx = dataclasses.replace(ctx, capture_file=out_dir / "captures-concurrent.jsonl")
             conc_rows, conc_infos, failed = run_concurrent(scenarios, peers, conc_ctx, args.repeats, out_dir)
+            skipped += failed
+        if families:
+            fam_rows, fam_summaries, failed = run_families(families, family_servers, family_workload, ctx,
+                                                           args.floor_repeats, args.no_floor)
             skipped += failed
     except BenchTimeout:
         pass
@@ -310,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
         target_rows = targets(conc_summaries, {s["arm"]: s for s in summaries if s["requests"]}, names)
         text += ("\n\n" if text else "") + "Concurrent replay\n\n" + concurrent_table(conc_summaries)
         text += "\n\nIssue 13 targets\n\n" + targets_table(target_rows)
+    if fam_summaries:
+        text += (("\n\n" if text else "") + "Model families (issue 18): warm share per turn, warmturn vs "
+                 "mlx_lm.server\n\n" + overview_table(fam_summaries, family_servers)
+                 + "\n\n" + family_table(fam_summaries))
     meta["elapsed_s"] = round(time.monotonic() - t0, 1)
     meta["skipped"] = skipped
     meta["interrupted"] = interrupted
@@ -326,6 +373,9 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(out_dir / "concurrent.csv", conc_rows)
         write_csv(out_dir / "concurrent_summary.csv", conc_summaries)
         write_csv(out_dir / "targets.csv", target_rows)
+    if fam_rows:
+        write_csv(out_dir / "families.csv", fam_rows)
+        write_csv(out_dir / "families_summary.csv", fam_summaries)
     (out_dir / "table.md").write_text(text + "\n")
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
     charts = [] if args.no_report or interrupted else run_analysis(ctx.capture_file, out_dir, progress)
@@ -336,7 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     if skipped:
         print("skipped or failed: " + "; ".join(skipped))
     print(f"results: {out_dir} (requests.csv, summary.csv, ratios.csv, floor.csv, "
-          f"{'concurrent.csv, concurrent_summary.csv, targets.csv, ' if conc_rows else ''}table.md, meta.json"
+          f"{'concurrent.csv, concurrent_summary.csv, targets.csv, ' if conc_rows else ''}"
+          f"{'families.csv, families_summary.csv, ' if fam_rows else ''}table.md, meta.json"
           f"{', report/' if charts else ''})")
     for c in charts:
         print(f"chart: {c}")

@@ -21,7 +21,7 @@ from pathlib import Path
 def measure(model_dir: str, text: str, pairs: list[tuple[int, int]], repeats: int = 3) -> list[dict]:
     import mlx.core as mx
     from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache, trim_prompt_cache
+    from mlx_lm.models.cache import can_trim_prompt_cache, make_prompt_cache, trim_prompt_cache
 
     model, tokenizer = load(model_dir)
     base = tokenizer.encode(text)
@@ -41,25 +41,34 @@ def measure(model_dir: str, text: str, pairs: list[tuple[int, int]], repeats: in
 
     forward(ids[:8], make_prompt_cache(model))  # first-call overhead out of the way
 
+    def build(cache, cur: int, upto: int) -> int:
+        while cur < upto:  # fill the cache up to `upto` tokens (not timed)
+            step = min(512, upto - cur)
+            forward(ids[cur:cur + step], cache)
+            cur += step
+        return cur
+
     cache = make_prompt_cache(model)
     cur = 0
     results: dict[int, dict] = {}
     for i in sorted(range(len(pairs)), key=lambda k: pairs[k][0]):
         cached, new = pairs[i]
         new = max(new, 1)  # a full hit still recomputes the last token
-        if cur > cached:
-            trim_prompt_cache(cache, cur - cached)
-            cur = cached
-        while cur < cached:  # build the cache up to `cached` tokens (not timed)
-            step = min(512, cached - cur)
-            forward(ids[cur:cur + step], cache)
-            cur += step
         samples = []
         for _ in range(max(1, repeats)):
+            # Full-attention caches are cut back to `cached` after each sample. Window and state
+            # caches (RotatingKVCache past its window, ArraysCache) cannot be cut back: those are
+            # built anew up to `cached` before each sample.
+            if cur > cached and can_trim_prompt_cache(cache):
+                trim_prompt_cache(cache, cur - cached)
+                cur = cached
+            elif cur > cached:
+                cache, cur = make_prompt_cache(model), 0
+            cur = build(cache, cur, cached)
             t0 = time.perf_counter()
             forward(ids[cached:cached + new], cache)
             samples.append((time.perf_counter() - t0) * 1000.0)
-            trim_prompt_cache(cache, new)
+            cur += new
         results[i] = {"cached": cached, "new": new, "floor_ms": statistics.median(samples), "samples_ms": samples}
     return [results[i] for i in range(len(pairs))]
 

@@ -101,7 +101,7 @@ def build_state(args: argparse.Namespace):
                     decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
                     prefill_step_size=args.prefill_step_size, dedup_min_tokens=args.dedup_min_tokens,
                     progress_every=args.prefill_progress_seconds, arrival_window=args.arrival_window_ms / 1000,
-                    prefill_order=args.prefill_order, metrics=Metrics())
+                    prefill_order=args.prefill_order, solo=not args.no_solo, metrics=Metrics())
     renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
     family = engine.cache_family
     layers = ", ".join(f"{n} {k}" for k, n in family.layers.items())
@@ -187,6 +187,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="who reads its prompt first: shortest (the shortest remaining prompt first, short prompts "
                         "sharing a step, a title request after the turns; docs/server.md) or arrival (every "
                         "admitted prompt at once, one chunk each per step, as mlx_lm.server) (default: shortest)")
+    p.add_argument("--no-solo", action="store_true",
+                   help="serve a lone request in the batch too, as concurrent ones, instead of outside it the way "
+                        "mlx-lm's generate_step serves one (for A/B measurements: make bench --families)")
     p.add_argument("--arrival-window-ms", type=float, default=100.0,
                    help="a request that would start alone waits up to this long for requests still being read "
                         "and tokenized at that moment, so requests sent together start together; 0 = never wait "
