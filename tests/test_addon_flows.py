@@ -57,7 +57,7 @@ def listener():
 
 class Chain:
     """warmturn's addon chain as mitmproxy runs it: every hook goes through the real AddonManager,
-    so each of the six addons sees it in order."""
+    so each addon sees it in order."""
 
     def __init__(self, tctx: taddons.context, addons: list) -> None:
         self.tctx, self.addons = tctx, addons
@@ -114,7 +114,7 @@ def test_script_loads_and_registers_options():
     with taddons.context() as tctx:
         sc = tctx.script(str(ROOT / "addons" / "normalize.py"))
         assert [type(a).__name__ for a in sc.addons] == ["Gate", "Normalize", "Route", "Tap", "Capture", "Console",
-                                                            "Supervise", "Scrub"]
+                                                            "Supervise", "Scrub", "Freeze"]
         for name in ("backend", "backend_api", "normalize", "capture_file", "volatile_patterns", "allow_remote",
                      "client_api_key", "backend_api_key", "embedded_python", "embedded_port"):
             assert name in tctx.options

@@ -123,3 +123,49 @@ def test_child_that_never_gets_healthy_is_terminated(tmp_path):
     except ProcessLookupError:
         alive = False
     assert not alive
+
+
+def test_the_supervise_and_route_addons_meet_only_through_declared_hooks(tmp_path):
+    """The whole addon chain (mitmproxy's test master): route announces the parsed `backend`
+    (warmturn_backend), supervise starts or stops the embedded server and announces it
+    (warmturn_embedded_server), and requests reach that server through the relay. Neither reads
+    the other's options nor holds the other. The server is a real /health listener, reused."""
+    from mitmproxy import hooks
+    from mitmproxy.test import taddons
+
+    from tests.test_addon_flows import make_flow
+    from warmturn.addons.normalize import make_addons
+    from warmturn.addons.route import Route
+    from warmturn.addons.state import FlowState
+    from warmturn.addons.supervise import Supervise
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    addons = make_addons()
+    [route] = [a for a in addons if isinstance(a, Route)]
+    [supervise] = [a for a in addons if isinstance(a, Supervise)]
+
+    async def main(tctx):
+        tctx.configure(route, backend="embedded", embedded_port=port, capture_file="")
+        await tctx.master.addons.trigger_event(hooks.RunningHook())
+        server = supervise.server
+        assert server is not None and route.embedded is server
+        assert await server.wait_ready(10) and server.reused
+        f = make_flow({"model": "m", "messages": []})
+        for hook in (addons[0].request, addons[1].request, route.request):
+            await hook(f)
+        assert f.response is None and (f.request.host, f.request.port) == ("127.0.0.1", route.relay.port)
+        assert FlowState.of(f).upstream == f"http://127.0.0.1:{port}/v1/messages?beta=true"
+        assert FlowState.of(f).backend == "embedded"
+        tctx.configure(route, backend="http://127.0.0.1:9")  # another backend: the server goes
+        assert supervise.server is None and route.embedded is None
+        tctx.configure(route, backend="embedded")
+        assert supervise.server is not None and route.embedded is supervise.server
+        await tctx.master.addons.trigger_event(hooks.DoneHook())
+
+    try:
+        with taddons.context(*addons) as tctx:
+            asyncio.run(main(tctx))
+    finally:
+        httpd.shutdown()

@@ -170,18 +170,17 @@ class AnthropicAdapter:
 class EmbeddedAdapter(AnthropicAdapter):
     """The embedded ``python -m warmturn.server`` (Anthropic API), started and watched by the supervise addon."""
 
-    def __init__(self, server: Callable[[], EmbeddedServer | None], start_timeout: Callable[[], float],
-                 api_key: str = "", model: str = "", reachable: Probe = can_connect) -> None:
+    def __init__(self, server: Callable[[], EmbeddedServer | None], api_key: str = "", model: str = "",
+                 reachable: Probe = can_connect) -> None:
         super().__init__(routing.Backend("embedded"), api_key, model, reachable)
         self._server = server
-        self._start_timeout = start_timeout
 
     async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
         server = self._server()
         if server is None:
             return error_response(503, "warmturn: embedded backend is not running")
         for _ in range(3):
-            if not server.is_ready() and not await server.wait_ready(self._start_timeout()):
+            if not server.is_ready() and not await server.wait_ready(server.start_timeout_s):
                 break
             if await self.reachable(server.host, server.port):
                 break
@@ -270,11 +269,11 @@ class OpenAIAdapter(AnthropicAdapter):
 
 def make_adapter(target: routing.Backend, api: str, *, api_key: str = "", model: str = "",
                  server: Callable[[], EmbeddedServer | None] = lambda: None,
-                 start_timeout: Callable[[], float] = lambda: 600.0, reachable: Probe = can_connect) -> BackendAdapter:
+                 reachable: Probe = can_connect) -> BackendAdapter:
     """The adapter for the ``backend`` / ``backend_api`` options. The embedded server speaks
     Anthropic's API and ``passthrough`` keeps the real one, whatever ``backend_api`` says."""
     if target.kind == "embedded":
-        return EmbeddedAdapter(server, start_timeout, api_key, model, reachable)
+        return EmbeddedAdapter(server, api_key, model, reachable)
     if api == "openai" and target.kind == "url":
         return OpenAIAdapter(target, api_key, model, reachable)
     return AnthropicAdapter(target, api_key, model, reachable)

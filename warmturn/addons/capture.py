@@ -244,9 +244,6 @@ class Capture:
             except ValueError as e:
                 raise exceptions.OptionsError(f"capture_file: {e}") from e
 
-    def done(self) -> None:
-        FlowState.freeze_all()  # runs before mitmproxy's Save addon writes the unfinished flows
-
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live:
             self._finish(flow)
@@ -274,7 +271,6 @@ class Capture:
                 append_record(path, record)
             except OSError as e:
                 logger.log(ALERT, "warmturn: cannot write capture %s: %s", path, e)
-        state.freeze(flow)
 
     @command.command("warmturn.export")
     def export(self, flows: Sequence[flow.Flow], path: mitmproxy.types.Path) -> str:

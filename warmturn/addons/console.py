@@ -6,7 +6,7 @@
 
 Refusals and errors are logged as warnings, with the backend's own message (which names the served
 model, its context, the request's size and the fix for an over-context prompt). Reads the flow's
-:class:`~addons.state.FlowState` after the capture addon wrote it; standard library and mitmproxy only.
+:class:`~addons.state.FlowState`; standard library and mitmproxy only.
 """
 
 from __future__ import annotations

@@ -151,8 +151,7 @@ class Gate:
             flow.response = error_response(400, f"Transfer-Encoding: {', '.join(codings)} is not supported: send "
                                                 "the body plain (chunked or with a Content-Length)")
             return
-        state = FlowState(kind=request_kind(req.path), path=req.path, mode=routing.mode_of(flow),
-                          backend=o.backend.strip(), backend_api=o.backend_api, normalize=o.normalize)
+        state = FlowState(kind=request_kind(req.path), path=req.path, mode=routing.mode_of(flow))
         state.t.request = req.timestamp_end or time.time()
         state.attach(flow)
         if o.client_api_key and not client_key_ok(req, o.client_api_key):

@@ -38,6 +38,7 @@ def parse_body(raw: bytes) -> object:
 class Normalize:
     def __init__(self) -> None:
         self.rules = rules.Rules.make()
+        self.enabled = True
 
     def load(self, loader) -> None:
         loader.add_option("normalize", bool, True,
@@ -59,6 +60,8 @@ class Normalize:
                           "Only the name and id change; every instruction stays.")
 
     def configure(self, updated: set[str]) -> None:
+        if "normalize" in updated:
+            self.enabled = ctx.options.normalize
         if updated & {"volatile_patterns", "volatile_fragments", "volatile_headers", "canonical_model_identity"}:
             o = ctx.options
             try:
@@ -68,8 +71,11 @@ class Normalize:
                 raise exceptions.OptionsError(str(e)) from e
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        state = FlowState.pending(flow)
+        state = FlowState.admitted(flow)
         if state is None:
+            return
+        state.normalize = self.enabled
+        if flow.response or flow.error:
             return
         req = flow.request
         raw = req.get_content(strict=False) or b""

@@ -7,7 +7,10 @@ project's stdlib-only `warmturn/` package (found through the repository root bel
 
 Small addons, in hook order: gate (who and what), normalize (strip), route (the backend
 adapter), tap (stream timing and usage), capture (JSONL), console (one line per flow), supervise (the
-embedded server), scrub (credentials out of URLs once sent, before mitmdump prints the flow).
+embedded server), scrub (credentials out of URLs once sent, before mitmdump prints the flow), freeze
+(the flow's state made plain data, once every other addon is done with it). Each reads only its own
+options; they share per-flow facts through FlowState and announce the rest with declared hooks
+(addons/hooks.py).
 """
 
 import os
@@ -24,14 +27,14 @@ from warmturn.addons.gate import Gate  # noqa: E402
 from warmturn.addons.normalization import Normalize  # noqa: E402
 from warmturn.addons.route import Route  # noqa: E402
 from warmturn.addons.scrub import Scrub  # noqa: E402
+from warmturn.addons.state import Freeze  # noqa: E402
 from warmturn.addons.supervise import Supervise  # noqa: E402
 from warmturn.addons.tap import Tap  # noqa: E402
 
 
 def make_addons() -> list:
     """The addon chain, in the order mitmproxy must call its hooks."""
-    supervise = Supervise()
-    return [Gate(), Normalize(), Route(supervise), Tap(), Capture(), Console(), supervise, Scrub()]
+    return [Gate(), Normalize(), Route(), Tap(), Capture(), Console(), Supervise(), Scrub(), Freeze()]
 
 
 register_contentview()

@@ -17,9 +17,10 @@ from mitmproxy import ctx, exceptions, http, tls
 
 from . import routing
 from .backends import BackendAdapter, error_response, make_adapter
+from .hooks import BackendHook, announce
 from .relay import TOKEN_HEADER, Relay, TlsSettings
 from .state import FlowState
-from .supervise import Supervise
+from .supervisor import EmbeddedServer
 
 logger = logging.getLogger(__name__)
 
@@ -39,10 +40,12 @@ def tls_settings() -> TlsSettings:
 
 
 class Route:
-    def __init__(self, supervise: Supervise) -> None:
-        self.supervise = supervise
+    def __init__(self) -> None:
         self.relay = Relay()  # finishes responses of backends that die mid-request
         self.target = routing.parse_backend("embedded")
+        self.backend = "embedded"  # the option as given, and the API: recorded in every flow's state
+        self.api = "anthropic"
+        self.embedded: EmbeddedServer | None = None  # announced by the supervise addon
         self.adapter: BackendAdapter = self._make("anthropic", "", "")
 
     def load(self, loader) -> None:
@@ -64,9 +67,12 @@ class Route:
                           "forwards the client's.")
 
     def _make(self, api: str, key: str, model: str) -> BackendAdapter:
-        return make_adapter(self.target, api, api_key=key, model=model, server=lambda: self.supervise.server,
-                            start_timeout=lambda: float(ctx.options.embedded_start_timeout),
+        return make_adapter(self.target, api, api_key=key, model=model, server=lambda: self.embedded,
                             reachable=self.relay.reachable)
+
+    def warmturn_embedded_server(self, server: EmbeddedServer | None) -> None:
+        """:class:`~addons.hooks.EmbeddedServerHook`: the embedded server to send requests to."""
+        self.embedded = server
 
     def configure(self, updated: set[str]) -> None:
         o = ctx.options
@@ -75,9 +81,12 @@ class Route:
                 self.target = routing.parse_backend(o.backend)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from e
+            self.backend = o.backend.strip()
+            announce(BackendHook(self.target))
         if "backend_api" in updated and o.backend_api not in ("anthropic", "openai"):
             raise exceptions.OptionsError(f"backend_api must be 'anthropic' or 'openai', not {o.backend_api!r}")
         if updated & {"backend", "backend_api", "backend_api_key", "backend_model"}:
+            self.api = o.backend_api
             self.adapter = self._make(o.backend_api, o.backend_api_key, o.backend_model)
         if updated & {"backend", *TLS_OPTIONS}:
             self.relay.tls = tls_settings()
@@ -113,8 +122,11 @@ class Route:
             data.establish_server_tls_first = False
 
     async def request(self, flow: http.HTTPFlow) -> None:
-        state = FlowState.pending(flow)
+        state = FlowState.admitted(flow)
         if state is None:
+            return
+        state.backend, state.backend_api = self.backend, self.api
+        if flow.response or flow.error:
             return
         adapter = self.adapter
         state.live.adapter = adapter

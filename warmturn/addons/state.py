@@ -1,11 +1,12 @@
 """The typed per-flow state the warmturn addons share, under one namespaced ``flow.metadata`` key.
 
 The gate admits an API flow by storing a :class:`FlowState` at ``flow.metadata["warmturn.state"]``;
-normalize, route, tap and capture then read and fill its fields. While the flow is live the
-value is the dataclass (with :class:`Live`, the stream objects that are not data); once the
-capture line is written it is replaced by its plain-data form (:meth:`FlowState.to_json`), so
-``mitmdump -w`` and mitmweb can save the flow and :meth:`FlowState.of` reads either shape back
-(flows loaded from a file are exported the same way as live ones).
+normalize, route and tap fill its fields, capture and console read them. While the flow is live
+the value is the dataclass (with :class:`Live`, the stream objects that are not data); once every
+addon is done with the flow, the last one in the chain, :class:`Freeze`, replaces it by its
+plain-data form (:meth:`FlowState.to_json`), so ``mitmdump -w`` and mitmweb can save the flow and
+:meth:`FlowState.of` reads either shape back (flows loaded from a file are exported the same way
+as live ones).
 """
 
 from __future__ import annotations
@@ -102,12 +103,10 @@ class FlowState:
         return None
 
     @classmethod
-    def pending(cls, flow: http.HTTPFlow) -> FlowState | None:
-        """The state of an admitted flow still on its way to the backend: live (mitmproxy's guard:
-        not loaded from a file), with no response or error yet. None otherwise."""
-        if flow.response or flow.error or not flow.live:
-            return None
-        return cls.of(flow)
+    def admitted(cls, flow: http.HTTPFlow) -> FlowState | None:
+        """The state of a live admitted flow, answered already or not (each addon records its
+        part of every admitted flow, a refused one included). None otherwise."""
+        return cls.of(flow) if flow.live else None
 
     def attach(self, flow: http.HTTPFlow) -> FlowState:
         flow.metadata[META] = self
@@ -150,3 +149,25 @@ class FlowState:
         kwargs["t"] = Timings(**{k: v for k, v in t.items() if k in {f.name for f in dataclasses.fields(Timings)}})
         kwargs["stripped"] = [stripped_from_json(e) for e in kwargs.get("stripped") or []]
         return cls(**kwargs)
+
+
+class Freeze:
+    """The end of a flow's state: when the flow ends (``response``, ``error``) the live state becomes
+    plain data, and at shutdown so does that of every flow that never ended (mitmproxy's Save addon
+    writes unfinished flows after every ``done`` hook). Last in the chain, so that every other
+    addon reads the live state, in any order."""
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self._freeze(flow)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self._freeze(flow)
+
+    def done(self) -> None:
+        FlowState.freeze_all()
+
+    @staticmethod
+    def _freeze(flow: http.HTTPFlow) -> None:
+        state = flow.metadata.get(META)
+        if isinstance(state, FlowState) and flow.live:
+            state.freeze(flow)

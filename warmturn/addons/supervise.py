@@ -1,8 +1,10 @@
 """Supervise: run the embedded backend (``python -m warmturn.server``) while ``backend=embedded``.
 
 Owns the ``embedded_*`` options (validated in ``configure``), starts the supervised child when
-mitmproxy is running, swaps it when ``backend`` changes and stops it on exit. The embedded
-backend adapter asks it for the current :class:`~addons.supervisor.EmbeddedServer`.
+mitmproxy is running and the route addon announces an embedded backend
+(:class:`~addons.hooks.BackendHook`), stops it when another is announced and on exit, and
+announces the current :class:`~addons.supervisor.EmbeddedServer` in turn
+(:class:`~addons.hooks.EmbeddedServerHook`) for the embedded backend adapter.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import sys
 
 from mitmproxy import ctx, exceptions
 
+from .hooks import EmbeddedServerHook, announce
+from .routing import Backend
 from .supervisor import EmbeddedServer, default_python
 
 logger = logging.getLogger(__name__)
@@ -44,6 +48,7 @@ class Supervise:
     def __init__(self) -> None:
         self.server: EmbeddedServer | None = None
         self.warmup: list[dict] = []
+        self.wanted = False  # the announced backend is the embedded one
         self._running = False
 
     def load(self, loader) -> None:
@@ -82,7 +87,11 @@ class Supervise:
             self.warmup = load_warmup(o.embedded_warmup)
         if "embedded_start_timeout" in updated and o.embedded_start_timeout <= 0:
             raise exceptions.OptionsError("embedded_start_timeout must be positive")
-        if "backend" in updated and self._running:
+
+    def warmturn_backend(self, backend: Backend) -> None:
+        """:class:`~addons.hooks.BackendHook`: run the embedded server while it is the backend."""
+        self.wanted = backend.kind == "embedded"
+        if self._running:
             self._reconcile()
 
     def running(self) -> None:
@@ -96,7 +105,7 @@ class Supervise:
             self.server = None
 
     def _reconcile(self) -> None:
-        want = ctx.options.backend.strip() == "embedded"
+        want = self.wanted
         if want and self.server is None:
             o = ctx.options
             self.server = EmbeddedServer(o.embedded_python or default_python(), shlex.split(o.embedded_args),
@@ -107,3 +116,4 @@ class Supervise:
         elif not want and self.server is not None:
             self.server.stop()
             self.server = None
+        announce(EmbeddedServerHook(self.server))
