@@ -313,6 +313,7 @@ class Relay:
     def __init__(self) -> None:
         self.port = 0
         self._server: asyncio.base_events.Server | None = None
+        self._starting: asyncio.Future | None = None
         self._routes: dict[str, tuple[Target, float]] = {}
         self._tls = TlsSettings()
         self._contexts: dict[str, ssl.SSLContext] = {}
@@ -338,16 +339,21 @@ class Relay:
         return context
 
     async def start(self) -> None:
-        if self._server is None:
-            self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=HEAD_LIMIT)
-            self.port = self._server.sockets[0].getsockname()[1]
+        """Listen (once: concurrent and later calls wait for the same start)."""
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._listen())
+        await self._starting
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, limit=HEAD_LIMIT)
+        self.port = self._server.sockets[0].getsockname()[1]
 
     def close(self) -> None:
         self.pool.clear()
         if self._server is not None:
             self._server.close()
-            self._server = None
-            self.port = 0
+        self._server = self._starting = None
+        self.port = 0
 
     async def reachable(self, host: str, port: int) -> bool:
         """The backend accepts connections (a pooled one counts; a new one is kept for the request)."""

@@ -10,6 +10,8 @@ unreachable API is then the relay's Anthropic-shaped 502, not mitmproxy's page).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 
@@ -47,6 +49,7 @@ class Route:
         self.api = "anthropic"
         self.embedded: EmbeddedServer | None = None  # announced by the supervise addon
         self.adapter: BackendAdapter = self._make("anthropic", "", "")
+        self._relay_started: asyncio.Future | None = None
 
     def load(self, loader) -> None:
         loader.add_option("backend", str, "embedded",
@@ -65,6 +68,12 @@ class Route:
                           "Model name sent to the backend instead of the client's claude-* name (e.g. "
                           "'default_model' for mlx_lm.server), on every route that names a model. Empty "
                           "forwards the client's.")
+        # mitmproxy loads scripts on its running event loop, and its listeners can take requests
+        # before the `running` hook: the relay starts now, and requests wait for it (none in unit
+        # tests, which load addons without a loop: there flows go to the backend directly)
+        with contextlib.suppress(RuntimeError):
+            asyncio.get_running_loop()
+            self._relay_started = asyncio.ensure_future(self.relay.start())
 
     def _make(self, api: str, key: str, model: str) -> BackendAdapter:
         return make_adapter(self.target, api, api_key=key, model=model, server=lambda: self.embedded,
@@ -128,6 +137,8 @@ class Route:
         state.backend, state.backend_api = self.backend, self.api
         if flow.response or flow.error:
             return
+        if self._relay_started is not None:
+            await self._relay_started
         adapter = self.adapter
         state.live.adapter = adapter
         try:
