@@ -32,6 +32,10 @@ ONE_RUN = [CC332 / f"{n}.jsonl" for n in ("p_small", "p_full", "p_full_exclude",
                                            "interactive_full", "intercept_p_small")]
 SAMPLE = FIXTURES.parent.parent / "warmturn" / "analysis" / "sample" / "sample-capture.jsonl"
 TITLE = FIXTURES / "claude_code" / "interactive_title_capture.jsonl"
+# three conversations at once (tests/fixtures/captures/record_walkthrough.py --concurrent): the engine
+# batches them and the two late ones wait for the first's shared 747 tokens (dedup)
+CONCURRENT = FIXTURES / "captures" / "concurrent.jsonl"
+WALKTHROUGH = [FIXTURES / "captures" / "walkthrough_before.jsonl", FIXTURES / "captures" / "walkthrough_after.jsonl"]
 
 
 # --------------------------------------------------------------------------- KV sizes
@@ -167,7 +171,8 @@ def _run(files, renderer, **kw):
     return whatif(load_records(files).records, Options(suggestions=False, **kw), ren, path)
 
 
-@pytest.mark.parametrize("files", [ONE_RUN, [SAMPLE], [TITLE]], ids=["claude-code-2.1.332", "sample", "title"])
+@pytest.mark.parametrize("files", [ONE_RUN, [SAMPLE], [TITLE], [CONCURRENT], WALKTHROUGH[:1], WALKTHROUGH[1:]],
+                         ids=["claude-code-2.1.332", "sample", "title", "concurrent", "clock", "clock-pattern"])
 def test_prediction_matches_the_servers_cache_reads_within_2_percent_per_session(files, renderer):
     out = _run(files, renderer)
     check = out["check"]
@@ -333,3 +338,8 @@ def test_a_suggested_rule_predicted_from_one_run_matches_the_run_recorded_with_i
     assert predicted == [(2351, 1558), (2351, 2348)]
     for (prompt, rep), (_, pred) in zip(reported, predicted):
         assert abs(pred - rep) <= 0.02 * prompt
+
+
+def test_concurrent_conversations_wait_for_the_shared_prefix(renderer):
+    check = _run([CONCURRENT], renderer)["check"]
+    assert [(c["reported_read"], c["predicted_read"]) for c in check] == [(763, 763), (1510, 1510), (1510, 1510)]

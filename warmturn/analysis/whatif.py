@@ -455,7 +455,7 @@ def whatif(records: Sequence[dict], opts: Options, renderer: Any = None, model_d
     variants = make_variants(records, opts.rules_off, opts.suggestions, captured=False)
     results = run_variants(msgs, variants, Tokenizing(renderer, context), settings)
     anthropic = [r for r in msgs if opts.anthropic or r.get("backend") == "passthrough"]
-    local = [r for r in msgs if r not in anthropic]
+    local = [r for r in msgs if not (opts.anthropic or r.get("backend") == "passthrough")]
     if any(r.get("usage") for r in local) and model_dir is not None:
         # the reality check replays what the backend got on the server that recorded it: the served
         # model's own cost, context and family policy, the server's default budget
