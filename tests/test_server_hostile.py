@@ -356,3 +356,87 @@ def test_an_incomplete_body_is_given_up_on_not_waited_for_forever(live, framing)
     body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
     assert body["error"]["type"] == "invalid_request_error" and "stopped arriving after 13 bytes" in body["error"]["message"]
     assert post(live, HELLO).status_code == 200
+
+
+# --------------------------------------------------------------------------- fuzz: sampler parameters, disconnect timing
+
+
+def sampler_values(vocab: int):
+    from hypothesis import strategies as st
+
+    def edge_or(lo, hi):
+        return st.one_of(st.sampled_from([lo, hi]), st.floats(lo, hi, allow_nan=False))
+
+    valid = st.fixed_dictionaries({}, optional={
+        "temperature": edge_or(0.0, 2.0), "top_p": edge_or(0.0, 1.0),
+        "top_k": st.one_of(st.sampled_from([0, 1, 2, vocab - 1, vocab, vocab + 1, 2**63 - 1]),
+                           st.integers(0, 4 * vocab)),
+    }).map(lambda d: (d, 200))
+    invalid = st.one_of(
+        st.fixed_dictionaries({"temperature": st.one_of(st.floats(2.0001, 1e300), st.floats(-1e300, -1e-9))}),
+        st.fixed_dictionaries({"top_p": st.one_of(st.floats(1.0001, 1e300), st.floats(-1e300, -1e-9))}),
+        st.fixed_dictionaries({"top_k": st.one_of(st.integers(max_value=-1), st.just(2**63),
+                                                  st.sampled_from(["5", 1.5, True, None, [], {}]))}),
+    ).map(lambda d: (d, 200 if d.get("top_k", 0) is None else 400))
+    return st.one_of(valid, invalid)
+
+
+def test_fuzz_sampler_parameters_never_break_sampling(live):
+    """hypothesis: sampler values at and past every edge, either way of answering: valid ones are
+    served, invalid ones are 400s, and a sampled request afterwards is always served."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(params=sampler_values(live["state"].vocab_size), stream=st.booleans())
+    def check(params, stream):
+        values, status = params
+        r = post(live, {**HELLO, "max_tokens": 2, "stream": stream, **values})
+        assert r.status_code == status, (values, r.text[:300])
+        if status == 400:
+            assert r.json()["error"]["type"] == "invalid_request_error"
+        elif stream:
+            assert sse_events(r.text)[-1]["type"] == "message_stop"
+        after = post(live, {**HELLO, "max_tokens": 2, "temperature": 1.0})
+        assert after.status_code == 200, after.text[:300]
+
+    check()
+
+
+def test_fuzz_disconnect_timing(live, caplog):
+    """hypothesis: a client that leaves after n events of a stream, or after the engine made n
+    tokens of an answer it waits for whole (held back or not): never a 500, the engine empties,
+    the next request is served."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    engine = live["state"].engine
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(stream=st.booleans(), n=st.integers(0, 12), held=st.booleans())
+    def check(stream, n, held):
+        before_500 = metric(live, "warmturn_requests_total", status="500")
+        body = {**LONG_ANSWER, "max_tokens": 200, "stream": stream}
+        if held:
+            body["output_config"] = {"format": {"type": "json_schema", "schema": {"type": "object"}}}
+        sock = raw_request(live["port"], body)
+        if stream:
+            seen = b""
+            while seen.count(b"\n\n") < n:
+                data = sock.recv(4096)
+                if not data:
+                    break
+                seen += data
+        else:
+            wait_until(lambda: decoding(engine) or n == 0, "never started decoding")
+            if n:
+                runs = list(engine._active.values()) + ([engine._solo] if engine._solo is not None else [])
+                wait_until(lambda: not runs or all(r.output_tokens >= n or r.req.cancel.is_set() for r in runs)
+                           or not engine.busy, "too few tokens")
+        sock.close()
+        wait_until(lambda: not engine.busy, "the engine kept working for a client that left")
+        assert metric(live, "warmturn_requests_total", status="500") == before_500
+        assert post(live, HELLO).status_code == 200
+
+    check()
+    assert "already running" not in caplog.text and "Traceback" not in caplog.text
