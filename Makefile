@@ -18,7 +18,7 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 setup:  ## create .venv, install the project and its dependencies, provision the default model
-	@bash scripts/setup.sh
+	@WARMTURN_GOALS=$(call shq,MAKECMDGOALS) bash scripts/setup.sh
 
 run: setup  ## start mitmdump with the warmturn addon on 127.0.0.1:$(PORT), embedded MLX backend
 	@PORT=$(call shq,PORT) MODEL=$(call shq,MODEL) ARGS=$(call shq,ARGS) bash scripts/run.sh

@@ -95,11 +95,14 @@ fi
 if (( CONTEXT > 0 && CONTEXT <= 16384 )) && [[ "${WARMTURN_FULL_PROMPT:-0}" != 1 ]]; then
   cap=$(( CAP > 0 ? CAP : CONTEXT / 16 ))
   [[ -n "${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-}" ]] || env_extra+=(CLAUDE_CODE_MAX_OUTPUT_TOKENS="$cap")
+  # No git-status snapshot (branch, status, the last 5 commit subjects: ~700 tokens in this repository) in
+  # the first message: it is new to every conversation, so the first turn would compute it cold.
+  [[ -n "${CLAUDE_CODE_DISABLE_GIT_INSTRUCTIONS:-}" ]] || env_extra+=(CLAUDE_CODE_DISABLE_GIT_INSTRUCTIONS=1)
   if ! has --system-prompt && ! has --system-prompt-file; then
     flags+=(--system-prompt "You are Claude Code, a coding assistant, running on a small local model. Answer briefly. To look at a file, use the Read tool.")
   fi
   has --tools || flags+=(--tools "Read")
-  profile="small-model profile (short system prompt, only the Read tool unless you pass --tools, output cap ${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-$cap} tokens)"
+  profile="small-model profile (short system prompt, only the Read tool unless you pass --tools, no git status, output cap ${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-$cap} tokens)"
 fi
 say "Claude Code $CLAUDE_CODE_VERSION -> http://127.0.0.1:$PORT (serving $MODEL${CONTEXT:+, context $CONTEXT tokens}); $profile"
 say "config: $CONFIG (CLAUDE_CONFIG_DIR); binary: $CLAUDE"

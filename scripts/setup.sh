@@ -41,12 +41,23 @@ PY="$VENV/bin/python"
 
 # 3. The project (editable), its dependencies at the exact versions in constraints.txt (pyproject.toml
 #    holds the ranges); re-run only when either file changes.
-EXTRAS=dev
-if [[ "$(uname -s)" == Linux ]]; then EXTRAS="dev,cpu"; fi
+#    make run / web / claude / server alone need the addon and the server ([server]: 80 packages, ~290 MB),
+#    anything else (make setup, test, report, bench) everything ([dev]: 110, ~510 MB). So a newcomer's first
+#    make run installs less and starts sooner; a later make test adds the rest. WARMTURN_GOALS: make's goals.
+PART=dev
+if [[ -n "${WARMTURN_GOALS:-}" ]]; then
+  PART=server
+  for goal in $WARMTURN_GOALS; do case "$goal" in run|web|claude|server) ;; *) PART=dev ;; esac; done
+fi
+CPU=""
+if [[ "$(uname -s)" == Linux ]]; then CPU=",cpu"; fi
+EXTRAS="$PART$CPU"
 STAMP="$VENV/.warmturn-installed"
 # (the package folders count too: an editable install only maps the packages present at install time)
-WANT="$(cat pyproject.toml constraints.txt */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)-$EXTRAS"
-if [[ ! -f "$STAMP" || "$(cat "$STAMP")" != "$WANT" ]]; then
+BASE="$(cat pyproject.toml constraints.txt */__init__.py 2>/dev/null | sha256sum | cut -c1-16)-$(ls -d */__init__.py | tr '\n' ,)"
+WANT="$BASE-$EXTRAS"
+HAVE=$(cat "$STAMP" 2>/dev/null || true)
+if [[ "$HAVE" != "$WANT" && "$HAVE" != "$BASE-dev$CPU" ]]; then  # [dev] includes [server]
   say "installing warmturn[$EXTRAS] into $VENV (pip)"
   if ! "$PY" -m pip install -q -c constraints.txt -e ".[${EXTRAS}]" >"$VENV/pip.log" 2>&1; then
     tail -30 "$VENV/pip.log" >&2; say "ERROR: pip install failed (full log: $VENV/pip.log)"; exit 1
