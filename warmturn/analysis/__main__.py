@@ -121,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
                    "server's own default, a third of the memory available now)")
     w.add_argument("--disk", metavar="BYTES", help="disk budget for checkpoints, e.g. 20G (default: off)")
     w.add_argument("--policy", choices=("auto", "trimmable", "checkpoints"), default="auto", help=(
-        "trimmable: any stored prefix is reused; checkpoints: only whole entries at system+tools end, message "
-        "boundaries and prompt end (sliding-window and linear-attention families). auto: from the model's layers"))
+        "trimmable: any stored prefix is reused; checkpoints: an entry resumes only at its end or at a mark (the "
+        "end of system+tools, of the history, of the prompt), as the server does for sliding-window and "
+        "linear-attention families. auto: from the model's layers"))
     w.add_argument("--slots", type=int, metavar="N", help="at most N conversation entries (default: unlimited)")
     w.add_argument("--no-rule", action="append", metavar="NAME", choices=("billing_block", "model_identity"),
                    help="turn one of today's normalization rules off in the 'rules' variants (repeatable)")

@@ -8,12 +8,15 @@ disk budget and loaded back when memory no longer has them. Entry sizes come fro
 :class:`~warmturn.analysis.kvsize.KVCost`, so a model with window or linear layers costs what
 its real cache would.
 
-The family policy decides what a stored entry can give back:
+The family policy decides what a stored entry can give back (docs/cache.md, "The policy"):
 
 * ``trimmable`` (plain KV): any prefix of any entry;
-* ``checkpoints`` (sliding-window and linear-attention families, which cannot be cut back):
-  only a whole entry, so the store keeps one at each boundary the next request may share: the
-  end of system+tools, each message boundary, the end of the prompt.
+* ``checkpoints`` (sliding-window and linear-attention families, which cannot be cut back): an
+  entry resumes only at its full length or at a *mark*, the state of its window/state layers
+  kept where a later request may branch off: the end of system+tools (also its own checkpoint
+  entry), the end of the history before the generation prompt, the end of the prompt but its
+  last token. A mark costs only those layers' state. An entry a newer one extends hands its
+  marks and its own end over to it; at most 8 marks per entry (the earliest and the latest).
 
 ``slots`` caps the number of conversation entries (checkpoints not counted), like a server
 with a fixed number of sequence slots.
@@ -34,6 +37,7 @@ from .kvsize import KVCost
 
 Policy = Literal["trimmable", "checkpoints"]
 MIN_CHECKPOINT = 16  # PrefixCache's min_checkpoint
+MAX_MARKS = 8  # PrefixCache's MAX_MARKS
 
 
 def _key(q: np.ndarray) -> str:
@@ -46,6 +50,7 @@ class _Entry:
     nbytes: int
     checkpoint: bool
     last_used: float
+    marks: set[int] = field(default_factory=set)  # resumable positions besides the full length
 
 
 @dataclass
@@ -82,11 +87,14 @@ class CacheModel:
     # -- lookups
 
     def _usable(self, e: _Entry, q: np.ndarray, limit: int) -> int:
-        cp = common_prefix_len(e.tokens, q)
-        usable = min(cp, limit)
-        if not self.trimmable and usable < len(e.tokens):
-            return 0
-        return usable
+        usable = min(common_prefix_len(e.tokens, q), limit)
+        if self.trimmable or usable >= len(e.tokens):
+            return usable
+        return max((p for p in e.marks if p <= usable), default=0)
+
+    def _mark_bytes(self, p: int) -> int:
+        """A mark keeps the window/state layers only (the full-attention layers are the entry's)."""
+        return self.cost.nbytes(p) - int(self.cost.per_token * p)
 
     def peek(self, tokens: Sequence[int]) -> int:
         """What a fetch would reuse from memory now (no counters, nothing touched)."""
@@ -125,19 +133,25 @@ class CacheModel:
 
     # -- storing
 
-    def store(self, tokens: Sequence[int], checkpoints: Sequence[int], now: float) -> None:
+    def store(self, tokens: Sequence[int], checkpoints: Sequence[int], now: float,
+              marks: Sequence[int] = ()) -> None:
         """Keep ``tokens`` as an entry plus a pinned checkpoint at each length in ``checkpoints``
-        (one equal to ``len(tokens)`` marks the entry itself), as ``PrefixCache.store`` does."""
+        (one equal to ``len(tokens)`` marks the entry itself), as ``PrefixCache.store`` does.
+        ``marks``: positions where the ``checkpoints`` policy can resume this entry (ignored when
+        trimmable); a checkpoint needs a mark there (or to be the whole entry)."""
         q = np.asarray(tokens, dtype=np.int64)
         n = len(q)
         if n == 0:
             return
+        own = set() if self.trimmable else {int(p) for p in marks if 0 < int(p) < n}
         cps = {int(c) for c in checkpoints if self.min_checkpoint <= int(c) < n}
         whole = any(int(c) == n for c in checkpoints) and n >= self.min_checkpoint
         cps |= self._branch_points(q, cps | ({n} if whole else set()))
+        if not self.trimmable:
+            cps &= own  # no state kept there: the checkpoint is skipped, as the server does
         for p in sorted(cps):
             self._commit(q[:p], True, now)
-        self._commit(q, whole, now)
+        self._commit(q, whole, now, own)
 
     def _branch_points(self, q: np.ndarray, cps: set[int]) -> set[int]:
         out: set[int] = set()
@@ -149,27 +163,42 @@ class CacheModel:
                         out.add(cp)
         return out
 
-    def _commit(self, q: np.ndarray, checkpoint: bool, now: float) -> None:
+    def _commit(self, q: np.ndarray, checkpoint: bool, now: float, marks: set[int] = frozenset()) -> None:
         key = _key(q)
         existing = self._entries.get(key)
         if existing is not None and np.array_equal(existing.tokens, q):
             existing.last_used = now
             existing.checkpoint = existing.checkpoint or checkpoint
+            self._bytes -= existing.nbytes
+            existing.marks |= marks
+            self._bound_marks(existing)
+            self._bytes += existing.nbytes
             if checkpoint:
                 self._save(existing)
             return
-        nbytes = self.cost.nbytes(len(q))
-        if nbytes > self.ram_bytes:
+        if self.cost.nbytes(len(q)) > self.ram_bytes:
             self.counters.rejected += 1
             return
-        entry = _Entry(q.copy(), nbytes, checkpoint, now)
-        if self.trimmable:  # a non-checkpoint entry this one extends is redundant: trimming gives it back
-            for k, e in list(self._entries.items()):
-                if not e.checkpoint and len(e.tokens) < len(q) and np.array_equal(e.tokens, q[: len(e.tokens)]):
-                    self._drop(k)
+        entry = _Entry(q.copy(), 0, checkpoint, now, set(marks))
+        # a non-checkpoint entry this one extends is redundant: the new one resumes wherever it could
+        # (trimmable: anywhere; else at its marks and its end, which become marks of the new entry)
+        for k, e in list(self._entries.items()):
+            if not e.checkpoint and len(e.tokens) < len(q) and np.array_equal(e.tokens, q[: len(e.tokens)]):
+                if not self.trimmable:
+                    entry.marks |= e.marks | {len(e.tokens)}
+                self._drop(k)
+        self._bound_marks(entry)
         self._add(entry)
         if checkpoint:
             self._save(entry)
+
+    def _bound_marks(self, e: _Entry) -> None:
+        """At most MAX_MARKS marks (the earliest, where other conversations branch off, and the
+        latest ones), their bytes counted in the entry's."""
+        if len(e.marks) > MAX_MARKS:
+            ps = sorted(e.marks)
+            e.marks = {ps[0], *ps[len(ps) - MAX_MARKS + 1:]}
+        e.nbytes = self.cost.nbytes(len(e.tokens)) + sum(self._mark_bytes(p) for p in e.marks)
 
     def _add(self, entry: _Entry) -> None:
         key = _key(entry.tokens)

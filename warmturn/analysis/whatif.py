@@ -19,6 +19,7 @@ would I get?" without running a server for a week:
 
 from __future__ import annotations
 
+import copy
 import functools
 import shlex
 from collections.abc import Callable, Sequence
@@ -97,8 +98,9 @@ class Prepared:
     rec: dict
     tokens: np.ndarray | None  # None: the server would refuse it (unparseable, over the context)
     prefix_len: int = 0
-    boundaries: tuple[int, ...] = ()  # message boundaries (token offsets), for the checkpoints policy
-    reply: tuple[int, ...] = ()  # the answer's tokens as the server kept them after the prompt
+    marks: tuple[int, ...] = ()  # where a cache that cannot be cut back keeps its state (checkpoints policy)
+    reply: tuple[int, ...] = ()  # the answer's tokens, fed back after the prompt
+    cut: bool = False  # stopped by max_tokens: the last token is fed back only if it ran batched
     refused: str | None = None
 
 
@@ -111,8 +113,9 @@ class Tokenizing:
         tok = renderer.tokenizer
         ids = getattr(tok, "eos_token_ids", None) or [getattr(tok, "eos_token_id", None)]
         self.eos = next((int(i) for i in ids if i is not None), None)
+        self._marker: Any = None
 
-    def prepare(self, rec: dict, body: dict | None, boundaries: bool) -> Prepared:
+    def prepare(self, rec: dict, body: dict | None, marks: bool) -> Prepared:
         from warmturn.server.render import hermes_call_text
         from warmturn.server.wire import RequestError, ToolUseBlock, parse_messages_request
 
@@ -120,12 +123,13 @@ class Tokenizing:
             return Prepared(rec, None, refused="no JSON body")
         try:
             req = parse_messages_request(body)
-            r = self.renderer.render(req)
+            r = (self._marking() if marks else self.renderer).render(req)
         except (RequestError, ValueError, TypeError) as e:
             return Prepared(rec, None, refused=f"invalid request: {e}")
         if self.context and len(r.tokens) >= self.context:
             return Prepared(rec, None, refused=f"{len(r.tokens)} tokens: over the {self.context}-token context")
-        bounds = self._boundaries(req, r.text) if boundaries else ()
+        # the engine's mark points (GenerationRequest.mark_points): system+tools end, history end, prompt end - 1
+        points = tuple(sorted({p for p in (r.prefix_len, r.history_len, len(r.tokens) - 1) if 0 < p < len(r.tokens)}))
         reply: list[int] = []
         resp = rec.get("response") or {}
         content = resp.get("content") if isinstance(resp, dict) else None
@@ -140,24 +144,16 @@ class Tokenizing:
                 reply = reply[:out]
             if rec.get("stop_reason") in ("end_turn", "tool_use", "stop_sequence") and self.eos is not None:
                 reply.append(self.eos)  # the end-of-turn token is fed back too
-        return Prepared(rec, np.asarray(r.tokens, dtype=np.int64), r.prefix_len, bounds, tuple(reply))
+        return Prepared(rec, np.asarray(r.tokens, dtype=np.int64), r.prefix_len, points if marks else (),
+                        tuple(reply), rec.get("stop_reason") == "max_tokens")
 
-    def _boundaries(self, req: Any, text: str) -> tuple[int, ...]:
-        """Token offsets where each chat message of the prompt ends (the template's own turns)."""
-        msgs, _ = self.renderer.chat_messages(req)
-        ends = []
-        for i in range(1, len(msgs) + 1):
-            try:
-                t = self.renderer._apply(msgs[:i], tools=None, gen=False)
-            except Exception:  # noqa: BLE001 - a template that needs more turns: no boundary there
-                continue
-            if text.startswith(t):
-                ends.append(len(t))
-        if not ends:
-            return ()
-        enc = self.renderer.tokenizer._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        starts = [s for s, _ in enc["offset_mapping"]]
-        return tuple(sorted({i for c in ends for i, s in enumerate(starts) if s == c}))
+    def _marking(self) -> Any:
+        """The renderer that also finds where the history ends, as the server turns it on for
+        models whose cache resumes only at marks (a copy: the shared renderer is left as it is)."""
+        if self._marker is None:
+            self._marker = copy.copy(self.renderer)
+            self._marker.history_marks = True
+        return self._marker
 
 
 # --------------------------------------------------------------------------- results
@@ -277,10 +273,14 @@ def replay(prepared: Sequence[Prepared], settings: Settings) -> list[RequestResu
 def _replay_one(prepared: Sequence[Prepared], settings: Settings) -> list[RequestResult]:
     cache = settings.model()
     events: list[tuple[float, int, int]] = []  # (time, phase, index): phase 0 store, 1 checkpoint, 2 fetch
-    for i, p in enumerate(prepared):
-        t0, tck, t1 = _times(p.rec, i)
+    spans = [_times(p.rec, i) for i, p in enumerate(prepared)]
+    for i, (t0, tck, t1) in enumerate(spans):
         events += [(t0, 2, i), (tck, 1, i), (t1, 0, i)]
     events.sort()
+    # A request that ran alone is served outside the batch, where the token that hits max_tokens is
+    # handed out without being fed back; one that overlapped another ran batched, which feeds it.
+    alone = [not any(j != i and s0 < t1 and t0 < s1 for j, (s0, _, s1) in enumerate(spans))
+             for i, (t0, _, t1) in enumerate(spans)]
     results: list[RequestResult | None] = [None] * len(prepared)
     in_flight: dict[int, int] = {}  # index -> tokens already computed (for dedup)
     for _t, phase, i in events:
@@ -295,6 +295,8 @@ def _replay_one(prepared: Sequence[Prepared], settings: Settings) -> list[Reques
             reused = cache.fetch(q, _t)
             for j in in_flight:  # the engine parks a request on one in flight that shares its prefix
                 shared = min(common_prefix_len(prepared[j].tokens, q), len(q) - 1)
+                if settings.policy == "checkpoints":  # the leader can hand over its state at a mark only
+                    shared = max((m for m in prepared[j].marks if m <= shared), default=0)
                 if shared >= settings.dedup_min and shared > reused:
                     cache.store(prepared[j].tokens[:shared], (), _t)  # the leader shares what it computed
                     reused = shared
@@ -307,12 +309,12 @@ def _replay_one(prepared: Sequence[Prepared], settings: Settings) -> list[Reques
                 results[i].evictions += cache.counters.evictions - before
         else:
             in_flight.pop(i, None)
-            held = np.concatenate([q, np.asarray(p.reply, dtype=np.int64)]) if p.reply else q
+            reply = p.reply[:-1] if p.cut and alone[i] else p.reply
+            held = np.concatenate([q, np.asarray(reply, dtype=np.int64)]) if reply else q
             cps = [p.prefix_len] if 0 < p.prefix_len < len(q) else []
-            if settings.policy == "checkpoints":
-                cps += [b for b in p.boundaries if 0 < b < len(q)] + [len(q)]
+            reused = results[i].read
             before = cache.counters.evictions
-            cache.store(held, cps, _t)
+            cache.store(held, cps, _t, marks=[m for m in p.marks if m > reused])  # marks taken while reading
             results[i].evictions += cache.counters.evictions - before
     return [r for r in results if r is not None]
 
@@ -338,8 +340,8 @@ def messages_in_order(records: Sequence[dict]) -> list[dict]:
     return sorted(msgs, key=order_key)
 
 
-def prepare_variant(msgs: Sequence[dict], variant: Variant, tok: Tokenizing, boundaries: bool) -> list[Prepared]:
-    return [tok.prepare(r, variant.body(r), boundaries) for r in msgs]
+def prepare_variant(msgs: Sequence[dict], variant: Variant, tok: Tokenizing, marks: bool) -> list[Prepared]:
+    return [tok.prepare(r, variant.body(r), marks) for r in msgs]
 
 
 def run_variants(msgs: Sequence[dict], variants: Sequence[Variant], tok: Tokenizing,
