@@ -44,7 +44,7 @@ say "warmturn-analysis report (bundled sample)"
 "$V/warmturn-analysis" report --out report
 test -s report/report.html && grep -q "sample capture bundled" report/report.html
 say "warmturn-bench --smoke"
-PRELOAD=$("$V/python" -c 'from warmturn.plumbing import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
+PRELOAD=$("$V/python" -c 'from warmturn.machine import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
 [[ -n "$PRELOAD" ]] && export LD_PRELOAD="$PRELOAD"
 "$V/warmturn-bench" --smoke --out bench > bench.log 2>&1 || { tail -40 bench.log >&2; say "ERROR: smoke bench failed"; exit 1; }
 tail -15 bench.log

@@ -9,7 +9,7 @@ CACHE=${WARMTURN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/warmturn}
 source scripts/versions.sh  # CLAUDE_CODE_VERSION (current release) and CLAUDE_CODE_OLDER_VERSION
 say() { echo "[setup] $*" >&2; }
 
-# 1. Debian packages: OpenBLAS makes MLX's CPU backend much faster on Linux (the measured figure: warmturn/plumbing.py).
+# 1. Debian packages: OpenBLAS makes MLX's CPU backend much faster on Linux (the measured figure: warmturn/machine.py).
 if [[ "$(uname -s)" == Linux ]] && command -v dpkg-query >/dev/null; then
   if ! dpkg-query -W -f='${Status}' libopenblas0-pthread 2>/dev/null | grep -q "ok installed"; then
     SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo -n"

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.test_server_hardening import FUZZ_BASE, HOSTILE, PATHS, assemble  # noqa: E402
 from tests.test_server_input import MALFORMED  # noqa: E402
-from warmturn.plumbing import free_port, openblas_env  # noqa: E402
+from warmturn.machine import free_port, openblas_env  # noqa: E402
 
 HI = [{"role": "user", "content": "Say hi."}]
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]

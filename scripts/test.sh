@@ -4,8 +4,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 # MLX's Linux CPU wheel bundles a slow reference BLAS; the model tests run in this process,
 # so preload Debian's OpenBLAS here (the server arranges it for itself when it starts). Where it
-# lives, and the opt-out, are warmturn.plumbing's (the one place).
-PRELOAD=$(.venv/bin/python -c 'from warmturn.plumbing import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
+# lives, and the opt-out, are warmturn.machine's (the one place).
+PRELOAD=$(.venv/bin/python -c 'from warmturn.machine import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
 [[ -n "$PRELOAD" ]] && export LD_PRELOAD="$PRELOAD"
 export PYTHONUNBUFFERED=1
 # The linter and the type checker (config in pyproject.toml: [tool.ruff], [tool.mypy]) run with the

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from warmturn.plumbing import free_port  # noqa: F401  (tests import it from here)
+from warmturn.machine import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"

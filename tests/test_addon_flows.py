@@ -12,13 +12,13 @@ from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.layers import http as http_layer
 from mitmproxy.test import taddons, tflow, tutils
 
-from warmturn.addons import contentview, routing
-from warmturn.addons.normalization import OFF_LOOP_BYTES
+from warmturn.addons import backends, contentview
+from warmturn.addons.strip import OFF_LOOP_BYTES
 from warmturn.addons.normalize import make_addons
 from warmturn.addons.scrub import scrub_query
 from warmturn.addons.state import META, FlowState
 from tests.conftest import FIXTURES, ROOT
-from warmturn import plumbing, protocol
+from warmturn import machine, protocol
 
 CC = FIXTURES / "claude_code"
 ADDON_FX = FIXTURES / "addon"
@@ -427,12 +427,12 @@ def test_contentview_renders_request_and_stream(wt):
 
 
 def test_routing_helpers():
-    assert routing.parse_backend("http://h:8000/base/").url_for("/v1/messages") == "http://h:8000/base/v1/messages"
-    assert routing.parse_backend("https://h").url_for("/x") == "https://h/x"
+    assert backends.parse_backend("http://h:8000/base/").url_for("/v1/messages") == "http://h:8000/base/v1/messages"
+    assert backends.parse_backend("https://h").url_for("/x") == "https://h/x"
     assert protocol.request_kind("/v1/messages/count_tokens?beta=true") == "count_tokens"
     assert protocol.request_kind("/v1/models") == "models" and protocol.request_kind("/") == "other"
-    assert plumbing.is_loopback("::1") and plumbing.is_loopback("::ffff:127.0.0.1")
-    assert plumbing.is_loopback("[::1]") and not plumbing.is_loopback("10.0.0.1")
+    assert machine.is_loopback("::1") and machine.is_loopback("::ffff:127.0.0.1")
+    assert machine.is_loopback("[::1]") and not machine.is_loopback("10.0.0.1")
 
 
 def test_connect_to_anthropic_is_answered_locally(wt):

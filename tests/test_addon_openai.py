@@ -8,7 +8,7 @@ import pytest
 
 from warmturn.addons import openai_translate as ot
 from warmturn.addons.backends import OpenAIAdapter
-from warmturn.addons.routing import parse_backend
+from warmturn.addons.backends import parse_backend
 from warmturn.protocol import MessageFold, SSEDecoder
 from tests.conftest import FIXTURES
 

@@ -1,4 +1,4 @@
-"""The embedded-server supervisor (addons/supervisor.py) with real processes and a real HTTP listener."""
+"""The embedded-server supervisor (warmturn/addons/embedded_server.py) with real processes and a real HTTP listener."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from warmturn.addons.supervisor import EmbeddedServer, http_status
+from warmturn.addons.embedded_server import EmbeddedServer, http_status
 from tests.conftest import free_port
 
 

@@ -14,8 +14,7 @@ import anthropic
 import httpx
 import pytest
 
-from warmturn.addons import routing
-from warmturn.addons.backends import AnthropicAdapter, OpenAIAdapter
+from warmturn.addons.backends import AnthropicAdapter, OpenAIAdapter, parse_backend
 from warmturn.addons.state import FlowState
 from warmturn.addons.tap import make_tap
 from tests.conftest import free_port
@@ -66,7 +65,7 @@ def test_tap_sends_nothing_for_the_usage_chunk_and_never_an_empty_chunk(name):
     """The stream callable, fed vLLM's chunks as they came: a chunk that translates to nothing is an
     empty list (mitmproxy sends nothing), never b"" (mitmproxy would send the body's terminator)."""
     state = FlowState(kind="messages", model=CLAUDE, translated_from={"model": CLAUDE})
-    state.live.translate = OpenAIAdapter(routing.parse_backend("http://127.0.0.1:9")).stream_translator(state)
+    state.live.translate = OpenAIAdapter(parse_backend("http://127.0.0.1:9")).stream_translator(state)
     tap = make_tap(state)
     rec = load(name)
     outs = [tap(chunk) for chunk in rec.chunks]
@@ -83,7 +82,7 @@ def test_tap_sends_nothing_for_the_usage_chunk_and_never_an_empty_chunk(name):
 
 def test_anthropic_backend_tap_passes_vllms_chunks_as_they_are():
     state = FlowState(kind="messages", model=CLAUDE)
-    state.live.translate = AnthropicAdapter(routing.parse_backend("http://127.0.0.1:9")).stream_translator(state)
+    state.live.translate = AnthropicAdapter(parse_backend("http://127.0.0.1:9")).stream_translator(state)
     tap = make_tap(state)
     rec = load("messages_stream_tool")
     assert [tap(c) for c in rec.chunks] == [[c] for c in rec.chunks] and tap(b"") == []

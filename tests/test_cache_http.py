@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from conftest import ROOT, free_port
-from warmturn.plumbing import openblas_env
+from warmturn.machine import openblas_env
 
 pytestmark = pytest.mark.model
 

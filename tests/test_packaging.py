@@ -70,7 +70,7 @@ PARTS = {  # path prefix (first match wins) -> the extras its module-level impor
     "warmturn/server/": ("server",),
     "warmturn/analysis/": ("analysis",),
     "warmturn/bench/": ("bench",),
-    "warmturn/": (),  # protocol, rules, identity, plumbing, prefix: the shared stdlib-only modules
+    "warmturn/": (),  # protocol, rules, model_identity, machine, prefix: the shared stdlib-only modules
 }
 
 
@@ -374,7 +374,7 @@ def _run_addon(cmd: list[str], env: dict[str, str], cwd: Path, out: Path) -> tup
     import urllib.error
     import urllib.request
 
-    from warmturn.plumbing import free_port
+    from warmturn.machine import free_port
 
     port, dead = free_port(), free_port()
     cmd = [*cmd, "-s", str(ROOT / "tests" / "addon_probe.py"), "--listen-host", "127.0.0.1", "--listen-port", str(port),

@@ -1,4 +1,4 @@
-"""warmturn/protocol.py, rules.py and plumbing.py: the shared wire protocol on recorded traffic,
+"""warmturn/protocol.py, rules.py and machine.py: the shared wire protocol on recorded traffic,
 with the official anthropic SDK's own stream reducer as the oracle for the fold."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 
 from tests.conftest import FIXTURES
-from warmturn import plumbing, protocol, rules
+from warmturn import machine, protocol, rules
 
 PROTO = FIXTURES / "protocol"
 CC = FIXTURES / "claude_code"
@@ -233,29 +233,32 @@ def test_stripped_entries_round_trip_and_restore_the_recorded_request():
         rules.stripped_from_json({"kind": "tool"})
 
 
-# --------------------------------------------------------------------------- plumbing
+# --------------------------------------------------------------------------- machine
 
 
 @pytest.mark.parametrize("host, expected", [
     ("127.0.0.1", True), ("127.8.9.1", True), ("::1", True), ("[::1]", True), ("::ffff:127.0.0.1", True),
     ("localhost", True), ("LOCALHOST.", True), ("::1%lo", True), ("10.0.0.1", False), ("0.0.0.0", False),
     ("example.com", False), ("127.0.0.1.nip.io", False),
+    # the legacy spellings a socket accepts (machine.canonical_ip, the one reading of an address)
+    ("127.1", True), ("2130706433", True), ("0x7f.1", True), ("[::ffff:127.0.0.2]", True), ("0", False),
+    ("127.0.0.1 evil.example", False),  # inet_aton itself reads this as 127.0.0.1
 ])
 def test_is_loopback(host, expected):
-    assert plumbing.is_loopback(host) is expected
+    assert machine.is_loopback(host) is expected
 
 
 def test_openblas_env(tmp_path):
     lib = tmp_path / "libblas.so.3"
     lib.write_bytes(b"")
-    got = plumbing.openblas_env({"LD_PRELOAD": "/other.so"}, "linux", str(lib))
+    got = machine.openblas_env({"LD_PRELOAD": "/other.so"}, "linux", str(lib))
     assert got["LD_PRELOAD"] == f"{lib}:/other.so"
-    assert plumbing.openblas_env({"LD_PRELOAD": f"{lib}"}, "linux", str(lib)) == {"LD_PRELOAD": str(lib)}
-    assert plumbing.openblas_env({}, "darwin", str(lib)) == {}
-    assert plumbing.openblas_env({plumbing.OPENBLAS_OPT_OUT: "1"}, "linux", str(lib)) == {plumbing.OPENBLAS_OPT_OUT: "1"}
+    assert machine.openblas_env({"LD_PRELOAD": f"{lib}"}, "linux", str(lib)) == {"LD_PRELOAD": str(lib)}
+    assert machine.openblas_env({}, "darwin", str(lib)) == {}
+    assert machine.openblas_env({machine.OPENBLAS_OPT_OUT: "1"}, "linux", str(lib)) == {machine.OPENBLAS_OPT_OUT: "1"}
 
 
 def test_free_port_can_be_bound():
-    port = plumbing.free_port()
+    port = machine.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))

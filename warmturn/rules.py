@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
-from . import identity
+from . import model_identity
 from .protocol import REDACTED, is_secret_name
 
 # A system text block matching one of these (re.search; ^ is the block's start) is dropped whole.
@@ -192,7 +192,7 @@ class StrippedHeader(Stripped):
 @dataclass(frozen=True)
 class StrippedRewrite(Stripped):
     """Text at ``path`` replaced by a canonical form: ``replacement`` now sits at ``offset`` where
-    ``text`` was (the model identity, :mod:`warmturn.identity`). Nothing is deleted."""
+    ``text`` was (the model identity, :mod:`warmturn.model_identity`). Nothing is deleted."""
 
     kind: ClassVar[str] = "rewrite"
     path: str = "system"
@@ -295,7 +295,7 @@ class Rules:
     block_patterns: tuple[re.Pattern[str], ...] = ()
     fragment_patterns: tuple[re.Pattern[str], ...] = ()
     headers: frozenset[str] = frozenset()
-    identity: bool = False  # canonicalize the model's name and id (warmturn.identity)
+    identity: bool = False  # canonicalize the model's name and id (warmturn.model_identity)
 
     @classmethod
     def make(cls, patterns: Sequence[str] = DEFAULT_VOLATILE_PATTERNS,
@@ -363,7 +363,7 @@ class Rules:
         done: list[StrippedRewrite] = []
 
         def text_at(text: str, path: str) -> str:
-            new, changes = identity.rewrites(text)
+            new, changes = model_identity.rewrites(text)
             done.extend(StrippedRewrite(c.pattern, path, c.start, c.old, c.new) for c in changes)
             return new
 

@@ -4,7 +4,7 @@ The seam
 --------
 The route addon hands every admitted API flow to one :class:`BackendAdapter`, chosen from the
 ``backend`` and ``backend_api`` options by :func:`make_adapter`. An adapter owns everything that
-depends on *what* the backend is (where it is, ``backend``, is :class:`addons.routing.Backend`):
+depends on *what* the backend is (where it is, ``backend``, is :class:`addons.Backend`):
 
 - :meth:`BackendAdapter.prepare` (request hook, async): point the flow at the backend and rewrite
   it for the engine (the model name on *every* route, credentials, paths, a translation), or
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import urllib.parse
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, Protocol, get_args
 
 from mitmproxy import http
@@ -37,10 +39,64 @@ from warmturn.protocol import (CLAUDE_MODELS, ErrorType, error_for_status, is_er
                                page_models)
 from warmturn.rules import encode_body
 
-from . import openai_translate, routing
+from . import api_flows, openai_translate
+from .embedded_server import EmbeddedServer
 from .relay import can_connect
 from .state import FlowState
-from .supervisor import EmbeddedServer
+
+@dataclass(frozen=True)
+class Backend:
+    """Where requests go (the parsed ``backend`` option): kind embedded | url | passthrough.
+    What the backend speaks is a :class:`addons.backends.BackendAdapter`'s business."""
+
+    kind: str
+    scheme: str = "http"
+    host: str = ""
+    port: int = 0
+    prefix: str = ""  # path prefix of the base URL, without trailing slash
+
+    def url_for(self, path: str) -> str:
+        default = 443 if self.scheme == "https" else 80
+        netloc = self.host if self.port == default else f"{self.host}:{self.port}"
+        if ":" in self.host and not self.host.startswith("["):
+            netloc = f"[{self.host}]" + ("" if self.port == default else f":{self.port}")
+        return f"{self.scheme}://{netloc}{self.prefix}{path}"
+
+
+def parse_backend(value: str) -> Backend:
+    """`embedded`, `passthrough` or an http(s) base URL; raises ValueError otherwise."""
+    value = value.strip()
+    if value in ("embedded", "passthrough"):
+        return Backend(value)
+    u = urllib.parse.urlsplit(value)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError(f"backend must be 'embedded', 'passthrough' or an http(s):// base URL, not {value!r}")
+    if u.query or u.fragment:
+        raise ValueError(f"backend URL must not have a query or fragment: {value!r}")
+    try:
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError as e:
+        raise ValueError(f"backend URL has a bad port: {value!r}") from e
+    return Backend("url", u.scheme, u.hostname, port, u.path.rstrip("/"))
+
+
+def route(flow: http.HTTPFlow, backend: Backend, path: str | None = None) -> str:
+    """Point the flow at the backend (or, for passthrough, keep/choose the real API). Returns the URL."""
+    req = flow.request
+    path = req.path if path is None else path
+    if backend.kind == "passthrough":
+        if api_flows.mode_type(flow) == "regular" and api_flows.addressed_to_proxy(flow):
+            req.url = api_flows.ANTHROPIC_URL + path
+        return req.url
+    req.scheme = backend.scheme
+    req.host = backend.host
+    req.port = backend.port
+    req.path = backend.prefix + path
+    default = 443 if backend.scheme == "https" else 80
+    if "Host" in req.headers or not (req.is_http2 or req.is_http3):
+        req.headers["Host"] = backend.host if backend.port == default else f"{backend.host}:{backend.port}"
+    return req.url
+
 
 #: "does host:port accept connections": the relay's (:meth:`addons.relay.Relay.reachable`, which
 #: answers from its pool and keeps the connection it opens) or a plain TCP probe
@@ -73,7 +129,7 @@ def models_listing() -> dict:
 class BackendAdapter(Protocol):
     """One kind of backend engine (see the module docstring for the seam)."""
 
-    target: routing.Backend
+    target: Backend
 
     async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
         """Route and rewrite the request; a returned response answers the client instead."""
@@ -100,7 +156,7 @@ class AnthropicAdapter:
     #: routes whose JSON body carries a ``model`` to map to ``backend_model``
     MODEL_ROUTES = ("messages", "count_tokens")
 
-    def __init__(self, target: routing.Backend, api_key: str = "", model: str = "",
+    def __init__(self, target: Backend, api_key: str = "", model: str = "",
                  reachable: Probe = can_connect) -> None:
         self.target = target
         self.api_key = api_key
@@ -113,10 +169,10 @@ class AnthropicAdapter:
 
     async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
         if self.target.kind == "passthrough":
-            state.upstream = routing.route(flow, self.target)
+            state.upstream = route(flow, self.target)
             return None
         self.rewrite(flow, state)
-        state.upstream = routing.route(flow, self.target)
+        state.upstream = route(flow, self.target)
         return await self.check_reachable()
 
     def rewrite(self, flow: http.HTTPFlow, state: FlowState) -> None:
@@ -172,7 +228,7 @@ class EmbeddedAdapter(AnthropicAdapter):
 
     def __init__(self, server: Callable[[], EmbeddedServer | None], api_key: str = "", model: str = "",
                  reachable: Probe = can_connect) -> None:
-        super().__init__(routing.Backend("embedded"), api_key, model, reachable)
+        super().__init__(Backend("embedded"), api_key, model, reachable)
         self._server = server
 
     async def prepare(self, flow: http.HTTPFlow, state: FlowState) -> http.Response | None:
@@ -189,7 +245,7 @@ class EmbeddedAdapter(AnthropicAdapter):
             return error_response(529, f"warmturn: embedded backend {server.base_url} is not "
                                                            f"ready: {server.last_error or 'still starting'}")
         self.rewrite(flow, state)
-        state.upstream = routing.route(flow, routing.parse_backend(server.base_url))
+        state.upstream = route(flow, parse_backend(server.base_url))
         return None
 
 
@@ -208,7 +264,7 @@ class OpenAIAdapter(AnthropicAdapter):
             # when the route does not exist there.
             self.rewrite(flow, state)
             self.bearer(flow.request)
-            state.upstream = routing.route(flow, self.target)
+            state.upstream = route(flow, self.target)
             return await self.check_reachable()
         if state.kind == "messages":
             if not isinstance(state.body, dict):
@@ -224,9 +280,9 @@ class OpenAIAdapter(AnthropicAdapter):
             for h in [h for h in req.headers if h.lower().startswith("anthropic-")]:
                 req.headers.pop(h, None)
             self.bearer(req)
-            state.upstream = routing.route(flow, self.target, "/v1/chat/completions")
+            state.upstream = route(flow, self.target, "/v1/chat/completions")
         else:
-            state.upstream = routing.route(flow, self.target)
+            state.upstream = route(flow, self.target)
         return await self.check_reachable()
 
     def bearer(self, req: http.Request) -> None:
@@ -267,7 +323,7 @@ class OpenAIAdapter(AnthropicAdapter):
         resp.headers["content-type"] = "application/json"
 
 
-def make_adapter(target: routing.Backend, api: str, *, api_key: str = "", model: str = "",
+def make_adapter(target: Backend, api: str, *, api_key: str = "", model: str = "",
                  server: Callable[[], EmbeddedServer | None] = lambda: None,
                  reachable: Probe = can_connect) -> BackendAdapter:
     """The adapter for the ``backend`` / ``backend_api`` options. The embedded server speaks

@@ -15,7 +15,6 @@ import json
 import logging
 import os
 import re
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ from mitmproxy.log import ALERT
 
 from warmturn.protocol import REDACTED, is_secret_name, redact_headers, redact_json, redact_url_passwords
 
+from .scrub import redact_query
 from .state import FlowState
 
 logger = logging.getLogger(__name__)
@@ -42,17 +42,6 @@ def _ms(a: float | None, b: float | None) -> float | None:
 
 def _headers(headers: http.Headers | None) -> dict[str, str]:
     return redact_headers(headers.items(multi=True) if headers is not None else None)
-
-
-def redact_query(url_or_path: str) -> str:
-    """A path or URL with the values of credential-named query parameters redacted."""
-    head, sep, query = url_or_path.partition("?")
-    if not sep:
-        return url_or_path
-    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
-    if not any(is_secret_name(k) for k, _ in pairs):
-        return url_or_path
-    return head + "?" + urllib.parse.urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in pairs])
 
 
 _FORM_PAIR = re.compile(r"(?<![A-Za-z0-9_.\-])([A-Za-z0-9_.\-]{1,200}+)=([^&\s]*+)")

@@ -21,10 +21,10 @@ from mitmproxy import connection, ctx, dns, http, tcp, udp
 from mitmproxy.proxy import mode_specs, server_hooks
 
 from warmturn import protocol
-from warmturn.plumbing import is_loopback
+from warmturn.machine import is_loopback
 from warmturn.protocol import request_kind
 
-from . import routing
+from . import api_flows
 from .backends import error_response
 from .state import FlowState
 
@@ -55,14 +55,14 @@ def client_key_ok(req: http.Request, key: str) -> bool:
 async def targets_proxy(host: str, port: int, listen: list[tuple[str, int]]) -> bool:
     """Whether connecting to host:port would reach this proxy; names are resolved (off the
     event loop) only when the port is one of the proxy's."""
-    verdict = routing.names_proxy(host, port, listen)
+    verdict = api_flows.names_proxy(host, port, listen)
     if verdict is not None:
         return verdict
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), 5)
     except (OSError, asyncio.TimeoutError, UnicodeError):
         return False
-    return any(routing.names_proxy(str(info[4][0]), port, listen) for info in infos)
+    return any(api_flows.names_proxy(str(info[4][0]), port, listen) for info in infos)
 
 
 class Gate:
@@ -91,7 +91,7 @@ class Gate:
             data.server.error = "warmturn serves loopback clients only (addon option allow_remote)"
             return
         address = data.server.address
-        if address and await targets_proxy(str(address[0]), int(address[1]), routing.proxy_listen_addrs()):
+        if address and await targets_proxy(str(address[0]), int(address[1]), api_flows.proxy_listen_addrs()):
             logger.warning("warmturn: refused a connection to the proxy itself (%s:%s)", address[0], address[1])
             data.server.error = LOOP_MESSAGE
 
@@ -119,12 +119,12 @@ class Gate:
                            flow.request.port, flow.client_conn.peername[0])
             flow.response = error_response(403, "warmturn serves loopback clients only (addon option allow_remote)")
             return
-        if await targets_proxy(flow.request.host, flow.request.port, routing.proxy_listen_addrs(flow)):
+        if await targets_proxy(flow.request.host, flow.request.port, api_flows.proxy_listen_addrs(flow)):
             logger.warning("warmturn: refused CONNECT to the proxy itself (%s:%s)", flow.request.host,
                            flow.request.port)
             flow.response = error_response(400, LOOP_MESSAGE)
             return
-        if ctx.options.backend_only and flow.request.host.lower() not in routing.ANTHROPIC_HOSTS:
+        if ctx.options.backend_only and flow.request.host.lower() not in api_flows.ANTHROPIC_HOSTS:
             flow.response = error_response(403, BACKEND_ONLY_MESSAGE)
 
     # -- HTTP -----------------------------------------------------------------------------------
@@ -138,9 +138,9 @@ class Gate:
                            flow.client_conn.peername[0])
             flow.response = error_response(403, "warmturn serves loopback clients only (addon option allow_remote)")
             return
-        if not routing.is_api_flow(flow):
-            if routing.mode_type(flow) == "regular" and await targets_proxy(
-                    flow.request.host, flow.request.port, routing.proxy_listen_addrs(flow)):
+        if not api_flows.is_api_flow(flow):
+            if api_flows.mode_type(flow) == "regular" and await targets_proxy(
+                    flow.request.host, flow.request.port, api_flows.proxy_listen_addrs(flow)):
                 flow.response = error_response(400, LOOP_MESSAGE)
             elif o.backend_only:
                 flow.response = error_response(403, BACKEND_ONLY_MESSAGE)
@@ -151,7 +151,7 @@ class Gate:
             flow.response = error_response(400, f"Transfer-Encoding: {', '.join(codings)} is not supported: send "
                                                 "the body plain (chunked or with a Content-Length)")
             return
-        state = FlowState(kind=request_kind(req.path), path=req.path, mode=routing.mode_of(flow))
+        state = FlowState(kind=request_kind(req.path), path=req.path, mode=api_flows.mode_of(flow))
         state.t.request = req.timestamp_end or time.time()
         state.attach(flow)
         if o.client_api_key and not client_key_ok(req, o.client_api_key):

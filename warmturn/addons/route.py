@@ -17,12 +17,12 @@ import time
 
 from mitmproxy import ctx, exceptions, http, tls
 
-from . import routing
-from .backends import BackendAdapter, error_response, make_adapter
+from . import api_flows
+from .backends import BackendAdapter, error_response, make_adapter, parse_backend
 from .hooks import BackendHook, announce
 from .relay import TOKEN_HEADER, Relay, TlsSettings
 from .state import FlowState
-from .supervisor import EmbeddedServer
+from .embedded_server import EmbeddedServer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def tls_settings() -> TlsSettings:
 class Route:
     def __init__(self) -> None:
         self.relay = Relay()  # finishes responses of backends that die mid-request
-        self.target = routing.parse_backend("embedded")
+        self.target = parse_backend("embedded")
         self.backend = "embedded"  # the option as given, and the API: recorded in every flow's state
         self.api = "anthropic"
         self.embedded: EmbeddedServer | None = None  # announced by the supervise addon
@@ -87,7 +87,7 @@ class Route:
         o = ctx.options
         if "backend" in updated:
             try:
-                self.target = routing.parse_backend(o.backend)
+                self.target = parse_backend(o.backend)
             except ValueError as e:
                 raise exceptions.OptionsError(str(e)) from e
             self.backend = o.backend.strip()
@@ -115,7 +115,7 @@ class Route:
     def _api_host(host: str | None) -> bool:
         """Anthropic's API host: its requests go to the backend, or with passthrough through the
         relay to the real API, so mitmproxy never needs its own connection there."""
-        return (host or "").lower() in routing.ANTHROPIC_HOSTS
+        return (host or "").lower() in api_flows.ANTHROPIC_HOSTS
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or not self._api_host(flow.request.host):

@@ -11,20 +11,33 @@ the destination.
 
 from __future__ import annotations
 
+import urllib.parse
+
 from mitmproxy import http
 
 from warmturn.protocol import REDACTED, is_secret_name
 
 
-def scrub_query(request: http.Request) -> bool:
-    """Redact the values of credential-named query parameters in place; True if any was. Other
-    URLs are left byte for byte as they were."""
-    if "?" not in request.path:
-        return False
-    pairs = request.query.items(multi=True)
+def redact_query(url_or_path: str) -> str:
+    """A path or URL with the values of credential-named query parameters redacted (the one
+    implementation: the flow's URL here, the capture's ``path`` and ``upstream``). Without such a
+    parameter it is returned byte for byte as it was."""
+    head, sep, query = url_or_path.partition("?")
+    if not sep:
+        return url_or_path
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True)
     if not any(is_secret_name(k) for k, _ in pairs):
+        return url_or_path
+    return head + "?" + urllib.parse.urlencode([(k, REDACTED if is_secret_name(k) else v) for k, v in pairs])
+
+
+def scrub_query(request: http.Request) -> bool:
+    """Redact the values of credential-named query parameters in the request's path, in place;
+    True if any was."""
+    path = redact_query(request.path)
+    if path == request.path:
         return False
-    request.query = [(k, REDACTED if is_secret_name(k) else v) for k, v in pairs]
+    request.path = path
     return True
 
 

@@ -3,7 +3,7 @@
 Owns the ``embedded_*`` options (validated in ``configure``), starts the supervised child when
 mitmproxy is running and the route addon announces an embedded backend
 (:class:`~addons.hooks.BackendHook`), stops it when another is announced and on exit, and
-announces the current :class:`~addons.supervisor.EmbeddedServer` in turn
+announces the current :class:`~addons.embedded_server.EmbeddedServer` in turn
 (:class:`~addons.hooks.EmbeddedServerHook`) for the embedded backend adapter.
 """
 
@@ -17,8 +17,8 @@ import sys
 from mitmproxy import ctx, exceptions
 
 from .hooks import EmbeddedServerHook, announce
-from .routing import Backend
-from .supervisor import EmbeddedServer, default_python
+from .backends import Backend
+from .embedded_server import EmbeddedServer, default_python
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from warmturn import identity, rules
+from warmturn import model_identity, rules
 
 from .textdiff import changed_lines, clip_value, common_ends, path_around
 
@@ -260,7 +260,7 @@ def check_with_addon_rules(patterns: Sequence[str], a_body: dict, b_body: dict, 
 
 def _same_identity(old: Any, new: Any) -> bool:
     """Two texts that differ only in the model's name/id, which the addon canonicalizes by default."""
-    return isinstance(old, str) and isinstance(new, str) and identity.rewrites(old)[0] == identity.rewrites(new)[0]
+    return isinstance(old, str) and isinstance(new, str) and model_identity.rewrites(old)[0] == model_identity.rewrites(new)[0]
 
 
 def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],

@@ -20,7 +20,7 @@ import httpx
 from warmturn.bench import procs
 from warmturn.bench.client import Result, send
 from warmturn.bench.workload import BenchRequest, Session, with_billing
-from warmturn.plumbing import free_port
+from warmturn.machine import free_port
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout (installed: above site-packages/warmturn)
 ADDON_SCRIPT = Path(__file__).resolve().parents[1] / "addons" / "normalize.py"

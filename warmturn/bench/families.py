@@ -227,7 +227,7 @@ class FamilyRun:
     """One server (of SERVERS) on one family's model: start, warm up, send, stop."""
 
     def __init__(self, server: FamilyServer, family: str, model: Path, peer_model: Path, ctx: Context):
-        from warmturn.plumbing import free_port
+        from warmturn.machine import free_port
 
         self.server, self.family, self.ctx = server, family, ctx
         self.model, self.peer_model = model, peer_model

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import httpx
 
-from warmturn.plumbing import openblas_env
+from warmturn.machine import openblas_env
 
 log = logging.getLogger(__name__)
 
 def mlx_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment for a subprocess running MLX: OpenBLAS preloaded on Linux when installed
-    (see warmturn.plumbing), unbuffered output."""
+    (see warmturn.machine), unbuffered output."""
     env = openblas_env()
     env["PYTHONUNBUFFERED"] = "1"
     env.update(extra or {})

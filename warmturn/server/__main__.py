@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from warmturn.plumbing import is_loopback
+from warmturn.machine import is_loopback
 
 log = logging.getLogger("server")
 

@@ -2,7 +2,7 @@
 
 mlx-cpu's Linux wheel links a slow reference BLAS (an fp32 1024² matmul at ~5 GFLOP/s);
 Debian's OpenBLAS, preloaded, is much faster (the measured figure is in
-:mod:`warmturn.plumbing`, which also knows where OpenBLAS lives). The dynamic loader only
+:mod:`warmturn.machine`, which also knows where OpenBLAS lives). The dynamic loader only
 honours ``LD_PRELOAD`` at process start, so :func:`maybe_reexec` re-executes the current command once with it set, before MLX is
 imported. Opt out with ``WARMTURN_NO_OPENBLAS=1``. Metal and CUDA builds are left alone.
 """
@@ -15,7 +15,7 @@ import os
 import sys
 from collections.abc import Mapping
 
-from warmturn.plumbing import OPENBLAS_OPT_OUT as OPT_OUT, find_openblas, openblas_env
+from warmturn.machine import OPENBLAS_OPT_OUT as OPT_OUT, find_openblas, openblas_env
 
 log = logging.getLogger(__name__)
 

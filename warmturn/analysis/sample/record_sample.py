@@ -28,7 +28,7 @@ VENV_BIN = ROOT / ".venv" / "bin"
 if str(ROOT) not in sys.path:  # run as a script: the repository's packages
     sys.path.insert(0, str(ROOT))
 
-from warmturn.plumbing import free_port, openblas_env  # noqa: E402
+from warmturn.machine import free_port, openblas_env  # noqa: E402
 
 RULES = [
     "Read the relevant files before proposing a change, and quote the lines you rely on.",

@@ -1,4 +1,4 @@
-"""The model-identity rule (warmturn/identity.py, applied by warmturn.rules.Rules): on real Claude Code
+"""The model-identity rule (warmturn/model_identity.py, applied by warmturn.rules.Rules): on real Claude Code
 requests of both versions, the name and id become one stable form and nothing else changes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import json
 import pytest
 
 from tests.conftest import FIXTURES
-from warmturn import identity, rules
+from warmturn import model_identity, rules
 
 RULES = rules.Rules.make()
 
@@ -60,7 +60,7 @@ def test_2_1_332_model_line_in_a_role_system_message():
     ("Co-Authored-By: Jane Doe <jane@example.com>", None),  # a person, not the model
 ])
 def test_rewrites(text, expected):
-    new, changes = identity.rewrites(text)
+    new, changes = model_identity.rewrites(text)
     assert new == (text if expected is None else expected)
     assert bool(changes) == (expected is not None)
     back = new

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from warmturn.plumbing import free_port, openblas_env
+from warmturn.machine import free_port, openblas_env
 
 logger = logging.getLogger(__name__)
 
