@@ -34,8 +34,8 @@ from typing import Any
 LOOKBACK = 20  # block boundaries checked before each breakpoint
 TTL = {"5m": 300.0, "1h": 3600.0}
 TOLERANCE = 0.02  # a prediction within 2% of the reported read counts as matching
-# Minimum cacheable prompt length by model (docs.anthropic.com, prompt caching, checked 2026-12);
-# first matching substring wins, the last entry is the default.
+# Minimum cacheable prompt length by model, as Anthropic's prompt-caching page gave it when this was written
+# (not re-checked against the live page: compare() takes min_tokens to override); first match wins.
 MIN_CACHEABLE = (("opus-4-5", 4096), ("haiku-4-5", 4096), ("haiku", 2048), ("", 1024))
 
 

@@ -12,8 +12,10 @@ with any window or linear layer cannot be trimmed back to a shorter prefix (mlx-
 ``RotatingKVCache`` past its window, ``ArraysCache`` always): such a family reuses only whole
 checkpoints, which :attr:`KVCost.trimmable` says.
 
-The presets are the models' real ``config.json`` values (Hugging Face model cards, checked
-2026-12); :func:`cost_from_config` reads any other model directory's config the same way.
+The presets are the fields of the models' published ``config.json`` that size the cache, written
+down without network access here (Qwen3-Next's linear-attention fields were compared with copies of
+its config in public code); with the checkpoint at hand, ``--model DIR`` reads its own config.json
+through :func:`cost_from_config` instead.
 """
 
 from __future__ import annotations
