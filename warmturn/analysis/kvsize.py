@@ -13,9 +13,9 @@ with any window or linear layer cannot be trimmed back to a shorter prefix (mlx-
 checkpoints, which :attr:`KVCost.trimmable` says.
 
 The presets are the fields of the models' published ``config.json`` that size the cache, written
-down without network access here (Qwen3-Next's linear-attention fields were compared with copies of
-its config in public code); with the checkpoint at hand, ``--model DIR`` reads its own config.json
-through :func:`cost_from_config` instead.
+down without network access here and compared with copies of those configs in public code (Gemma 3
+27B, gpt-oss, Qwen3-Next, Llama 3.1 8B); with the checkpoint at hand, ``--model DIR`` reads its own
+config.json through :func:`cost_from_config` instead.
 """
 
 from __future__ import annotations
