@@ -104,6 +104,36 @@ if (( CONTEXT > 0 && CONTEXT <= 16384 )) && [[ "${WARMTURN_FULL_PROMPT:-0}" != 1
   has --tools || flags+=(--tools "Read")
   profile="small-model profile (short system prompt, only the Read tool unless you pass --tools, no git status, output cap ${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-$cap} tokens)"
 fi
+# Tell Claude Code the served context, so that it compacts in time instead of failing with "prompt is too long"
+# (verified against 2.1.332, docs/claude-code-context.md): it applies CLAUDE_CODE_MAX_CONTEXT_TOKENS only to a
+# model id it does not know (for claude-* ids it keeps its own 200K/1M), so every model alias becomes the served
+# model's id. It compacts once usage reaches the window - min(output cap, 20K) - 13K, and refuses to send at the
+# window - min(output cap, 20K) - 3K; CLAUDE_CODE_AUTO_COMPACT_WINDOW counts as at least 100K and
+# CLAUDE_AUTOCOMPACT_PCT_OVERRIDE only lowers the point, so neither can tell it about a smaller window.
+if (( CONTEXT > 0 )); then
+  if [[ -z "${ANTHROPIC_MODEL:-}" ]] && ! has --model; then
+    env_extra+=(ANTHROPIC_MODEL="$MODEL")
+    for alias in ANTHROPIC_DEFAULT_OPUS_MODEL ANTHROPIC_DEFAULT_SONNET_MODEL ANTHROPIC_DEFAULT_HAIKU_MODEL; do
+      [[ -n "${!alias:-}" ]] || env_extra+=("$alias=$MODEL")
+    done
+  fi
+  window=${CLAUDE_CODE_MAX_CONTEXT_TOKENS:-$CONTEXT}
+  (( window <= CONTEXT )) || say "CLAUDE_CODE_MAX_CONTEXT_TOKENS=$window is larger than the served context ($CONTEXT)"
+  [[ -n "${CLAUDE_CODE_MAX_CONTEXT_TOKENS:-}" ]] || env_extra+=(CLAUDE_CODE_MAX_CONTEXT_TOKENS="$CONTEXT")
+  if [[ -z "${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-}" && -z "${cap:-}" ]]; then  # its default would reserve 20K
+    cap=$(( CAP > 0 ? CAP : CONTEXT / 8 )); cap=$(( cap > 32000 ? 32000 : cap ))
+    env_extra+=(CLAUDE_CODE_MAX_OUTPUT_TOKENS="$cap")
+  fi
+  out=${CLAUDE_CODE_MAX_OUTPUT_TOKENS:-$cap}; out=$(( out > 20000 ? 20000 : out ))
+  compact_at=$(( window - out - 13000 ))
+  if (( compact_at < window / 4 )) && [[ -z "${DISABLE_AUTO_COMPACT:-}" ]]; then
+    # too small for its 13K summary reserve: it would compact before every turn; /compact still works
+    env_extra+=(DISABLE_AUTO_COMPACT=1)
+    profile+="; context window $window tokens, no auto-compaction (too small), Claude Code stops at $(( window - out - 3000 ))"
+  else
+    profile+="; context window $window tokens, auto-compaction at $compact_at"
+  fi
+fi
 say "Claude Code $CLAUDE_CODE_VERSION -> http://127.0.0.1:$PORT (serving $MODEL${CONTEXT:+, context $CONTEXT tokens}); $profile"
 say "config: $CONFIG (CLAUDE_CONFIG_DIR); binary: $CLAUDE"
 
