@@ -272,3 +272,11 @@ def test_guard_fires_on_the_piece_that_completes_the_loop():
     pieces = ["Hello", ". ", *(["The secret", " word is: "] * 9)]
     fired = [i for i, p in enumerate(pieces) if guard.feed(p)]
     assert fired and fired[0] == 2 + 2 * 8 - 1  # 8 copies of the 20-character unit reach 160 characters
+
+
+def test_banner_says_what_the_default_model_cannot_do():
+    from warmturn.addons.banner import banner_text
+
+    default = banner_text(8080, "embedded", "", "captures/embedded-server.log", default_model=True)
+    assert "does not call tools" in default and "make run MODEL=org/name" in default
+    assert "does not call tools" not in banner_text(8080, "embedded", "", "captures/embedded-server.log")
