@@ -271,7 +271,7 @@ def test_max_tokens_cutting_a_multibyte_character_drops_it_not_a_replacement_cha
         assert "\ufffd" not in text and full.startswith(text), (k, text, full)
 
 
-def test_hold_replacement_tail_over_the_real_detokenizer_at_every_cut(model_and_tokenizer):
+def test_hold_replacement_tail_over_the_real_detokenizer_at_every_cut(model_and_tokenizer, capsys):
     """hypothesis: any text of mixed scripts, tokenized by the real tokenizer and cut after any
     token, streamed through the real streaming detokenizer as the engine does: what the server
     sends never holds U+FFFD and is always a prefix of the whole text."""
@@ -303,8 +303,12 @@ def test_hold_replacement_tail_over_the_real_detokenizer_at_every_cut(model_and_
             ready, held = hold_replacement_tail(held + p)
             sent += ready
         assert "\ufffd" not in sent and whole.startswith(sent), (text, ids, sent, whole)
+        tried.append(cut < len(ids) and "\ufffd" in "".join(stream(ids[:cut])))
 
+    tried: list[bool] = []
     check()
+    with capsys.disabled():
+        print(f"\nUTF-8 cut points: {len(tried)} tried ({sum(tried)} ending inside a character), all handled right")
 
 
 # --------------------------------------------------------------------------- 8. smaller points
@@ -381,7 +385,7 @@ def sampler_values(vocab: int):
     return st.one_of(valid, invalid)
 
 
-def test_fuzz_sampler_parameters_never_break_sampling(live):
+def test_fuzz_sampler_parameters_never_break_sampling(live, capsys):
     """hypothesis: sampler values at and past every edge, either way of answering: valid ones are
     served, invalid ones are 400s, and a sampled request afterwards is always served."""
     from hypothesis import HealthCheck, given, settings
@@ -399,11 +403,16 @@ def test_fuzz_sampler_parameters_never_break_sampling(live):
             assert sse_events(r.text)[-1]["type"] == "message_stop"
         after = post(live, {**HELLO, "max_tokens": 2, "temperature": 1.0})
         assert after.status_code == 200, after.text[:300]
+        tried.append(status)
 
+    tried: list[int] = []
     check()
+    with capsys.disabled():
+        print(f"\nsampler parameters: {len(tried)} tried ({tried.count(200)} served, {tried.count(400)} refused "
+              f"as 400), all handled right, each followed by a served sampled request")
 
 
-def test_fuzz_disconnect_timing(live, caplog):
+def test_fuzz_disconnect_timing(live, caplog, capsys):
     """hypothesis: a client that leaves after n events of a stream, or after the engine made n
     tokens of an answer it waits for whole (held back or not): never a 500, the engine empties,
     the next request is served."""
@@ -437,6 +446,10 @@ def test_fuzz_disconnect_timing(live, caplog):
         wait_until(lambda: not engine.busy, "the engine kept working for a client that left")
         assert metric(live, "warmturn_requests_total", status="500") == before_500
         assert post(live, HELLO).status_code == 200
+        tried.append(stream)
 
+    tried: list[bool] = []
     check()
+    with capsys.disabled():
+        print(f"\ndisconnect timing: {len(tried)} tried ({sum(tried)} streams), all handled right")
     assert "already running" not in caplog.text and "Traceback" not in caplog.text
