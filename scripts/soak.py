@@ -40,6 +40,8 @@ from warmturn.machine import free_port, openblas_env  # noqa: E402
 
 HI = [{"role": "user", "content": "Say hi."}]
 STORY = [{"role": "user", "content": "Tell me a long story about a lighthouse keeper."}]
+EMOJI = [{"role": "user", "content": "Reply with three emoji."}]
+TOOL = {"name": "Read", "description": "Read a file", "input_schema": {"type": "object", "properties": {}}}
 
 
 def fds(pid: int) -> int:
@@ -82,6 +84,13 @@ def mlx_mib(port: int) -> tuple[float, float]:
         m = re.search(rf"^{name} (\S+)$", text, re.M)
         out.append(float(m.group(1)) / 2**20 if m else 0.0)
     return out[0], out[1]
+
+
+def requests_500(port: int) -> float:
+    """The embedded server's count of 500 answers (warmturn_requests_total{status="500"})."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("warmturn_requests_total{") and 'status="500"' in line)
 
 
 def anthropic_error(r: httpx.Response, statuses: tuple[int, ...] = (400, 413)) -> bool:
@@ -167,8 +176,56 @@ class Soak:
             self.note("refused (trailing slash)", anthropic_error(r, (404,)), f"{r.status_code} {r.text}")
 
 
+    # issue 21's classes ----------------------------------------------------------------------------
+
+    def sampler(self, rng: random.Random) -> None:
+        """Sampler values at and past the edges (top_k >= the vocabulary broke sampling until a
+        restart): served, and a sampled request after it is served too."""
+        values = {"temperature": rng.choice([0.0, 0.5, 1.0, 2.0]), "top_p": rng.choice([0.0, 1e-9, 0.5, 1.0]),
+                  "top_k": rng.choice([0, 1, 49151, 49152, 49153, 10**9, 2**63 - 1])}
+        r = self.post("/v1/messages", json={"model": "m", "max_tokens": 2, "messages": HI,
+                                            "stream": rng.random() < 0.5, **values})
+        after = self.post("/v1/messages", json={"model": "m", "max_tokens": 2, "temperature": 1.0, "messages": HI})
+        self.note("sampler extremes (+ a sampled request)", r.status_code == 200 and after.status_code == 200,
+                  f"{values} {r.status_code} {after.status_code} {r.text[:200]}")
+
+    def utf8_cut(self, rng: random.Random) -> None:
+        """An emoji answer cut by max_tokens at any token: never U+FFFD."""
+        stream = rng.random() < 0.5
+        r = self.post("/v1/messages", json={"model": "m", "max_tokens": rng.randint(1, 9), "temperature": 0,
+                                            "stream": stream, "messages": EMOJI})
+        self.note("UTF-8 cut by max_tokens", r.status_code == 200 and "\ufffd" not in (
+            r.text if stream else "".join(b.get("text", "") for b in r.json()["content"])), r.text[-200:])
+
+    def refused2(self, rng: random.Random) -> None:
+        """Requests the API refuses (200s before): a tool_choice naming no tool, is_error as a string."""
+        if rng.random() < 0.5:
+            body = {"model": "m", "max_tokens": 1, "messages": HI, "tools": [TOOL],
+                    "tool_choice": {"type": "tool", "name": "Write"}}
+        else:
+            body = {"model": "m", "max_tokens": 1, "messages": [{"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "ok", "is_error": "false"}]}]}
+        r = self.post(rng.choice(["/v1/messages", "/v1/messages/count_tokens"]), json=body)
+        self.note("refused (tool_choice / is_error)", anthropic_error(r, (400,)), f"{r.status_code} {r.text[:200]}")
+
+    def leave_whole(self, rng: random.Random) -> None:
+        """A non-streaming client that leaves mid-answer (a held-back JSON answer: a logged 500 before);
+        the server's 500 count is checked at the end."""
+        body = {"model": "m", "max_tokens": 200, "messages": STORY,
+                "output_config": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}
+        try:
+            self.post("/v1/messages", json=body, timeout=httpx.Timeout(60, read=rng.uniform(0.3, 2.0)))
+            left = False  # answered before the client gave up
+        except httpx.ReadTimeout:
+            left = True
+        self.note("non-streaming client leaves", True, "")
+        with self.lock:
+            self.tried["(of which left mid-answer)"] += left
+            self.right["(of which left mid-answer)"] += left
+
+
 MIX = [("count", 25), ("message", 12), ("stream", 12), ("malformed", 20), ("fuzz", 20), ("disconnect", 5),
-       ("oversized", 2), ("refused", 4)]
+       ("oversized", 2), ("refused", 4), ("sampler", 8), ("utf8_cut", 6), ("refused2", 4), ("leave_whole", 3)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -229,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
         end_res = {"mitmdump": (fds(mitm.pid), rss_mib(mitm.pid), 0.0),
                    "server": (fds(server), rss_mib(server), cache_mib(server_port))}
         end_mlx = mlx_mib(server_port)
+        server_500s = requests_500(server_port)
     finally:
         mitm.send_signal(signal.SIGTERM)
         try:
@@ -262,6 +320,8 @@ def run(args: argparse.Namespace) -> int:
         ok &= f1 <= f0 + 4 and r1 - max(c1 - c0, 0) <= r0 * 1.25 + 64
     print(f"server MLX memory, MiB: arrays {base_mlx[0]:.0f} -> {end_mlx[0]:.0f}, "
           f"buffer cache (freed, kept for reuse) {base_mlx[1]:.0f} -> {end_mlx[1]:.0f}")
+    print(f"server: {server_500s:.0f} answers with status 500 (requests_total)")
+    ok &= server_500s == 0
     for f in soak.failures:
         print("  mishandled:", f)
     print("\nPASS" if ok else "\nFAIL", f"(files in {work})")
