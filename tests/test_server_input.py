@@ -140,6 +140,7 @@ NAMES = guard.allowed_host_names("127.0.0.1", ["box.lan"])
     ("127.0.0.2:8000", True), ("[::ffff:127.0.0.1]:8000", True), ("box.lan:8000", True),
     ("evil.example:8000", False), ("127.0.0.1.nip.io:8000", False), ("localhost.evil.example", False),
     ("10.0.0.5:8000", False), ("", False),
+    ("127.1:8000", True), ("2130706433", True), ("127.0.0.1 evil.example", False),  # machine.canonical_ip
 ])
 def test_host_header_must_name_this_server(host, ok):
     r = guard.check("GET", "/v1/models", {"host": host}, names=NAMES, bind_host="127.0.0.1", api_key=None)

@@ -23,13 +23,13 @@ Every refusal is Anthropic's error shape. Pure: the checks are plain functions o
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from warmturn import protocol
+from warmturn.machine import canonical_ip
 
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -79,16 +79,12 @@ def host_allowed(host: str, names: frozenset[str], bind_host: str) -> bool:
     server any loopback address (127.0.0.2, ::ffff:127.0.0.1...) is."""
     if "*" in names or host in names:
         return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = canonical_ip(host)  # the one reading of an address: 127.1 and ::ffff:127.0.0.1 are 127.0.0.x
+    if ip is None:
         return False
-    if bind_host in WILDCARD_HOSTS:
+    if bind_host in WILDCARD_HOSTS or ip.is_loopback:
         return True
-    mapped = getattr(ip, "ipv4_mapped", None) or ip
-    if mapped.is_loopback:
-        return True
-    return str(mapped) in names
+    return str(ip) in names
 
 
 def _media_type(value: str) -> str:
