@@ -1,5 +1,5 @@
 """The model-family comparison of `make bench --families` (issue 18), small: one hybrid family
-(qwen3_5: a gated-delta-net layer, then attention), two turns on a ~300-token prefix, warmturn on
+(qwen3_5: a gated-delta-net layer, then attention), two turns on a ~1,000-token prefix, warmturn on
 its solo and batched paths beside mlx_lm.server's batched path, real servers and real tiny model.
 
 The figures it computes are checked against the servers' own usage and against what each cache
@@ -34,8 +34,11 @@ SERVERS = ["warmturn-solo", "warmturn-batched", "mlx_lm-batched"]
 @pytest.fixture(scope="module")
 def family_run(tmp_path_factory, model_dir):
     out = tmp_path_factory.mktemp("bench") / "families"
+    # ~1,000 tokens, not fewer: warmturn resumes a hybrid cache at the end of system+tools, 2-3 template
+    # tokens before mlx_lm.server's system segment ends; the 0.01 tolerance of the verdict covers that
+    # from ~300 shared tokens on (the concurrent requests share half the prefix)
     cmd = [sys.executable, "-m", "warmturn.bench", "--families", "qwen3_5", "--family-servers", ",".join(SERVERS),
-           "--family-turns", "2", "--family-target-tokens", "300", "--family-max-tokens", "3",
+           "--family-turns", "2", "--family-target-tokens", "1000", "--family-max-tokens", "3",
            "--family-concurrent", "2", "--floor-repeats", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=540)
     print(proc.stdout[-6000:])
@@ -78,7 +81,7 @@ def test_shares_are_the_reads_over_the_previous_prompt(family_run):
                                                          / _int(by["repeat"]["prompt_tokens"]))
         # the diverging request shares the system+tools prefix with t1, and nothing after
         shared = _int(by["diverge"]["shared_tokens"])
-        assert 250 < shared < _int(t1["prompt_tokens"]) - 5
+        assert 800 < shared < _int(t1["prompt_tokens"]) - 5
         assert float(s["diverge_share"]) == pytest.approx(_int(by["diverge"]["cached_tokens"]) / shared)
         ideal = _int(by["c1"]["shared_tokens"])
         assert float(s["concurrent_share"]) == pytest.approx(
@@ -144,6 +147,7 @@ def test_summary_shares_floor_and_verdicts_from_literal_rows():
     assert "| warmturn-solo | 1.00 (1599/1600) | 1.00 (1649/1650) | 0.99 (1490/1500) |" in table
     assert "80 / 20 ms = 4.0×" in table and "**NO**: t2 0.04 < 1.00; diverge 0.00 < 1.00" in table
     over = overview_table(summaries, ["warmturn-solo", "warmturn-batched", "mlx_lm-batched"])
+    assert over.splitlines()[0].endswith("| warmturn reads ≥ mlx_lm batched |")  # no solo column: not run
     assert "| lfm2 | hybrid | 1.00 / 1.00 | 0.04 / 1.00 | 1.00 / 1.00 | **NO** |" in over
 
 

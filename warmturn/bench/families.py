@@ -541,7 +541,9 @@ def overview_table(summaries: list[dict], servers: Sequence[str]) -> str:
     """One line per family: warm share of every turn per server, and warmturn's verdicts."""
     fams = list(dict.fromkeys(s["family"] for s in summaries))
     by = {(s["family"], s["server"]): s for s in summaries}
-    head = ["family", "cache"] + [f"{k} t2…tN share" for k in servers] + ["warmturn reads ≥ mlx_lm batched"]
+    refs = [r for r in MLX_REFERENCE if r in servers]
+    head = (["family", "cache"] + [f"{k} t2…tN share" for k in servers]
+            + [f"warmturn reads ≥ {r.replace('-', ' ')}" for r in refs])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for f in fams:
         info = next((by[(f, k)] for k in servers if (f, k) in by and by[(f, k)].get("cache")), {})
@@ -550,8 +552,9 @@ def overview_table(summaries: list[dict], servers: Sequence[str]) -> str:
             s = by.get((f, k))
             shares = [s.get(t) for t in share_keys(s) if t.startswith("t")] if s else []
             cells.append(" / ".join("n/a" if v is None else f"{v:.2f}" for v in shares) or "n/a")
-        verdicts = [by[(f, k)].get("ge_mlx_lm-batched") for k in servers if k.startswith("warmturn") and (f, k) in by]
-        cells.append("n/a" if not verdicts or None in verdicts else ("yes" if all(verdicts) else "**NO**"))
+        for r in refs:  # over every warmturn server of the run
+            verdicts = [by[(f, k)].get(f"ge_{r}") for k in servers if k.startswith("warmturn") and (f, k) in by]
+            cells.append("n/a" if not verdicts or None in verdicts else ("yes" if all(verdicts) else "**NO**"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
