@@ -183,3 +183,14 @@ def test_workload_turns_carry_the_answers_and_share_the_prefix(model_dir):
     assert len({c["messages"][0]["content"] for c in conc}) == 3
     scripted = build_workload(load_fixture(), make_counter(model_dir), 1500, 2, history="scripted")
     assert scripted.turn_body(2, ["ignored"])["messages"][1]["content"] != "ignored"
+
+
+def test_no_solo_reaches_the_engine(tmp_path):
+    """warmturn-batched is `--no-solo`: the flag must reach the engine (whose solo=False path the
+    engine tests cover), or the two warmturn rows of the comparison would be the same server."""
+    from warmturn.server.__main__ import build_state, make_parser
+    from warmturn.server.tinymodels import build_tiny
+
+    model = build_tiny("qwen3_5", tmp_path / "qwen3_5")
+    assert build_state(make_parser().parse_args(["--model", str(model), "--no-solo"])).engine.solo is False
+    assert build_state(make_parser().parse_args(["--model", str(model)])).engine.solo is True
