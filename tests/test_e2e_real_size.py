@@ -120,44 +120,55 @@ def test_full_prompt_p_then_continue_reads_the_cache(proxy, tmp_path):
         assert u["cache_read_input_tokens"] >= 0.95 * prompt_of(u), u
 
 
-def test_full_prompt_interactive_three_turns_in_tmux(proxy, tmp_path):
-    """A real terminal session (tmux): three prompts typed, each answered; turns 2 and 3 read >= 95% of
-    their prompt from the cache."""
-    if shutil.which("tmux") is None:
-        pytest.skip("tmux is not installed (apt-get install tmux): it plays the user's terminal here")
-    home, config = session(tmp_path)
-    env = cli_env(home, proxy["port"], config)
-    name = f"warmturn-realsize-{proxy['port']}"
-    exports = " ".join(f"{k}={json.dumps(v)}" for k, v in env.items()
-                       if k in ("HOME", "PORT", "WARMTURN_CLAUDE_CONFIG", "WARMTURN_CACHE", "WARMTURN_FULL_PROMPT"))
+class Terminal:
+    """make claude in a real terminal (tmux), as a user runs it interactively."""
 
-    def screen() -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", name], capture_output=True, text=True).stdout
+    def __init__(self, name: str, home: Path, env: dict[str, str], args: str = "") -> None:
+        if shutil.which("tmux") is None:
+            pytest.skip("tmux is not installed (apt-get install tmux): it plays the user's terminal here")
+        self.name = name
+        exports = " ".join(f"{k}={json.dumps(v)}" for k, v in env.items() if k in (
+            "HOME", "PORT", "WARMTURN_CLAUDE_CONFIG", "WARMTURN_CACHE", "WARMTURN_FULL_PROMPT"))
+        subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "150", "-y", "40", "-c", str(home / "work"),
+                        f"env {exports} bash {ROOT / 'scripts' / 'claude.sh'} {args}; sleep 30"], check=True, env=env)
 
-    def wait_for(pred, timeout: float) -> str:
+    def screen(self) -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", self.name], capture_output=True, text=True).stdout
+
+    def wait_for(self, pred, timeout: float) -> str:
         deadline = time.monotonic() + timeout
         text = ""
         while time.monotonic() < deadline:
-            text = screen()
+            text = self.screen()
             if pred(text):
                 return text
             time.sleep(1)
         raise AssertionError(f"timed out; the screen shows:\n{text}")
 
+    def type(self, line: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, "-l", line], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", self.name, "Enter"], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+def test_full_prompt_interactive_three_turns_in_tmux(proxy, tmp_path):
+    """A real terminal session (tmux): three prompts typed, each answered; turns 2 and 3 read >= 95% of
+    their prompt from the cache."""
+    home, config = session(tmp_path)
     t0 = time.time()
-    subprocess.run(["tmux", "new-session", "-d", "-s", name, "-x", "150", "-y", "40", "-c", str(home / "work"),
-                    f"env {exports} bash {ROOT / 'scripts' / 'claude.sh'}; sleep 30"], check=True, env=env)
+    term = Terminal(f"warmturn-realsize-{proxy['port']}", home, cli_env(home, proxy["port"], config))
     starts = []
     try:
-        wait_for(lambda s: "❯" in s and "trust" not in s.lower(), 120)
+        term.wait_for(lambda s: "❯" in s and "trust" not in s.lower(), 120)
         for prompt in ("Say hi.", "Say hi again.", "And once more."):
             starts.append(time.time())
-            subprocess.run(["tmux", "send-keys", "-t", name, "-l", prompt], check=True)
-            subprocess.run(["tmux", "send-keys", "-t", name, "Enter"], check=True)
-            wait_for(lambda s: any(t["status"] == 200 for t in turns_since(proxy["cap"], starts[-1])), 600)
-            wait_for(lambda s: "esc to interrupt" not in s, 300)
+            term.type(prompt)
+            term.wait_for(lambda s: any(t["status"] == 200 for t in turns_since(proxy["cap"], starts[-1])), 600)
+            term.wait_for(lambda s: "esc to interrupt" not in s, 300)
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", name], capture_output=True)
+        term.close()
     turns = [t for t in turns_since(proxy["cap"], t0) if t["side"] is None]
     assert all(t["status"] == 200 and t["error"] is None for t in turns), [(t["status"], t["error"]) for t in turns]
     assert len({t["session_id"] for t in turns}) == 1
@@ -166,6 +177,55 @@ def test_full_prompt_interactive_three_turns_in_tmux(proxy, tmp_path):
         assert_full_prompt(t)
         u = t["usage"]
         assert u["cache_read_input_tokens"] >= 0.95 * prompt_of(u), u
+
+
+FORK_SKILL = """---
+name: probe-{x}
+description: Look around the project ({x}) and report briefly.
+context: fork
+agent: general-purpose
+---
+List what is in this folder ({x}) and report in one line.
+"""
+
+
+def test_subagent_fan_out_in_tmux(proxy, tmp_path):
+    """Subagents without a model that decides to start them: two project skills with `context: fork` typed as
+    /probe-a and /probe-b run as background subagents (Claude Code's own general-purpose agent, its own prompt),
+    beside the main session; the second reads its shared prefix from the cache. --permission-mode default: in
+    2.1.332's default auto mode each subagent's hand-back is also reviewed by a non-streaming security-monitor
+    request (~33K tokens here, 60 s client timeout; docs/claude-code-context.md)."""
+    home, config = session(tmp_path)
+    for x in "ab":
+        skill = home / "work" / ".claude" / "skills" / f"probe-{x}" / "SKILL.md"
+        skill.parent.mkdir(parents=True)
+        skill.write_text(FORK_SKILL.format(x=x))
+    t0 = time.time()
+    term = Terminal(f"warmturn-fanout-{proxy['port']}", home, cli_env(home, proxy["port"], config),
+                    "--permission-mode default")
+
+    def subagents() -> list[dict]:
+        return [t for t in turns_since(proxy["cap"], t0) if t["is_subagent"] and t["status"] is not None]
+
+    try:
+        term.wait_for(lambda s: "❯" in s and "trust" not in s.lower(), 120)
+        term.type("/probe-a")
+        term.wait_for(lambda s: "@probe-a" in s, 60)
+        term.type("/probe-b")
+        term.wait_for(lambda s: len({t["agent_id"] for t in subagents()}) >= 2, 600)
+        term.type("Say hi.")
+        main_start = time.time()
+        term.wait_for(lambda s: any(t["status"] == 200 and not t["is_subagent"]
+                                    for t in turns_since(proxy["cap"], main_start)), 600)
+    finally:
+        term.close()
+    subs = subagents()
+    assert len({t["agent_id"] for t in subs}) >= 2, subs
+    assert all(t["status"] == 200 and t["error"] is None for t in subs), [(t["status"], t["error"]) for t in subs]
+    assert len({t["session_id"] for t in turns_since(proxy["cap"], t0)}) == 1  # one session, its subagents in it
+    later = sorted(subs, key=lambda t: t["t"]["request"])[-1]
+    u = later["usage"]
+    assert u["cache_read_input_tokens"] >= 0.9 * prompt_of(u), u  # the subagent prompt, read once
 
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls count silver coins under an old oak "
