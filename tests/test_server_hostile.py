@@ -229,8 +229,7 @@ def wait_until(cond, what: str, timeout: float = 120) -> None:
 
 def decoding(engine) -> bool:
     """Whether a request in the engine has produced a token (the engine's own records of it)."""
-    runs = list(engine._active.values()) + ([engine._solo] if engine._solo is not None else [])
-    return any(r.output_tokens > 0 for r in runs)
+    return any(f.output_tokens > 0 for f in engine.flights())
 
 
 def test_a_non_streaming_client_leaving_mid_decode_is_a_499_not_a_500(live, caplog):

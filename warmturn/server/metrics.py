@@ -59,7 +59,7 @@ class _EngineCollector(Collector):
             ("prefill_waiting", "requests admitted and waiting for their turn to read their prompt",
              e.waiting_prefill),
             ("dedup_parked", "requests waiting for another request's prefill of a shared prefix",
-             len(e._parked)),
+             e.parked),
             ("worker_alive", "1 while the MLX worker thread runs", float(e.alive)),
         ):
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_, value=value)
