@@ -438,7 +438,7 @@ def test_fuzz_disconnect_timing(live, caplog, capsys):
         else:
             wait_until(lambda: decoding(engine) or n == 0, "never started decoding")
             if n:
-                runs = list(engine._active.values()) + ([engine._solo] if engine._solo is not None else [])
+                runs = engine.flights()
                 wait_until(lambda: not runs or all(r.output_tokens >= n or r.req.cancel.is_set() for r in runs)
                            or not engine.busy, "too few tokens")
         sock.close()

@@ -637,7 +637,7 @@ async def messages(request: Request) -> Response:
         rendered = await render(state, req)
         check_context(state, len(rendered.tokens))
         # Claude Code's conversation title is written beside the first turn, which the user
-        # waits for: the title reads its prompt after the turns (engine: _rank)
+        # waits for: the title reads its prompt after the turns (server/scheduler.py: rank)
         background = side_request(request.headers, body) == "title"
         call = submit(state, request, req, rendered, t_start, arrival, background)
     try:

@@ -180,7 +180,7 @@ class Phase(enum.Enum):
 class Where(enum.Enum):
     READY = "ready"  # outside the batch, waiting for the scheduler (kv set if it read part already)
     PARKED = "parked"  # waiting for another request's prefill of a prefix they share
-    SOLO = "solo"  # running alone, outside the batch (engine._solo_step)
+    SOLO = "solo"  # running alone, outside the batch (server/solo.py)
     BATCH = "batch"  # inside mlx-lm's BatchGenerator (server/batch.py)
 
 
