@@ -369,3 +369,23 @@ def test_real_server_turns_and_restart(family, family_dir, tmp_path):
         stop(proc)
     assert (m.usage.cache_read_input_tokens or 0) >= system_only - 12  # the system+tools checkpoint
     assert "warmturn_cache_disk_loads 1.0" in metrics
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_next"])
+def test_a_conversation_evicted_from_memory_comes_back_from_disk(family, loaded, tmp_path):
+    """Sessions that outgrow the memory budget: the conversation evicted by others is spilled to
+    --cache-dir and its next turn reads it back (all of it), logits equal to cold."""
+    model, tok = loaded(family)
+    r = renderer(tok)
+    sessions = [conversation(r, [f"Session {i}: write a parser for format {i}."], [], system=f"Project {i}. " + SYSTEM)
+                for i in range(3)]
+    budget = int(1.5 * len(sessions[0].tokens) * PrefixCache(model, max_bytes=1 << 30).bytes_per_token)
+    store = PrefixCache(model, max_bytes=budget, cache_dir=tmp_path / "kv", min_checkpoint=1 << 20)  # no checkpoints
+    for s in sessions:  # each one pushes the previous out of memory
+        fill(model, store, s.tokens, [s.history_len, len(s.tokens) - 1])
+    assert store.stats()["spills"] >= 2 and store.stats()["entries"] == 1
+    nxt = sessions[0].tokens + tok.encode(" done<|im_end|>\n<|im_start|>user\nnext", add_special_tokens=False)
+    kv, reused = store.fetch(nxt)
+    assert reused == len(sessions[0].tokens) and store.stats()["disk_loads"] == 1
+    np.testing.assert_allclose(warm_logits(model, kv, nxt, reused), cold_logits(model, nxt), atol=2e-4, rtol=1e-3)
+    assert not next(e for e in store._entries.values() if len(e.tokens) == len(sessions[0].tokens)).checkpoint

@@ -51,7 +51,8 @@ def make_store(args: argparse.Namespace, model: Any):
     except ImportError as e:
         log.warning("prefix cache unavailable (%s): every request prefills from scratch", e)
         return None
-    return PrefixCache(model, max_bytes=args.cache_bytes, cache_dir=args.cache_dir)
+    return PrefixCache(model, max_bytes=args.cache_bytes, cache_dir=args.cache_dir,
+                       max_disk_bytes=args.cache_disk_bytes)
 
 
 def context_length(model_dir: Path, tokenizer: Any) -> int:
@@ -166,8 +167,10 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-bytes", type=int, default=None,
                    help="prefix KV cache budget in bytes (default: a third of the available memory)")
     p.add_argument("--cache-dir", default=None,
-                   help="persist prefix-cache checkpoints in this private directory, created 0700; one that other "
-                        "users can write is refused (default: memory only)")
+                   help="persist prefix-cache checkpoints, and conversations evicted from memory, in this private "
+                        "directory, created 0700; one that other users can write is refused (default: memory only)")
+    p.add_argument("--cache-disk-bytes", type=int, default=None,
+                   help="disk budget of --cache-dir; the least recently used files go first (default: 4 x --cache-bytes)")
     p.add_argument("--no-cache", action="store_true", help="disable the cross-request prefix KV cache")
     p.add_argument("--max-queue", type=int, default=8,
                    help="requests allowed to wait for a place in the batch; more get 529 with retry-after "

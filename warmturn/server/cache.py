@@ -133,6 +133,7 @@ def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) 
 # ---------------------------------------------------------------------------------------------
 
 MAX_MARKS = 8  # resumable points kept per entry besides its full length (stateful families)
+MIN_SPILL = 64  # an evicted entry shorter than this is not worth a file
 
 
 def _sized(kv: list[Any]) -> tuple[list[Any], int]:
@@ -186,6 +187,7 @@ class PrefixCache:
         model_id: str | None = None,
         min_checkpoint: int = 16,
         max_disk_bytes: int | None = None,
+        spill: bool = True,
     ):
         self.model = model
         self.max_bytes = int(max_bytes) if max_bytes is not None else default_cache_bytes()
@@ -193,9 +195,11 @@ class PrefixCache:
             raise ValueError("max_bytes must be positive")
         self.model_id = model_id or model_identity(model)
         self.min_checkpoint = min_checkpoint
-        # Disk budget for checkpoint files (one per distinct system+tools prefix seen): by
-        # default the memory budget; the least recently used files go first.
-        self.max_disk_bytes = int(max_disk_bytes) if max_disk_bytes is not None else self.max_bytes
+        # Disk budget for checkpoint files (one per distinct system+tools prefix seen) and the
+        # conversations spilled there when memory is full: by default four times the memory
+        # budget; the least recently used files go first.
+        self.max_disk_bytes = int(max_disk_bytes) if max_disk_bytes is not None else 4 * self.max_bytes
+        self.spill = spill  # evicted conversations go to disk (with a cache_dir)
         self.bytes_per_token = kv_bytes_per_token(model)
         self.family = kvfamily.family_of(make_prompt_cache(model))
         self.stateful = self.family.name != "attention"
@@ -205,7 +209,7 @@ class PrefixCache:
         self._counters = dict.fromkeys(
             (
                 "hits", "misses", "evictions", "tokens_requested", "tokens_reused", "tokens_stored",
-                "stores", "rejected",
+                "stores", "rejected", "spills",
             ),
             0,
         )
@@ -431,6 +435,11 @@ class PrefixCache:
     def _evict(self, keep: str) -> None:
         while self._bytes > self.max_bytes and len(self._entries) > 1:
             victim = min((k for k in self._entries if k != keep), key=lambda k: self._entries[k].last_used)
+            e = self._entries[victim]
+            if self._disk is not None and self.spill and not e.checkpoint and len(e.tokens) >= MIN_SPILL:
+                # a conversation pushed out of memory goes to disk: its next turn reads it back
+                if self._disk.save(e.tokens, e.kv, kind="spill"):
+                    self._counters["spills"] += 1
             self._drop(victim)
             self._counters["evictions"] += 1
 
@@ -447,12 +456,14 @@ class PrefixCache:
             if kv is None:
                 continue
             nb = kvfamily.nbytes(kv)
-            entry = _Entry(tokens=q[:n].copy(), kv=kv, nbytes=nb, checkpoint=True, stateful=self.stateful,
-                           kv_bytes=nb)
+            kind = getattr(self._disk, "loaded_kind", "checkpoint")
+            entry = _Entry(tokens=q[:n].copy(), kv=kv, nbytes=nb, checkpoint=kind == "checkpoint",
+                           stateful=self.stateful, kv_bytes=nb)
             key = token_hash(entry.tokens)
             self._entries[key] = entry
             self._bytes += entry.nbytes
             self._evict(keep=key)
-            log.info("prefix cache: loaded %d-token checkpoint from disk", n)
+            log.info("prefix cache: loaded %d-token %s from disk", n, "checkpoint" if entry.checkpoint else
+                     "conversation (spilled when memory was full)")
             return entry
         return None

@@ -241,8 +241,9 @@ class DiskCache:
     def _path(self, n: int, h: str) -> Path:
         return self.directory / f"{self.model_id}-{n}-{h}.safetensors"
 
-    def save(self, tokens: np.ndarray, kv: list[Any]) -> bool:
-        """Write `kv` (holding exactly `tokens`) unless a file for these tokens exists.
+    def save(self, tokens: np.ndarray, kv: list[Any], kind: str = "checkpoint") -> bool:
+        """Write `kv` (holding exactly `tokens`) unless a file for these tokens exists. ``kind``:
+        "checkpoint" (a system+tools prefix) or "spill" (a conversation evicted from memory).
         Returns whether a file was written; a failure (full disk) is logged, not raised."""
         n, h = len(tokens), token_hash(tokens)
         if (n, h) in self._files:
@@ -254,7 +255,7 @@ class DiskCache:
                   "tokens": ",".join(map(str, np.asarray(tokens).tolist()))}
         tmp: str | None = None
         try:
-            meta = {**header, "digest": kv_digest(kv, header)}
+            meta = {**header, "digest": kv_digest(kv, header), "kind": kind}
             # a new file (O_EXCL: never through a planted symlink), mode 0600, an unpredictable name
             # that still matches _TMP_RE (".NAME.RANDOM.PID.tmp.safetensors"); written through its fd
             fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=f".{path.name}.",
@@ -322,6 +323,7 @@ class DiskCache:
             self.counters["disk_errors"] += 1
             return None
         self.counters["disk_loads"] += 1
+        self.loaded_kind = meta.get("kind", "checkpoint")
         try:
             os.utime(path)  # recently used: pruned last
         except OSError:
