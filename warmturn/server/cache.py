@@ -397,16 +397,7 @@ class PrefixCache:
             return
         entry = _Entry(tokens=q.copy(), kv=snap, nbytes=nbytes, checkpoint=checkpoint, stateful=self.stateful,
                        marks=dict(marks or {}), kv_bytes=nbytes)
-        # A non-checkpoint entry that this one extends is redundant: the new one resumes wherever
-        # it could (full attention: any length; window and state caches: its marks, and its own
-        # end, which becomes a mark of the new entry).
-        for k, e in list(self._entries.items()):
-            if not e.checkpoint and len(e.tokens) < n and np.array_equal(e.tokens, q[: len(e.tokens)]):
-                if self.stateful:
-                    for p, m in e.marks.items():
-                        entry.marks.setdefault(p, m)
-                    entry.marks.setdefault(len(e.tokens), kvfamily.take_mark(e.kv))
-                self._drop(k)
+        self._absorb_superseded(entry)
         self._bound_marks(entry)
         if key in self._entries:  # same hash, other tokens: the newer entry wins
             self._drop(key)
@@ -415,6 +406,19 @@ class PrefixCache:
         self._evict(keep=key)
         if checkpoint:
             self._maybe_save(entry)
+
+    def _absorb_superseded(self, entry: _Entry) -> None:
+        """A non-checkpoint entry that ``entry`` extends is redundant: the new one resumes wherever
+        it could (full attention: any length; window and state caches: its marks, and its own
+        end, which becomes a mark of the new entry)."""
+        q, n = entry.tokens, len(entry.tokens)
+        for k, e in list(self._entries.items()):
+            if not e.checkpoint and len(e.tokens) < n and np.array_equal(e.tokens, q[: len(e.tokens)]):
+                if self.stateful:
+                    for p, m in e.marks.items():
+                        entry.marks.setdefault(p, m)
+                    entry.marks.setdefault(len(e.tokens), kvfamily.take_mark(e.kv))
+                self._drop(k)
 
     @staticmethod
     def _bound_marks(e: _Entry) -> int:

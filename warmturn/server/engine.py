@@ -474,11 +474,7 @@ class Engine:
         chosen = [cands[i] for i in scheduler.choose_prompts([self._candidate(x, now) for x in cands],
                                                              self.rates.prefill_tps.value, self.prefill_step_size,
                                                              self.prompt_concurrency)]
-        for a in prefilling:
-            if a not in chosen and not self._has_waiters(a.req):
-                if not self._batch.take_out(a):
-                    log.debug("%s: its cache could not be cut back; it starts again", a.req.request_id)
-                self.metrics.preemptions.inc()
+        self._preempt([a for a in prefilling if a not in chosen and not self._has_waiters(a.req)])
         if self.solo and not self._batch.members and len(chosen) == 1 and chosen[0].where is Where.READY:
             # one prompt to read and nothing in the batch: it runs alone, outside the batch, while
             # the others wait for their turn
@@ -487,6 +483,13 @@ class Engine:
         for x in chosen:
             if x.where is Where.READY:
                 self._try(self._insert, x)
+
+    def _preempt(self, flights: list[Flight]) -> None:
+        """Take prompts that lost their place out of the batch, with the KV they hold."""
+        for a in flights:
+            if not self._batch.take_out(a):
+                log.debug("%s: its cache could not be cut back; it starts again", a.req.request_id)
+            self.metrics.preemptions.inc()
 
     def _solo_yields(self, s: Flight) -> bool:
         """Whether the solo request must move in with the others: it is generating and others
