@@ -153,7 +153,7 @@ def test_sigterm_during_prefill_stops_the_worker_and_exits_cleanly(tmp_path):
     assert rc == 0, err[-2000:]
     assert "terminate called" not in err and "Traceback" not in err, err[-2000:]
     r = result["r"]
-    if r.status_code != 200:
-        assert r.status_code == 503, r.text
-        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+    if r.status_code != 200:  # 503 if still in prefill; 529 if its answer had begun (never a short 200)
+        assert r.status_code in (503, 529), r.text
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] in ("api_error", "overloaded_error")
     assert [p for p in tmp_path.glob("*.safetensors") if not p.name.startswith(".")]
