@@ -453,3 +453,12 @@ def test_fuzz_disconnect_timing(live, caplog, capsys):
     with capsys.disabled():
         print(f"\ndisconnect timing: {len(tried)} tried ({sum(tried)} streams), all handled right")
     assert "already running" not in caplog.text and "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-40, 1e-5])
+def test_a_temperature_too_small_to_divide_by_is_greedy_not_random(live, temperature):
+    """mlx-lm samples from logprobs * (1 / temp): a tiny temperature overflowed float32 into NaNs
+    and tokens picked at random."""
+    body = {**LONG_ANSWER, "max_tokens": 8}
+    greedy = post(live, body).json()["content"]
+    assert post(live, {**body, "temperature": temperature}).json()["content"] == greedy

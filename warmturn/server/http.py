@@ -49,7 +49,7 @@ from warmturn.server.engine import (
 from warmturn.server.guard import BODY_IDLE_SECONDS, DRAIN_LIMIT, GuardMiddleware, drain
 from warmturn.server.metrics import Metrics
 from warmturn.server.render import Renderer, Rendered, openai_tool
-from warmturn.server.sampling import clamp_top_k, vocab_size
+from warmturn.server.sampling import clamp_temperature, clamp_top_k, vocab_size
 from warmturn.protocol import (
     CLAUDE_MODELS,
     MODELS_CREATED_AT,
@@ -402,7 +402,7 @@ def submit(state: ServerState, request: Request, req: wire.MessagesRequest, rend
         emit=emit,
         prefix_len=rendered.prefix_len,
         history_len=rendered.history_len,
-        temperature=state.default_temperature if req.temperature is None else req.temperature,
+        temperature=clamp_temperature(state.default_temperature if req.temperature is None else req.temperature),
         top_p=req.top_p or 0.0,
         top_k=clamp_top_k(req.top_k, state.vocab_size),  # mlx-lm refuses top_k >= vocab: see server/sampling.py
         deadline=time.monotonic() + state.request_timeout,

@@ -8,7 +8,8 @@ temperature > 0, in any request, fails with ``RuntimeError: [eval] Attempting to
 without a primitive`` until a restart. Two guards:
 
 - :func:`clamp_top_k` at the HTTP boundary: ``top_k`` at or above the vocabulary keeps every
-  token, which is what ``top_k = 0`` (off) means, so it is sent to the engine as 0;
+  token, which is what ``top_k = 0`` (off) means, so it is sent to the engine as 0 (and
+  :func:`clamp_temperature` sends a temperature too small to divide by as 0, greedy);
 - :func:`make_sampler`: mlx-lm's sampler, wrapped so that any exception inside it (a bad
   parameter that got through, a new check in a later mlx-lm) restores a working random key
   before it propagates. A failed request then fails alone; it cannot break the ones after it.
@@ -28,6 +29,17 @@ def clamp_top_k(top_k: int | None, vocab_size: int) -> int:
     if not top_k or (vocab_size > 0 and top_k >= vocab_size):
         return 0
     return top_k
+
+
+#: below this a temperature is greedy decoding: mlx-lm samples from ``logprobs * (1 / temp)``,
+#: which overflows float32 for a tiny temperature (``5e-324``, ``1e-300``: inf * 0 = NaN) and then
+#: picks tokens at random, the opposite of what a near-zero temperature asks for
+MIN_TEMPERATURE = 1e-3
+
+
+def clamp_temperature(temperature: float) -> float:
+    """``temperature`` as the engine should get it: 0 (greedy) below :data:`MIN_TEMPERATURE`."""
+    return 0.0 if temperature < MIN_TEMPERATURE else temperature
 
 
 def vocab_size(model: Any) -> int:
