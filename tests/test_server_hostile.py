@@ -462,3 +462,30 @@ def test_a_temperature_too_small_to_divide_by_is_greedy_not_random(live, tempera
     body = {**LONG_ANSWER, "max_tokens": 8}
     greedy = post(live, body).json()["content"]
     assert post(live, {**body, "temperature": temperature}).json()["content"] == greedy
+
+
+def test_sigterm_while_a_started_stream_still_reads_its_prompt_is_a_retryable_error(model_dir, tmp_path):
+    """A stream that began before its prefill ended (pings: --ping-interval) and is stopped by
+    SIGTERM ends with the same retryable overloaded_error as one cut mid-answer."""
+    proc, base = start_server(model_dir, tmp_path / "server.log", "--ping-interval", "0.001")
+    try:
+        body = {"model": "m", "max_tokens": 8, "stream": True,
+                "messages": [{"role": "user", "content": "word " * 1500}]}
+        lines = []
+        with httpx.stream("POST", base + "/v1/messages", json=body, headers=JSON, timeout=300) as r:
+            assert r.status_code == 200
+            it = r.iter_lines()
+            for line in it:
+                lines.append(line)
+                if line.startswith("data: ") and '"message_start"' in line:
+                    proc.send_signal(signal.SIGTERM)  # the stream has begun
+                    break
+            lines.extend(it)
+        last = sse_events("\n".join(lines) + "\n")[-1]
+        if last["type"] != "message_stop":  # (unless it was whole before the signal reached it)
+            assert last["type"] == "error" and last["error"]["type"] == "overloaded_error", last
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

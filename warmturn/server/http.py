@@ -44,6 +44,7 @@ from warmturn.server.engine import (
     Piece,
     Prefilled,
     RequestTimeout,
+    ShuttingDown,
     WorkerDead,
 )
 from warmturn.server.guard import BODY_IDLE_SECONDS, DRAIN_LIMIT, GuardMiddleware, drain
@@ -191,6 +192,8 @@ def engine_error(e: Exception) -> tuple[int, str, str] | None:
         return 529, "overloaded_error", str(e)
     if isinstance(e, RequestTimeout):
         return 504, "timeout_error", str(e)
+    if isinstance(e, ShuttingDown):  # retryable: a stream that began before prefill ended says so too
+        return 503, "overloaded_error", str(e)
     if isinstance(e, WorkerDead):
         return 503, "api_error", str(e)
     return None
