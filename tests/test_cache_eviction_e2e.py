@@ -90,8 +90,10 @@ def prompt_of(u) -> int:
     return u.input_tokens + u.cache_read_input_tokens + (u.cache_creation_input_tokens or 0)
 
 
-@pytest.mark.xfail(strict=True, reason="the prefix cache does not spill evicted conversation entries to --cache-dir "
-                   "yet (issue 19 part 5; today session 0 reads 7 of ~4.6K tokens): remove this mark when it does")
+@pytest.mark.xfail(strict=True, reason="evicted conversations spill to --cache-dir (ffab21b) but a spill file is found "
+                   "only at its exact length (prompt + generated reply); the next turn re-renders the reply into other "
+                   "tokens, so session 0 reads 7 of ~4.6K tokens: remove this mark when a spill is found at a shorter "
+                   "shared prefix (e.g. its prompt boundary)")
 def test_a_session_evicted_from_ram_comes_back_warm_from_disk(tiny_dir, tmp_path):
     proc, base = serve(tiny_dir, tmp_path / "server.log", "--cache-bytes", budget(tiny_dir),
                        "--cache-dir", str(tmp_path / "kv"))
