@@ -389,3 +389,11 @@ def test_a_conversation_evicted_from_memory_comes_back_from_disk(family, loaded,
     assert reused == len(sessions[0].tokens) and store.stats()["disk_loads"] == 1
     np.testing.assert_allclose(warm_logits(model, kv, nxt, reused), cold_logits(model, nxt), atol=2e-4, rtol=1e-3)
     assert not next(e for e in store._entries.values() if len(e.tokens) == len(sessions[0].tokens)).checkpoint
+    # a turn that parts from the spilled entry before its end (the answer re-rendered otherwise):
+    # full attention cuts the spilled file back; a state model resumes at the spilled mark
+    for s in sessions[2:]:
+        fill(model, store, s.tokens + [7, 8], [])  # push sessions[1] out to disk as well
+    other = sessions[1].tokens[:-1] + tok.encode(" parted here", add_special_tokens=False)
+    kv, reused = store.fetch(other)
+    assert reused == len(sessions[1].tokens) - 1
+    np.testing.assert_allclose(warm_logits(model, kv, other, reused), cold_logits(model, other), atol=2e-4, rtol=1e-3)

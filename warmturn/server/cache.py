@@ -245,7 +245,7 @@ class PrefixCache:
             if self._disk:
                 loaded = self._maybe_load_from_disk(q, best_n, limit)
                 if loaded is not None:
-                    best, best_n = loaded, len(loaded.tokens)
+                    best, best_n = loaded
             if best is None or best_n == 0:
                 self._counters["misses"] += 1
                 return make_prompt_cache(self.model), 0
@@ -441,33 +441,56 @@ class PrefixCache:
             victim = min((k for k in self._entries if k != keep), key=lambda k: self._entries[k].last_used)
             e = self._entries[victim]
             if self._disk is not None and self.spill and not e.checkpoint and len(e.tokens) >= MIN_SPILL:
-                # a conversation pushed out of memory goes to disk: its next turn reads it back
-                if self._disk.save(e.tokens, e.kv, kind="spill"):
-                    self._counters["spills"] += 1
+                self._spill(e)
             self._drop(victim)
             self._counters["evictions"] += 1
 
     # -- disk (the files themselves: server/cache_disk.py) -------------------------------------
 
+    def _spill(self, e: _Entry) -> None:
+        """A conversation pushed out of memory goes to disk, so that its next turn reads it back.
+        A window or state model also writes its last mark (its prompt's end), since the next turn
+        usually parts from the answer as generated and cannot resume inside it."""
+        if self._disk.save(e.tokens, e.kv, kind="spill"):
+            self._counters["spills"] += 1
+        last = max((p for p in e.marks if p >= MIN_SPILL), default=None) if e.stateful else None
+        if last is not None:
+            self._disk.save(e.tokens[:last], e.view(last), kind="spill")
+
     def _maybe_save(self, e: _Entry) -> None:
         if self._disk is not None:
             self._disk.save(e.tokens, e.kv)
 
-    def _maybe_load_from_disk(self, q: np.ndarray, best_n: int, limit: int) -> _Entry | None:
+    def _maybe_load_from_disk(self, q: np.ndarray, best_n: int, limit: int) -> tuple[_Entry, int] | None:
+        """(entry read from disk, tokens of q it covers) when a file covers more than ``best_n``:
+        a file of a prefix of q (a checkpoint, a spilled conversation, a spilled mark), or, for
+        full-attention models, the file sharing the longest prefix with q, cut back to it (a
+        spilled conversation whose answer the next turn renders differently)."""
         assert self._disk is not None
         for n in self._disk.lengths(best_n, limit):
-            kv = self._disk.load(q[:n])
-            if kv is None:
-                continue
-            nb = kvfamily.nbytes(kv)
-            kind = getattr(self._disk, "loaded_kind", "checkpoint")
-            entry = _Entry(tokens=q[:n].copy(), kv=kv, nbytes=nb, checkpoint=kind == "checkpoint",
-                           stateful=self.stateful, kv_bytes=nb)
-            key = token_hash(entry.tokens)
-            self._entries[key] = entry
-            self._bytes += entry.nbytes
-            self._evict(keep=key)
-            log.info("prefix cache: loaded %d-token %s from disk", n, "checkpoint" if entry.checkpoint else
-                     "conversation (spilled when memory was full)")
-            return entry
+            entry = self._load_file(q[:n])
+            if entry is not None:
+                return entry, n
+        if not self.stateful:
+            near = self._disk.nearest(q, best_n + 16, limit)  # a disk read for 16 tokens more at least
+            if near is not None:
+                entry = self._load_file(near[0])
+                if entry is not None:
+                    return entry, near[1]
         return None
+
+    def _load_file(self, tokens: np.ndarray) -> _Entry | None:
+        kv = self._disk.load(tokens)
+        if kv is None:
+            return None
+        nb = kvfamily.nbytes(kv)
+        kind = getattr(self._disk, "loaded_kind", "checkpoint")
+        entry = _Entry(tokens=tokens.copy(), kv=kv, nbytes=nb, checkpoint=kind == "checkpoint",
+                       stateful=self.stateful, kv_bytes=nb)
+        key = token_hash(entry.tokens)
+        self._entries[key] = entry
+        self._bytes += entry.nbytes
+        self._evict(keep=key)
+        log.info("prefix cache: loaded %d-token %s from disk", len(tokens), "checkpoint" if entry.checkpoint else
+                 "conversation (spilled when memory was full)")
+        return entry

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import re
@@ -48,6 +49,7 @@ from mlx_lm.models.cache import (
     save_prompt_cache,
 )
 
+from warmturn.prefix import common_prefix_len
 from warmturn.server.kvfamily import fed_tokens
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,7 @@ class DiskCache:
         self.max_bytes = int(max_bytes)
         self.counters = dict.fromkeys(("disk_loads", "disk_writes", "disk_errors", "disk_evictions"), 0)
         self._files: dict[tuple[int, str], Path] = {}
+        self._tokens: dict[tuple[int, str], np.ndarray] = {}  # files' token lists, read when first needed
         self._failed: set[tuple[int, str]] = set()  # writes that failed (full disk): not retried
         self._clean_temp_files()
         self._scan()
@@ -208,6 +211,39 @@ class DiskCache:
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, "disk_files": len(self._files)}
+
+    def nearest(self, q: np.ndarray, above: int, at_most: int) -> tuple[np.ndarray, int] | None:
+        """The stored file sharing the longest prefix with ``q`` (more than ``above`` tokens, counted
+        up to ``at_most``): (its tokens, the shared length), for a cache that can be cut back to a
+        prefix (a spilled conversation whose answer the next turn re-renders differently)."""
+        found: tuple[np.ndarray, int] | None = None
+        for key in list(self._files):
+            toks = self._file_tokens(key)
+            if toks is None:
+                continue
+            cp = min(common_prefix_len(toks, q), at_most)
+            if cp > above and (found is None or cp > found[1]):
+                found = (toks, cp)
+        return found
+
+    def _file_tokens(self, key: tuple[int, str]) -> np.ndarray | None:
+        """The token list in a file's metadata, read from its safetensors header alone (kept)."""
+        if key in self._tokens:
+            return self._tokens[key]
+        try:
+            with open(self._files[key], "rb") as f:
+                size = int.from_bytes(f.read(8), "little")
+                if not 0 < size < 64 << 20:
+                    raise ValueError(f"header of {size} bytes")
+                meta = json.loads(f.read(size)).get("__metadata__", {})
+            toks = np.array([int(t) for t in meta.get("tokens", "").split(",") if t], dtype=np.int64)
+        except (OSError, ValueError, KeyError) as exc:
+            log.debug("prefix cache: cannot read the header of %s: %s", self._files.get(key), exc)
+            return None
+        if len(toks) != key[0]:
+            return None
+        self._tokens[key] = toks
+        return toks
 
     def lengths(self, above: int, at_most: int) -> list[int]:
         """Token counts of stored files in (above, at_most], longest first."""
@@ -274,6 +310,7 @@ class DiskCache:
             return False
         self._failed.clear()  # space came back: what failed may fit now
         self._files[(n, h)] = path
+        self._tokens[(n, h)] = np.asarray(tokens, dtype=np.int64).copy()
         self._prune(keep=path)
         self.counters["disk_writes"] += 1
         return True
