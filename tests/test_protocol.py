@@ -1,4 +1,4 @@
-"""warmturn/protocol.py, rules.py and machine.py: the shared wire protocol on recorded traffic,
+"""warmturn/protocol/, rules.py and machine.py: the shared wire protocol on recorded traffic,
 with the official anthropic SDK's own stream reducer as the oracle for the fold."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,8 @@ def _arrays(tree: Any) -> Iterator[mx.array]:
             yield from _arrays(t)
 
 
-def _slice(c: KVCache, n: int, contiguous: bool) -> KVCache:
-    s = KVCache()
+def _slice(c: Any, n: int, contiguous: bool) -> Any:
+    s = KVCache()  # type: ignore[no-untyped-call]  # (mlx-lm is untyped)
     if c.keys is not None and n > 0:
         s.keys = c.keys[..., :n, :]
         s.values = c.values[..., :n, :]
@@ -92,13 +92,13 @@ def _slice(c: KVCache, n: int, contiguous: bool) -> KVCache:
     return s
 
 
-def _rebuild(kv: list[Any], make_leaf) -> list[Any]:
+def _rebuild(kv: list[Any], make_leaf: Callable[[int, Any], Any]) -> list[Any]:
     """A new cache list shaped like ``kv`` whose leaves are ``make_leaf(i, leaf)`` (i counts leaves)."""
     counter = iter(range(1 << 30))
 
     def one(c: Any) -> Any:
         if isinstance(c, CacheList):
-            return CacheList(*(one(x) for x in c.caches))
+            return CacheList(*(one(x) for x in c.caches))  # type: ignore[no-untyped-call]
         return make_leaf(next(counter), c)
 
     return [one(c) for c in kv]
