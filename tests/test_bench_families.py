@@ -14,12 +14,12 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
+from warmturn.prefix import common_prefix_len
 from warmturn.bench.families import (
     TURN_PROMPTS,
     add_shared_prefixes,
     add_verdicts,
     build_workload,
-    common_prefix,
     compare,
     family_table,
     floor_pairs,
@@ -166,7 +166,7 @@ def test_shared_prefixes_on_the_servers_rendering():
             {"request": "c1", "body": [7, 8, 9, 1]}, {"request": "c2", "body": [7, 8, 9, 2]},
             {"request": "c3", "body": [7, 8, 4]}]
     add_shared_prefixes(rows, lambda body: body)
-    assert rows[1]["shared_tokens"] == 3 and common_prefix([1, 2], [1, 2]) == 2
+    assert rows[1]["shared_tokens"] == 3 and common_prefix_len([1, 2], [1, 2]) == 2
     assert [r["shared_tokens"] for r in rows[2:]] == [2, 2, 2]  # what all of them share
 
 

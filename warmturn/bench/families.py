@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import subprocess
 import sys
 import threading
@@ -61,10 +60,22 @@ import httpx
 from warmturn.bench import procs
 from warmturn.bench.arms import ROOT, BenchTimeout, Context
 from warmturn.bench.client import send
+from warmturn.bench.family_figures import (  # noqa: F401  (re-exported: tests and __main__ import them from here)
+    MLX_REFERENCE,
+    TOLERANCE,
+    _turn_pairs,
+    add_verdicts,
+    compare,
+    family_table,
+    median,
+    overview_table,
+    share_keys,
+    summarize,
+)
 from warmturn.bench.workload import MAIN_TOOL_ORDER, SUB_TOOL_ORDER, Counter, shrink_prefix
+from warmturn.prefix import common_prefix_len
 
 MLX_LM_MODEL = "default_model"  # mlx_lm.server's alias for its --model
-TOLERANCE = 0.01  # of a share: warmturn "reads at least as much" when >= mlx_lm's share - this
 
 
 @dataclass(frozen=True)
@@ -81,7 +92,6 @@ SERVERS: dict[str, FamilyServer] = {s.key: s for s in (
     FamilyServer("mlx_lm-batched", "mlx_lm", False, "mlx_lm.server, no seed: BatchGenerator with segments"),
     FamilyServer("mlx_lm-solo", "mlx_lm", True, "mlx_lm.server, seed 0: _serve_single"),
 )}
-MLX_REFERENCE = ("mlx_lm-batched", "mlx_lm-solo")
 
 # The conversation's user turns after the first (the first is the recorded Claude Code prompt),
 # the divergent session's prompt, and the concurrent requests' prompts. Each starts with its own
@@ -329,15 +339,6 @@ def _fmt(row: dict) -> str:
 # --- shared prefixes as each server renders the prompts -----------------------------------------
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def renderers(model: Path, peer_model: Path) -> dict[str, Callable[[dict], list[int]]]:
     """Token ids of a Messages body as warmturn renders it, and as mlx_lm.server renders its Chat
     Completions translation (the peer model's template, the same tokenizer)."""
@@ -367,11 +368,11 @@ def add_shared_prefixes(rows: list[dict], render: Callable[[dict], list[int]]) -
     prefix every concurrent request shares), on the server's own rendering."""
     by = {r["request"]: r for r in rows}
     if "t1" in by and "diverge" in by:
-        by["diverge"]["shared_tokens"] = common_prefix(render(by["t1"]["body"]), render(by["diverge"]["body"]))
+        by["diverge"]["shared_tokens"] = common_prefix_len(render(by["t1"]["body"]), render(by["diverge"]["body"]))
     conc = [r for r in rows if r["request"].startswith("c")]
     if len(conc) > 1:
         toks = [render(r["body"]) for r in conc]
-        shared = min(common_prefix(toks[0], t) for t in toks[1:])
+        shared = min(common_prefix_len(toks[0], t) for t in toks[1:])
         for r in conc:
             r["shared_tokens"] = shared
 
@@ -389,11 +390,6 @@ def floor_pairs(rows: list[dict]) -> list[tuple[int, int]]:
     return sorted(pairs)
 
 
-def _turn_pairs(rows: list[dict]) -> list[tuple[dict, dict]]:
-    turns = {int(r["request"][1:]): r for r in rows if r["request"].startswith("t")}
-    return [(turns[k - 1], turns[k]) for k in sorted(turns) if k - 1 in turns]
-
-
 def measure_floor(model: Path, text: str, pairs: list[tuple[int, int]], repeats: int, out_dir: Path,
                   timeout: float, name: str) -> dict[tuple[int, int], float]:
     spec_path, result_path = out_dir / f"floor-{name}-spec.json", out_dir / f"floor-{name}.json"
@@ -409,154 +405,6 @@ def measure_floor(model: Path, text: str, pairs: list[tuple[int, int]], repeats:
     if rc != 0:
         raise RuntimeError(f"floor of {name} failed ({rc}):\n{proc.tail()}")
     return {(p["cached"], p["new"]): p["floor_ms"] for p in json.loads(result_path.read_text())}
-
-
-# --- figures --------------------------------------------------------------------------------------
-
-
-def _ratio(num, den) -> float | None:
-    if num is None or den in (None, 0):
-        return None
-    return float(num) / float(den)
-
-
-def summarize(rows: list[dict], floors: dict[tuple[int, int], float], cache_info: dict | None = None) -> dict:
-    """One family × server: read shares, warm TTFT / floor per turn, errors (see the module doc)."""
-    s: dict = {"family": rows[0]["family"], "server": rows[0]["server"],
-               "errors": sum(1 for r in rows if r["error"]),
-               "cache": (cache_info or {}).get("family", ""),
-               "layers": " + ".join(f"{k} {v}" for k, v in ((cache_info or {}).get("layers") or {}).items())}
-    ok = [r for r in rows if not r["error"]]
-    by = {r["request"]: r for r in ok}
-    for prev, cur in _turn_pairs(ok):
-        k = cur["request"]
-        s[f"{k}_read"] = cur["cached_tokens"]
-        s[f"{k}_prev_prompt"] = prev["prompt_tokens"]
-        s[f"{k}_share"] = _ratio(cur["cached_tokens"], prev["prompt_tokens"])
-        cached = min(int(prev["prompt_tokens"]), int(cur["prompt_tokens"]) - 1)
-        floor = floors.get((cached, int(cur["prompt_tokens"]) - cached))
-        s[f"{k}_ttft_ms"] = cur["ttft_ms"]
-        s[f"{k}_floor_ms"] = floor
-        s[f"{k}_ttft_floor"] = _ratio(cur["ttft_ms"], floor)
-    if "diverge" in by:
-        d = by["diverge"]
-        s["diverge_read"], s["diverge_shared"] = d["cached_tokens"], d.get("shared_tokens")
-        s["diverge_share"] = _ratio(d["cached_tokens"], d.get("shared_tokens"))
-    if "repeat" in by:
-        s["repeat_read"], s["repeat_prompt"] = by["repeat"]["cached_tokens"], by["repeat"]["prompt_tokens"]
-        s["repeat_share"] = _ratio(by["repeat"]["cached_tokens"], by["repeat"]["prompt_tokens"])
-    conc = [r for r in rows if r["request"].startswith("c")]
-    if conc and all(not r["error"] for r in conc) and len(conc) > 1:
-        shared = conc[0].get("shared_tokens")
-        s["concurrent_read"] = sum(int(r["cached_tokens"] or 0) for r in conc)
-        s["concurrent_ideal"] = None if shared is None else (len(conc) - 1) * shared
-        s["concurrent_share"] = _ratio(s["concurrent_read"], s["concurrent_ideal"])
-    return s
-
-
-def share_keys(summary: dict) -> list[str]:
-    turns = sorted((k for k in summary if k.startswith("t") and k.endswith("_share")), key=lambda k: int(k[1:-6]))
-    return turns + [k for k in ("diverge_share", "repeat_share", "concurrent_share") if k in summary]
-
-
-def compare(ours: dict, ref: dict | None, tolerance: float = TOLERANCE) -> tuple[bool | None, list[str]]:
-    """Whether ``ours`` reads at least as much as ``ref`` on every share both have (None: nothing
-    to compare), and the shares where it does not ("t2 0.04 < 0.99")."""
-    if ref is None or ref.get("errors") or ours.get("errors"):
-        return None, []
-    short, compared = [], 0
-    for k in share_keys(ref):
-        a, b = ours.get(k), ref.get(k)
-        if a is None or b is None:
-            continue
-        compared += 1
-        if a < b - tolerance:
-            short.append(f"{k[:-6]} {a:.2f} < {b:.2f}")
-    return (not short) if compared else None, short
-
-
-def add_verdicts(summaries: list[dict]) -> None:
-    """For every warmturn summary, ``ge_<mlx server>`` (True/False/None) and ``short_<mlx server>``."""
-    by = {(s["family"], s["server"]): s for s in summaries}
-    for s in summaries:
-        if not s["server"].startswith("warmturn"):
-            continue
-        for ref in MLX_REFERENCE:
-            ok, short = compare(s, by.get((s["family"], ref)))
-            s[f"ge_{ref}"] = ok
-            s[f"short_{ref}"] = "; ".join(short)
-
-
-def _share_cell(s: dict, key: str, read: str, of: str) -> str:
-    v = s.get(key)
-    if v is None:
-        return "n/a"
-    return f"{v:.2f} ({s.get(read)}/{s.get(of)})"
-
-
-def _ttft_cell(s: dict, k: str) -> str:
-    t, f, r = s.get(f"{k}_ttft_ms"), s.get(f"{k}_floor_ms"), s.get(f"{k}_ttft_floor")
-    if t is None:
-        return "n/a"
-    if f is None or r is None:
-        return f"{t:.0f} ms / n/a"
-    return f"{t:.0f} / {f:.0f} ms = {r:.1f}×"
-
-
-def _verdict(s: dict, ref: str) -> str:
-    if not s["server"].startswith("warmturn"):
-        return "–"
-    ok = s.get(f"ge_{ref}")
-    if ok is None:
-        return "n/a"
-    return "yes" if ok else f"**NO**: {s.get(f'short_{ref}')}"
-
-
-def family_table(summaries: list[dict]) -> str:
-    """One table per family: every server's read shares, warm TTFT / floor per turn, verdicts."""
-    out = []
-    for family in dict.fromkeys(s["family"] for s in summaries):
-        group = [s for s in summaries if s["family"] == family]
-        info = next((s for s in group if s.get("cache")), group[0])
-        turns = [k[:-6] for k in share_keys(group[0]) if k.startswith("t")]
-        head = (["server"] + [f"{t} read / prev prompt" for t in turns]
-                + ["diverge read / shared", "repeat read / prompt", "concurrent read / (K-1)×shared"]
-                + [f"{t} TTFT / floor" for t in turns] + ["≥ mlx_lm batched", "≥ mlx_lm solo", "errors"])
-        lines = [f"{family} — cache: {info.get('cache') or '?'} ({info.get('layers') or '?'})", "",
-                 "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for s in group:
-            cells = [s["server"]]
-            cells += [_share_cell(s, f"{t}_share", f"{t}_read", f"{t}_prev_prompt") for t in turns]
-            cells += [_share_cell(s, "diverge_share", "diverge_read", "diverge_shared"),
-                      _share_cell(s, "repeat_share", "repeat_read", "repeat_prompt"),
-                      _share_cell(s, "concurrent_share", "concurrent_read", "concurrent_ideal")]
-            cells += [_ttft_cell(s, t) for t in turns]
-            cells += [_verdict(s, "mlx_lm-batched"), _verdict(s, "mlx_lm-solo"), str(s["errors"])]
-            lines.append("| " + " | ".join(cells) + " |")
-        out.append("\n".join(lines))
-    return "\n\n".join(out)
-
-
-def overview_table(summaries: list[dict], servers: Sequence[str]) -> str:
-    """One line per family: warm share of every turn per server, and warmturn's verdicts."""
-    fams = list(dict.fromkeys(s["family"] for s in summaries))
-    by = {(s["family"], s["server"]): s for s in summaries}
-    refs = [r for r in MLX_REFERENCE if r in servers]
-    head = (["family", "cache"] + [f"{k} t2…tN share" for k in servers]
-            + [f"warmturn reads ≥ {r.replace('-', ' ')}" for r in refs])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for f in fams:
-        info = next((by[(f, k)] for k in servers if (f, k) in by and by[(f, k)].get("cache")), {})
-        cells = [f, info.get("cache", "?")]
-        for k in servers:
-            s = by.get((f, k))
-            shares = [s.get(t) for t in share_keys(s) if t.startswith("t")] if s else []
-            cells.append(" / ".join("n/a" if v is None else f"{v:.2f}" for v in shares) or "n/a")
-        for r in refs:  # over every warmturn server of the run
-            verdicts = [by[(f, k)].get(f"ge_{r}") for k in servers if k.startswith("warmturn") and (f, k) in by]
-            cells.append("n/a" if not verdicts or None in verdicts else ("yes" if all(verdicts) else "**NO**"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 # --- the whole comparison -------------------------------------------------------------------------
@@ -644,8 +492,3 @@ def run_families(families: Sequence[str], servers: Sequence[str], workload: Fami
             rows += [{k: v for k, v in r.items() if k != "body"} for r in rs]
     add_verdicts(summaries)
     return rows, summaries, failed
-
-
-def median(values: Sequence[float]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None
