@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import numpy as np
@@ -89,7 +89,7 @@ def model_identity(model: Any) -> str:
     values of each of the first parameters. Two different checkpoints of one architecture get
     different identities, so a KV file of one model is never loaded into another."""
     h = hashlib.sha256()
-    params = tree_flatten(model.parameters())
+    params = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))  # (mlx's annotation allows a dict)
     for i, (name, arr) in enumerate(params):
         h.update(f"{name}:{tuple(arr.shape)}:{arr.dtype};".encode())
         if i < 8:
@@ -108,7 +108,7 @@ def kv_bytes_per_token(model: Any) -> int:
     total = 0.0
     for c in kvfamily.leaves(kv):
         if isinstance(getattr(c, "offset", None), int):  # attention leaves: [B, heads, positions, dim]
-            total += sum(a.nbytes / a.shape[2] for _, a in tree_flatten(c.state)
+            total += sum(a.nbytes / a.shape[2] for _, a in cast(list[tuple[str, Any]], tree_flatten(c.state))
                          if isinstance(a, mx.array) and a.ndim >= 3 and a.shape[2] > 0)
     return int(round(total))
 
@@ -120,11 +120,12 @@ def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) 
     toks = list(tokens)
     if not toks:
         raise ValueError("prefill needs at least one token")
-    logits = None
+    logits: mx.array | None = None
     for i in range(0, len(toks), chunk):
         out = model(mx.array([toks[i : i + chunk]]), cache=kv)
         logits = out[0, -1].astype(mx.float32)
         mx.eval(logits, [c.state for c in kv])
+    assert logits is not None  # (at least one chunk ran)
     return logits
 
 
@@ -183,7 +184,7 @@ class PrefixCache:
         self,
         model: Any,
         max_bytes: int | None = None,
-        cache_dir: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
         model_id: str | None = None,
         min_checkpoint: int = 16,
         max_disk_bytes: int | None = None,
@@ -417,7 +418,8 @@ class PrefixCache:
                 if self.stateful:
                     for p, m in e.marks.items():
                         entry.marks.setdefault(p, m)
-                    entry.marks.setdefault(len(e.tokens), kvfamily.take_mark(e.kv))
+                    if (mark := kvfamily.take_mark(e.kv)) is not None:  # (never None for a stateful cache)
+                        entry.marks.setdefault(len(e.tokens), mark)
                 self._drop(k)
 
     @staticmethod
@@ -451,11 +453,13 @@ class PrefixCache:
         """A conversation pushed out of memory goes to disk, so that its next turn reads it back.
         A window or state model also writes its last mark (its prompt's end), since the next turn
         usually parts from the answer as generated and cannot resume inside it."""
-        if self._disk.save(e.tokens, e.kv, kind="spill"):
+        disk = self._disk
+        assert disk is not None  # (only called with a disk)
+        if disk.save(e.tokens, e.kv, kind="spill"):
             self._counters["spills"] += 1
         last = max((p for p in e.marks if p >= MIN_SPILL), default=None) if e.stateful else None
         if last is not None:
-            self._disk.save(e.tokens[:last], e.view(last), kind="spill")
+            disk.save(e.tokens[:last], e.view(last), kind="spill")
 
     def _maybe_save(self, e: _Entry) -> None:
         if self._disk is not None:
@@ -480,6 +484,7 @@ class PrefixCache:
         return None
 
     def _load_file(self, tokens: np.ndarray) -> _Entry | None:
+        assert self._disk is not None  # (only called with a disk)
         kv = self._disk.load(tokens)
         if kv is None:
             return None

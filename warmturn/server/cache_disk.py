@@ -90,7 +90,7 @@ def _check_ancestors(path: Path, uid: int) -> None:
                                 f"without the sticky bit ({_describe(st)})")
 
 
-def ensure_private_dir(directory: str | os.PathLike) -> Path:
+def ensure_private_dir(directory: str | os.PathLike[str]) -> Path:
     """Create `directory` (0700) or check an existing one; return its resolved path.
 
     Raises :class:`CacheDirError` when it is not a directory, is owned by another user, is
@@ -194,7 +194,7 @@ class DiskCache:
     """Checkpoint files of one model in one private directory. Not thread-safe on its own:
     the caller (``PrefixCache``) holds its lock around every call."""
 
-    def __init__(self, directory: str | os.PathLike, model: Any, model_id: str, max_bytes: int):
+    def __init__(self, directory: str | os.PathLike[str], model: Any, model_id: str, max_bytes: int):
         self.directory = ensure_private_dir(directory)
         self.model = model
         self.model_id = model_id
@@ -347,12 +347,13 @@ class DiskCache:
         path = self._files.get(key)
         if path is None:
             return None
+        kv: list[Any]
         try:
             st = os.lstat(path)
             why = _file_is_ours(st)
             if why:
                 raise ValueError(why)
-            kv, meta = load_prompt_cache(str(path), return_metadata=True)
+            kv, meta = load_prompt_cache(str(path), return_metadata=True)  # type: ignore[no-untyped-call]  # (mlx-lm is untyped)
             self._validate(kv, meta, tokens)
         except Exception as exc:  # noqa: BLE001 - any unreadable or forged file is only skipped
             log.warning("prefix cache: ignoring unusable cache file %s: %s", path, exc)
