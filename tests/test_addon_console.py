@@ -7,10 +7,10 @@ import logging
 
 from mitmproxy.test import taddons, tflow
 
-from warmturn.addons.console import Console, summary
-from warmturn.addons.state import FlowState, Timings
 from tests.conftest import FIXTURES
 from warmturn import protocol, rules
+from warmturn.addons.console import Console, summary
+from warmturn.addons.state import FlowState, Timings
 
 
 def test_a_warm_turn_line():

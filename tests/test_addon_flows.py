@@ -8,17 +8,17 @@ import socket
 
 import pytest
 from mitmproxy import exceptions, http
-from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.proxy.layers import http as http_layer
+from mitmproxy.proxy.mode_specs import ProxyMode
 from mitmproxy.test import taddons, tflow, tutils
 
+from tests.conftest import FIXTURES, ROOT
+from warmturn import machine, protocol
 from warmturn.addons import backends, contentview
-from warmturn.addons.strip import OFF_LOOP_BYTES
 from warmturn.addons.normalize import make_addons
 from warmturn.addons.scrub import scrub_query
 from warmturn.addons.state import META, FlowState
-from tests.conftest import FIXTURES, ROOT
-from warmturn import machine, protocol
+from warmturn.addons.strip import OFF_LOOP_BYTES
 
 CC = FIXTURES / "claude_code"
 ADDON_FX = FIXTURES / "addon"
@@ -132,13 +132,12 @@ def test_script_loads_and_registers_options():
 ])
 def test_bad_options_are_rejected(opts, match):
     addons = make_addons()
-    with taddons.context(*addons) as tctx:
-        with pytest.raises(exceptions.OptionsError, match=match):
-            tctx.configure(addons[0], **opts)
+    with taddons.context(*addons) as tctx, pytest.raises(exceptions.OptionsError, match=match):
+        tctx.configure(addons[0], **opts)
 
 
 def test_regular_mode_request_to_proxy_is_normalized_and_routed(wt):
-    addon, tctx, cap, port = wt
+    addon, _tctx, cap, port = wt
     rec = recorded("small_two_turns.jsonl")
     hdrs = {k: v for k, v in rec["headers"].items() if k not in ("content-length", "host")}
     hdrs.update({"host": "127.0.0.1:8080", "x-api-key": "sk-secret-123", "x-stainless-retry-count": "0"})
@@ -183,7 +182,7 @@ def test_regular_mode_request_to_proxy_is_normalized_and_routed(wt):
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, 100000])
 def test_tap_passes_bytes_unchanged_whatever_the_chunking(wt, chunk):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     crlf = SSE.replace(b"\n", b"\r\n")
     f = make_flow({"model": "m", "messages": [], "stream": True})
     run_request(addon, f)
@@ -192,7 +191,7 @@ def test_tap_passes_bytes_unchanged_whatever_the_chunking(wt, chunk):
 
 
 def test_interception_of_api_anthropic_com_is_rerouted(wt):
-    addon, tctx, cap, port = wt
+    addon, _tctx, cap, port = wt
     body = recorded("subagent_round.jsonl", 1)
     assert "cc_is_subagent=true" in body["body"]["system"][0]["text"]
     f = make_flow(body["body"], headers={"x-claude-code-agent-id": body["headers"]["x-claude-code-agent-id"]},
@@ -206,7 +205,7 @@ def test_interception_of_api_anthropic_com_is_rerouted(wt):
 
 
 def test_reverse_mode_is_rerouted(wt):
-    addon, tctx, cap, port = wt
+    addon, _tctx, _cap, port = wt
     f = make_flow({"model": "m", "messages": []}, host="api.anthropic.com", port=443, scheme="https",
                   mode="reverse:https://api.anthropic.com")
     run_request(addon, f)
@@ -214,7 +213,7 @@ def test_reverse_mode_is_rerouted(wt):
 
 
 def test_passthrough_keeps_destination_but_normalizes(wt):
-    addon, tctx, cap, port = wt
+    addon, tctx, _cap, _port = wt
     tctx.configure(addon.gate, backend="passthrough")
     body = recorded("small_two_turns.jsonl")["body"]
     f = make_flow(body, host="api.anthropic.com", port=443, scheme="https")
@@ -227,7 +226,7 @@ def test_passthrough_keeps_destination_but_normalizes(wt):
 
 
 def test_other_hosts_and_paths_pass_untouched(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     raw = json.dumps(recorded("small_two_turns.jsonl")["body"]).encode()
     f = make_flow(raw=raw, host="example.com", port=80)
     run_request(addon, f)
@@ -253,7 +252,7 @@ def test_normalize_off_forwards_bytes_untouched(wt):
 
 
 def test_malformed_json_passes_through_and_is_captured(wt):
-    addon, tctx, cap, port = wt
+    addon, _tctx, cap, port = wt
     raw = b'{"model": "m", "system": [{"type": "text", "text": "x-anthropic-billing-header: a"'
     f = make_flow(raw=raw)
     run_request(addon, f)
@@ -268,7 +267,7 @@ def test_malformed_json_passes_through_and_is_captured(wt):
 
 
 def test_non_anthropic_backend_errors_become_anthropic_errors(wt):
-    addon, tctx, cap, port = wt
+    addon, _tctx, _cap, port = wt
     f = make_flow({"model": "m", "messages": [], "stream": True})
     run_request(addon, f)
     f.response = tutils.tresp(status_code=500, headers=http.Headers(content_type="text/html"), content=b"<h1>boom</h1>")
@@ -280,7 +279,7 @@ def test_non_anthropic_backend_errors_become_anthropic_errors(wt):
 
 
 def test_redaction_in_bodies_and_headers(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     f = make_flow({"model": "m", "messages": [], "metadata": {"authorization": "Bearer abc", "x": {"Cookie": "c=1"}}},
                   headers={"Authorization": "Bearer sk-live-zzz", "Cookie": "session=qqq"})
     run_request(addon, f)
@@ -298,7 +297,7 @@ def test_redaction_in_bodies_and_headers(wt):
 
 
 def test_remote_clients_refused_unless_allowed(wt):
-    addon, tctx, cap, port = wt
+    addon, tctx, _cap, port = wt
     f = make_flow({"model": "m", "messages": []}, peer="192.168.1.20", sockname=("192.168.1.5", 8080),
                   host="192.168.1.5")
     run_request(addon, f)
@@ -333,7 +332,7 @@ def test_backend_down_gives_anthropic_error_and_capture(wt):
 
 
 def test_proxy_error_is_captured(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     f = make_flow({"model": "m", "messages": []})
     run_request(addon, f)
     from mitmproxy import flow as mflow
@@ -356,7 +355,7 @@ def test_proxy_error_is_captured(wt):
 
 
 def test_capture_every_line_is_valid_jsonl_with_all_fields(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     for rec in [json.loads(x) for x in (CC / "tool_round.jsonl").read_text().splitlines()]:
         f = make_flow(rec["body"], raw=None if rec["body"] is not None else b"", method=rec["method"],
                       path=rec["path"], headers={k: v for k, v in rec["headers"].items() if k != "content-length"})
@@ -384,7 +383,7 @@ def test_capture_every_line_is_valid_jsonl_with_all_fields(wt):
 
 
 def test_export_command_writes_capture_lines(wt, tmp_path):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, _cap, _ = wt
     f = make_flow({"model": "m", "messages": []})
     run_request(addon, f)
     finish_streamed(addon, f, SSE)
@@ -399,7 +398,7 @@ def test_export_command_writes_capture_lines(wt, tmp_path):
 
 
 def test_contentview_renders_request_and_stream(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, _cap, _ = wt
     body = json.loads((CC / "full_first_turn.json").read_text())["body"]
     f = make_flow(body)
     run_request(addon, f)
@@ -438,7 +437,7 @@ def test_routing_helpers():
 def test_connect_to_anthropic_is_answered_locally(wt):
     """Rerouted or not: with passthrough the relay, not mitmproxy, makes the connection to
     Anthropic (tests/test_addon_relay.py has that path through a real mitmdump)."""
-    addon, tctx, cap, _ = wt
+    addon, tctx, _cap, _ = wt
     for backend in (None, "passthrough"):
         if backend:
             tctx.configure(addon.gate, backend=backend)
@@ -451,7 +450,7 @@ def test_connect_to_anthropic_is_answered_locally(wt):
 
 
 def test_count_tokens_is_normalized_and_its_count_captured(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     body = {"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hi"}],
             "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197.abc; cch=12345;"}]}
     f = make_flow(body, path="/v1/messages/count_tokens?beta=true")
@@ -465,7 +464,7 @@ def test_count_tokens_is_normalized_and_its_count_captured(wt):
 
 
 def test_state_is_typed_while_live_then_plain_data_that_mitmproxy_can_save(wt, tmp_path):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     f = make_flow(recorded("small_two_turns.jsonl")["body"], headers={"x-stainless-retry-count": "0"})
     run_request(addon, f)
     state = f.metadata[META]
@@ -501,7 +500,7 @@ def test_unfinished_flows_are_saveable_at_shutdown(wt, tmp_path):
 
 
 def test_backend_model_is_mapped_on_every_route(wt):
-    addon, tctx, cap, port = wt
+    addon, tctx, _cap, _port = wt
     tctx.configure(addon.gate, backend_model="local-model")
     for path in ("/v1/messages?beta=true", "/v1/messages/count_tokens?beta=true"):
         f = make_flow({"model": "claude-opus-4-8", "messages": [{"role": "user", "content": "hi"}]}, path=path)
@@ -510,7 +509,7 @@ def test_backend_model_is_mapped_on_every_route(wt):
 
 
 def test_non_loopback_connect_is_refused(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, _cap, _ = wt
     f = make_flow(method="CONNECT", host="127.0.0.1", port=22, path="", peer="192.168.1.20")
     addon.http_connect(f)
     assert f.response is not None and f.response.status_code == 403
@@ -531,7 +530,7 @@ def test_embedded_backend_not_running_is_a_503_overloaded_error(wt):
 
 
 def test_backend_queue_wait_and_prefill_are_captured(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     f = make_flow({"model": "m", "messages": [], "stream": True})
     run_request(addon, f)
     f.response = tutils.tresp(headers=http.Headers(content_type="text/event-stream", x_warmturn_queue_ms="1520.5",
@@ -552,7 +551,7 @@ def test_backend_queue_wait_and_prefill_are_captured(wt):
 
 
 def test_title_request_is_captured_as_a_side_request(wt):
-    addon, tctx, cap, _ = wt
+    addon, _tctx, cap, _ = wt
     recs = [json.loads(x) for x in (CC / "interactive_title_capture.jsonl").read_text().splitlines()]
     title, turn = [r for r in recs if r["kind"] == "messages"][:2]
     for rec in (title, turn):
@@ -567,7 +566,7 @@ def test_a_big_body_is_parsed_and_normalized_off_the_event_loop(wt, padding, off
     """Over OFF_LOOP_BYTES the normalize hook hands the body to a worker thread and mitmproxy's
     loop is free meanwhile: the hook's first step returns with its work still pending. A small
     body is handled within that first step, on the loop (which shows the check can tell)."""
-    addon, tctx, cap, port = wt
+    addon, _tctx, _cap, _port = wt
     rec = recorded("small_two_turns.jsonl")
     body = json.loads(json.dumps(rec["body"]))
     body["messages"][0]["content"] = [{"type": "text", "text": "x" * padding}]

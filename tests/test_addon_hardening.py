@@ -28,10 +28,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from warmturn.addons.capture import append_record
 from tests.conftest import free_port
 from tests.procs import ROOT, VENV_BIN, child_env, port_open, process
 from tests.test_server_hardening import FUZZ_BASE, HOSTILE, PATHS, assemble
+from warmturn.addons.capture import append_record
 
 
 def local_non_loopback_ip() -> str | None:

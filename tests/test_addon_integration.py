@@ -12,8 +12,8 @@ import anthropic
 import httpx
 import pytest
 
-from tests.procs import BILLING, VENV_BIN, child_env, mitmdump, port_open, process, read_capture
 from tests.conftest import free_port
+from tests.procs import BILLING, VENV_BIN, child_env, mitmdump, port_open, process, read_capture
 
 SYSTEM_TEXT = "You are a terse assistant. Answer in one short sentence."
 
@@ -63,7 +63,7 @@ def test_embedded_backend_streams_and_reuses_the_prefix_across_billing_suffixes(
         client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{mitm_port}", api_key="x", max_retries=0,
                                      timeout=600)
         first = [{"role": "user", "content": "Say hi."}]
-        text1, msg1 = stream_text(client, model="claude-opus-4-8", max_tokens=8, system=system("3f2"), messages=first)
+        text1, _msg1 = stream_text(client, model="claude-opus-4-8", max_tokens=8, system=system("3f2"), messages=first)
         second = first + [{"role": "assistant", "content": text1 or "Hi."}, {"role": "user", "content": "Now say bye."}]
         # a different session's billing suffix: without stripping, the prefix would differ at token ~5
         text2, msg2 = stream_text(client, model="claude-opus-4-8", max_tokens=8, system=system("a91"), messages=second)
@@ -115,7 +115,7 @@ def test_openai_backend_mlx_lm_server(tmp_path, model_dir):
         plain = client.messages.create(model="claude-opus-4-8", max_tokens=4, system=system("a91"),
                                        messages=[{"role": "user", "content": "Say hi."}])
         assert plain.content[0].type == "text" and plain.usage.output_tokens > 0
-        assert [m.id for m in client.models.list().data][0].startswith("claude-")
+        assert next(m.id for m in client.models.list().data).startswith("claude-")
         tokens = client.messages.count_tokens(model="claude-opus-4-8", messages=[{"role": "user", "content": "hi"}])
         assert tokens.input_tokens > 0
     lines = [x for x in read_capture(cap) if x["kind"] == "messages"]

@@ -6,11 +6,10 @@ import json
 
 import pytest
 
-from warmturn.addons import openai_translate as ot
-from warmturn.addons.backends import OpenAIAdapter
-from warmturn.addons.backends import parse_backend
-from warmturn.protocol import MessageFold, SSEDecoder
 from tests.conftest import FIXTURES
+from warmturn.addons import openai_translate as ot
+from warmturn.addons.backends import OpenAIAdapter, parse_backend
+from warmturn.protocol import MessageFold, SSEDecoder
 
 OPENAI_SSE = (FIXTURES / "addon" / "openai_stream.sse").read_bytes()
 

@@ -25,8 +25,8 @@ import ipaddress
 import json
 import os
 import select
-import socket
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -44,12 +44,12 @@ from cryptography.x509.oid import NameOID
 from mitmproxy import exceptions
 from mitmproxy.test import taddons
 
-from warmturn.addons.normalize import make_addons
-from warmturn.addons.relay import TlsSettings, make_tls_context
-from warmturn.protocol import SSEDecoder
 from tests.conftest import ROOT, free_port
 from tests.procs import VENV_BIN, child_env, process, read_capture
 from tests.scripted_backend import Handler, Server
+from warmturn.addons.normalize import make_addons
+from warmturn.addons.relay import TlsSettings, make_tls_context
+from warmturn.protocol import SSEDecoder
 
 BACKEND = ROOT / "tests" / "scripted_backend.py"
 STREAM = {"model": "m", "max_tokens": 24, "stream": True, "messages": [{"role": "user", "content": "Capital of France?"}]}
@@ -80,7 +80,7 @@ def _write_key(key, path: Path) -> None:
 
 def make_certs(folder: Path) -> dict[str, Path]:
     """A throwaway CA and a leaf for 127.0.0.1/localhost signed by it (PEM files in `folder`)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (x509.CertificateBuilder().subject_name(_name("warmturn test CA")).issuer_name(_name("warmturn test CA"))
           .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
@@ -236,15 +236,15 @@ def test_a_tls_backend_killed_before_answering_gives_a_502_api_error(tls_proxy, 
 
 def test_a_tls_backend_killed_mid_stream_ends_the_stream_with_an_error_event(tls_proxy, certs):
     p = tls_proxy
-    with backend(p["bport"], "cut", certs) as b:
-        with httpx.stream("POST", p["base"] + "/v1/messages", json=STREAM, timeout=120) as resp:
-            assert resp.status_code == 200
-            events = []
-            for event in events_of(resp):  # to the stream's end: a cut connection would raise here
-                events.append(event)
-                if event["type"] == "content_block_delta" and b.proc.poll() is None:
-                    b.expect("streaming")
-                    b.kill()
+    with (backend(p["bport"], "cut", certs) as b,
+          httpx.stream("POST", p["base"] + "/v1/messages", json=STREAM, timeout=120) as resp):
+        assert resp.status_code == 200
+        events = []
+        for event in events_of(resp):  # to the stream's end: a cut connection would raise here
+            events.append(event)
+            if event["type"] == "content_block_delta" and b.proc.poll() is None:
+                b.expect("streaming")
+                b.kill()
     p["flows"] += 1
     types = [e["type"] for e in events]
     assert types[-1] == "error" and "message_stop" not in types and "content_block_delta" in types, types
@@ -256,9 +256,9 @@ def test_a_tls_backend_killed_mid_stream_ends_the_stream_with_an_error_event(tls
 def test_after_the_faults_mitmdump_still_serves_the_restarted_backend(tls_proxy, certs):
     p = tls_proxy
     assert p["proc"].poll() is None
-    with backend(p["bport"], "replay", certs):
-        with httpx.stream("POST", p["base"] + "/v1/messages", json=STREAM, timeout=60) as resp:
-            events = list(events_of(resp))
+    with (backend(p["bport"], "replay", certs),
+          httpx.stream("POST", p["base"] + "/v1/messages", json=STREAM, timeout=60) as resp):
+        events = list(events_of(resp))
     p["flows"] += 1
     assert resp.status_code == 200 and events[-1]["type"] == "message_stop"
     capture_is_one_valid_line_per_flow(p["cap"], p["flows"])
@@ -345,7 +345,7 @@ def test_a_query_string_credential_reaches_the_backend_but_no_output(tmp_path):
     assert "api_key=%3Credacted%3E" in out and "access_token=%3Credacted%3E" in out
     assert SECRET not in out
     assert SECRET not in cap.read_text()
-    assert [rec["status"] for rec in read_capture(cap)][0] == 200 and os.path.getsize(cap) > 0
+    assert next(rec["status"] for rec in read_capture(cap)) == 200 and os.path.getsize(cap) > 0
 
 
 # --------------------------------------------------------------------------- keep-alive pooling
@@ -457,14 +457,13 @@ def test_passthrough_gets_the_relays_contract(tmp_path, certs):
                 events = list(events_of(resp))
             b.expect("request POST /v1/messages")
         assert resp.status_code == 200 and events[-1]["type"] == "message_stop"
-        with backend(bport, "cut", certs) as b:
-            with httpx.stream("POST", reverse, json=STREAM, timeout=60) as resp:
-                events = []
-                for event in events_of(resp):
-                    events.append(event)
-                    if event["type"] == "content_block_delta" and b.proc.poll() is None:
-                        b.expect("streaming")
-                        b.kill()
+        with backend(bport, "cut", certs) as b, httpx.stream("POST", reverse, json=STREAM, timeout=60) as resp:
+            events = []
+            for event in events_of(resp):
+                events.append(event)
+                if event["type"] == "content_block_delta" and b.proc.poll() is None:
+                    b.expect("streaming")
+                    b.kill()
         assert events[-1]["type"] == "error" and "died mid-stream" in events[-1]["error"]["message"]
     records = capture_is_one_valid_line_per_flow(cap, 4)
     assert [rec["backend"] for rec in records] == ["passthrough"] * 4

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from warmturn import protocol, rules
 from tests.conftest import FIXTURES
+from warmturn import protocol, rules
 
 CC = FIXTURES / "claude_code"
 

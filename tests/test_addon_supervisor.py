@@ -9,8 +9,8 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from warmturn.addons.embedded_server import EmbeddedServer, http_status
 from tests.conftest import free_port
+from warmturn.addons.embedded_server import EmbeddedServer, http_status
 
 
 class Health(BaseHTTPRequestHandler):

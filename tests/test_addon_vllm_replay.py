@@ -14,12 +14,12 @@ import anthropic
 import httpx
 import pytest
 
-from warmturn.addons.backends import AnthropicAdapter, OpenAIAdapter, parse_backend
-from warmturn.addons.state import FlowState
-from warmturn.addons.tap import make_tap
 from tests.conftest import free_port
 from tests.procs import mitmdump, read_capture
 from tests.vllm_replay import ReplayServer, load
+from warmturn.addons.backends import AnthropicAdapter, OpenAIAdapter, parse_backend
+from warmturn.addons.state import FlowState
+from warmturn.addons.tap import make_tap
 from warmturn.protocol import MessageFold
 
 CLAUDE = "claude-opus-4-8"
@@ -95,11 +95,11 @@ def test_anthropic_backend_tap_passes_vllms_chunks_as_they_are():
 @pytest.mark.parametrize("name", ["chat_stream_text", "chat_stream_text_warm", "chat_stream_text_cold"])
 def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(tmp_path, name):
     usage = usage_chunk(name)
-    with through_addon(tmp_path, {"/v1/chat/completions": name}, backend_api="openai",
-                       backend_model="smollm2") as (client, replay, cap):
-        with client.messages.stream(model=CLAUDE, max_tokens=12, messages=USER) as s:
-            kinds = [e.type for e in s]
-            msg = s.get_final_message()
+    with (through_addon(tmp_path, {"/v1/chat/completions": name}, backend_api="openai",
+                        backend_model="smollm2") as (client, replay, cap),
+          client.messages.stream(model=CLAUDE, max_tokens=12, messages=USER) as s):
+        kinds = [e.type for e in s]
+        msg = s.get_final_message()
     assert kinds[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert "".join(b.text for b in msg.content) == "The capital of France is Paris."
     details = usage["prompt_tokens_details"]
@@ -115,13 +115,13 @@ def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(tmp_path, n
 
 def test_openai_backend_streamed_tool_call(tmp_path):
     """vLLM ends a named-tool-choice stream with finish_reason "stop": still a tool_use turn for the client."""
-    with through_addon(tmp_path, {"/v1/chat/completions": "chat_stream_tool"}, backend_api="openai",
-                       backend_model="smollm2") as (client, replay, _):
-        with client.messages.stream(model=CLAUDE, max_tokens=40, tools=[WEATHER],
-                                    tool_choice={"type": "tool", "name": "get_weather"},
-                                    messages=[{"role": "user", "content": "What is the weather in Paris?"}]) as s:
-            kinds = [e.type for e in s]
-            msg = s.get_final_message()
+    with (through_addon(tmp_path, {"/v1/chat/completions": "chat_stream_tool"}, backend_api="openai",
+                        backend_model="smollm2") as (client, replay, _),
+          client.messages.stream(model=CLAUDE, max_tokens=40, tools=[WEATHER],
+                                 tool_choice={"type": "tool", "name": "get_weather"},
+                                 messages=[{"role": "user", "content": "What is the weather in Paris?"}]) as s):
+        kinds = [e.type for e in s]
+        msg = s.get_final_message()
     assert kinds[-1] == "message_stop"
     [call] = msg.content
     assert call.type == "tool_use" and call.name == "get_weather" and call.input == {"city": "Paris"}
@@ -134,7 +134,7 @@ def test_openai_backend_streamed_tool_call(tmp_path):
 def test_anthropic_backend_stream_passes_through_byte_for_byte_with_cache_usage(tmp_path):
     rec = load("messages_stream_text_warm")
     with through_addon(tmp_path, {"/v1/messages": "messages_stream_text_warm"},
-                       backend_model="smollm2") as (client, replay, cap):
+                       backend_model="smollm2") as (client, _replay, cap):
         with httpx.stream("POST", str(client.base_url).rstrip("/") + "/v1/messages", timeout=60,
                           headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
                           json={"model": CLAUDE, "max_tokens": 12, "stream": True, "messages": USER}) as r:
@@ -170,9 +170,8 @@ def test_count_tokens_maps_the_model_name(tmp_path, api):
 ])
 def test_backend_errors_become_anthropic_error_types(tmp_path, api, path, name, exc, kind):
     original = load(name).json()
-    with through_addon(tmp_path, {path: name}, backend_api=api) as (client, _, cap):
-        with pytest.raises(exc) as e:
-            client.messages.create(model=CLAUDE, max_tokens=12, messages=USER)
+    with through_addon(tmp_path, {path: name}, backend_api=api) as (client, _, cap), pytest.raises(exc) as e:
+        client.messages.create(model=CLAUDE, max_tokens=12, messages=USER)
     body = e.value.body
     assert body["type"] == "error" and body["error"]["type"] == kind
     vllm_message = (original.get("error") or {}).get("message")
@@ -181,7 +180,7 @@ def test_backend_errors_become_anthropic_error_types(tmp_path, api, path, name, 
 
 
 def test_count_tokens_error_becomes_not_found_error(tmp_path):
-    with through_addon(tmp_path, {"/v1/messages/count_tokens": "count_tokens_404_model"}) as (client, _, _):
-        with pytest.raises(anthropic.NotFoundError) as e:
-            client.messages.count_tokens(model=CLAUDE, messages=USER)
+    with (through_addon(tmp_path, {"/v1/messages/count_tokens": "count_tokens_404_model"}) as (client, _, _),
+          pytest.raises(anthropic.NotFoundError) as e):
+        client.messages.count_tokens(model=CLAUDE, messages=USER)
     assert e.value.body["error"]["type"] == "not_found_error"

@@ -11,8 +11,8 @@ import pytest
 
 from warmturn.analysis.__main__ import main
 from warmturn.analysis.diff import diff_payloads, diff_records, pattern_for
-from warmturn.analysis.load import load_records
 from warmturn.analysis.divergence import divergence, flatten_prompt, load_tokenizer
+from warmturn.analysis.load import load_records
 
 ROOT = Path(__file__).resolve().parent.parent
 CAPTURES = ROOT / "tests" / "fixtures" / "captures"

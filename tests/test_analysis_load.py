@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 from pathlib import Path
 
 import pandas as pd
@@ -170,4 +171,4 @@ def test_long_loads_report_progress(monkeypatch):
     size = (CAPTURES / "constructed_ab.jsonl").stat().st_size
     assert len(res.records) == 12
     assert len(seen) >= size // 20_000 and seen[-1] == (size, size)
-    assert all(a[0] < b[0] for a, b in zip(seen, seen[1:]))
+    assert all(a[0] < b[0] for a, b in pairwise(seen))

@@ -14,8 +14,7 @@ import pandas as pd
 import pytest
 
 from warmturn.analysis.load import add_derived, load_records
-from warmturn.analysis.plots import (cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn,
-                            plot_ttft_vs_uncached)
+from warmturn.analysis.plots import cost_model, plot_ab, plot_cold_warm, plot_hit_ratio, plot_ttft_per_turn, plot_ttft_vs_uncached
 from warmturn.analysis.report import build_report, summarize, summary_rows
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +76,7 @@ def test_plot_ttft_per_turn(df, tmp_path):
     ax = fig.axes[0]
     assert ax.get_xlabel() == "turn in session" and ax.get_ylabel() == "time to first token (s)"
     assert _legend(ax) == ["cold (4 timed)", "warm (3 timed)"]
-    warm = [c for c in ax.collections if c.get_label() == "warm (3 timed)"][0]
+    warm = next(c for c in ax.collections if c.get_label() == "warm (3 timed)")
     assert sorted(warm.get_offsets()[:, 1].tolist()) == [0.2, 0.3, 0.4]
     assert sorted(warm.get_offsets()[:, 0].tolist()) == [2, 3, 4]
     assert len(ax.lines) == 2  # one line per session
@@ -102,7 +101,7 @@ def test_plot_ttft_vs_uncached(df, tmp_path):
     labels = _legend(ax)
     assert labels[:2] == ["cold (4 timed)", "warm (3 timed)"] and labels[2].startswith("fit: ")
     fit_line = ax.lines[0]
-    a, b = cost_model(df)
+    a, _b = cost_model(df)
     assert math.isclose(fit_line.get_ydata()[0], a / 1000)
 
 
@@ -110,7 +109,7 @@ def test_plot_hit_ratio(df, tmp_path):
     fig = plot_hit_ratio(df, tmp_path / "p.png")
     ax = fig.axes[0]
     assert _legend(ax) == ["off", "on"]
-    on = [ln for ln in ax.lines if ln.get_label() == "on"][0]
+    on = next(ln for ln in ax.lines if ln.get_label() == "on")
     assert on.get_xdata().tolist() == [1, 2, 3, 4]
     assert [round(y, 6) for y in on.get_ydata()] == [0.0, 90.0, 90.0, 90.0]
     assert ax.get_ylabel() == "cache hit ratio (% of prompt tokens)"

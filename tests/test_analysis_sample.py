@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from warmturn.analysis.diff import diff_records
-from warmturn.analysis.load import flows_frame, load_records
 from warmturn.analysis.divergence import load_tokenizer
+from warmturn.analysis.load import flows_frame, load_records
 from warmturn.analysis.report import build_report
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -227,7 +227,7 @@ def test_variants_none_and_rules_on_the_intercepted_session(renderer):
 
 
 def test_a_small_budget_evicts_and_the_curve_flattens(renderer):
-    ren, path = renderer
+    ren, _path = renderer
     msgs = messages_in_order(load_records([CC332 / "p_read.jsonl"]).records)
     prepared = prepare_variant(msgs, Variant("as-captured", lambda r: r.get("body")), Tokenizing(ren, 8192), False)
     cost = KVCost("smol", 46080)

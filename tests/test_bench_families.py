@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from tests.conftest import ROOT
-from warmturn.prefix import common_prefix_len
 from warmturn.bench.families import (
     TURN_PROMPTS,
     add_shared_prefixes,
@@ -27,6 +26,7 @@ from warmturn.bench.families import (
     summarize,
 )
 from warmturn.bench.workload import load_fixture, make_counter
+from warmturn.prefix import common_prefix_len
 
 SERVERS = ["warmturn-solo", "warmturn-batched", "mlx_lm-batched"]
 

@@ -9,6 +9,7 @@ import csv
 import json
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 
@@ -143,7 +144,7 @@ def test_session_shape_is_claude_codes(counter):
     names = [r.name for r in session.requests]
     assert names == ["main-1", "main-2", "main-3", "main-4", "sub-1", "sub-2", "main-5", "main-6", "main-7"]
     mains = [r.body for r in session.requests if r.agent == "main"]
-    for prev, cur in zip(mains, mains[1:]):
+    for prev, cur in pairwise(mains):
         assert cur["system"] == prev["system"] and cur["tools"] == prev["tools"]
         assert [m["role"] for m in cur["messages"][: len(prev["messages"])]] == [m["role"] for m in prev["messages"]]
         assert len(cur["messages"]) == len(prev["messages"]) + 2
@@ -238,7 +239,7 @@ def test_peer_template_renders_the_same_prompt_as_warmturns_server(model_dir, co
         n_ours = len(ours.render(parse_messages_request(req.body)).tokens)
         o = to_openai_request(req.body, "m")
 
-        def n(tok):
+        def n(tok, o=o):
             text = tok.apply_chat_template(o["messages"], tools=o.get("tools"), tokenize=False,
                                            add_generation_prompt=True)
             return len(tok.encode(text, add_special_tokens=False))

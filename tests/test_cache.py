@@ -263,7 +263,7 @@ def test_cancelled_prefill_leaves_no_entry(mt, convo):
     after = store.stats()
     assert (after["entries"], after["bytes"], after["tokens_stored"]) == (
         before["entries"], before["bytes"], before["tokens_stored"])
-    kv, again = store.fetch(p2)
+    _kv, again = store.fetch(p2)
     assert again == reused  # nothing of the cancelled half was kept
 
 
@@ -305,7 +305,7 @@ def test_interleaved_main_and_subagent_stay_warm(mt):
             msgs = state[name]
             msgs.append({"role": "user", "content": users[i]})
             tokens = render(tok, msgs, system)
-            reused, _, _, out = turn(model, store, tokens, prefix_len(tok, system), gen=4)
+            reused, _, _, _out = turn(model, store, tokens, prefix_len(tok, system), gen=4)
             if i > 0:
                 assert reused == min(common_prefix_len(np.array(prev[name]), np.array(tokens)), len(prev[name]) - 1)
                 requested += len(tokens)
@@ -365,8 +365,8 @@ def test_corrupt_or_mismatched_files_are_ignored(mt, convo, tmp_path, caplog):
 
     reader = PrefixCache(model, max_bytes=1 << 30, cache_dir=tmp_path)
     with caplog.at_level(logging.WARNING, logger="warmturn.server.cache"):
-        kv, reused = reader.fetch(p1)
-        kv2, reused2 = reader.fetch(p_other)
+        _kv, reused = reader.fetch(p1)
+        _kv2, reused2 = reader.fetch(p_other)
     assert (reused, reused2) == (0, 0)
     assert reader.stats()["disk_errors"] == 2 and reader.stats()["disk_loads"] == 0
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

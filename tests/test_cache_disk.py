@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from mlx_lm.models.cache import make_prompt_cache
 
+from tests.test_cache_logic import put, tiny_model
 from warmturn.server.cache import PrefixCache, prefill
 from warmturn.server.cache_disk import CacheDirError, DiskCache, ensure_private_dir
-from tests.test_cache_logic import put, tiny_model
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def test_a_saved_checkpoint_loads_and_matches_a_cold_prefill(model, tmp_path):
 def test_tampered_tensors_are_rejected_with_a_warning(model, tmp_path, caplog, name, edit):
     f = write_checkpoint(model, tmp_path, TOKS)
     # the tampering matters: the edited KV state changes the model's next-token logits
-    kv_good, meta = mx.load(str(f), return_metadata=True)
+    kv_good, _meta = mx.load(str(f), return_metadata=True)
     rewrite_tensors(f, edit)
     kv_bad = mx.load(str(f))
     assert any(not mx.array_equal(kv_good[k], kv_bad[k]).item() for k in kv_good)

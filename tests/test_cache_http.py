@@ -9,8 +9,8 @@ import time
 
 import httpx
 import pytest
-
 from conftest import ROOT, free_port
+
 from warmturn.machine import openblas_env
 
 pytestmark = pytest.mark.model

@@ -11,8 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
-from warmturn.server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
 from tests.tiny import tiny_model
+from warmturn.server.cache import PrefixCache, common_prefix_len, kv_bytes_per_token, prefill
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def test_entry_larger_than_budget_is_rejected(model, caplog):
     bpt = kv_bytes_per_token(model)
     store = PrefixCache(model, max_bytes=20 * bpt)
     with caplog.at_level(logging.WARNING, logger="warmturn.server.cache"):
-        reused, created = put(store, model, list(range(1, 40)))
+        _reused, created = put(store, model, list(range(1, 40)))
     # nothing was kept, so nothing counts as created (usage reports cache_creation 0)
     assert created == 0 and store.stats()["rejected"] == 1
     assert store.stats()["entries"] == 0 and store.stats()["bytes"] == 0

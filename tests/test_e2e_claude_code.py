@@ -199,7 +199,7 @@ def test_make_claude_interactive_first_run_does_not_block(tmp_path):
             assert "Not logged in" not in text, text
         finally:
             subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    turn = [x for x in read_capture(cap) if x["kind"] == "messages" and x["status"] == 200][0]
+    turn = next(x for x in read_capture(cap) if x["kind"] == "messages" and x["status"] == 200)
     assert turn["usage"]["output_tokens"] > 0 and turn["request"]["body"]["max_tokens"] == 256
 
 

@@ -228,7 +228,7 @@ def test_subagent_fan_out_in_tmux(proxy, tmp_path):
     assert u["cache_read_input_tokens"] >= 0.9 * prompt_of(u), u  # the subagent prompt, read once
 
 
-WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls count silver coins under an old oak "
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wise owls count silver coins under an old oak "  # noqa: SIM905
          "tree near the river bank").split()
 COMPACTION_ASK = "detailed summary"  # Claude Code's compaction request asks for one
 COMPACTED = "This session is being continued from a previous conversation"  # how the compacted one starts

@@ -9,6 +9,7 @@ import threading
 
 import pytest
 
+from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 from warmturn.server.cache import PrefixCache
 from warmturn.server.engine import (
     Admitted,
@@ -20,7 +21,6 @@ from warmturn.server.engine import (
     Prefilled,
     prompt_usage,
 )
-from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

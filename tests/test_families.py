@@ -154,7 +154,7 @@ def test_marks_are_small_and_counted(loaded):
 def test_window_cache_is_never_reused_past_its_window(loaded):
     """A sliding-window entry holding more than its window cannot be cut back: a request that
     shares only part of it gets a mark or nothing, never the window cache of a longer prompt."""
-    model, tok = loaded("gemma3_text")
+    model, _tok = loaded("gemma3_text")
     store = PrefixCache(model, max_bytes=1 << 30)
     tokens = list(range(100, 100 + 3 * WINDOW))
     fill(model, store, tokens, [])

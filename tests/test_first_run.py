@@ -91,7 +91,7 @@ def test_lmstudio_folders_gguf_and_mlx(no_user_models, model_dir):
     mlx = locate("mlx-community/SmolLM2-mlx")
     assert (mlx.kind, mlx.path) == ("dir", root / "mlx-community" / "SmolLM2-mlx")
     (root / "lmstudio-community" / "SmolLM2-GGUF" / "SmolLM2.Q8_0.gguf").symlink_to(find_default_gguf())
-    with pytest.raises(ModelNotFound, match="several GGUF files .* pass one, MODEL="):
+    with pytest.raises(ModelNotFound, match=r"several GGUF files .* pass one, MODEL="):
         locate("lmstudio-community/SmolLM2-GGUF")
 
 
@@ -248,7 +248,7 @@ def test_first_turn_and_restart_are_warm_and_a_loop_stops_early(tmp_path):
         assert answer["stop_reason"] == "max_tokens" and answer["usage"]["output_tokens"] < 256, answer
         assert find_loop(answer["content"][0]["text"]) is not None
         out = wait_for(log2, "repetition guard:", proc, 30)
-    line = [ln for ln in out.splitlines() if "repetition guard:" in ln][0]
+    line = next(ln for ln in out.splitlines() if "repetition guard:" in ln)
     assert "stop_reason max_tokens" in line and "--no-repetition-guard" in line
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import ast
 import functools
-import os
 import importlib.metadata as md
+import os
 import re
 import shutil
 import subprocess

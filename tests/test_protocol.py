@@ -83,7 +83,7 @@ def test_fold_equals_the_sdk_accumulate_event_on_recorded_streams(name):
     events = [ev.json() for ev in protocol.decode_sse((PROTO / name).read_bytes())]
     fold = our_fold(events)
     assert_same_as_sdk(fold, sdk_fold(events))
-    assert fold.saw_content and fold.text or any(b["type"] == "tool_use" for b in fold.content)
+    assert (fold.saw_content and fold.text) or any(b["type"] == "tool_use" for b in fold.content)
 
 
 def test_recorded_tool_stream_folds_to_a_tool_use_with_parsed_input():

@@ -76,7 +76,7 @@ def test_make_run_args_with_spaces_and_quotes(tmp_path):
         assert too_long.status_code == 400 and "README.md, section 'Prompt is too long'" in too_long.text
     assert "indexing errors" not in (tmp_path / "server.log").read_text()  # no misleading transformers warning
     assert proc.returncode is not None and not port_open(port)  # Ctrl-C stopped it
-    rec = [x for x in read_capture(cap) if x["kind"] == "messages"][0]
+    rec = next(x for x in read_capture(cap) if x["kind"] == "messages")
     assert rec["request"]["body"]["system"] == "Be brief.\n"  # the fragment pattern arrived with its $ and \n
     assert [e["pattern"] for e in rec["stripped"] if e["kind"] == "fragment"] == ["Today.s date is [^\\n]*$"]
 

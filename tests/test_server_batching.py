@@ -31,11 +31,11 @@ TOOLS = [{"name": "read_file", "description": "Read a file from the working dire
 def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
     """Four prompts of different lengths, two with cache hits: the same greedy tokens as each
     alone (no store, one request at a time)."""
+    from tests.test_engine_batching import serve
     from warmturn.server.cache import PrefixCache
     from warmturn.server.engine import Engine, Prefilled
     from warmturn.server.render import Renderer
     from warmturn.server.wire import parse_messages_request
-    from tests.test_engine_batching import serve
 
     model, tokenizer = model_and_tokenizer
     renderer = Renderer(tokenizer, prefix_order="tools-first")

@@ -6,8 +6,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from warmturn.server.__main__ import DEFAULT_MODEL_OUTPUT_CAP, make_parser, sampling_defaults
 from tests.test_server_http import serve_in_thread, sse_events
+from warmturn.server.__main__ import DEFAULT_MODEL_OUTPUT_CAP, make_parser, sampling_defaults
 
 CLAUDE_CODE_LIKE = {"model": "claude-opus-5-5", "max_tokens": 128000, "stream": True,  # what Claude Code sends
                     "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}

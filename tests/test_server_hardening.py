@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from warmturn.server.render import Renderer
 from tests.conftest import ROOT
 from tests.test_server_http import assert_error, serve_in_thread, sse_events
 from tests.test_server_input import MALFORMED
+from warmturn.server.render import Renderer
 
 pytestmark = pytest.mark.model
 

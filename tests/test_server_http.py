@@ -19,8 +19,8 @@ import anthropic
 import httpx
 import pytest
 
-from warmturn.server.blas import OPT_OUT, preload_plan
 from tests.conftest import FIXTURES, ROOT, free_port
+from warmturn.server.blas import OPT_OUT, preload_plan
 
 pytestmark = pytest.mark.model
 

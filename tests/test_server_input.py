@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.test_server_wire import BODIES
 from warmturn.server import guard
 from warmturn.server.render import Renderer, longest_token_bytes
 from warmturn.server.wire import MAX_JSON_DEPTH, RequestError, decode_json, parse_messages_request
-from tests.test_server_wire import BODIES
 
 BASE = {"model": "m", "max_tokens": 8, "messages": [{"role": "user", "content": "Hi."}]}
 

@@ -5,6 +5,7 @@ the server and through the addon; its timings still reach the capture (in ``mess
 from __future__ import annotations
 
 import time
+from itertools import pairwise
 
 import anthropic
 import httpx
@@ -22,12 +23,11 @@ LONG_PROMPT = [{"role": "user", "content": "Count the words: " + " ".join(f"word
 
 
 def make_state(model_and_tokenizer, *, started: bool, **kw):
+    from warmturn.server.cache import PrefixCache
     from warmturn.server.engine import Engine
     from warmturn.server.http import ServerState
     from warmturn.server.render import Renderer
     from warmturn.server.toolcalls import HERMES
-
-    from warmturn.server.cache import PrefixCache
 
     model, tokenizer = model_and_tokenizer
     engine = Engine(model, tokenizer, PrefixCache(model, max_bytes=256 << 20) if started else None)
@@ -52,11 +52,10 @@ def timed_events(resp: httpx.Response) -> list[tuple[float, dict]]:
 def test_a_stream_stuck_in_the_queue_gets_message_start_pings_and_a_timeout_event(model_and_tokenizer):
     """An engine that never starts: the request can only wait in the queue until its time limit."""
     state = make_state(model_and_tokenizer, started=False, ping_interval=0.05, request_timeout=0.5)
-    with serve_in_thread(state) as port:
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/messages", timeout=60,
-                          json={"model": "m", "max_tokens": 4, "stream": True, "messages": LONG_PROMPT}) as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-            events = [ev for _, ev in timed_events(r)]
+    with serve_in_thread(state) as port, httpx.stream("POST", f"http://127.0.0.1:{port}/v1/messages", timeout=60,
+                      json={"model": "m", "max_tokens": 4, "stream": True, "messages": LONG_PROMPT}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [ev for _, ev in timed_events(r)]
     types = [e["type"] for e in events]
     assert types[0] == "message_start" and types[-1] == "error", types
     assert events[-1]["error"]["type"] == "timeout_error", events[-1]
@@ -112,7 +111,7 @@ def test_a_long_prefill_pings_through_the_addon_and_the_capture_keeps_its_timing
     # ask for half of them)
     assert waited_s > 4 * interval, f"the prefill was too quick to test pings: {waited_s:.3f} s"
     assert types[0] == "message_start" and pings >= int(0.5 * waited_s / interval) - 1, (waited_s, types)
-    gaps = [b - a for (a, _), (b, _) in zip(timed, timed[1:first_delta + 1])]
+    gaps = [b - a for (a, _), (b, _) in pairwise(timed[:first_delta + 1])]
     assert timed[0][0] - t0 < waited_s  # message_start came before the prompt was read
     assert max(gaps) < waited_s / 2, gaps  # no silence as long as the wait itself
     # message_start had the whole prompt as input; message_delta has the split the clients keep

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 
+from tests.conftest import FIXTURES
 from warmturn.server.render import Renderer
 from warmturn.server.wire import RequestError, parse_messages_request
-from tests.conftest import FIXTURES
 
 CC = FIXTURES / "claude_code"
 
@@ -142,7 +143,7 @@ def test_notes_after_a_plain_prompt_render_before_it(renderer):
     assert note < prompt and first.text.rindex("<|im_start|>user") < prompt
     assert "# Environment" not in first.text[first.text.rindex("<|im_start|>user"):]
     rendered = [renderer.render(parse_messages_request(b)) for b in bodies]
-    for a, b in zip(rendered, rendered[1:]):
+    for a, b in pairwise(rendered):
         head = a.tokens[:-3]  # the generation prompt (assistant header) aside
         assert b.tokens[: len(head)] == head
     several = renderer.render(req([{"role": "user", "content": "Q1"}, {"role": "system", "content": "N1"},
@@ -206,7 +207,7 @@ def test_real_claude_code_turns_extend_the_previous_prompt(renderer, name):
     bodies = [json.loads(line)["body"] for line in (CC / f"{name}.jsonl").read_text().splitlines()]
     outs = [renderer.render(parse_messages_request(b)) for b in bodies if b]
     assert len(outs) >= 2
-    for a, b in zip(outs, outs[1:]):
+    for a, b in pairwise(outs):
         assert a.prefix_len > 0 and a.prefix_len == b.prefix_len
         assert b.tokens[: len(a.tokens)] == a.tokens
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib
 import json
+from itertools import pairwise
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from warmturn.protocol import MessageStream, Usage
 from warmturn.server.toolcalls import (
     HERMES,
     OutputAssembler,
@@ -20,7 +22,6 @@ from warmturn.server.toolcalls import (
     extract_json,
     merge_text,
 )
-from warmturn.protocol import MessageStream, Usage
 
 CALL = '<tool_call>\n{"name": "Read", "arguments": {"file_path": "/tmp/a.txt"}}\n</tool_call>'
 READ = ToolCall("Read", {"file_path": "/tmp/a.txt"})
@@ -90,7 +91,7 @@ def test_splitting_never_changes_the_result(parts, cuts):
     text = "".join(parts)
     whole = run_parser([text])
     bounds = sorted({c % (len(text) + 1) for c in cuts} | {0, len(text)})
-    pieces = [text[a:b] for a, b in zip(bounds, bounds[1:])]
+    pieces = [text[a:b] for a, b in pairwise(bounds)]
     assert run_parser(pieces) == whole
     # Nothing is lost: without a parsed call, the text comes back exactly.
     if not any(isinstance(s, ToolCall) for s in whole):

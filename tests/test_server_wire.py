@@ -6,10 +6,10 @@ import json
 
 import pytest
 
+from tests.conftest import FIXTURES
 from warmturn.protocol import MessageStream, RequestError, Usage, error_body, page_models
 from warmturn.protocol import encode_sse as sse
 from warmturn.server.wire import TextBlock, ToolResultBlock, ToolUseBlock, parse_messages_request
-from tests.conftest import FIXTURES
 
 CC = FIXTURES / "claude_code"
 

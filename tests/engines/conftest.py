@@ -17,8 +17,8 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.procs import ROOT
 from tests.engines.engine_parts import VLLM_VENV
+from tests.procs import ROOT
 
 START_TIMEOUT = 900.0
 

@@ -35,14 +35,14 @@ from typing import Any, Protocol, get_args
 
 from mitmproxy import http
 
-from warmturn.protocol import (CLAUDE_MODELS, ErrorType, error_for_status, is_error_body, model_info,
-                               page_models)
+from warmturn.protocol import CLAUDE_MODELS, ErrorType, error_for_status, is_error_body, model_info, page_models
 from warmturn.rules import encode_body
 
 from . import api_flows, openai_translate
 from .embedded_server import EmbeddedServer
 from .relay import can_connect
 from .state import FlowState
+
 
 @dataclass(frozen=True)
 class Backend:

@@ -31,7 +31,7 @@ def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, w
                 root: str = ROOT, default_model: bool = False) -> str:
     """The banner for a proxy listening on 127.0.0.1:port (pure); `web` is mitmweb's UI URL, if any;
     `default_model`: the embedded server serves the bundled default model (say what it cannot do)."""
-    served = "embedded MLX server (starting now; its log: %s)" % embedded_log if backend == "embedded" else backend
+    served = f"embedded MLX server (starting now; its log: {embedded_log})" if backend == "embedded" else backend
     capture = datetime.datetime.now().strftime(capture_file.replace("{date}", "%Y%m%d")) if capture_file else "off"
     web_line = f"\nmitmweb: {web}      (flows, the warmturn view, warmturn.export)" if web else ""
     return f"""

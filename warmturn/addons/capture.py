@@ -251,7 +251,7 @@ class Capture:
             path = expand_path(spec)
             try:
                 record = build_record(flow, ctx.options.capture_label, ctx.options.capture_max_body)
-            except Exception as e:  # noqa: BLE001 - one odd flow still gets its line
+            except Exception as e:
                 logger.exception("warmturn: cannot build the capture record of flow %s", flow.id)
                 record = {"schema": SCHEMA, "id": flow.id, "kind": state.kind, "method": flow.request.method,
                           "status": flow.response.status_code if flow.response is not None else None,

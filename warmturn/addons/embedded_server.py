@@ -36,7 +36,7 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
     """Status code of a GET (stdlib asyncio, no client library); None when unreachable."""
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return None
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n".encode())
@@ -44,7 +44,7 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
         line = await asyncio.wait_for(reader.readline(), timeout)
         parts = line.split()
         return int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else None
-    except (OSError, asyncio.TimeoutError, ValueError):
+    except (TimeoutError, OSError, ValueError):
         return None
     finally:
         writer.close()
@@ -142,7 +142,7 @@ class EmbeddedServer:
             changed = self._changed
             try:
                 await asyncio.wait_for(changed.wait(), min(left, 0.5))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _signal(self) -> None:
@@ -276,7 +276,7 @@ class EmbeddedServer:
                 status, answer = await post_json(self.host, self.port, "/v1/messages",
                                                  {**body, "max_tokens": 1, "stream": False},
                                                  {"x-api-key": key} if key else None)
-            except (OSError, asyncio.TimeoutError, ValueError) as e:
+            except (TimeoutError, OSError, ValueError) as e:
                 logger.warning("warmturn: warm-up request failed (%s): the first turn will be cold", e)
                 return
             usage = answer.get("usage") if isinstance(answer, dict) else None

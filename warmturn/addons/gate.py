@@ -60,7 +60,7 @@ async def targets_proxy(host: str, port: int, listen: list[tuple[str, int]]) -> 
         return verdict
     try:
         infos = await asyncio.wait_for(asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM), 5)
-    except (OSError, asyncio.TimeoutError, UnicodeError):
+    except (TimeoutError, OSError, UnicodeError):
         return False
     return any(api_flows.names_proxy(str(info[4][0]), port, listen) for info in infos)
 

@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 from mitmproxy import ctx, hooks
 
 if TYPE_CHECKING:
-    from .embedded_server import EmbeddedServer
     from .backends import Backend
+    from .embedded_server import EmbeddedServer
 
 
 @dataclass

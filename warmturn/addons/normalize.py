@@ -24,10 +24,10 @@ from warmturn.addons.capture import Capture  # noqa: E402
 from warmturn.addons.console import Console  # noqa: E402
 from warmturn.addons.contentview import register_contentview  # noqa: E402
 from warmturn.addons.gate import Gate  # noqa: E402
-from warmturn.addons.strip import Normalize  # noqa: E402
 from warmturn.addons.route import Route  # noqa: E402
 from warmturn.addons.scrub import Scrub  # noqa: E402
 from warmturn.addons.state import Freeze  # noqa: E402
+from warmturn.addons.strip import Normalize  # noqa: E402
 from warmturn.addons.supervise import Supervise  # noqa: E402
 from warmturn.addons.tap import Tap  # noqa: E402
 

@@ -133,7 +133,7 @@ async def can_connect(host: str, port: int, timeout: float = 1.0) -> bool:
     """Whether a TCP connection to host:port opens (closed again at once)."""
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     writer.close()
     return True
@@ -293,7 +293,7 @@ class Pool:
             return True
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port, limit=HEAD_LIMIT), timeout)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             return False
         self.opened += 1
         self.park(host, port, reader, writer, None)
@@ -380,7 +380,7 @@ class Relay:
                 if not await self._exchange(client, request) or not client.reusable():
                     break
                 client.h11.start_next_cycle()
-        except (ClientGone, h11.ProtocolError, OSError, ValueError, asyncio.TimeoutError) as e:
+        except (TimeoutError, ClientGone, h11.ProtocolError, OSError, ValueError) as e:
             logger.debug("warmturn relay: connection ended: %r", e)
         finally:
             with contextlib.suppress(ConnectionError):
@@ -413,7 +413,7 @@ class Relay:
             return await self._refuse(client, f"warmturn: the TLS certificate of backend {target.where} did not verify "
                                               f"({e.verify_message}); trust its CA with --set "
                                               f"ssl_verify_upstream_trusted_ca=FILE, or --set ssl_insecure=true")
-        except (OSError, ValueError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError, ValueError) as e:
             self.rescued += 1
             return await self._refuse(client, f"warmturn: backend {target.where} is unreachable: {e!r}")
         keep = False
@@ -550,12 +550,8 @@ async def _copy_body(client: Wire, backend: Wire | None) -> None:
     backend takes it (None or broken: dropped). Nothing to do once it was read."""
     while client.h11.their_state is h11.SEND_BODY:
         event = await client.receive()
-        if backend is not None:
-            if isinstance(event, h11.Data):
-                backend.send(event)
-                await backend.drain()
-            elif isinstance(event, h11.EndOfMessage):
-                backend.send(event)
-                await backend.drain()
+        if backend is not None and isinstance(event, (h11.Data, h11.EndOfMessage)):
+            backend.send(event)
+            await backend.drain()
         if isinstance(event, h11.ConnectionClosed):
             raise ClientGone()

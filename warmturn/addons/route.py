@@ -19,10 +19,10 @@ from mitmproxy import ctx, exceptions, http, tls
 
 from . import api_flows
 from .backends import BackendAdapter, error_response, make_adapter, parse_backend
+from .embedded_server import EmbeddedServer
 from .hooks import BackendHook, announce
 from .relay import TOKEN_HEADER, Relay, TlsSettings
 from .state import FlowState
-from .embedded_server import EmbeddedServer
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Route:
         state.live.adapter = adapter
         try:
             answer = await adapter.prepare(flow, state)
-        except Exception as e:  # noqa: BLE001 - a bug here must still give the client Anthropic's shape
+        except Exception as e:
             logger.exception("warmturn: routing flow %s failed", flow.id)
             answer = error_response(502, f"warmturn: could not route this request ({type(e).__name__})")
         if answer is not None:

@@ -16,9 +16,9 @@ import sys
 
 from mitmproxy import ctx, exceptions
 
-from .hooks import EmbeddedServerHook, announce
 from .backends import Backend
 from .embedded_server import EmbeddedServer, default_python
+from .hooks import EmbeddedServerHook, announce
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ import sys
 
 def _diff(args: argparse.Namespace) -> int:
     from .diff import diff_records
-    from .load import load_records, stderr_progress
     from .divergence import load_tokenizer
+    from .load import load_records, stderr_progress
     from .term import format_diff
 
     res = load_records(args.captures, progress=stderr_progress)

@@ -145,13 +145,14 @@ def compare(records: Sequence[dict], min_tokens: int | None = None) -> list[Verd
         last_tokens = read + creation  # tokens up to the last breakpoint, as Anthropic counted them
         per_char = (read + creation + inp) / total_chars
 
+        # (B023: tokens_at is called in this iteration only, so it sees this iteration's values)
         def tokens_at(k: int) -> float:  # tokens of the prefix ending with block k
-            e = cache.get(hashes[k])
+            e = cache.get(hashes[k])  # noqa: B023
             if e is not None and e.exact:
                 return e.tokens
-            if bps and k == bps[-1] and last_tokens:
-                return float(last_tokens)
-            return per_char * sum(b.chars for b in bl[: k + 1])
+            if bps and k == bps[-1] and last_tokens:  # noqa: B023
+                return float(last_tokens)  # noqa: B023
+            return per_char * sum(b.chars for b in bl[: k + 1])  # noqa: B023
 
         # the longest cached prefix ending at a breakpoint or up to LOOKBACK boundaries before one
         hit, stale = -1, None

@@ -9,8 +9,17 @@ from typing import Any
 import numpy as np
 
 from .kvsize import KVCost
-from .whatif import (Prepared, Settings, Tokenizing, Totals, default_dtype, make_variants, messages_in_order,
-                     prepare_variant, replay)
+from .whatif import (
+    Prepared,
+    Settings,
+    Tokenizing,
+    Totals,
+    default_dtype,
+    make_variants,
+    messages_in_order,
+    prepare_variant,
+    replay,
+)
 
 
 def budget_points(prepared: Sequence[Prepared], cost: KVCost, points: int = 12) -> list[int]:

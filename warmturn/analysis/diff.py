@@ -25,6 +25,7 @@ import difflib
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from typing import Any
 
 from deepdiff import DeepDiff
@@ -33,9 +34,9 @@ from deepdiff.helper import notpresent
 from warmturn import protocol, rules
 
 from .divergence import Divergence, Tokenizer, divergence
+from .sessions import group
 from .suggest import Suggestion, pattern_for, suggest  # noqa: F401 - pattern_for: part of this module's API
 from .textdiff import changed_lines, changed_middle, clip_value, common_ends, path_around, text_window
-from .sessions import group
 
 # Headers that differ on every request for reasons no cache cares about.
 IGNORED_HEADERS = frozenset({"content-length"})
@@ -211,9 +212,7 @@ def in_prompt(keys: Sequence) -> bool:
     """
     if not keys or keys[0] not in ("system", "tools", "messages") or "cache_control" in keys:
         return False
-    if keys[0] in ("system", "messages") and len(keys) >= 3 and keys[2] not in ("text", "type", "content", "role"):
-        return False
-    return True
+    return not (keys[0] in ("system", "messages") and len(keys) >= 3 and keys[2] not in ("text", "type", "content", "role"))
 
 
 def _region(keys: Sequence) -> str:
@@ -381,7 +380,7 @@ def make_pairs(records: Sequence[dict]) -> list[tuple[str, dict, dict]]:
     for recs in groups.values():
         for n, r in enumerate(recs, 1):
             r["turn"] = n
-        pairs.extend(("turn", a, b) for a, b in zip(recs, recs[1:]))
+        pairs.extend(("turn", a, b) for a, b in pairwise(recs))
     # first requests of each session's main agent, in time order, per arm
     by_arm: dict[str, list[dict]] = {}
     for (arm, _session, agent), recs in groups.items():
@@ -389,7 +388,7 @@ def make_pairs(records: Sequence[dict]) -> list[tuple[str, dict, dict]]:
             by_arm.setdefault(arm, []).append(recs[0])
     for firsts in by_arm.values():
         firsts.sort(key=lambda r: ((r.get("t") or {}).get("request") or 0.0, r["line"]))
-        pairs.extend(("session", a, b) for a, b in zip(firsts, firsts[1:]))
+        pairs.extend(("session", a, b) for a, b in pairwise(firsts))
     for (arm, session, agent), recs in groups.items():
         if agent == "main":
             continue

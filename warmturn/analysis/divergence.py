@@ -154,7 +154,7 @@ def divergence(a: dict | None, b: dict | None, tokenizer: Tokenizer | None = Non
     """Shared prefix of ``a`` and ``b`` in model order, in characters (and tokens if given)."""
     ra, rb = flatten_prompt(a), flatten_prompt(b)
     n = common_prefix_len(ra.text, rb.text)
-    if n == len(ra.text) == len(rb.text):
+    if n == len(ra.text) == len(rb.text):  # noqa: SIM108 - a nested conditional expression reads worse
         where = "identical"
     else:
         where = rb.where(n) if n < len(rb.text) else ra.where(n)

@@ -495,9 +495,9 @@ class Served:
     the cache reads of every request (reported when the capture has usage, else replayed)."""
 
     def __init__(self, renderer: Any, model_dir: Path) -> None:
-        from .kvsize import model_cost
-
         from warmturn.server.cache import default_cache_bytes
+
+        from .kvsize import model_cost
 
         self.renderer = renderer
         self.cost = model_cost(str(model_dir), default_dtype(model_dir))

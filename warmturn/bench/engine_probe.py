@@ -22,6 +22,7 @@ import argparse
 import statistics
 import threading
 import time
+from itertools import pairwise
 
 
 def _load():
@@ -114,7 +115,7 @@ def fairness(model, tokenizer, steps: list[int], prompt: int) -> None:
             run.wait("gen")
             t_pref = next(t for t, i in run.events["long"] if isinstance(i, Prefilled))
             ts = [t for t, i in run.events["gen"] if isinstance(i, Piece) and long.t0 <= t <= t_pref]
-            gaps = [b - a for a, b in zip(ts, ts[1:])] or [float("nan")]
+            gaps = [b - a for a, b in pairwise(ts)] or [float("nan")]
             print(f"prefill-step-size={step:4d}: {prompt}-token prefill {t_pref - long.t0:6.1f} s beside a stream; "
                   f"that stream's largest gap between tokens {max(gaps):5.2f} s, median {statistics.median(gaps):5.2f} s, "
                   f"{len(ts)} tokens meanwhile")

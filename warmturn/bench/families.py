@@ -487,7 +487,7 @@ def run_families(families: Sequence[str], servers: Sequence[str], workload: Fami
                 ctx.progress(f"{f} floor FAILED: {e}")
                 failed.append(f"{f} floor: {str(e).splitlines()[0][:160]}")
         cache_info = next((i for i in infos.values() if i), {})
-        for key, rs in fam_rows.items():
+        for rs in fam_rows.values():
             summaries.append(summarize(rs, floors, cache_info))
             rows += [{k: v for k, v in r.items() if k != "body"} for r in rs]
     add_verdicts(summaries)

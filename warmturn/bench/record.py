@@ -29,8 +29,19 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from warmturn.protocol import (MessageStream, Usage, agent_id, encode_sse, error_for_status, model_info,
-                               page_models, redact_headers, redact_json, request_kind)
+from warmturn.protocol import (
+    MessageStream,
+    Usage,
+    agent_id,
+    encode_sse,
+    error_for_status,
+    model_info,
+    page_models,
+    redact_headers,
+    redact_json,
+    request_kind,
+)
+
 
 def is_plain_prompt(body: dict) -> bool:
     """True when the last user/assistant message is a user turn without tool_result (a fresh prompt).

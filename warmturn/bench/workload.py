@@ -240,7 +240,7 @@ def _compacted(agent: dict) -> dict:
 
 
 def _subagent_requests(sub: dict, system, tools, body, base_headers, rng) -> list[BenchRequest]:
-    agent_id = "a%016x" % rng.getrandbits(64)
+    agent_id = f"a{rng.getrandbits(64):016x}"
     headers = dict(base_headers, **sub["headers"], **{"x-claude-code-agent-id": agent_id})
     history = [{"role": "user", "content": _user_blocks([sub["reminder"], sub["prompt"]])}]
     out = [BenchRequest("sub-1", "subagent", 1, body(sub["model"], system, tools, history), headers)]

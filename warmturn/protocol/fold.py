@@ -43,7 +43,7 @@ class MessageFold:
             return False
         return self.add_event(data, ev.event)
 
-    def add_event(self, data: Mapping[str, Any], name: str | None = None) -> bool:
+    def add_event(self, data: Mapping[str, Any], name: str | None = None) -> bool:  # noqa: C901 - over the complexity bound: refactoring backlog
         """Apply one decoded event (see :meth:`add`)."""
         kind = data.get("type") or name
         first = False

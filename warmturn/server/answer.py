@@ -15,28 +15,27 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from warmturn.server import wire
-from warmturn.server.engine import (
-    Arrival,
-    Done,
-    GenerationRequest,
-    Admitted,
-    Piece,
-    Prefilled,
-    RequestTimeout,
-)
-from warmturn.server.render import Rendered, openai_tool
-from warmturn.server.sampling import clamp_temperature, clamp_top_k
 from warmturn.protocol import (
     MessageStream,
     Usage,
     encode_sse,
     error_body,
 )
+from warmturn.server import wire
+from warmturn.server.engine import (
+    Admitted,
+    Arrival,
+    Done,
+    GenerationRequest,
+    Piece,
+    Prefilled,
+    RequestTimeout,
+)
+from warmturn.server.render import Rendered, openai_tool
 from warmturn.server.repetition import RepetitionGuard
-from warmturn.server.toolcalls import OutputAssembler
+from warmturn.server.sampling import clamp_temperature, clamp_top_k
 from warmturn.server.state import ApiError, ServerState, engine_error, internal_error_message, request_id
-
+from warmturn.server.toolcalls import OutputAssembler
 
 log = logging.getLogger("warmturn.server.http")  # the one server log name (tests and users filter on it)
 request_log = logging.getLogger("warmturn.requests")

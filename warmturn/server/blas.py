@@ -15,7 +15,8 @@ import os
 import sys
 from collections.abc import Mapping
 
-from warmturn.machine import OPENBLAS_OPT_OUT as OPT_OUT, find_openblas, openblas_env
+from warmturn.machine import OPENBLAS_OPT_OUT as OPT_OUT
+from warmturn.machine import find_openblas, openblas_env
 
 log = logging.getLogger(__name__)
 

@@ -110,7 +110,7 @@ def kv_bytes_per_token(model: Any) -> int:
         if isinstance(getattr(c, "offset", None), int):  # attention leaves: [B, heads, positions, dim]
             total += sum(a.nbytes / a.shape[2] for _, a in cast(list[tuple[str, Any]], tree_flatten(c.state))
                          if isinstance(a, mx.array) and a.ndim >= 3 and a.shape[2] > 0)
-    return int(round(total))
+    return round(total)
 
 
 def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) -> mx.array:

@@ -320,7 +320,7 @@ class Engine:
                 room = self.decode_concurrency - self.running
                 incoming = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
                 alone = (self.solo or not self.batchable) and not self.running and (
-                    not self._pending and len(incoming) == 1 or not self.batchable)
+                    (not self._pending and len(incoming) == 1) or not self.batchable)
             for req in incoming:
                 f = Flight(req)
                 self._flights.append(f)

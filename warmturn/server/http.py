@@ -28,13 +28,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from warmturn.server import wire
-from warmturn.server.engine import (
-    Admitted,
-    RequestTimeout,
-)
-from warmturn.server.guard import BODY_IDLE_SECONDS, DRAIN_LIMIT, GuardMiddleware, drain
-from warmturn.server.render import Rendered
 from warmturn.protocol import (
     CLAUDE_MODELS,
     MODELS_CREATED_AT,
@@ -44,7 +37,7 @@ from warmturn.protocol import (
     page_models,
     side_request,
 )
-
+from warmturn.server import wire
 from warmturn.server.answer import (  # noqa: F401  (hold_replacement_tail: tests import it from here)
     Call,
     ClientGone,
@@ -52,9 +45,9 @@ from warmturn.server.answer import (  # noqa: F401  (hold_replacement_tail: test
     _watch_disconnect,
     check_context,
     collect_message,
+    events,
     hold_replacement_tail,
     make_assembler,
-    events,
     prefilled,
     stream_events,
     submit,
@@ -63,6 +56,12 @@ from warmturn.server.answer import (  # noqa: F401  (hold_replacement_tail: test
     usage_of,
     wait_prefilled,
 )
+from warmturn.server.engine import (
+    Admitted,
+    RequestTimeout,
+)
+from warmturn.server.guard import BODY_IDLE_SECONDS, DRAIN_LIMIT, GuardMiddleware, drain
+from warmturn.server.render import Rendered
 from warmturn.server.state import (  # noqa: F401  (ServerState: __main__ and tests import it from here)
     OVERSIZE_DRAIN_BYTES,
     ApiError,
@@ -73,7 +72,6 @@ from warmturn.server.state import (  # noqa: F401  (ServerState: __main__ and te
     request_id,
     send_error,
 )
-
 
 
 async def read_json(request: Request, limit: int, idle: float = BODY_IDLE_SECONDS) -> Any:

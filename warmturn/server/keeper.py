@@ -88,7 +88,7 @@ class Keeper:
         try:
             self.store.store(tokens, kv, **kwargs)
             return True
-        except Exception as e:  # noqa: BLE001 - a cache not kept never fails its request
+        except Exception as e:
             log.warning("prefix cache: %d tokens not stored: %s", len(tokens), e, exc_info=log.isEnabledFor(logging.DEBUG))
             return False
 

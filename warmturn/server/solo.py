@@ -42,10 +42,10 @@ class SoloPath:
                     mx.eval([c.state for c in s.kv])
                 s.in_cache = s.fed = stop
                 self.keeper.take_mark(s, s.kv)
-                if stop == s.req.prefix_len and s.reused < stop:
-                    # the system+tools checkpoint, as soon as it exists (a copy: kv goes on)
-                    if self.keeper.put(tokens[:stop], s.kv, checkpoints=[stop], marks=s.marks):
-                        s.shared = stop
+                # the system+tools checkpoint, as soon as it exists (a copy: kv goes on)
+                if (stop == s.req.prefix_len and s.reused < stop
+                        and self.keeper.put(tokens[:stop], s.kv, checkpoints=[stop], marks=s.marks)):
+                    s.shared = stop
                 s.log_progress(time.monotonic(), self.progress_every)
                 if stop < end:
                     return

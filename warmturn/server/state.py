@@ -16,6 +16,11 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from warmturn.protocol import (
+    error_body,
+    error_type_for,
+    new_id,
+)
 from warmturn.server import wire
 from warmturn.server.engine import (
     Engine,
@@ -26,15 +31,9 @@ from warmturn.server.engine import (
 )
 from warmturn.server.guard import BODY_IDLE_SECONDS
 from warmturn.server.metrics import Metrics
-from warmturn.server.render import Renderer, Rendered
+from warmturn.server.render import Rendered, Renderer
 from warmturn.server.sampling import vocab_size
-from warmturn.protocol import (
-    error_body,
-    error_type_for,
-    new_id,
-)
 from warmturn.server.toolcalls import ToolCallFormat
-
 
 log = logging.getLogger("warmturn.server.http")  # the one server log name (tests and users filter on it)
 
