@@ -44,6 +44,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
+from warmturn.prefix import common_prefix_len
 from warmturn.server import kvfamily
 from warmturn.server.cache_disk import DiskCache, token_hash
 
@@ -73,15 +74,6 @@ def default_cache_bytes() -> int:
         except (ValueError, OSError, AttributeError):
             return 2 << 30
     return int(min(max(avail // 3, 512 << 20), 64 << 30))
-
-
-def common_prefix_len(a: np.ndarray, b: np.ndarray) -> int:
-    """Length of the longest common prefix of two 1-D int arrays."""
-    m = min(len(a), len(b))
-    if m == 0:
-        return 0
-    diff = np.flatnonzero(a[:m] != b[:m])
-    return int(diff[0]) if len(diff) else m
 
 
 def model_identity(model: Any) -> str:
