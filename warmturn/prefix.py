@@ -19,7 +19,7 @@ differing at 60,000: 24 µs. Reproduce with::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 _SLICEABLE = (list, tuple, str, bytes)
@@ -55,3 +55,21 @@ def _sliced(a: Sequence[Any], b: Sequence[Any]) -> int:
             return lo
         lo, step = hi, step * 2
     return m
+
+
+def branch_points(q: Sequence[Any] | Any, lengths: Iterable[int], stored: Iterable[Sequence[Any] | Any],
+                  min_len: int) -> set[int]:
+    """Where a new checkpoint ``q[:p]`` (p in ``lengths``) parts from a stored checkpoint inside
+    both: the shared part becomes a checkpoint of its own (two sessions whose system text ends with
+    a different working directory share the tools and the rest). The prefix cache's rule, written
+    once for the server's store and the analysis' model of it; shared parts under ``min_len``
+    tokens are not worth one."""
+    stored = list(stored)
+    out: set[int] = set()
+    for p in lengths:
+        for t in stored:
+            cp = common_prefix_len(t, q[:p])
+            if min_len <= cp < min(len(t), p):
+                out.add(cp)
+    return out
+

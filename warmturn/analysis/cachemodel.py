@@ -31,7 +31,7 @@ from typing import Literal
 
 import numpy as np
 
-from warmturn.prefix import common_prefix_len
+from warmturn.prefix import branch_points, common_prefix_len
 
 from .kvsize import KVCost
 
@@ -154,14 +154,8 @@ class CacheModel:
         self._commit(q, whole, now, own)
 
     def _branch_points(self, q: np.ndarray, cps: set[int]) -> set[int]:
-        out: set[int] = set()
-        for p in cps:
-            for e in self._entries.values():
-                if e.checkpoint:
-                    cp = common_prefix_len(e.tokens, q[:p])
-                    if self.min_checkpoint <= cp < min(len(e.tokens), p):
-                        out.add(cp)
-        return out
+        """Where a new checkpoint parts from a stored one (warmturn.prefix.branch_points)."""
+        return branch_points(q, cps, (e.tokens for e in self._entries.values() if e.checkpoint), self.min_checkpoint)
 
     def _commit(self, q: np.ndarray, checkpoint: bool, now: float, marks: set[int] = frozenset()) -> None:
         key = _key(q)

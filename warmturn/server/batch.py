@@ -15,7 +15,7 @@ from typing import Any
 
 from warmturn.server.keeper import Keeper
 from warmturn.server.kvfamily import fed_tokens
-from warmturn.server.lifecycle import Flight, Phase, Rates, Where
+from warmturn.server.lifecycle import Flight, Rates, Where
 
 
 class BatchPath:
@@ -96,11 +96,6 @@ class BatchPath:
                                  exact=f.prefilled_at is None):
             f.shared = len(held)
 
-    def sizes(self) -> tuple[int, int]:
-        """(decoding, prefilling) members."""
-        decoding = sum(f.prefilled_at is not None for f in self.members.values())
-        return decoding, len(self.members) - decoding
-
     # -- one step -----------------------------------------------------------------------------
 
     def step(self, now_fn: Any) -> None:
@@ -149,7 +144,3 @@ class BatchPath:
         out = list(self.members.values())
         self.members.clear()
         return out
-
-    def mark_done(self) -> None:
-        for f in self.members.values():
-            f.phase = Phase.DONE

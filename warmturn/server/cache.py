@@ -44,7 +44,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 
-from warmturn.prefix import common_prefix_len
+from warmturn.prefix import branch_points, common_prefix_len
 from warmturn.server import kvfamily
 from warmturn.server.cache_disk import DiskCache, token_hash
 
@@ -328,17 +328,8 @@ class PrefixCache:
     # -- internals --------------------------------------------------------------------------
 
     def _branch_points(self, q: np.ndarray, cps: set[int]) -> set[int]:
-        """Where a new checkpoint parts from a stored one, e.g. two sessions whose system text
-        ends with a different working directory: the part they share becomes a checkpoint of its
-        own, so it survives eviction and restarts (on disk) for the next session too."""
-        out: set[int] = set()
-        for p in cps:
-            for e in self._entries.values():
-                if e.checkpoint:
-                    cp = common_prefix_len(e.tokens, q[:p])
-                    if self.min_checkpoint <= cp < min(len(e.tokens), p):
-                        out.add(cp)
-        return out
+        """Where a new checkpoint parts from a stored one (warmturn.prefix.branch_points)."""
+        return branch_points(q, cps, (e.tokens for e in self._entries.values() if e.checkpoint), self.min_checkpoint)
 
     def _covered(self, q: np.ndarray, limit: int | None = None) -> int:
         """Tokens of ``q`` (up to ``limit``) some entry can resume at."""
@@ -477,11 +468,11 @@ class PrefixCache:
 
     def _load_file(self, tokens: np.ndarray) -> _Entry | None:
         assert self._disk is not None  # (only called with a disk)
-        kv = self._disk.load(tokens)
-        if kv is None:
+        loaded = self._disk.load(tokens)
+        if loaded is None:
             return None
+        kv, kind = loaded
         nb = kvfamily.nbytes(kv)
-        kind = getattr(self._disk, "loaded_kind", "checkpoint")
         entry = _Entry(tokens=tokens.copy(), kv=kv, nbytes=nb, checkpoint=kind == "checkpoint",
                        stateful=self.stateful, kv_bytes=nb)
         key = token_hash(entry.tokens)

@@ -340,9 +340,10 @@ class DiskCache:
 
     # -- read -------------------------------------------------------------------------------
 
-    def load(self, tokens: np.ndarray) -> list[Any] | None:
-        """The KV state stored for exactly `tokens`, validated, or None (no file, or a file that
-        fails any check: it is then forgotten, logged as a warning and counted in disk_errors)."""
+    def load(self, tokens: np.ndarray) -> tuple[list[Any], str] | None:
+        """(the KV state stored for exactly `tokens`, validated; the file's kind: "checkpoint" or
+        "spill"), or None (no file, or a file that fails any check: it is then forgotten, logged as
+        a warning and counted in disk_errors)."""
         key = (len(tokens), token_hash(tokens))
         path = self._files.get(key)
         if path is None:
@@ -361,12 +362,11 @@ class DiskCache:
             self.counters["disk_errors"] += 1
             return None
         self.counters["disk_loads"] += 1
-        self.loaded_kind = meta.get("kind", "checkpoint")
         try:
             os.utime(path)  # recently used: pruned last
         except OSError:
             pass
-        return kv
+        return kv, meta.get("kind", "checkpoint")
 
     def _validate(self, kv: list[Any], meta: dict[str, str], tokens: np.ndarray) -> None:
         if meta.get("format") != FILE_FORMAT:
