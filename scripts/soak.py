@@ -231,7 +231,101 @@ MIX = [("count", 25), ("message", 12), ("stream", 12), ("malformed", 20), ("fuzz
        ("oversized", 2), ("refused", 4), ("sampler", 8), ("utf8_cut", 6), ("refused2", 4), ("leave_whole", 3)]
 
 
-def run(args: argparse.Namespace) -> int:  # noqa: C901 - over the complexity bound: refactoring backlog
+def _wait_ready(base: str, mitm: subprocess.Popen, mlog: Path) -> bool:
+    """The first request waits for the embedded server (up to 5 minutes)."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            if httpx.post(base + "/v1/messages", timeout=600,
+                          json={"model": "m", "max_tokens": 2, "messages": HI}).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        if mitm.poll() is not None or time.monotonic() > deadline:
+            print(f"mitmdump did not come up; see {mlog}", file=sys.stderr)
+            return False
+        time.sleep(1)
+
+
+def _resources(mitm: subprocess.Popen, server: int, server_port: int) -> dict[str, tuple]:
+    return {"mitmdump": (fds(mitm.pid), rss_mib(mitm.pid), 0.0),
+            "server": (fds(server), rss_mib(server), cache_mib(server_port))}
+
+
+def _soak(soak: Soak, rng: random.Random, args: argparse.Namespace, mitm: subprocess.Popen, slog: Path) -> dict:
+    """The warm-up, the baseline, the mixed requests and the end state; its figures (flows: those sent)."""
+    flows = 1  # the first request
+    server = int(re.findall(r"=== pid (\d+)", slog.read_text())[-1])
+    server_port = int(re.findall(r"--port (\d+)", slog.read_text())[-1])
+    for _ in range(10):  # warm-up: every code path once before the baseline
+        for name, _w in MIX:
+            getattr(soak, name)(rng)
+            flows += 1
+    soak.tried.clear()
+    soak.right.clear()
+    soak.failures.clear()
+    time.sleep(3)
+    base_res, base_mlx = _resources(mitm, server, server_port), mlx_mib(server_port)
+    names = [n for n, w in MIX for _ in range(w)]
+    plan = [rng.choice(names) for _ in range(args.requests)]
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        for fut in [pool.submit(getattr(soak, name), random.Random(rng.random())) for name in plan]:
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - a client-side failure is a mishandled request
+                soak.note("client errors", False, repr(e))
+    elapsed = time.monotonic() - t0
+    time.sleep(10)  # let disconnected generations wind down and buffers drain
+    return {"flows": flows + len(plan), "elapsed": elapsed, "base_res": base_res, "base_mlx": base_mlx,
+            "end_res": _resources(mitm, server, server_port), "end_mlx": mlx_mib(server_port),
+            "server_500s": requests_500(server_port)}
+
+
+def _capture_lines(cap: Path) -> tuple[int, int]:
+    """(lines, invalid lines) of the capture file."""
+    lines = cap.read_bytes().splitlines()
+    bad = 0
+    for line in lines:
+        try:
+            rec = json.loads(line.decode("utf-8"))
+            bad += rec.get("schema") != 1
+        except (ValueError, UnicodeDecodeError):
+            bad += 1
+    return len(lines), bad
+
+
+def _report(soak: Soak, args: argparse.Namespace, m: dict, cap: Path) -> bool:
+    """Print the tables; True when every class was handled right and nothing leaked."""
+    ok = True
+    print(f"\n{args.requests} requests, {args.concurrency} clients at once, {m['elapsed']:.0f} s\n")
+    print(f"{'class':34} {'tried':>6} {'handled right':>14}")
+    for cls in sorted(soak.tried):
+        print(f"{cls:34} {soak.tried[cls]:>6} {soak.right[cls]:>14}")
+        ok &= soak.tried[cls] == soak.right[cls]
+    flows = m["flows"] + soak.extra_flows
+    lines, bad = _capture_lines(cap)
+    print(f"\ncapture: {lines} lines for {flows} flows, {bad} invalid")
+    ok &= bad == 0 and lines == flows
+    # RSS may grow by what the prefix cache holds on purpose (bounded by --cache-bytes); the rest
+    # must come back to within 25 % + 64 MiB of the baseline.
+    print(f"\n{'process':10} {'fds before':>10} {'fds after':>10} {'RSS MiB before':>15} {'RSS MiB after':>14} "
+          f"{'KV cache MiB before':>20} {'after':>6}")
+    for proc in ("mitmdump", "server"):
+        (f0, r0, c0), (f1, r1, c1) = m["base_res"][proc], m["end_res"][proc]
+        print(f"{proc:10} {f0:>10} {f1:>10} {r0:>15.0f} {r1:>14.0f} {c0:>20.0f} {c1:>6.0f}")
+        ok &= f1 <= f0 + 4 and r1 - max(c1 - c0, 0) <= r0 * 1.25 + 64
+    base_mlx, end_mlx = m["base_mlx"], m["end_mlx"]
+    print(f"server MLX memory, MiB: arrays {base_mlx[0]:.0f} -> {end_mlx[0]:.0f}, "
+          f"buffer cache (freed, kept for reuse) {base_mlx[1]:.0f} -> {end_mlx[1]:.0f}")
+    print(f"server: {m['server_500s']:.0f} answers with status 500 (requests_total)")
+    ok &= m["server_500s"] == 0
+    for f in soak.failures:
+        print("  mishandled:", f)
+    return ok
+
+
+def run(args: argparse.Namespace) -> int:
     work = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="warmturn-soak-"))
     work.mkdir(parents=True, exist_ok=True)
     cap, slog, mlog = work / "cap.jsonl", work / "server.log", work / "mitm.log"
@@ -246,88 +340,17 @@ def run(args: argparse.Namespace) -> int:  # noqa: C901 - over the complexity bo
         mitm = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     soak = Soak(base)
-    rng = random.Random(args.seed)
     try:
-        deadline = time.monotonic() + 300
-        while True:  # the first request waits for the embedded server
-            try:
-                if httpx.post(base + "/v1/messages", timeout=600,
-                              json={"model": "m", "max_tokens": 2, "messages": HI}).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if mitm.poll() is not None or time.monotonic() > deadline:
-                print(f"mitmdump did not come up; see {mlog}", file=sys.stderr)
-                return 1
-            time.sleep(1)
-        flows = 1
-        server = int(re.findall(r"=== pid (\d+)", slog.read_text())[-1])
-        server_port = int(re.findall(r"--port (\d+)", slog.read_text())[-1])
-        for _ in range(10):  # warm-up: every code path once before the baseline
-            for name, _w in MIX:
-                getattr(soak, name)(rng)
-                flows += 1
-        soak.tried.clear()
-        soak.right.clear()
-        soak.failures.clear()
-        time.sleep(3)
-        base_res = {"mitmdump": (fds(mitm.pid), rss_mib(mitm.pid), 0.0),
-                    "server": (fds(server), rss_mib(server), cache_mib(server_port))}
-        base_mlx = mlx_mib(server_port)
-        names = [n for n, w in MIX for _ in range(w)]
-        plan = [rng.choice(names) for _ in range(args.requests)]
-        t0 = time.monotonic()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            for fut in [pool.submit(getattr(soak, name), random.Random(rng.random())) for name in plan]:
-                try:
-                    fut.result()
-                except Exception as e:  # noqa: BLE001 - a client-side failure is a mishandled request
-                    soak.note("client errors", False, repr(e))
-        flows += len(plan)
-        elapsed = time.monotonic() - t0
-        time.sleep(10)  # let disconnected generations wind down and buffers drain
-        end_res = {"mitmdump": (fds(mitm.pid), rss_mib(mitm.pid), 0.0),
-                   "server": (fds(server), rss_mib(server), cache_mib(server_port))}
-        end_mlx = mlx_mib(server_port)
-        server_500s = requests_500(server_port)
+        if not _wait_ready(base, mitm, mlog):
+            return 1
+        measured = _soak(soak, random.Random(args.seed), args, mitm, slog)
     finally:
         mitm.send_signal(signal.SIGTERM)
         try:
             mitm.wait(30)
         except subprocess.TimeoutExpired:
             mitm.kill()
-
-    flows += soak.extra_flows
-    lines = cap.read_bytes().splitlines()
-    bad = 0
-    for line in lines:
-        try:
-            rec = json.loads(line.decode("utf-8"))
-            bad += rec.get("schema") != 1
-        except (ValueError, UnicodeDecodeError):
-            bad += 1
-    ok = True
-    print(f"\n{args.requests} requests, {args.concurrency} clients at once, {elapsed:.0f} s\n")
-    print(f"{'class':34} {'tried':>6} {'handled right':>14}")
-    for cls in sorted(soak.tried):
-        print(f"{cls:34} {soak.tried[cls]:>6} {soak.right[cls]:>14}")
-        ok &= soak.tried[cls] == soak.right[cls]
-    print(f"\ncapture: {len(lines)} lines for {flows} flows, {bad} invalid")
-    ok &= bad == 0 and len(lines) == flows
-    # RSS may grow by what the prefix cache holds on purpose (bounded by --cache-bytes); the rest
-    # must come back to within 25 % + 64 MiB of the baseline.
-    print(f"\n{'process':10} {'fds before':>10} {'fds after':>10} {'RSS MiB before':>15} {'RSS MiB after':>14} "
-          f"{'KV cache MiB before':>20} {'after':>6}")
-    for proc in ("mitmdump", "server"):
-        (f0, r0, c0), (f1, r1, c1) = base_res[proc], end_res[proc]
-        print(f"{proc:10} {f0:>10} {f1:>10} {r0:>15.0f} {r1:>14.0f} {c0:>20.0f} {c1:>6.0f}")
-        ok &= f1 <= f0 + 4 and r1 - max(c1 - c0, 0) <= r0 * 1.25 + 64
-    print(f"server MLX memory, MiB: arrays {base_mlx[0]:.0f} -> {end_mlx[0]:.0f}, "
-          f"buffer cache (freed, kept for reuse) {base_mlx[1]:.0f} -> {end_mlx[1]:.0f}")
-    print(f"server: {server_500s:.0f} answers with status 500 (requests_total)")
-    ok &= server_500s == 0
-    for f in soak.failures:
-        print("  mishandled:", f)
+    ok = _report(soak, args, measured, cap)
     print("\nPASS" if ok else "\nFAIL", f"(files in {work})")
     if ok and not args.keep:
         shutil.rmtree(work, ignore_errors=True)

@@ -181,7 +181,7 @@ def test_build_report_on_constructed_capture(tmp_path):
 def _flows(rows: list[tuple]) -> pd.DataFrame:
     cols = ["arm", "labelled", "session", "agent", "side", "t_request", "ttft_ms", "input_tokens",
             "cache_read_tokens", "cache_creation_tokens", "prompt_tokens", "prefix_hash"]
-    return add_derived(pd.DataFrame([dict(zip(cols, r)) for r in rows], columns=cols))
+    return add_derived(pd.DataFrame([dict(zip(cols, r, strict=True)) for r in rows], columns=cols))
 
 
 def test_a_turn_with_28_percent_cached_is_cold():

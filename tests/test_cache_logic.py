@@ -114,7 +114,7 @@ def test_random_sessions_keep_the_invariants(model, ops):
         assert 0 <= reused <= len(tokens) - 1 and kv[0].size() == reused
         if reused:
             ref = cold_keys(model, tokens[:reused])
-            for got, want in zip(kv, ref):
+            for got, want in zip(kv, ref, strict=True):
                 np.testing.assert_allclose(np.array(got.keys[..., :reused, :]),
                                            np.array(want.keys[..., :reused, :]), rtol=1e-4, atol=1e-5)
         if reused < len(tokens) - 1:
@@ -144,7 +144,7 @@ def test_sessions_parting_inside_the_prefix_get_a_shared_checkpoint(model, tmp_p
     third = shared + [34, 35] + [40, 41, 42]
     kv, reused = restarted.fetch(third)
     assert reused == 24 and restarted.stats()["disk_loads"] == 1
-    for got, want in zip(kv, cold_keys(model, shared)):
+    for got, want in zip(kv, cold_keys(model, shared), strict=True):
         np.testing.assert_allclose(np.array(got.keys), np.array(want.keys[..., :24, :]), rtol=1e-4, atol=1e-5)
 
 

@@ -191,7 +191,7 @@ def test_siblings_sharing_an_uncached_prefix_compute_it_once(parts, make_engine)
     eng = make_engine(store, dedup_min_tokens=32)
     rec = serve(eng, {f"s{i}": (shared + s, {"prefix_len": 160}) for i, s in enumerate(suffixes)})
     prefilled = [rec.first(f"s{i}") for i in range(3)]
-    computed = sum(len(shared) + len(s) - f.reused for s, f in zip(suffixes, prefilled))
+    computed = sum(len(shared) + len(s) - f.reused for s, f in zip(suffixes, prefilled, strict=True))
     m = eng.metrics
     assert m.prefill_tokens._value.get() == computed
     assert computed == len(shared) + sum(len(s) for s in suffixes)  # the shared part once

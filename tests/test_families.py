@@ -254,7 +254,7 @@ def test_engine_turns_and_concurrency_warm_and_equal_to_cold(family, engines, lo
     ws2 = [w.wait() for w in ws2]
     cs2 = [Run(cold, x, f"cb2{i}").wait() for i, x in enumerate(seconds)]
     assert [w.text for w in ws2] == [c.text for c in cs2]
-    for w, first in zip(ws2, firsts):
+    for w, first in zip(ws2, firsts, strict=True):
         assert w.reused >= 0.99 * len(first.tokens), (w.reused, len(first.tokens))
 
 

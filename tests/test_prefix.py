@@ -12,7 +12,7 @@ from warmturn.prefix import common_prefix_len
 
 def naive(a, b) -> int:
     n = 0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         if x != y:
             break
         n += 1

@@ -288,6 +288,59 @@ def compile_patterns(patterns: Iterable[str], what: str, flags: int = 0) -> tupl
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")
 
 
+class _Canonicalizer:
+    """Canonicalizes the model's name and id in one body's system text, tool descriptions and role=system
+    messages, keeping every rewrite made (with its path in the body)."""
+
+    def __init__(self) -> None:
+        self.done: list[StrippedRewrite] = []
+
+    def text(self, text: str, path: str) -> str:
+        new, changes = model_identity.rewrites(text)
+        self.done.extend(StrippedRewrite(c.pattern, path, c.start, c.old, c.new) for c in changes)
+        return new
+
+    def content(self, content: Any, path: str) -> Any:
+        """A string, or a list of blocks whose text blocks are rewritten; anything else as it is."""
+        if isinstance(content, str):
+            return self.text(content, path)
+        if not isinstance(content, list):
+            return content
+        out = []
+        for j, b in enumerate(content):
+            if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
+                new = self.text(b["text"], f"{path}[{j}].text")
+                b = b if new == b["text"] else {**b, "text": new}
+            out.append(b)
+        return out
+
+    def system(self, system: Any) -> Any:
+        return self.content(system, "system")
+
+    def tools(self, tools: Any) -> Any:
+        if not isinstance(tools, list):
+            return tools
+        out = []
+        for i, tool in enumerate(tools):
+            if isinstance(tool, dict) and isinstance(tool.get("description"), str):
+                new = self.text(tool["description"], f"tools[{i}].description")
+                tool = tool if new == tool["description"] else {**tool, "description": new}
+            out.append(tool)
+        return out
+
+    def messages(self, messages: Any) -> Any:
+        if not isinstance(messages, list):
+            return messages
+        out = []
+        for i, m in enumerate(messages):
+            if isinstance(m, dict) and m.get("role") == "system":
+                content = m.get("content")
+                new = self.content(content, f"messages[{i}].content")
+                m = m if new == content else {**m, "content": new}
+            out.append(m)
+        return out
+
+
 @dataclass(frozen=True)
 class Rules:
     """Compiled normalization rules: system blocks to drop, fragments to cut, headers to drop."""
@@ -359,60 +412,15 @@ class Rules:
         return body, stripped
 
     @staticmethod
-    def _canonical_identity(body: dict[str, Any]) -> tuple[dict[str, Any], list[StrippedRewrite]]:  # noqa: C901 - over the complexity bound: refactoring backlog
-        done: list[StrippedRewrite] = []
-
-        def text_at(text: str, path: str) -> str:
-            new, changes = model_identity.rewrites(text)
-            done.extend(StrippedRewrite(c.pattern, path, c.start, c.old, c.new) for c in changes)
-            return new
-
-        def blocks_at(blocks: list[Any], path: str) -> list[Any]:
-            out = []
-            for j, b in enumerate(blocks):
-                if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str):
-                    new = text_at(b["text"], f"{path}[{j}].text")
-                    b = b if new == b["text"] else {**b, "text": new}
-                out.append(b)
-            return out
-
+    def _canonical_identity(body: dict[str, Any]) -> tuple[dict[str, Any], list[StrippedRewrite]]:
+        canon = _Canonicalizer()
         out = body
-        system = body.get("system")
-        if isinstance(system, str):
-            new_system: Any = text_at(system, "system")
-        elif isinstance(system, list):
-            new_system = blocks_at(system, "system")
-        else:
-            new_system = system
-        if new_system != system:
-            out = {**out, "system": new_system}
-        tools = body.get("tools")
-        if isinstance(tools, list):
-            new_tools = []
-            for i, tool in enumerate(tools):
-                if isinstance(tool, dict) and isinstance(tool.get("description"), str):
-                    new = text_at(tool["description"], f"tools[{i}].description")
-                    tool = tool if new == tool["description"] else {**tool, "description": new}
-                new_tools.append(tool)
-            if new_tools != tools:
-                out = {**out, "tools": new_tools}
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            new_messages = []
-            for i, m in enumerate(messages):
-                if isinstance(m, dict) and m.get("role") == "system":
-                    content = m.get("content")
-                    if isinstance(content, str):
-                        new_content: Any = text_at(content, f"messages[{i}].content")
-                    elif isinstance(content, list):
-                        new_content = blocks_at(content, f"messages[{i}].content")
-                    else:
-                        new_content = content
-                    m = m if new_content == content else {**m, "content": new_content}
-                new_messages.append(m)
-            if new_messages != messages:
-                out = {**out, "messages": new_messages}
-        return out, done
+        for key, rewrite in (("system", canon.system), ("tools", canon.tools), ("messages", canon.messages)):
+            value = body.get(key)
+            new = rewrite(value)
+            if new != value:
+                out = {**out, key: new}
+        return out, canon.done
 
     def _strip_system(self, body: Any) -> tuple[Any, list[Stripped]]:
         stripped: list[Stripped] = []

@@ -73,7 +73,48 @@ def render_measurements(state: FlowState | None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def render_request(body: dict, stripped: list[Stripped]) -> str:  # noqa: C901 - over the complexity bound: refactoring backlog
+def _system_lines(system: object) -> list[str]:
+    if isinstance(system, str):
+        return [f"system: {_short(system)}"]
+    if not isinstance(system, list):
+        return []
+    lines = []
+    for i, b in enumerate(system):
+        cc = " [cache_control]" if isinstance(b, dict) and b.get("cache_control") else ""
+        text = b.get("text", "") if isinstance(b, dict) else str(b)
+        lines.append(f"system[{i}]{cc} ({len(text)} chars): {_short(text)}")
+    return lines
+
+
+def _block_detail(b: object) -> tuple[object, str]:
+    """(kind, one-line detail) of one message content block."""
+    if not isinstance(b, dict):
+        return "?", ""
+    kind = b.get("type")
+    if kind == "text":
+        return kind, _short(b.get("text", ""))
+    if kind == "tool_use":
+        return kind, f"{b.get('name')} {_short(json.dumps(b.get('input'), ensure_ascii=False), 200)}"
+    if kind == "tool_result":
+        return kind, f"{b.get('tool_use_id')} {_short(json.dumps(b.get('content'), ensure_ascii=False), 200)}"
+    if kind == "thinking":
+        return kind, _short(b.get("thinking", ""), 200)
+    return kind, ""
+
+
+def _message_lines(i: int, m: object) -> list[str]:
+    content = m.get("content") if isinstance(m, dict) else m
+    role = m.get("role") if isinstance(m, dict) else "?"
+    if isinstance(content, str):
+        return [f"[{i}] {role}: {_short(content)}"]
+    lines = []
+    for b in content or []:
+        kind, detail = _block_detail(b)
+        lines.append(f"[{i}] {role} {kind}: {detail}")
+    return lines
+
+
+def render_request(body: dict, stripped: list[Stripped]) -> str:
     lines = [f"model: {body.get('model')}  stream: {body.get('stream', False)}  max_tokens: {body.get('max_tokens')}"]
     params = {k: v for k, v in body.items() if k not in ("model", "stream", "max_tokens", "system", "tools", "messages")}
     for k, v in params.items():
@@ -84,14 +125,7 @@ def render_request(body: dict, stripped: list[Stripped]) -> str:  # noqa: C901 -
             lines.append(f"REWRITTEN {e.describe()}")
         else:
             lines.append(f"STRIPPED {e.describe()}: {e.preview(200)}")
-    system = body.get("system")
-    if isinstance(system, str):
-        lines.append(f"system: {_short(system)}")
-    elif isinstance(system, list):
-        for i, b in enumerate(system):
-            cc = " [cache_control]" if isinstance(b, dict) and b.get("cache_control") else ""
-            text = b.get("text", "") if isinstance(b, dict) else str(b)
-            lines.append(f"system[{i}]{cc} ({len(text)} chars): {_short(text)}")
+    lines += _system_lines(body.get("system"))
     tools = body.get("tools") or []
     if tools:
         lines.append("")
@@ -100,24 +134,7 @@ def render_request(body: dict, stripped: list[Stripped]) -> str:  # noqa: C901 -
             lines.append(f"  {t.get('name', t.get('type'))}: {len(json.dumps(t))} chars")
     lines.append("")
     for i, m in enumerate(body.get("messages") or []):
-        content = m.get("content") if isinstance(m, dict) else m
-        role = m.get("role") if isinstance(m, dict) else "?"
-        if isinstance(content, str):
-            lines.append(f"[{i}] {role}: {_short(content)}")
-            continue
-        for b in content or []:
-            kind = b.get("type") if isinstance(b, dict) else "?"
-            if kind == "text":
-                detail = _short(b.get("text", ""))
-            elif kind == "tool_use":
-                detail = f"{b.get('name')} {_short(json.dumps(b.get('input'), ensure_ascii=False), 200)}"
-            elif kind == "tool_result":
-                detail = f"{b.get('tool_use_id')} {_short(json.dumps(b.get('content'), ensure_ascii=False), 200)}"
-            elif kind == "thinking":
-                detail = _short(b.get("thinking", ""), 200)
-            else:
-                detail = ""
-            lines.append(f"[{i}] {role} {kind}: {detail}")
+        lines += _message_lines(i, m)
     return "\n".join(lines)
 
 

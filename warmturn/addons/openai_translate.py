@@ -52,16 +52,43 @@ def _flatten(parts: list[dict]) -> str | list[dict]:
     return parts
 
 
-def to_openai_request(body: dict, model: str | None = None) -> dict:  # noqa: C901 - over the complexity bound: refactoring backlog
-    """An Anthropic Messages request as an OpenAI Chat Completions request."""
-    if not isinstance(body, dict):
-        raise ValueError("request body must be a JSON object")
+def _system_text(system: Any) -> str:
+    return system if isinstance(system, str) else "\n\n".join(
+        b.get("text", "") for b in system if isinstance(b, dict) and b.get("type") == "text")
+
+
+def _user_messages(content: Any) -> list[dict]:
+    """An Anthropic user turn: its tool results as tool messages first, then the rest as one user message."""
+    if isinstance(content, str):
+        return [{"role": "user", "content": content}]
+    tools, parts = _user_parts(content if isinstance(content, list) else [])
+    return tools + ([{"role": "user", "content": _flatten(parts)}] if parts else [])
+
+
+def _assistant_message(content: Any) -> dict:
+    """An Anthropic assistant turn: its text joined, its tool_use blocks as tool_calls."""
+    if isinstance(content, str):
+        return {"role": "assistant", "content": content}
+    texts, calls = [], []
+    for b in content if isinstance(content, list) else []:
+        if not isinstance(b, dict):
+            continue
+        if b.get("type") == "text":
+            texts.append(b.get("text", ""))
+        elif b.get("type") == "tool_use":
+            calls.append({"id": b.get("id", ""), "type": "function",
+                          "function": {"name": b.get("name", ""),
+                                       "arguments": json.dumps(b.get("input", {}), ensure_ascii=False)}})
+    out: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
+    if calls:
+        out["tool_calls"] = calls
+    return out
+
+
+def _openai_messages(body: dict) -> list[dict]:
     msgs: list[dict] = []
-    system = body.get("system")
-    if system:
-        text = system if isinstance(system, str) else "\n\n".join(
-            b.get("text", "") for b in system if isinstance(b, dict) and b.get("type") == "text")
-        msgs.append({"role": "system", "content": text})
+    if body.get("system"):
+        msgs.append({"role": "system", "content": _system_text(body["system"])})
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise ValueError("messages: field required (a list)")
@@ -72,37 +99,34 @@ def to_openai_request(body: dict, model: str | None = None) -> dict:  # noqa: C9
         if role == "system":
             msgs.append({"role": "system", "content": _text_of(content)})
         elif role == "user":
-            if isinstance(content, str):
-                msgs.append({"role": "user", "content": content})
-                continue
-            tools, parts = _user_parts(content if isinstance(content, list) else [])
-            msgs.extend(tools)
-            if parts:
-                msgs.append({"role": "user", "content": _flatten(parts)})
+            msgs.extend(_user_messages(content))
         elif role == "assistant":
-            if isinstance(content, str):
-                msgs.append({"role": "assistant", "content": content})
-                continue
-            texts, calls = [], []
-            for b in content if isinstance(content, list) else []:
-                if not isinstance(b, dict):
-                    continue
-                if b.get("type") == "text":
-                    texts.append(b.get("text", ""))
-                elif b.get("type") == "tool_use":
-                    calls.append({"id": b.get("id", ""), "type": "function",
-                                  "function": {"name": b.get("name", ""),
-                                               "arguments": json.dumps(b.get("input", {}), ensure_ascii=False)}})
-            out: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None}
-            if calls:
-                out["tool_calls"] = calls
-            msgs.append(out)
+            msgs.append(_assistant_message(content))
         else:
             raise ValueError(f"messages: unknown role {role!r}")
-    req: dict[str, Any] = {"model": model or body.get("model", ""), "messages": msgs}
-    if "max_tokens" in body:
-        req["max_tokens"] = body["max_tokens"]
-    for k in ("temperature", "top_p", "top_k"):
+    return msgs
+
+
+TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+
+
+def _tool_choice(tc: dict, req: dict[str, Any]) -> None:
+    """Anthropic's tool_choice as OpenAI's tool_choice (and parallel_tool_calls), set on `req`."""
+    kind = tc.get("type")
+    if kind in TOOL_CHOICES:
+        req["tool_choice"] = TOOL_CHOICES[kind]
+    elif kind == "tool":
+        req["tool_choice"] = {"type": "function", "function": {"name": tc.get("name", "")}}
+    if tc.get("disable_parallel_tool_use"):
+        req["parallel_tool_calls"] = False
+
+
+def to_openai_request(body: dict, model: str | None = None) -> dict:
+    """An Anthropic Messages request as an OpenAI Chat Completions request."""
+    if not isinstance(body, dict):
+        raise ValueError("request body must be a JSON object")
+    req: dict[str, Any] = {"model": model or body.get("model", ""), "messages": _openai_messages(body)}
+    for k in ("max_tokens", "temperature", "top_p", "top_k"):
         if k in body:
             req[k] = body[k]
     if body.get("stop_sequences"):
@@ -114,17 +138,7 @@ def to_openai_request(body: dict, model: str | None = None) -> dict:  # noqa: C9
             "parameters": t.get("input_schema") or {"type": "object"}}} for t in tools]
     tc = body.get("tool_choice")
     if isinstance(tc, dict):
-        kind = tc.get("type")
-        if kind == "auto":
-            req["tool_choice"] = "auto"
-        elif kind == "any":
-            req["tool_choice"] = "required"
-        elif kind == "none":
-            req["tool_choice"] = "none"
-        elif kind == "tool":
-            req["tool_choice"] = {"type": "function", "function": {"name": tc.get("name", "")}}
-        if tc.get("disable_parallel_tool_use"):
-            req["parallel_tool_calls"] = False
+        _tool_choice(tc, req)
     if body.get("stream"):
         req["stream"] = True
         req["stream_options"] = {"include_usage": True}

@@ -78,11 +78,11 @@ def plot_cold_warm(df: pd.DataFrame, path: str | Path):
     colors = [COLORS[cls] for _, cls, _ in boxes]
     if groups:
         bp = ax.boxplot(groups, patch_artist=True, widths=0.5, showfliers=False)  # points drawn below
-        for patch, c in zip(bp["boxes"], colors):
+        for patch, c in zip(bp["boxes"], colors, strict=True):
             patch.set_facecolor(c)
             patch.set_alpha(0.35)
         rng = np.random.default_rng(0)
-        for i, (vals, c) in enumerate(zip(groups, colors), 1):
+        for i, (vals, c) in enumerate(zip(groups, colors, strict=True), 1):
             ax.scatter(i + rng.uniform(-0.08, 0.08, len(vals)), vals, color=c, s=14, zorder=3)
         ax.set_xticks(range(1, len(labels) + 1), labels)
     else:
@@ -180,7 +180,7 @@ def plot_ab(df: pd.DataFrame, path: str | Path, baseline: str | None = None):
         bars = ax.bar(range(len(arms)), med, yerr=err, capsize=6,
                       color=[_ARM_COLORS[i % len(_ARM_COLORS)] for i in range(len(arms))], label="median TTFT")
         base_med = q.loc[base, "median"]
-        for bar, m, a in zip(bars, med, arms):
+        for bar, m, a in zip(bars, med, arms, strict=True):
             text = "baseline" if a == base else (f"×{base_med / m:.1f}" if m > 0 else "")
             ax.text(bar.get_x() + bar.get_width() / 2, m / 2 if m > 0 else 0, text, ha="center", va="center",
                     fontsize=12, fontweight="bold", color="white" if m > 0 else "black")
@@ -207,7 +207,7 @@ def _plot_one_arm(d: pd.DataFrame, path: str | Path):
     med = q["median"].to_numpy() / 1000
     err = np.vstack([med - q["lo"].to_numpy() / 1000, q["hi"].to_numpy() / 1000 - med])
     bars = ax.bar(range(len(classes)), med, yerr=err, capsize=6, color=[COLORS[c] for c in classes])
-    for bar, m, c in zip(bars, med, classes):
+    for bar, m, c in zip(bars, med, classes, strict=True):
         text = f"×{med[0] / m:.1f}" if c == "warm" and classes[0] == "cold" and m > 0 else ""
         ax.text(bar.get_x() + bar.get_width() / 2, m / 2, text, ha="center", va="center", fontsize=12,
                 fontweight="bold", color="white")

@@ -7,6 +7,7 @@ import html
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -163,7 +164,93 @@ def whatif_section(records: Sequence[dict], out: Path) -> tuple[list[str], bool]
     return lines, True
 
 
-def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,  # noqa: C901 - over the complexity bound: refactoring backlog
+@dataclass
+class _Content:
+    """What both report.html and report.md say, in the order they say it."""
+
+    sources: list[str]
+    facts: list[str]
+    heads: list[str]
+    rows: list[list[str]]
+    images: dict[str, bytes]
+    wi_lines: list[str]
+    wi_plot: bool
+    vol_rows: list[list[str]]
+    out_rows: list[list[str]]
+    poisons: list[str]
+    suggested: list[str]
+    unsuggested: list[str]
+
+    VOL_HEADS = ("path", "where", "times changed", "known as")
+    OUT_HEADS = ("path", "times changed", "known as")
+
+
+TITLE = "warmturn latency report"
+
+
+def _html_list(title: str, items: list[str], code: bool = False) -> str:
+    item = "<li><code>{}</code></li>" if code else "<li>{}</li>"
+    return f"<h3>{title}</h3><ul>" + "".join(item.format(html.escape(x)) for x in items) + "</ul>"
+
+
+def _image(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _report_html(c: _Content, sample: bool) -> str:
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{TITLE}</title><style>{_CSS}</style>"
+             f"</head><body><h1>{TITLE}</h1>"]
+    if sample:
+        parts.append(f"<p class='note'>{_html_text(SAMPLE_NOTE)}</p>")
+    parts.append("<p>Sources: " + ", ".join(f"<code>{html.escape(Path(p).name)}</code>" for p in c.sources) + "</p>")
+    parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in c.facts) + "</ul>")
+    parts.append("<h2>Summary: TTFT per arm and class</h2>" + _html_table(c.heads, c.rows))
+    parts.append(f"<p>{_html_text(CLASS_NOTE)}</p>")
+    for name, caption, _ in PLOTS:
+        parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
+                     f"src='{_image(c.images[name])}'>")
+    if c.wi_lines:
+        parts.append(f"<h2>{WHATIF_TITLE}</h2>" + "".join(f"<p>{_html_text(x)}</p>" for x in c.wi_lines))
+    if c.wi_plot:
+        parts.append(f"<img alt='{WHATIF_TITLE}' src='{_image(c.images[WHATIF_PNG])}'>")
+    parts.append(f"<h2>{PROMPT_TITLE}</h2>" + _html_table(c.VOL_HEADS, c.vol_rows))
+    if c.out_rows:
+        parts.append(f"<h3>{OUTSIDE_TITLE}</h3>" + _html_table(c.OUT_HEADS, c.out_rows))
+    if c.poisons:
+        parts.append(_html_list("Known cache poisons in the prompt", c.poisons))
+    if c.suggested:
+        parts.append(_html_list("Suggested normalization", c.suggested, code=True))
+    if c.unsuggested:
+        parts.append(_html_list("Still different after these patterns", c.unsuggested))
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _report_md(c: _Content, sample: bool) -> str:
+    md = [f"# {TITLE}", ""]
+    if sample:
+        md += [f"> {SAMPLE_NOTE}", ""]
+    md += [f"- {f}" for f in c.facts] + ["", "## Summary: TTFT per arm and class", "", _md_table(c.heads, c.rows), "",
+                                          CLASS_NOTE, ""]
+    for name, caption, _ in PLOTS:
+        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
+    if c.wi_lines:
+        md += [f"## {WHATIF_TITLE}", ""] + [f"{x}\n" for x in c.wi_lines]
+    if c.wi_plot:
+        md += [f"![{WHATIF_TITLE}]({WHATIF_PNG})", ""]
+    md += [f"## {PROMPT_TITLE}", "", _md_table(c.VOL_HEADS, c.vol_rows), ""]
+    if c.out_rows:
+        md += [f"### {OUTSIDE_TITLE}", "", _md_table(c.OUT_HEADS, c.out_rows), ""]
+    if c.poisons:
+        md += ["### Known cache poisons in the prompt", ""] + [f"- {p}" for p in c.poisons] + [""]
+    if c.suggested:
+        md += ["### Suggested normalization", ""] + [f"- {_md_code(s)}" for s in c.suggested] + [""]
+    if c.unsuggested:
+        md += ["### Still different after these patterns", ""] + [f"- {u}" for u in c.unsuggested] + [""]
+    return "\n".join(md)
+
+
+def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequence[str] | None = None,
                  sample: bool = False, baseline: str | None = None, whatif: bool = True) -> dict:
     """Read captures, write plots, CSVs, report.html and report.md into ``out``; return a summary dict."""
     t0 = time.monotonic()
@@ -186,12 +273,6 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     diff = diff_records(res.records)
     fit = cost_model(df)
     heads, rows = summary_rows(summary)
-    vol_heads = ["path", "where", "times changed", "known as"]
-    vol_rows = [[v.path, "messages (growth, expected)" if v.expected else v.region, str(v.count), v.poison or ""]
-                for v in diff.volatile[:25]]
-    out_heads = ["path", "times changed", "known as"]
-    out_rows = [[v.path, str(v.count), v.poison or ""] for v in diff.outside[:25]]
-    sug = [s.set_arg for s in diff.suggestions]
     facts = [
         f"{len(df)} Messages flows in {df['session'].nunique() if len(df) else 0} sessions, "
         f"{res.stats.records} records read from {len(res.stats.files)} file(s), {res.stats.bad} bad line(s) skipped.",
@@ -200,64 +281,18 @@ def build_report(captures: Sequence[str | Path], out: str | Path, labels: Sequen
     if fit:
         facts.append(f"Cost model (least squares over all timed flows): TTFT ≈ {fit[0]:,.0f} ms + "
                      f"{fit[1]:.2f} ms × uncached prompt tokens.")
-    poisons = [f"{k} ×{n}: {POISONS.get(k, '')}" for k, n in diff.prompt_poisons().items()]
-
-    title = "warmturn latency report"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}</style>"
-             f"</head><body><h1>{title}</h1>"]
-    if sample:
-        parts.append(f"<p class='note'>{_html_text(SAMPLE_NOTE)}</p>")
-    parts.append("<p>Sources: " + ", ".join(f"<code>{html.escape(Path(p).name)}</code>" for p in captures) + "</p>")
-    parts.append("<ul>" + "".join(f"<li>{html.escape(f)}</li>" for f in facts) + "</ul>")
-    parts.append("<h2>Summary: TTFT per arm and class</h2>" + _html_table(heads, rows))
-    parts.append(f"<p>{_html_text(CLASS_NOTE)}</p>")
-    for name, caption, _ in PLOTS:
-        data = base64.b64encode(images[name]).decode("ascii")
-        parts.append(f"<h3>{html.escape(caption)}</h3><img alt='{html.escape(caption)}' "
-                     f"src='data:image/png;base64,{data}'>")
-    if wi_lines:
-        parts.append(f"<h2>{WHATIF_TITLE}</h2>" + "".join(f"<p>{_html_text(x)}</p>" for x in wi_lines))
-    if wi_plot:
-        data = base64.b64encode(images[WHATIF_PNG]).decode("ascii")
-        parts.append(f"<img alt='{WHATIF_TITLE}' src='data:image/png;base64,{data}'>")
-    parts.append(f"<h2>{PROMPT_TITLE}</h2>" + _html_table(vol_heads, vol_rows))
-    if out_rows:
-        parts.append(f"<h3>{OUTSIDE_TITLE}</h3>" + _html_table(out_heads, out_rows))
-    if poisons:
-        parts.append("<h3>Known cache poisons in the prompt</h3><ul>"
-                     + "".join(f"<li>{html.escape(p)}</li>" for p in poisons) + "</ul>")
-    if sug:
-        parts.append("<h3>Suggested normalization</h3><ul>" + "".join(f"<li><code>{html.escape(s)}</code></li>"
-                                                                     for s in sug) + "</ul>")
-    if diff.unsuggested:
-        parts.append("<h3>Still different after these patterns</h3><ul>"
-                     + "".join(f"<li>{html.escape(u)}</li>" for u in diff.unsuggested) + "</ul>")
-    parts.append("</body></html>")
+    content = _Content(
+        sources=[str(p) for p in captures], facts=facts, heads=heads, rows=rows, images=images,
+        wi_lines=wi_lines, wi_plot=wi_plot,
+        vol_rows=[[v.path, "messages (growth, expected)" if v.expected else v.region, str(v.count), v.poison or ""]
+                  for v in diff.volatile[:25]],
+        out_rows=[[v.path, str(v.count), v.poison or ""] for v in diff.outside[:25]],
+        poisons=[f"{k} ×{n}: {POISONS.get(k, '')}" for k, n in diff.prompt_poisons().items()],
+        suggested=[s.set_arg for s in diff.suggestions], unsuggested=list(diff.unsuggested))
     html_path = out / "report.html"
-    html_path.write_text("".join(parts), encoding="utf-8")
-
-    md = [f"# {title}", ""]
-    if sample:
-        md += [f"> {SAMPLE_NOTE}", ""]
-    md += [f"- {f}" for f in facts] + ["", "## Summary: TTFT per arm and class", "", _md_table(heads, rows), "",
-                                        CLASS_NOTE, ""]
-    for name, caption, _ in PLOTS:
-        md += [f"### {caption}", "", f"![{caption}]({name})", ""]
-    if wi_lines:
-        md += [f"## {WHATIF_TITLE}", ""] + [f"{x}\n" for x in wi_lines]
-    if wi_plot:
-        md += [f"![{WHATIF_TITLE}]({WHATIF_PNG})", ""]
-    md += [f"## {PROMPT_TITLE}", "", _md_table(vol_heads, vol_rows), ""]
-    if out_rows:
-        md += [f"### {OUTSIDE_TITLE}", "", _md_table(out_heads, out_rows), ""]
-    if poisons:
-        md += ["### Known cache poisons in the prompt", ""] + [f"- {p}" for p in poisons] + [""]
-    if sug:
-        md += ["### Suggested normalization", ""] + [f"- {_md_code(s)}" for s in sug] + [""]
-    if diff.unsuggested:
-        md += ["### Still different after these patterns", ""] + [f"- {u}" for u in diff.unsuggested] + [""]
+    html_path.write_text(_report_html(content, sample), encoding="utf-8")
     md_path = out / "report.md"
-    md_path.write_text("\n".join(md), encoding="utf-8")
+    md_path.write_text(_report_md(content, sample), encoding="utf-8")
     return {"html": str(html_path), "md": str(md_path), "csv": str(csv), "flows_csv": str(flows_csv),
             "plots": [str(out / n) for n, _, _ in PLOTS] + ([str(out / WHATIF_PNG)] if wi_plot else []),
             "records": res.stats.records, "flows": len(df),

@@ -19,7 +19,7 @@ from warmturn import model_identity, rules
 from .textdiff import changed_lines, clip_value, common_ends, path_around
 
 if TYPE_CHECKING:
-    from .diff import PairDiff
+    from .diff import Change, PairDiff
 
 
 @dataclass
@@ -170,7 +170,7 @@ def pattern_for(old: str, new: str, generalize_only: bool = False) -> list[str] 
         if tag == "equal":
             continue
         if tag == "replace":
-            for x, y in zip(la[i1:i2], lb[j1:j2]):
+            for x, y in zip(la[i1:i2], lb[j1:j2], strict=False):
                 _add(token, _line_pattern(x, y))
                 for piece in _piece_patterns(x, y):
                     _add(pieces, piece)
@@ -263,7 +263,75 @@ def _same_identity(old: Any, new: Any) -> bool:
     return isinstance(old, str) and isinstance(new, str) and model_identity.rewrites(old)[0] == model_identity.rewrites(new)[0]
 
 
-def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],  # noqa: C901 - over the complexity bound: refactoring backlog
+class _Suggester:
+    """What :func:`suggest` gathers over the compared pairs: the suggestions, the reasons a path still
+    differs, the paths the identity rule already equalizes, and what each suggestion must equalize."""
+
+    def __init__(self, option: str) -> None:
+        self.option = option
+        self.out: list[Suggestion] = []
+        self.reasons: dict[str, str] = {}
+        self.canonical: set[str] = set()
+        self.targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body, poison) to equalize
+        self.cross_only: dict[str, list[tuple[str, dict, dict]]] = {}  # text that differs between sessions/agents
+
+    def change(self, c: Change, relation: str, ab: dict, bb: dict) -> None:
+        if not c.in_prompt or c.expected or c.poison == "billing_block":
+            return
+        if c.path.startswith("tools"):
+            if _same_identity(c.old, c.new):
+                self.canonical.add(c.path)  # e.g. the Bash tool's Co-Authored-By line: canonicalized by default
+            else:
+                self.reasons.setdefault("tools", "tool definitions: volatile_fragments patterns apply to the system prompt only")
+            return
+        if c.path.startswith("system"):  # (messages: the conversation itself)
+            self.system_change(c, relation, ab, bb)
+
+    def system_change(self, c: Change, relation: str, ab: dict, bb: dict) -> None:
+        if c.poison == "system_prompt_changed":
+            self.reasons.setdefault(c.path, "a different system prompt, not volatile text")
+            return
+        old, new = _text(c.old), _text(c.new)
+        if old is None or new is None:
+            self.reasons.setdefault(c.path, "a system block added or removed")
+            return
+        if c.poison == "model_identity" and _same_identity(old, new):
+            self.canonical.add(c.path)  # the addon's canonical_model_identity (on by default) already equalizes it
+            return
+        cross = relation != "turn"
+        if cross and c.poison not in _CROSS_SESSION_KINDS:
+            self.cross_only.setdefault(c.path, []).append((relation, ab, bb))
+            return
+        self.targets.append((c.path, ab, bb, c.poison))
+        pats = pattern_for(old, new, generalize_only=cross)
+        if pats and check_with_addon_rules(pats, ab, bb, c.path):
+            self.add(c, pats, old, new)
+
+    def add(self, c: Change, pats: list[str], old: str, new: str) -> None:
+        for pat in pats:
+            if pat not in {s.pattern for s in self.out}:
+                mo, mn = (re.search(pat, t, re.MULTILINE) for t in (old, new))
+                self.out.append(Suggestion(c.path, pat, self.option, c.poison, clip_value(mo.group(0) if mo else "", 60),
+                                           clip_value(mn.group(0) if mn else "", 60)))
+
+    def leftovers(self) -> None:
+        """The reasons for what still differs once every suggested pattern is applied."""
+        patterns = [s.pattern for s in self.out]
+        for path, compared_pairs in self.cross_only.items():  # unless what changes within a session explains it too
+            rel, _, _ = compared_pairs[0]
+            if not patterns or any(check_with_addon_rules(patterns, ab, bb, path) != "equal" for _, ab, bb in compared_pairs):
+                self.reasons.setdefault(path, f"differs between {rel}s but not within one: a different prompt")
+        for path, ab, bb, poison in self.targets:
+            if patterns and check_with_addon_rules(patterns, ab, bb, path) == "equal":
+                continue
+            if poison == "environment":
+                self.reasons.setdefault(path, "per-session environment left (e.g. git status): claude "
+                                              "--exclude-dynamic-system-prompt-sections moves it out of the system prompt")
+            else:
+                self.reasons.setdefault(path, "no pattern removes only the changing text")
+
+
+def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],
             option: str = "volatile_fragments") -> tuple[list[Suggestion], list[str], list[str]]:
     """Patterns for volatile text in system blocks, each checked with the addon's rules engine.
 
@@ -273,58 +341,9 @@ def suggest(compared: Sequence[tuple[PairDiff, dict, dict]],  # noqa: C901 - ove
     different prompt, not volatile. ``unsuggested`` lists the prompt paths that still differ once
     every suggested pattern is applied, with the reason; the last list, the paths whose only change is
     the model's name or id, which the addon canonicalizes by default (``canonical_model_identity``)."""
-    out: list[Suggestion] = []
-    reasons: dict[str, str] = {}
-    canonical: set[str] = set()
-    targets: list[tuple[str, dict, dict, str | None]] = []  # (path, a_body, b_body, poison) to equalize
-    cross_only: dict[str, list[tuple[str, dict, dict]]] = {}  # text that differs between sessions/agents
+    g = _Suggester(option)
     for pd_, ab, bb in compared:
-        cross = pd_.relation != "turn"
         for c in pd_.changes:
-            if not c.in_prompt or c.expected or c.poison == "billing_block":
-                continue
-            if c.path.startswith("tools"):
-                if _same_identity(c.old, c.new):
-                    canonical.add(c.path)  # e.g. the Bash tool's Co-Authored-By line: canonicalized by default
-                else:
-                    reasons.setdefault("tools", "tool definitions: volatile_fragments patterns apply to the system prompt only")
-                continue
-            if not c.path.startswith("system"):
-                continue  # messages: the conversation itself
-            if c.poison == "system_prompt_changed":
-                reasons.setdefault(c.path, "a different system prompt, not volatile text")
-                continue
-            old, new = _text(c.old), _text(c.new)
-            if old is None or new is None:
-                reasons.setdefault(c.path, "a system block added or removed")
-                continue
-            if c.poison == "model_identity" and _same_identity(old, new):
-                canonical.add(c.path)  # the addon's canonical_model_identity (on by default) already equalizes it
-                continue
-            if cross and c.poison not in _CROSS_SESSION_KINDS:
-                cross_only.setdefault(c.path, []).append((pd_.relation, ab, bb))
-                continue
-            targets.append((c.path, ab, bb, c.poison))
-            pats = pattern_for(old, new, generalize_only=cross)
-            if not pats or not check_with_addon_rules(pats, ab, bb, c.path):
-                continue
-            for pat in pats:
-                if pat not in {s.pattern for s in out}:
-                    mo, mn = (re.search(pat, t, re.MULTILINE) for t in (old, new))
-                    out.append(Suggestion(c.path, pat, option, c.poison, clip_value(mo.group(0) if mo else "", 60),
-                                          clip_value(mn.group(0) if mn else "", 60)))
-    patterns = [s.pattern for s in out]
-    for path, compared_pairs in cross_only.items():  # unless what changes within a session explains it too
-        rel, _, _ = compared_pairs[0]
-        if not patterns or any(check_with_addon_rules(patterns, ab, bb, path) != "equal" for _, ab, bb in compared_pairs):
-            reasons.setdefault(path, f"differs between {rel}s but not within one: a different prompt")
-    for path, ab, bb, poison in targets:
-        if patterns and check_with_addon_rules(patterns, ab, bb, path) == "equal":
-            continue
-        if poison == "environment":
-            reasons.setdefault(path, "per-session environment left (e.g. git status): claude "
-                                     "--exclude-dynamic-system-prompt-sections moves it out of the system prompt")
-        else:
-            reasons.setdefault(path, "no pattern removes only the changing text")
-    return out, [f"{path} ({why})" for path, why in reasons.items()], sorted(canonical)
-
+            g.change(c, pd_.relation, ab, bb)
+    g.leftovers()
+    return g.out, [f"{path} ({why})" for path, why in g.reasons.items()], sorted(g.canonical)

@@ -33,7 +33,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence], style: Style) -> str
     widths = [max(_width(r[i]) for r in cells) for i in range(len(headers))]
     lines = []
     for n, r in enumerate(cells):
-        line = "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths)).rstrip()
+        line = "  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths, strict=True)).rstrip()
         lines.append(style(line, "bold") if n == 0 else line)
     return "\n".join(lines)
 
@@ -44,29 +44,28 @@ def _clip(v, n: int = 48) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def format_diff(rep: DiffReport, style: Style | None = None) -> str:  # noqa: C901 - over the complexity bound: refactoring backlog
-    """The human-readable diff report."""
-    st = style or Style()
-    out: list[str] = []
-    out.append(st("Consecutive requests", "bold") + f" ({len(rep.pairs)} pairs, by session and turn)")
-    rows = []
-    for p in rep.pairs:
-        d = p.divergence
-        share = d.shared_chars / d.chars_b if d.chars_b else 1.0
-        if p.shared_tokens is not None:  # as the server renders them
-            tok = f"{p.shared_tokens:,}/{p.prompt_tokens:,}"
-        else:
-            tok = f"{d.shared_tokens:,}/{d.tokens_b:,}" if d.shared_tokens is not None else "-"
-        read = "-"
-        if p.cache_read is not None and p.prompt_tokens:
-            read = (f"{p.cache_read:,} ({p.cache_read / p.prompt_tokens:.0%})"
-                    + ("" if p.cache_read_source == "reported" else " ~"))
-        where = d.where
-        where = st(where, "red") if d.in_prefix else st(where, "green") if where in ("identical", "end") else where
-        rows.append([p.relation, p.session[:12], p.agent[:12], _turns(p),
-                     f"{d.shared_chars:,}/{d.chars_b:,}", f"{share:.0%}", tok, read, where, len(p.changes)])
+def _pair_row(p, st: Style) -> list:
+    """One consecutive-request pair's row of the first table."""
+    d = p.divergence
+    share = d.shared_chars / d.chars_b if d.chars_b else 1.0
+    if p.shared_tokens is not None:  # as the server renders them
+        tok = f"{p.shared_tokens:,}/{p.prompt_tokens:,}"
+    else:
+        tok = f"{d.shared_tokens:,}/{d.tokens_b:,}" if d.shared_tokens is not None else "-"
+    read = "-"
+    if p.cache_read is not None and p.prompt_tokens:
+        read = (f"{p.cache_read:,} ({p.cache_read / p.prompt_tokens:.0%})"
+                + ("" if p.cache_read_source == "reported" else " ~"))
+    where = d.where
+    where = st(where, "red") if d.in_prefix else st(where, "green") if where in ("identical", "end") else where
+    return [p.relation, p.session[:12], p.agent[:12], _turns(p),
+            f"{d.shared_chars:,}/{d.chars_b:,}", f"{share:.0%}", tok, read, where, len(p.changes)]
+
+
+def _pairs_section(rep: DiffReport, st: Style) -> list[str]:
+    out = [st("Consecutive requests", "bold") + f" ({len(rep.pairs)} pairs, by session and turn)"]
     out.append(table(["relation", "session", "agent", "turns", "shared chars", "share", "shared tokens",
-                      "cache read", "diverges at", "changes"], rows, st))
+                      "cache read", "diverges at", "changes"], [_pair_row(p, st) for p in rep.pairs], st))
     if any(p.shared_tokens is not None for p in rep.pairs):
         out.append(st("  shared tokens: the two prompts as the server renders them (chat template, tools first); "
                       "cache read: what the later request read from the prefix cache, which holds every earlier "
@@ -82,8 +81,12 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:  # noqa: C9
     if rep.side:
         out.append("  side requests, not turns (left out of the pairs): "
                    + ", ".join(f"{k} ×{n}" for k, n in rep.side.items()))
-    out.append("")
-    out.append(st("What changes in the prompt (system, tools, message content: what a prefix cache sees)", "bold"))
+    return out
+
+
+def _changes_section(rep: DiffReport, st: Style) -> list[str]:
+    """What changes in the prompt, then outside it, the known poisons and what the addon already removed."""
+    out = ["", st("What changes in the prompt (system, tools, message content: what a prefix cache sees)", "bold")]
     rows = []
     for v in rep.volatile:
         region = st(v.region, "red") if v.region == "prefix" else v.region
@@ -112,7 +115,11 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:  # noqa: C9
         out.append(st("Already removed by the addon", "bold"))
         for k, n in rep.stripped.items():
             out.append(f"  {k} ×{n}")
-    out.append("")
+    return out
+
+
+def _suggestions_section(rep: DiffReport, st: Style) -> list[str]:
+    out = [""]
     if rep.suggestions:
         out.append(st("Suggested normalization (add to the mitmdump command line)", "bold"))
         for s in rep.suggestions:
@@ -129,7 +136,13 @@ def format_diff(rep: DiffReport, style: Style | None = None) -> str:  # noqa: C9
     if rep.unsuggested:
         out.append("Still different after these patterns:")
         out.extend(f"  {u}" for u in rep.unsuggested)
-    return "\n".join(out)
+    return out
+
+
+def format_diff(rep: DiffReport, style: Style | None = None) -> str:
+    """The human-readable diff report."""
+    st = style or Style()
+    return "\n".join(_pairs_section(rep, st) + _changes_section(rep, st) + _suggestions_section(rep, st))
 
 
 def _turns(p) -> str:

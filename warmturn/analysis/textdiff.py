@@ -33,7 +33,7 @@ def changed_lines(old: str, new: str) -> tuple[list[tuple[str, str]], list[str]]
     single: list[str] = []
     for tag, i1, i2, j1, j2 in difflib.SequenceMatcher(a=la, b=lb, autojunk=False).get_opcodes():
         if tag == "replace":
-            pairs.extend(zip(la[i1:i2], lb[j1:j2]))
+            pairs.extend(zip(la[i1:i2], lb[j1:j2], strict=False))
             single.extend(la[i1 + (j2 - j1):i2] + lb[j1 + (i2 - i1):j2])
         elif tag != "equal":
             single.extend(la[i1:i2] + lb[j1:j2])

@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - over the complex
             progress(f"floor: mlx-lm direct, {len(pairs)} points (cached/new tokens as the server reported them)")
             try:
                 floor_rows = measure_floor(model, fixture, pairs, args.floor_repeats, out_dir, remaining)
-                for key, fr in zip(keys, floor_rows):
+                for key, fr in zip(keys, floor_rows, strict=True):
                     floors[key] = fr["floor_ms"]
                     fr["request"], fr["rep"] = key
                     progress(f"floor {key[0]}: {fr['cached']} cached + {fr['new']} new tokens → "

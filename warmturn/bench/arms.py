@@ -229,7 +229,7 @@ def attach_server_log(rows: list[dict], records: list[dict]) -> None:
     matched in order; only when the counts agree, so a mismatch never mislabels a row."""
     if len(records) != len(rows):
         return
-    for row, rec in zip(rows, records):
+    for row, rec in zip(rows, records, strict=True):
         row["server_prompt_tokens"] = rec.get("prompt_tokens")
         row["server_reused_tokens"] = rec.get("reused")
         row["server_prefill_ms"] = rec.get("prefill_ms")

@@ -173,7 +173,7 @@ def warm(model, tokenizer, cached: int, news: list[int], repeats: int) -> None:
                     times[name].append(run.first_piece(f"w{new}-{r}") - req.t0)
             fm = statistics.median(times["floor"])
             line = ", ".join(f"{k} {statistics.median(v) * 1000:6.0f} ms ({statistics.median(v) / fm:.2f}x; "
-                             f"per run {' '.join(f'{b / a:.2f}' for a, b in zip(times['floor'], v))})"
+                             f"per run {' '.join(f'{b / a:.2f}' for a, b in zip(times['floor'], v, strict=True))})"
                              for k, v in times.items() if k != "floor")
             print(f"warm cached={cached} new={new}: floor {fm * 1000:6.0f} ms, {line}", flush=True)
     finally:
@@ -200,7 +200,7 @@ def pair(model, tokenizer, prompt: int, title_tokens: int, repeats: int) -> None
                 (alone if arm == "alone" else beside).append(run.first_piece("turn") - turn.t0)
         a, b = statistics.median(alone), statistics.median(beside)
         print(f"pair: {prompt}-token first turn alone {a:.2f} s, beside a {title_tokens}-token title generation "
-              f"{b:.2f} s: {b / a:.2f}x (per run {' '.join(f'{y / x:.2f}' for x, y in zip(alone, beside))})",
+              f"{b:.2f} s: {b / a:.2f}x (per run {' '.join(f'{y / x:.2f}' for x, y in zip(alone, beside, strict=True))})",
               flush=True)
     finally:
         eng.stop()

@@ -318,7 +318,7 @@ class FamilyRun:
             t.start()
         for t in threads:
             t.join()
-        for i, (rep, body) in enumerate(zip(replies, bodies)):
+        for i, (rep, body) in enumerate(zip(replies, bodies, strict=True)):
             rows.append(self.row(f"c{i + 1}", rep or Reply(error="no reply"), body=body))
             self.log(_fmt(rows[-1]))
         return rows

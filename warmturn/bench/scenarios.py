@@ -155,7 +155,7 @@ def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: i
 
     sub_params = dict(fixture["params"], **sub["params"])  # as build_session: main's, then the subagent's
     last_of_agent = []
-    for i, (sib, agent_id) in enumerate(zip(fo["siblings"], agent_ids), start=1):
+    for i, (sib, agent_id) in enumerate(zip(fo["siblings"], agent_ids, strict=True), start=1):
         headers = dict(base_headers, **sub["headers"], **{"x-claude-code-agent-id": agent_id})
         sub_history = [{"role": "user", "content": _user_blocks([sub["reminder"], sib["prompt"]])}]
         prev: tuple[str, ...] = ("main-1",)  # launched when main-1's answer (the Agent calls) arrives
@@ -176,7 +176,7 @@ def fan_out(fixture: dict, target: int, count: Counter, max_tokens: int, seed: i
     history += [{"role": "assistant", "content": [{"type": "text", "text": "Waiting for the agents."}]},
                 {"role": "user", "content": [{"type": "text", "text": fo["notice"].format(
                     description=s["description"], agent_id=a, report=s["report"])}
-                    for s, a in zip(fo["siblings"], agent_ids)]}]
+                    for s, a in zip(fo["siblings"], agent_ids, strict=True)]}]
     main_node(4, ("main-3", *last_of_agent))
     return Scenario("b", "fan-out: main turn + 3 background subagents (shared prefix, 2 tool rounds each)",
                     nodes, {"prefix_tokens": {"main": m_tokens, "subagent": s_tokens}})

@@ -21,7 +21,7 @@ def distinct_prefix_tokens(sequences: Iterable[Sequence[int]]) -> int:
     total, prev = 0, ()
     for s in seqs:
         lcp = 0
-        for a, b in zip(prev, s):
+        for a, b in zip(prev, s, strict=False):
             if a != b:
                 break
             lcp += 1

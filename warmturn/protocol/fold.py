@@ -43,10 +43,14 @@ class MessageFold:
             return False
         return self.add_event(data, ev.event)
 
-    def add_event(self, data: Mapping[str, Any], name: str | None = None) -> bool:  # noqa: C901 - over the complexity bound: refactoring backlog
+    def add_event(self, data: Mapping[str, Any], name: str | None = None) -> bool:
         """Apply one decoded event (see :meth:`add`)."""
         kind = data.get("type") or name
-        first = False
+        if kind == "content_block_delta":
+            first = not self.saw_content
+            self.saw_content = True
+            self._block_delta(data)
+            return first
         if kind == "message_start":
             msg = data.get("message") or {}
             self.model = msg.get("model")
@@ -57,33 +61,8 @@ class MessageFold:
             block = data.get("content_block")
             self._block(idx)
             self.content[idx] = dict(block) if isinstance(block, dict) else {}
-        elif kind == "content_block_delta":
-            first = not self.saw_content
-            self.saw_content = True
-            idx = self._index(data, 0)
-            block = self._block(idx)
-            delta = data.get("delta") or {}
-            dt, bt = delta.get("type"), block.get("type")
-            if dt == "text_delta" and bt in ("text", None):
-                block.setdefault("type", "text")
-                block["text"] = block.get("text", "") + str(delta.get("text", ""))
-            elif dt == "thinking_delta" and bt in ("thinking", None):
-                block.setdefault("type", "thinking")
-                block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
-            elif dt == "signature_delta" and bt in ("thinking", None):
-                block["signature"] = delta.get("signature", "")
-            elif dt == "input_json_delta" and bt in ("tool_use", "server_tool_use", None):
-                self._partial_json[idx] = self._partial_json.get(idx, "") + str(delta.get("partial_json", ""))
-            elif dt == "citations_delta" and bt in ("text", None):
-                block.setdefault("citations", []).append(delta.get("citation"))
         elif kind == "content_block_stop":
-            idx = self._index(data, 0)
-            if idx in self._partial_json and idx < len(self.content):
-                raw = self._partial_json.pop(idx)
-                try:
-                    self.content[idx]["input"] = json.loads(raw) if raw else {}
-                except ValueError:
-                    self.content[idx]["input_raw"] = raw
+            self._block_stop(self._index(data, 0))
         elif kind == "message_delta":
             delta = data.get("delta") or {}
             if delta.get("stop_reason"):
@@ -93,7 +72,35 @@ class MessageFold:
             self._merge_usage(data.get("usage"))
         elif kind == "error":
             self._set_error(data.get("error"))
-        return first
+        return False
+
+    def _block_delta(self, data: Mapping[str, Any]) -> None:
+        """A content_block_delta: applied only to a block of its kind (or one not started)."""
+        idx = self._index(data, 0)
+        block = self._block(idx)
+        delta = data.get("delta") or {}
+        dt, bt = delta.get("type"), block.get("type")
+        if dt == "text_delta" and bt in ("text", None):
+            block.setdefault("type", "text")
+            block["text"] = block.get("text", "") + str(delta.get("text", ""))
+        elif dt == "thinking_delta" and bt in ("thinking", None):
+            block.setdefault("type", "thinking")
+            block["thinking"] = block.get("thinking", "") + str(delta.get("thinking", ""))
+        elif dt == "signature_delta" and bt in ("thinking", None):
+            block["signature"] = delta.get("signature", "")
+        elif dt == "input_json_delta" and bt in ("tool_use", "server_tool_use", None):
+            self._partial_json[idx] = self._partial_json.get(idx, "") + str(delta.get("partial_json", ""))
+        elif dt == "citations_delta" and bt in ("text", None):
+            block.setdefault("citations", []).append(delta.get("citation"))
+
+    def _block_stop(self, idx: int) -> None:
+        """A content_block_stop: a tool block's input JSON is parsed now (kept raw if it does not parse)."""
+        if idx in self._partial_json and idx < len(self.content):
+            raw = self._partial_json.pop(idx)
+            try:
+                self.content[idx]["input"] = json.loads(raw) if raw else {}
+            except ValueError:
+                self.content[idx]["input_raw"] = raw
 
     def add_body(self, body: Any) -> None:
         """A non-streamed Messages response (or error) body."""

@@ -38,7 +38,7 @@ class BatchPath:
         system+tools checkpoint, and marks of window and state caches, are taken at exact lengths)."""
         tokens, start = f.tokens, f.in_cache
         cuts = [p for p in f.req.mark_points() if start < p < len(tokens) - 1]
-        segments = [tokens[a:b] for a, b in zip([start, *cuts], [*cuts, len(tokens)])]
+        segments = [tokens[a:b] for a, b in zip([start, *cuts], [*cuts, len(tokens)], strict=True)]
         self._join(f, segments, f.req.max_tokens, list(tokens[:start]), start)
 
     def insert_answering(self, f: Flight) -> None:

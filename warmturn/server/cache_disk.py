@@ -171,7 +171,7 @@ def kv_digest(kv: Sequence[Any], header: dict[str, str]) -> str:
 def check_layout(kv: list[Any], model: Any, n_tokens: int) -> None:
     """Raise ValueError unless `kv` has the model's cache layout and holds `n_tokens` positions."""
     ref = make_prompt_cache(model)
-    if len(kv) != len(ref) or any(type(a) is not type(b) for a, b in zip(kv, ref)):
+    if len(kv) != len(ref) or any(type(a) is not type(b) for a, b in zip(kv, ref, strict=True)):
         raise ValueError("cache layout does not match the model")
     fed = fed_tokens(kv)
     if fed is not None and fed != n_tokens:
@@ -179,7 +179,7 @@ def check_layout(kv: list[Any], model: Any, n_tokens: int) -> None:
     if all(type(c) is KVCache for c in kv):
         # shape check per layer against a one-token probe: heads and head dims must agree
         model(mx.array([[0]]), cache=ref)
-        for a, b in zip(kv, ref):
+        for a, b in zip(kv, ref, strict=True):
             if a.keys.shape[:2] != b.keys.shape[:2] or a.keys.shape[3] != b.keys.shape[3] \
                     or a.values.shape[3] != b.values.shape[3] or a.keys.dtype != b.keys.dtype:
                 raise ValueError("cache shapes do not match the model")
