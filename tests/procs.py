@@ -7,11 +7,14 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from warmturn.machine import openblas_env
+import httpx
+
+from warmturn.machine import free_port, openblas_env
 
 ROOT = Path(__file__).resolve().parent.parent
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -58,6 +61,40 @@ def process(cmd: list[str], port: int, log: Path, timeout: float = 60, env: dict
     try:
         wait_port(port, proc, timeout, log)
         yield proc
+    finally:
+        stop(proc)
+
+
+def start_server(*flags: str, log: Path, timeout: float = 180, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """The real server (`python -m warmturn.server FLAGS`) on a free loopback port, its output in `log`, once its
+    /health answers 200: (process, base URL). The caller stops it (`stop`); `server` does that itself."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "warmturn.server", "--host", "127.0.0.1", "--port", str(port), *flags]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(ROOT),
+                                env=env or child_env())
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop(proc)
+            raise TimeoutError(f"server not ready after {timeout}s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def server(*flags: str, log: Path, timeout: float = 180, env: dict | None = None):
+    """`start_server` as a context: yields (process, base URL), stops the process on the way out."""
+    proc, base = start_server(*flags, log=log, timeout=timeout, env=env)
+    try:
+        yield proc, base
     finally:
         stop(proc)
 

@@ -9,15 +9,13 @@ prompt, no tools), so the system checkpoint alone cannot reach 80%: only the con
 from __future__ import annotations
 
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import anthropic
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests.procs import start_server
 
 pytestmark = pytest.mark.model
 
@@ -34,21 +32,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def serve(model: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "warmturn.server", "--model", str(model), "--port", str(port),
-           "--log-file", str(log), "--max-output-tokens", "4", "--default-temperature", "0", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        assert proc.poll() is None, log.read_text() if log.exists() else "server exited"
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.3)
+    return start_server("--model", str(model), "--log-file", str(log), "--max-output-tokens", "4",
+                        "--default-temperature", "0", *extra, log=log.with_suffix(".out"), timeout=120)
 
 
 def budget(model: Path) -> str:

@@ -3,50 +3,21 @@ the official anthropic SDK as the client, usage accounting on a second turn."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
-from conftest import ROOT, free_port
 
-from warmturn.machine import openblas_env
+from tests import procs
+from tests.procs import stop
 
 pytestmark = pytest.mark.model
 
 SYSTEM = "You are a terse assistant in a terminal. Answer in one short sentence. " * 6
 
 
-def start_server(*flags: str):
-    port = free_port()
-    env = openblas_env()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "warmturn.server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", *flags],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise RuntimeError("server did not become healthy in 120 s")
-
-
-def stop(proc):
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def start_server(log, *flags: str):
+    return procs.start_server("--log-level", "warning", *flags, log=log)
 
 
 def two_turns(url):
@@ -63,8 +34,8 @@ def two_turns(url):
 
 
 @pytest.mark.parametrize("flags", [(), ("--no-cache",)], ids=["cache", "no-cache"])
-def test_second_turn_reads_the_cache(flags):
-    proc, url = start_server(*flags)
+def test_second_turn_reads_the_cache(flags, tmp_path):
+    proc, url = start_server(tmp_path / "server.out", *flags)
     try:
         u1, u2 = two_turns(url)
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
@@ -98,14 +69,14 @@ def test_restart_with_cache_dir_is_warm(tmp_path):
         return client.messages.create(model="claude-opus-4-8", max_tokens=4, system=SYSTEM, tools=tools,
                                       messages=[{"role": "user", "content": question}]).usage
 
-    proc, url = start_server("--cache-dir", str(tmp_path))
+    proc, url = start_server(tmp_path / "server1.out", "--cache-dir", str(tmp_path))
     try:
         first = ask(url, "Which command lists files?")
     finally:
         stop(proc)
     # a finished checkpoint file, not a temp file a killed writer left behind (those start with '.')
     assert [p for p in tmp_path.glob("*.safetensors") if not p.name.startswith(".")]
-    proc, url = start_server("--cache-dir", str(tmp_path))
+    proc, url = start_server(tmp_path / "server2.out", "--cache-dir", str(tmp_path))
     try:
         after = ask(url, "Which command prints the date?")
         metrics = httpx.get(f"{url}/metrics", timeout=5).text
@@ -124,7 +95,8 @@ def test_sigterm_during_prefill_stops_the_worker_and_exits_cleanly(tmp_path):
     race), the worker is stopped before the interpreter exits (no C++ abort, no re-raised
     signal), and the system+tools checkpoint written before the signal is on disk for the next
     server."""
-    proc, url = start_server("--cache-dir", str(tmp_path), "--log-level", "info")
+    log = tmp_path / "server.out"
+    proc, url = start_server(log, "--cache-dir", str(tmp_path), "--log-level", "info")
     result: dict = {}
 
     def ask():
@@ -149,7 +121,7 @@ def test_sigterm_during_prefill_stops_the_worker_and_exits_cleanly(tmp_path):
             proc.kill()
             proc.wait()
     t.join(60)
-    err = proc.stderr.read()
+    err = log.read_text()
     assert rc == 0, err[-2000:]
     assert "terminate called" not in err and "Traceback" not in err, err[-2000:]
     r = result["r"]

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
+from tests.engine_recorder import Recorder, serve, started_engines
 from tests.tiny import VOCAB, tiny_model, tiny_tokenizer
 from warmturn.server.cache import PrefixCache
 from warmturn.server.engine import (
-    Admitted,
     Done,
     Engine,
     GenerationRequest,
@@ -32,52 +32,6 @@ def words(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(2, VOCAB) for _ in range(n)]  # never EOS (1) or unk (0)
 
 
-class Recorder:
-    """Collects every request's engine items, plus one shared log of (name, item) in order."""
-
-    def __init__(self) -> None:
-        self.items: dict[str, list] = {}
-        self.admitted: dict[str, Admitted] = {}  # the cache lookup's item, kept apart from the rest
-        self.log: list[tuple[str, object]] = []
-        self.done: dict[str, threading.Event] = {}
-        self.lock = threading.Lock()
-
-    def request(self, name: str, tokens: list[int], **kw) -> GenerationRequest:
-        self.items[name] = []
-        self.done[name] = threading.Event()
-
-        def emit(item):
-            if isinstance(item, Admitted):
-                assert name not in self.admitted and not self.items[name], "Admitted comes once, first"
-                self.admitted[name] = item
-                return
-            with self.lock:
-                self.items[name].append(item)
-                self.log.append((name, item))
-            if isinstance(item, (Done, Exception)):
-                self.done[name].set()
-
-        return GenerationRequest(tokens=list(tokens), emit=emit, **{"max_tokens": 10, "temperature": 0.0, **kw})
-
-    def wait(self, timeout: float = 120) -> None:
-        for name, ev in self.done.items():
-            assert ev.wait(timeout), f"{name} never finished"
-
-    def text(self, name: str) -> str:
-        return "".join(i.text for i in self.items[name] if isinstance(i, Piece))
-
-    def first(self, name: str) -> Prefilled:
-        first = self.items[name][0]
-        assert isinstance(first, Prefilled), self.items[name]
-        # the lookup's count is the prefill's (a request taken out of the batch keeps its KV)
-        admitted = self.admitted[name]
-        assert (admitted.reused, admitted.prompt_tokens) == (first.reused, first.prompt_tokens)
-        return first
-
-    def last(self, name: str):
-        return self.items[name][-1]
-
-
 def at_piece(req: GenerationRequest, n: int, action) -> None:
     """Run ``action`` (in the engine's emit) on every piece ``req`` hands out from its ``n``-th
     output token on (n=1: any piece); the actions used are idempotent."""
@@ -91,28 +45,10 @@ def at_piece(req: GenerationRequest, n: int, action) -> None:
     req.emit = emit
 
 
-def serve(engine: Engine, requests: dict[str, tuple[list[int], dict]]) -> Recorder:
-    rec = Recorder()
-    for name, (tokens, kw) in requests.items():
-        engine.submit(rec.request(name, tokens, **kw))
-    rec.wait()
-    return rec
-
-
 @pytest.fixture()
 def make_engine(parts):
-    engines: list[Engine] = []
-
-    def make(store=None, **kw) -> Engine:
-        model, tok = parts
-        eng = Engine(model, tok, store, **{"prefill_step_size": 16, **kw})
-        eng.start()
-        engines.append(eng)
-        return eng
-
-    yield make
-    for eng in engines:
-        eng.stop()
+    with started_engines() as start:
+        yield lambda store=None, **kw: start(*parts, store, **{"prefill_step_size": 16, **kw})
 
 
 def test_greedy_alone_equals_inside_a_batch_of_four(parts, make_engine):

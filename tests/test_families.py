@@ -16,7 +16,6 @@ tokenizer.
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +23,10 @@ import pytest
 from mlx_lm import load
 from mlx_lm.models.cache import make_prompt_cache
 
+from tests.engine_recorder import Handle, Recorder, started_engines
 from warmturn.server import kvfamily, wire
 from warmturn.server.cache import PrefixCache, prefill
-from warmturn.server.engine import Done, Engine, GenerationRequest, Piece, Prefilled
+from warmturn.server.engine import Engine, Prefilled
 from warmturn.server.render import Renderer
 from warmturn.server.tinymodels import FAMILIES, WINDOW, build_tiny
 
@@ -167,50 +167,20 @@ def test_window_cache_is_never_reused_past_its_window(loaded):
 # --------------------------------------------------------------------------- engine level
 
 
-class Run:
-    """One engine request's items."""
-
-    def __init__(self, engine: Engine, rendered, name: str, max_tokens: int = 6) -> None:
-        self.items: list = []
-        self.done = threading.Event()
-        self.req = GenerationRequest(tokens=rendered.tokens, max_tokens=max_tokens, emit=self._emit,
-                                     prefix_len=rendered.prefix_len, history_len=rendered.history_len,
-                                     temperature=0.0, request_id=name)
-        engine.submit(self.req)
-
-    def _emit(self, item) -> None:
-        self.items.append(item)
-        if isinstance(item, (Done, Exception)):
-            self.done.set()
-
-    def wait(self) -> Run:
-        assert self.done.wait(300), "never finished"
-        assert isinstance(self.items[-1], Done), self.items[-1]
-        return self
-
-    @property
-    def text(self) -> str:
-        return "".join(i.text for i in self.items if isinstance(i, Piece))
-
-    @property
-    def reused(self) -> int:
-        return next(i.reused for i in self.items if isinstance(i, Prefilled))
+def run(engine: Engine, rendered, name: str, max_tokens: int = 6) -> Handle:
+    """One engine request for a rendered prompt (greedy), recorded."""
+    return Recorder().submit(engine, name, rendered.tokens, max_tokens=max_tokens, prefix_len=rendered.prefix_len,
+                             history_len=rendered.history_len, request_id=name)
 
 
 @pytest.fixture
 def engines(loaded):
-    started: list[Engine] = []
+    with started_engines() as start:
+        def make(family: str, store: bool = True, **kw) -> Engine:
+            model, tok = loaded(family)
+            return start(model, tok, PrefixCache(model, max_bytes=1 << 30) if store else None, **kw)
 
-    def make(family: str, store: bool = True, **kw) -> Engine:
-        model, tok = loaded(family)
-        e = Engine(model, tok, PrefixCache(model, max_bytes=1 << 30) if store else None, **kw)
-        e.start()
-        started.append(e)
-        return e
-
-    yield make
-    for e in started:
-        e.stop()
+        yield make
 
 
 def conversation(r: Renderer, turns: list[str], answers: list[str], system: str = SYSTEM):
@@ -232,7 +202,7 @@ def test_engine_turns_and_concurrency_warm_and_equal_to_cold(family, engines, lo
     prev = None
     for n in range(1, 4):  # solo path: one request at a time
         rendered = conversation(r, turns[:n], answers)
-        w, c = Run(warm, rendered, f"w{n}").wait(), Run(cold, rendered, f"c{n}").wait()
+        w, c = run(warm, rendered, f"w{n}").wait(), run(cold, rendered, f"c{n}").wait()
         assert w.text == c.text, n
         if prev is not None:
             assert w.reused >= 0.99 * len(prev.tokens), (n, w.reused, len(prev.tokens))
@@ -240,19 +210,19 @@ def test_engine_turns_and_concurrency_warm_and_equal_to_cold(family, engines, lo
         prev = rendered
     # a new conversation sharing only the system prompt reads the system prompt
     other = conversation(r, ["Something else entirely."], [])
-    assert Run(warm, other, "other").wait().reused >= other.prefix_len
+    assert run(warm, other, "other").wait().reused >= other.prefix_len
 
     # batched path: four conversations at once, then their second turns at once
     firsts = [conversation(r, [f"Task {i}: explain recursion."], []) for i in range(4)]
-    ws = [Run(warm, x, f"b{i}") for i, x in enumerate(firsts)]
+    ws = [run(warm, x, f"b{i}") for i, x in enumerate(firsts)]
     ws = [w.wait() for w in ws]
-    cs = [Run(cold, x, f"cb{i}").wait() for i, x in enumerate(firsts)]
+    cs = [run(cold, x, f"cb{i}").wait() for i, x in enumerate(firsts)]
     assert [w.text for w in ws] == [c.text for c in cs]
     assert all(w.reused >= firsts[0].prefix_len for w in ws)  # the shared system prompt, computed once
     seconds = [conversation(r, [f"Task {i}: explain recursion.", "More."], [ws[i].text]) for i in range(4)]
-    ws2 = [Run(warm, x, f"b2{i}") for i, x in enumerate(seconds)]
+    ws2 = [run(warm, x, f"b2{i}") for i, x in enumerate(seconds)]
     ws2 = [w.wait() for w in ws2]
-    cs2 = [Run(cold, x, f"cb2{i}").wait() for i, x in enumerate(seconds)]
+    cs2 = [run(cold, x, f"cb2{i}").wait() for i, x in enumerate(seconds)]
     assert [w.text for w in ws2] == [c.text for c in cs2]
     for w, first in zip(ws2, firsts, strict=True):
         assert w.reused >= 0.99 * len(first.tokens), (w.reused, len(first.tokens))
@@ -284,10 +254,10 @@ def test_template_that_drops_reasoning_stays_warm_to_the_history(family, family_
         e.start()
     try:
         one = conversation(r, ["Write a function."], [])
-        w1 = Run(warm, one, "w1").wait()
+        w1 = run(warm, one, "w1").wait()
         two = conversation(r, ["Write a function.", "Again."], ["<think>I should write it.</think>" + w1.text])
         assert "I should write it" not in two.text and two.text.startswith(one.text[: -len("<think>\n")])
-        w2, c2 = Run(warm, two, "w2").wait(), Run(cold, two, "c2").wait()
+        w2, c2 = run(warm, two, "w2").wait(), run(cold, two, "c2").wait()
         assert w2.text == c2.text
         assert w2.reused >= one.history_len
     finally:
@@ -305,14 +275,14 @@ def test_preempted_prompt_resumes_right(family, engines, loaded):
     cold = engines(family, store=False)
     long = conversation(r, ["A long task."], [], system=SYSTEM + " " + SYSTEM)
     short = conversation(r, ["Short."], [], system="Be brief.")
-    a = Run(warm, long, "long")
+    a = run(warm, long, "long")
     while not any(isinstance(i, Prefilled) for i in a.items) and not a.done.is_set():
         if warm.batch_sizes()[1]:  # the long prompt is being read: now the short one arrives
             break
-    b = Run(warm, short, "short")
+    b = run(warm, short, "short")
     a.wait(), b.wait()
-    assert a.text == Run(cold, long, "cl").wait().text
-    assert b.text == Run(cold, short, "cs").wait().text
+    assert a.text == run(cold, long, "cl").wait().text
+    assert b.text == run(cold, short, "cs").wait().text
     assert warm.metrics.preemptions._value.get() >= 1
 
 
@@ -335,11 +305,11 @@ def test_real_server_turns_and_restart(family, family_dir, tmp_path):
     import anthropic
     import httpx
 
-    from tests.test_cache_http import start_server, stop
+    from tests.procs import start_server, stop
 
     d = family_dir(family)
-    flags = ("--model", str(d), "--cache-dir", str(tmp_path / "kv"), "--default-temperature", "0")
-    proc, url = start_server(*flags)
+    flags = ("--model", str(d), "--cache-dir", str(tmp_path / "kv"), "--default-temperature", "0", "--log-level", "warning")
+    proc, url = start_server(*flags, log=tmp_path / "server1.out")
     try:
         health = httpx.get(f"{url}/health", timeout=5).json()
         client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0, timeout=300)
@@ -357,7 +327,7 @@ def test_real_server_turns_and_restart(family, family_dir, tmp_path):
     finally:
         stop(proc)
     assert health["cache"]["family"] == ("sliding-window" if family == "gemma3_text" else "hybrid")
-    proc, url = start_server(*flags)
+    proc, url = start_server(*flags, log=tmp_path / "server2.out")
     try:
         client = anthropic.Anthropic(base_url=url, api_key="k", max_retries=0, timeout=300)
         m = client.messages.create(model="claude-opus-5-5", max_tokens=4, system=SYSTEM,

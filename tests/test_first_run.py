@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.procs import ROOT, child_env, claude_bin, claude_code_versions, port_open, process, read_capture
+from tests.procs import ROOT, child_env, claude_bin, claude_code_versions, port_open, read_capture, server
 from tests.test_scripts import BANNER, finished, make, wait_until
 from warmturn.server.convert import find_default_gguf, resolve_model
 from warmturn.server.locate import ModelNotFound, locate
@@ -130,10 +130,9 @@ def hf_server(tmp_path_factory, model_dir):
     """The real server started with MODEL=org/name, found in a Hugging Face cache laid out in a temp dir."""
     tmp = tmp_path_factory.mktemp("hf")
     hf_cache(tmp / "hub", model_dir)
-    port = free_port()
-    cmd = [str(ROOT / ".venv" / "bin" / "python"), "-m", "warmturn.server", "--model", HF_NAME, "--port", str(port)]
-    with process(cmd, port, tmp / "server.log", timeout=300, env=child_env(HF_HUB_CACHE=str(tmp / "hub"))):
-        yield port
+    with server("--model", HF_NAME, log=tmp / "server.log", timeout=300,
+                env=child_env(HF_HUB_CACHE=str(tmp / "hub"))) as (_, base):
+        yield int(base.rsplit(":", 1)[1])
 
 
 @pytest.mark.model

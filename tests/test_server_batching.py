@@ -12,8 +12,7 @@ import anthropic
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from tests.procs import process
+from tests.procs import server as server_process
 
 pytestmark = pytest.mark.model
 
@@ -31,7 +30,7 @@ TOOLS = [{"name": "read_file", "description": "Read a file from the working dire
 def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
     """Four prompts of different lengths, two with cache hits: the same greedy tokens as each
     alone (no store, one request at a time)."""
-    from tests.test_engine_batching import serve
+    from tests.engine_recorder import serve
     from warmturn.server.cache import PrefixCache
     from warmturn.server.engine import Engine, Prefilled
     from warmturn.server.render import Renderer
@@ -82,12 +81,10 @@ def test_greedy_alone_equals_inside_a_batch_of_four(model_and_tokenizer):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    port = free_port()
     log = tmp_path_factory.mktemp("batching") / "server.log"
-    cmd = [".venv/bin/python", "-m", "warmturn.server", "--model", str(model_dir), "--port", str(port),
-           "--cache-bytes", str(512 << 20), "--log-file", str(log), "--prefill-progress-seconds", "0"]
-    with process(cmd, port, log, timeout=180):
-        yield {"base": f"http://127.0.0.1:{port}", "log": log}
+    with server_process("--model", str(model_dir), "--cache-bytes", str(512 << 20), "--log-file", str(log),
+                        "--prefill-progress-seconds", "0", log=log.with_suffix(".out")) as (_, base):
+        yield {"base": base, "log": log}
 
 
 @pytest.fixture(scope="module")

@@ -7,15 +7,13 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, free_port
+from tests import procs
 from tests.test_server_http import run_engine, serve_in_thread, sse_events
 
 pytestmark = pytest.mark.model
@@ -117,22 +115,9 @@ LONG_ANSWER = {"model": "m", "max_tokens": 160, "temperature": 0.0,
                "messages": [{"role": "user", "content": "Write a long story about a dragon and a knight."}]}
 
 
-def start_server(model_dir, log_file, *extra):
-    port = free_port()
-    cmd = [sys.executable, "-m", "warmturn.server", "--model", str(model_dir), "--port", str(port),
-           "--api-key", KEY, "--log-file", str(log_file), "--no-cache", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        assert proc.poll() is None, log_file.read_text() if log_file.exists() else "server exited"
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "server did not become ready"
-        time.sleep(0.3)
+def start_server(model_dir, log, *extra):
+    return procs.start_server("--model", str(model_dir), "--api-key", KEY, "--no-cache", *extra, log=log,
+                              env=dict(os.environ))
 
 
 def answer_text(events: list[dict]) -> str:
@@ -140,7 +125,7 @@ def answer_text(events: list[dict]) -> str:
 
 
 def test_sigterm_mid_answer_ends_it_with_an_error_never_a_short_end_turn(model_dir, tmp_path):
-    proc, base = start_server(model_dir, tmp_path / "server.log")
+    proc, base = start_server(model_dir, tmp_path / "server.out")
     try:
         full = httpx.post(base + "/v1/messages", json={**LONG_ANSWER, "stream": True}, headers=JSON, timeout=300)
         reference = answer_text(sse_events(full.text))
@@ -172,7 +157,7 @@ def test_sigterm_mid_answer_ends_it_with_an_error_never_a_short_end_turn(model_d
 
 
 def test_sigterm_during_a_non_streaming_answer_is_a_retryable_error_or_the_whole_answer(model_dir, tmp_path):
-    proc, base = start_server(model_dir, tmp_path / "server.log")
+    proc, base = start_server(model_dir, tmp_path / "server.out")
     try:
         reference = httpx.post(base + "/v1/messages", json=LONG_ANSWER, headers=JSON, timeout=300).json()
         got: dict = {}
@@ -467,7 +452,7 @@ def test_a_temperature_too_small_to_divide_by_is_greedy_not_random(live, tempera
 def test_sigterm_while_a_started_stream_still_reads_its_prompt_is_a_retryable_error(model_dir, tmp_path):
     """A stream that began before its prefill ended (pings: --ping-interval) and is stopped by
     SIGTERM ends with the same retryable overloaded_error as one cut mid-answer."""
-    proc, base = start_server(model_dir, tmp_path / "server.log", "--ping-interval", "0.001")
+    proc, base = start_server(model_dir, tmp_path / "server.out", "--ping-interval", "0.001")
     try:
         body = {"model": "m", "max_tokens": 8, "stream": True,
                 "messages": [{"role": "user", "content": "word " * 1500}]}

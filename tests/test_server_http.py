@@ -19,6 +19,7 @@ import anthropic
 import httpx
 import pytest
 
+from tests import procs
 from tests.conftest import FIXTURES, ROOT, free_port
 from warmturn.server.blas import OPT_OUT, preload_plan
 
@@ -31,35 +32,13 @@ CC = FIXTURES / "claude_code"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, model_dir):
-    port = free_port()
     log_file = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "warmturn.server", "--model", str(model_dir), "--port", str(port), "--api-key", KEY,
-           "--decode-concurrency", "1", "--max-queue", "1", "--max-body-bytes", str(MAX_BODY), "--log-file", str(log_file),
-           "--cache-bytes", str(256 << 20)]
+    flags = ["--model", str(model_dir), "--api-key", KEY, "--decode-concurrency", "1", "--max-queue", "1",
+             "--max-body-bytes", str(MAX_BODY), "--log-file", str(log_file), "--cache-bytes", str(256 << 20)]
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # the server arranges OpenBLAS itself
     env.pop(OPT_OUT, None)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{log_file.read_text() if log_file.exists() else ''}")
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.terminate()
-            pytest.fail("server did not become ready")
-        time.sleep(0.3)
-    yield {"base": base, "log": log_file, "proc": proc}
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with procs.server(*flags, log=log_file.with_suffix(".out"), env=env) as (proc, base):
+        yield {"base": base, "log": log_file, "proc": proc}
 
 
 @pytest.fixture(scope="module")
