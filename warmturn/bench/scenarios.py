@@ -48,7 +48,10 @@ SCALE_PROMPTS = [
     "Count from 1 to 300, one number per line, and nothing else.",
     "Write the numbers from 500 to 800 separated by commas.",
     "List the even numbers from 2 to 600, one per line.",
-    "Spell out the numbers one to two hundred in English words, one per line.",
+    # every stream must decode its max_tokens: a prompt this model answers in 10 tokens made
+    # "4 streams" three for most of the window (the default model stops after ten on "Spell out
+    # the numbers one to two hundred in English words")
+    "List the odd numbers from 1 to 599, one per line.",
     "Count down from 400 to 1, one number per line, and nothing else.",
 ]
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from warmturn.prefix import common_prefix_len
+from warmturn.server.encode_memo import EncodeMemo, MemoEncoder
 from warmturn.server.wire import Message, MessagesRequest, RequestError, TextBlock, Tool, ToolResultBlock, ToolUseBlock
 
 PrefixOrder = Literal["system-first", "tools-first"]
@@ -160,11 +161,16 @@ def longest_token_bytes(tokenizer: Any) -> int | None:
 class Renderer:
     """Renders :class:`MessagesRequest` objects to tokens with one tokenizer's chat template."""
 
-    def __init__(self, tokenizer: Any, prefix_order: PrefixOrder = "system-first") -> None:
+    def __init__(self, tokenizer: Any, prefix_order: PrefixOrder = "system-first",
+                 memo: EncodeMemo | None = None) -> None:
         if prefix_order not in ("system-first", "tools-first"):
             raise ValueError(f"prefix_order must be 'system-first' or 'tools-first', not {prefix_order!r}")
         self.tokenizer = tokenizer
         self.prefix_order = prefix_order
+        # earlier prompts' tokens, reused for a prompt that starts with one (server/encode_memo.py);
+        # renderers of one server share it
+        self.memo = memo if memo is not None else EncodeMemo()
+        self.encoder = MemoEncoder(tokenizer, self.memo)
         # whether render() finds where the history ends (Rendered.history_len): the server turns it
         # on for models whose cache resumes only at marked points (server/kvfamily.py)
         self.history_marks = False
@@ -310,7 +316,7 @@ class Renderer:
         return n // self.longest_token
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        return self.encoder.encode(text)
 
     def render(self, req: MessagesRequest) -> Rendered:
         """Prompt tokens for ``req`` plus the length of its system+tools prefix."""
@@ -322,22 +328,24 @@ class Renderer:
             raise RequestError(f"the model's chat template rejected this conversation: {e}") from e
         if prefill:
             text += prefill
+        # the system turn alone first: on a first turn, the whole prompt then reuses its tokens
+        head = self._head(messages[:1], tools) if messages and messages[0]["role"] == "system" else None
         tokens = self.encode(text)
         history = self._history_len(messages, tools, tokens) if self.history_marks else 0
-        return Rendered(tokens, self._prefix_len(messages, tools, tokens), text, history)
-
-    def _prefix_len(self, messages: list[dict[str, Any]], tools: list[dict] | None, tokens: list[int]) -> int:
-        if not messages or messages[0]["role"] != "system":
-            return 0
-        return self._shared_with(messages[:1], tools, tokens)
+        return Rendered(tokens, common_prefix_len(head, tokens) if head else 0, text, history)
 
     def _history_len(self, messages: list[dict[str, Any]], tools: list[dict] | None, tokens: list[int]) -> int:
         return min(self._shared_with(messages, tools, tokens), max(len(tokens) - 1, 0)) if messages else 0
 
     def _shared_with(self, messages: list[dict[str, Any]], tools: list[dict] | None, tokens: list[int]) -> int:
         """Tokens ``messages`` rendered alone (no generation prompt) share with ``tokens``."""
+        head = self._head(messages, tools)
+        return common_prefix_len(head, tokens) if head else 0
+
+    def _head(self, messages: list[dict[str, Any]], tools: list[dict] | None) -> list[int] | None:
+        """Tokens of ``messages`` rendered alone (no generation prompt); None when the template
+        refuses that shape (no known boundary)."""
         try:
-            head = self.encode(self._apply(messages, tools=tools, gen=False))
+            return self.encode(self._apply(messages, tools=tools, gen=False))
         except Exception:  # noqa: BLE001 - templates that refuse this shape: no known boundary
-            return 0
-        return common_prefix_len(head, tokens)
+            return None

@@ -62,7 +62,7 @@ class RendererPool:
             if grow:
                 self._made += 1
         if grow:
-            r = Renderer(copy.deepcopy(self.base.tokenizer), prefix_order=self.base.prefix_order)
+            r = Renderer(copy.deepcopy(self.base.tokenizer), prefix_order=self.base.prefix_order, memo=self.base.memo)
             r.history_marks = self.base.history_marks
             return r
         return self._free.get()
