@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ROOT
-from tests.test_server_http import assert_error, serve_in_thread, sse_events
+from tests.test_server_http import assert_error, live_server, sse_events
 from tests.test_server_input import MALFORMED
 from warmturn.server.render import Renderer
 
@@ -43,20 +43,8 @@ class CountingRenderer(Renderer):
 
 @pytest.fixture(scope="module")
 def live(model_and_tokenizer):
-    from warmturn.server.engine import Engine
-    from warmturn.server.http import ServerState
-    from warmturn.server.toolcalls import HERMES
-
-    model, tokenizer = model_and_tokenizer
-    engine = Engine(model, tokenizer, None, max_queue=4)
-    state = ServerState(engine=engine, renderer=CountingRenderer(tokenizer), model_id="smol", context_length=8192,
-                        tool_format=HERMES, api_key=KEY, default_temperature=0.0)
-    engine.start()
-    try:
-        with serve_in_thread(state) as port:
-            yield {"base": f"http://127.0.0.1:{port}", "state": state}
-    finally:
-        engine.stop()
+    with live_server(model_and_tokenizer, CountingRenderer(model_and_tokenizer[1]), KEY, max_queue=4) as live:
+        yield live
 
 
 def post(live, path, content, headers=JSON, **kw):

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests import procs
-from tests.test_server_http import run_engine, serve_in_thread, sse_events
+from tests.test_server_http import live_server, run_engine, sse_events
 
 pytestmark = pytest.mark.model
 
@@ -25,21 +25,10 @@ HELLO = {"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content":
 
 @pytest.fixture(scope="module")
 def live(model_and_tokenizer):
-    from warmturn.server.engine import Engine
-    from warmturn.server.http import ServerState
     from warmturn.server.render import Renderer
-    from warmturn.server.toolcalls import HERMES
 
-    model, tokenizer = model_and_tokenizer
-    engine = Engine(model, tokenizer, None, max_queue=8)
-    state = ServerState(engine=engine, renderer=Renderer(tokenizer), model_id="smol", context_length=8192,
-                        tool_format=HERMES, api_key=KEY, default_temperature=0.0)
-    engine.start()
-    try:
-        with serve_in_thread(state) as port:
-            yield {"base": f"http://127.0.0.1:{port}", "state": state, "port": port}
-    finally:
-        engine.stop()
+    with live_server(model_and_tokenizer, Renderer(model_and_tokenizer[1]), KEY, max_queue=8) as live:
+        yield live
 
 
 def post(live, body, path="/v1/messages", **kw):
@@ -124,24 +113,28 @@ def answer_text(events: list[dict]) -> str:
     return "".join(e["delta"].get("text", "") for e in events if e["type"] == "content_block_delta")
 
 
+def sigterm_at(proc, base: str, body: dict, event: str) -> list[dict]:
+    """Stream `body`, SIGTERM the server when the first `event` arrives, read the stream to its end: its events."""
+    lines = []
+    with httpx.stream("POST", base + "/v1/messages", json=body, headers=JSON, timeout=300) as r:
+        assert r.status_code == 200
+        it = r.iter_lines()
+        for line in it:
+            lines.append(line)
+            if line.startswith("data: ") and f'"{event}"' in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        lines.extend(it)
+    return sse_events("\n".join(lines) + "\n")
+
+
 def test_sigterm_mid_answer_ends_it_with_an_error_never_a_short_end_turn(model_dir, tmp_path):
     proc, base = start_server(model_dir, tmp_path / "server.out")
     try:
         full = httpx.post(base + "/v1/messages", json={**LONG_ANSWER, "stream": True}, headers=JSON, timeout=300)
         reference = answer_text(sse_events(full.text))
         assert len(reference) > 300  # long enough that a SIGTERM right after its first token cuts it
-        lines = []
-        with httpx.stream("POST", base + "/v1/messages", json={**LONG_ANSWER, "stream": True}, headers=JSON,
-                          timeout=300) as r:
-            assert r.status_code == 200
-            it = r.iter_lines()
-            for line in it:
-                lines.append(line)
-                if line.startswith("data: ") and '"content_block_delta"' in line:
-                    proc.send_signal(signal.SIGTERM)  # the answer has started
-                    break
-            lines.extend(it)
-        events = sse_events("\n".join(lines) + "\n")
+        events = sigterm_at(proc, base, {**LONG_ANSWER, "stream": True}, "content_block_delta")  # the answer has begun
         last = events[-1]
         if last["type"] == "message_stop":  # it finished before the signal reached it: then it is whole
             assert answer_text(events) == reference
@@ -456,17 +449,7 @@ def test_sigterm_while_a_started_stream_still_reads_its_prompt_is_a_retryable_er
     try:
         body = {"model": "m", "max_tokens": 8, "stream": True,
                 "messages": [{"role": "user", "content": "word " * 1500}]}
-        lines = []
-        with httpx.stream("POST", base + "/v1/messages", json=body, headers=JSON, timeout=300) as r:
-            assert r.status_code == 200
-            it = r.iter_lines()
-            for line in it:
-                lines.append(line)
-                if line.startswith("data: ") and '"message_start"' in line:
-                    proc.send_signal(signal.SIGTERM)  # the stream has begun
-                    break
-            lines.extend(it)
-        last = sse_events("\n".join(lines) + "\n")[-1]
+        last = sigterm_at(proc, base, body, "message_start")[-1]  # the stream has begun
         if last["type"] != "message_stop":  # (unless it was whole before the signal reached it)
             assert last["type"] == "error" and last["error"]["type"] == "overloaded_error", last
         assert proc.wait(60) == 0

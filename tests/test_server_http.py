@@ -534,6 +534,26 @@ def test_time_limit_while_queued_is_a_504(engine_parts):
 
 
 @contextlib.contextmanager
+def live_server(model_and_tokenizer, renderer, api_key: str, max_queue: int):
+    """The real engine (no prefix cache) and the app on uvicorn in this process, greedy unless asked, Hermes
+    tool calls: yields {"base", "state", "port"}; the engine is stopped on the way out."""
+    from warmturn.server.engine import Engine
+    from warmturn.server.http import ServerState
+    from warmturn.server.toolcalls import HERMES
+
+    model, tokenizer = model_and_tokenizer
+    engine = Engine(model, tokenizer, None, max_queue=max_queue)
+    state = ServerState(engine=engine, renderer=renderer, model_id="smol", context_length=8192,
+                        tool_format=HERMES, api_key=api_key, default_temperature=0.0)
+    engine.start()
+    try:
+        with serve_in_thread(state) as port:
+            yield {"base": f"http://127.0.0.1:{port}", "state": state, "port": port}
+    finally:
+        engine.stop()
+
+
+@contextlib.contextmanager
 def serve_in_thread(state):
     """The app on uvicorn in a thread of this process (for engines the test builds itself)."""
     import uvicorn
