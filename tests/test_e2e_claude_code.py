@@ -1,7 +1,8 @@
 """End to end: the real Claude Code CLI -> mitmdump -s addons/normalize.py -> the embedded MLX server.
 
 Every test runs both CLI versions setup installs: the current release and the older one (2.1.197).
-The embedded server runs with its defaults for the bundled model (greedy decoding, output cap)."""
+The embedded server runs with its defaults for the bundled model (greedy decoding, output cap). One mitmdump
+(and so one embedded server) serves the module; each test reads the capture from its own start on."""
 
 from __future__ import annotations
 
@@ -44,6 +45,29 @@ def cli(request) -> Path:
     return require_cli(request.param)
 
 
+class Proxy:
+    """The module's mitmdump with the addon and its embedded server."""
+
+    def __init__(self, port: int, cap: Path, confdir: Path) -> None:
+        self.port, self.cap, self.confdir = port, cap, confdir
+        self.ca = confdir / "mitmproxy-ca-cert.pem"  # mitmproxy's CA, for HTTPS_PROXY interception
+
+    def since(self, t0: float) -> list[dict]:
+        """The capture's records of requests that arrived at or after `t0` (a test's start)."""
+        return [x for x in read_capture(self.cap) if x["t"]["request"] >= t0]
+
+    def turns(self, t0: float) -> list[dict]:
+        return [x for x in self.since(t0) if x["kind"] == "messages"]
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory):
+    d = tmp_path_factory.mktemp("proxy")
+    port, cap, confdir = free_port(), d / "cap.jsonl", d / "mitmconf"
+    with mitmdump(port, d / "mitm.log", capture_file=cap, embedded_log=d / "server.log", confdir=confdir):
+        yield Proxy(port, cap, confdir)
+
+
 def clean_env(home: Path) -> dict[str, str]:
     """The test's environment without the developer's Anthropic/Claude/proxy settings."""
     proxies = ("https_proxy", "http_proxy", "no_proxy")
@@ -81,13 +105,12 @@ def answered(run: subprocess.CompletedProcess) -> None:
     assert (run.returncode == 0 and run.stdout.strip()) or "output token maximum" in out, out
 
 
-def test_two_turns_through_the_addon(tmp_path, cli):
-    home, port, cap = workdir(tmp_path), free_port(), tmp_path / "cap.jsonl"
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
-        answered(claude(cli, ["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port))
-        second_started = time.time()
-        answered(claude(cli, ["-p", SECOND, "--continue", "--system-prompt", SYSTEM, "--tools", ""], home, port))
-    lines = read_capture(cap)
+def test_two_turns_through_the_addon(tmp_path, cli, proxy):
+    home, port, t0 = workdir(tmp_path), proxy.port, time.time()
+    answered(claude(cli, ["-p", FIRST, "--system-prompt", SYSTEM, "--tools", ""], home, port))
+    second_started = time.time()
+    answered(claude(cli, ["-p", SECOND, "--continue", "--system-prompt", SYSTEM, "--tools", ""], home, port))
+    lines = proxy.since(t0)
     turns = [x for x in lines if x["kind"] == "messages"]
     assert turns, [(x["kind"], x["status"]) for x in lines]
     for t in turns:
@@ -105,14 +128,11 @@ def test_two_turns_through_the_addon(tmp_path, cli):
     assert second["usage"].get("cache_read_input_tokens", 0) > 0, second["usage"]  # the prefix cache hit
 
 
-def test_interception_of_api_anthropic_com(tmp_path, cli):
+def test_interception_of_api_anthropic_com(tmp_path, cli, proxy):
     """HTTPS_PROXY + mitmproxy's CA: requests to api.anthropic.com (with a per-request cch=) are rerouted."""
-    home, port = workdir(tmp_path), free_port()
-    cap, confdir = tmp_path / "cap.jsonl", tmp_path / "mitmconf"
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log", confdir=confdir):
-        answered(claude(cli, ["-p", HELLO, "--system-prompt", SYSTEM, "--tools", ""], home, port,
-                        ca=confdir / "mitmproxy-ca-cert.pem"))
-    turns = [x for x in read_capture(cap) if x["kind"] == "messages"]
+    home, t0 = workdir(tmp_path), time.time()
+    answered(claude(cli, ["-p", HELLO, "--system-prompt", SYSTEM, "--tools", ""], home, proxy.port, ca=proxy.ca))
+    turns = proxy.turns(t0)
     assert turns and all(t["status"] == 200 for t in turns)
     assert len({t["stripped"][0]["block"]["text"] for t in turns}) == len(turns), "cch= differs per request"
     t = turns[0]
@@ -130,23 +150,22 @@ def run_claude_sh(args: list[str], home: Path, port: int, config: Path, cwd: Pat
                           capture_output=True, text=True, timeout=600)
 
 
-def test_make_claude_p_then_continue(tmp_path):
+def test_make_claude_p_then_continue(tmp_path, proxy):
     """scripts/claude.sh (what make claude runs): the current CLI, the small-model profile, two turns."""
-    home, port, cap = workdir(tmp_path), free_port(), tmp_path / "cap.jsonl"
+    home, port, t0 = workdir(tmp_path), proxy.port, time.time()
     config = tmp_path / "claude-config"
     require_cli(CURRENT)
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
-        first = run_claude_sh(["-p", FIRST], home, port, config, home / "work")
-        answered(first)
-        second_started = time.time()
-        answered(run_claude_sh(["-p", SECOND, "--continue"], home, port, config, home / "work"))
+    first = run_claude_sh(["-p", FIRST], home, port, config, home / "work")
+    answered(first)
+    second_started = time.time()
+    answered(run_claude_sh(["-p", SECOND, "--continue"], home, port, config, home / "work"))
     assert "small-model profile" in first.stderr and "context 8192" in first.stderr
     seeded = json.loads((config / ".claude.json").read_text())
     assert seeded["hasCompletedOnboarding"] is True
     assert "warmturn-local"[-20:] in seeded["customApiKeyResponses"]["approved"]
     assert seeded["projects"][str(home / "work")]["hasTrustDialogAccepted"] is True
-    turns = [x for x in read_capture(cap) if x["kind"] == "messages"]
-    assert turns, [(x["kind"], x["status"]) for x in read_capture(cap)]
+    turns = proxy.turns(t0)
+    assert turns, [(x["kind"], x["status"]) for x in proxy.since(t0)]
     for t in turns:
         body = t["request"]["body"]
         assert t["status"] == 200 and body["max_tokens"] == 256  # the server's cap, told to the CLI
@@ -160,13 +179,13 @@ def test_make_claude_p_then_continue(tmp_path):
     assert u["cache_read_input_tokens"] >= 0.9 * prompt, u
 
 
-def test_make_claude_interactive_first_run_does_not_block(tmp_path):
+def test_make_claude_interactive_first_run_does_not_block(tmp_path, proxy):
     """A newcomer's first interactive session in a terminal (tmux): no onboarding, no API-key or folder-trust
     question; the first prompt typed gets an answer. A fresh config dir, as on a new machine."""
     if shutil.which("tmux") is None:
         pytest.skip("tmux is not installed (apt-get install tmux): it plays the user's terminal here")
     require_cli(CURRENT)
-    home, port, cap = workdir(tmp_path), free_port(), tmp_path / "cap.jsonl"
+    home, port, t0 = workdir(tmp_path), proxy.port, time.time()
     session = f"warmturn-test-{port}"
     env = clean_env(home)
     env.update(PORT=str(port), WARMTURN_CLAUDE_CONFIG=str(tmp_path / "claude-config"), WARMTURN_CACHE=str(CACHE))
@@ -185,34 +204,32 @@ def test_make_claude_interactive_first_run_does_not_block(tmp_path):
             time.sleep(1)
         raise AssertionError(f"timed out; the screen shows:\n{text}")
 
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
-        subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "40", "-c", str(home / "work"),
-                        f"env {exports} bash {ROOT / 'scripts' / 'claude.sh'}; sleep 30"], check=True, env=env)
-        try:
-            text = wait_for(lambda s: "❯" in s and "trust" not in s.lower(), 120)
-            for blocker in ("Unable to connect", "Do you want to use this API key", "Not logged in", "Select"):
-                assert blocker not in text, text
-            subprocess.run(["tmux", "send-keys", "-t", session, "-l", FIRST], check=True)
-            subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
-            wait_for(lambda s: any(x["kind"] == "messages" and x["status"] == 200 for x in read_capture(cap)), 600)
-            text = wait_for(lambda s: "esc to interrupt" not in s, 120)
-            assert "Not logged in" not in text, text
-        finally:
-            subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    turn = next(x for x in read_capture(cap) if x["kind"] == "messages" and x["status"] == 200)
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "150", "-y", "40", "-c", str(home / "work"),
+                    f"env {exports} bash {ROOT / 'scripts' / 'claude.sh'}; sleep 30"], check=True, env=env)
+    try:
+        text = wait_for(lambda s: "❯" in s and "trust" not in s.lower(), 120)
+        for blocker in ("Unable to connect", "Do you want to use this API key", "Not logged in", "Select"):
+            assert blocker not in text, text
+        subprocess.run(["tmux", "send-keys", "-t", session, "-l", FIRST], check=True)
+        subprocess.run(["tmux", "send-keys", "-t", session, "Enter"], check=True)
+        wait_for(lambda s: any(x["status"] == 200 for x in proxy.turns(t0)), 600)
+        text = wait_for(lambda s: "esc to interrupt" not in s, 120)
+        assert "Not logged in" not in text, text
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    turn = next(x for x in proxy.turns(t0) if x["status"] == 200)
     assert turn["usage"]["output_tokens"] > 0 and turn["request"]["body"]["max_tokens"] == 256
 
 
-def test_continue_reads_its_prompt_from_the_cache_despite_the_model_renaming(tmp_path, cli):
+def test_continue_reads_its_prompt_from_the_cache_despite_the_model_renaming(tmp_path, cli, proxy):
     """Claude Code's own system prompt and the Bash tool (whose description carries the Co-Authored-By line):
     2.1.197 names the model "Opus 4.8 (1M context)" in a first -p turn and "Opus 4.8" after --continue. With
     the addon's default identity rule the --continue turn still reads >= 95% of its prompt from the cache."""
-    home, port, cap = workdir(tmp_path), free_port(), tmp_path / "cap.jsonl"
-    with mitmdump(port, tmp_path / "mitm.log", capture_file=cap, embedded_log=tmp_path / "server.log"):
-        claude(cli, ["-p", FIRST, "--tools", "Bash"], home, port)
-        second_started = time.time()
-        claude(cli, ["-p", SECOND, "--continue", "--tools", "Bash"], home, port)
-    turns = [x for x in read_capture(cap) if x["kind"] == "messages"]
+    home, port, t0 = workdir(tmp_path), proxy.port, time.time()
+    claude(cli, ["-p", FIRST, "--tools", "Bash"], home, port)
+    second_started = time.time()
+    claude(cli, ["-p", SECOND, "--continue", "--tools", "Bash"], home, port)
+    turns = proxy.turns(t0)
     assert turns and all(t["status"] == 200 for t in turns), [(t["status"], t["error"]) for t in turns]
     first = turns[0]
     second = next(t for t in turns if t["t"]["request"] >= second_started)
