@@ -24,6 +24,9 @@ import re
 import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -303,6 +306,42 @@ def gguf_model_dir(gguf: Path, quantized: bool | None = None, name: str | None =
     return convert_gguf(gguf, out, quantized)
 
 
+@contextmanager
+def provisioning_lock() -> Iterator[None]:
+    """Held while a process provisions models in the cache (converts, or finds and converts): one at a time.
+    ``make run``'s set-up converts the default model in the background while mitmdump and the server start,
+    and the server waits here for it rather than converting it a second time. A cache that cannot hold
+    the lock file (read-only) is used without one."""
+    import fcntl
+
+    path = cache_root() / "models" / ".provision.lock"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                _progress("waiting for another process that is converting a model into the cache ...")
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _one_provisioner[**P, R](fn: Callable[P, R]) -> Callable[P, R]:
+    @wraps(fn)
+    def locked(*args: P.args, **kwargs: P.kwargs) -> R:
+        with provisioning_lock():
+            return fn(*args, **kwargs)
+    return locked
+
+
+@_one_provisioner
 def resolve_model(model: str | None) -> Path:
     """Map ``--model`` to a loadable mlx-lm directory: None -> default model; a ``.gguf`` -> converted;
     a name (``org/name``, ``name:tag``) -> found offline where users keep models (:mod:`.locate`)."""
