@@ -8,6 +8,10 @@ cd "$(dirname "$0")/.."
 PRELOAD=$(.venv/bin/python -c 'from warmturn.machine import openblas_env; print(openblas_env().get("LD_PRELOAD", ""))')
 [[ -n "$PRELOAD" ]] && export LD_PRELOAD="$PRELOAD"
 export PYTHONUNBUFFERED=1
+# make exports the variables given on its command line (make test ARGS=-x): the scripts the tests run
+# (claude.sh, run.sh, ...) would read test's ARGS, MODEL or PORT as their own. The pytest arguments are
+# "$@" by now (exec_args.sh); the tests set every variable they mean.
+unset ARGS MODEL PORT WEB_PORT WEB_TOKEN
 # The linter and the type checker (config in pyproject.toml: [tool.ruff], [tool.mypy]) run with the
 # whole suite, i.e. unless test paths are given.
 lint_rc=0
