@@ -40,18 +40,19 @@ if [[ -n "${WARMTURN_GOALS:-}" ]]; then
   done
 fi
 
-# try_lock FILE: take a lock (a pid file created with noclobber) for this shell; false while a live process
-# holds it (a lock left by a process that died is removed).
+# try_lock FILE: take a lock (a pid file created with noclobber) for this shell; false while a live set-up
+# holds it (a lock left by a process that died, or whose pid now belongs to another program, is removed).
+setup_alive() { kill -0 "$1" 2>/dev/null && [[ "$(ps -o comm= -p "$1" 2>/dev/null)" == *bash* ]]; }
 try_lock() {
   local me=$BASHPID pid
   while ! ( set -C; echo "$me" > "$1" ) 2>/dev/null; do
     pid=$(cat "$1" 2>/dev/null || true)
     [[ -n "$pid" ]] || { sleep 0.2; pid=$(cat "$1" 2>/dev/null || true); }  # (being written)
-    if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; then return 1; fi
+    if [[ -n "$pid" ]] && setup_alive "$pid"; then return 1; fi
     rm -f "$1"
   done
 }
-lock_held() { local pid; pid=$(cat "$1" 2>/dev/null) && [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null; }
+lock_held() { local pid; pid=$(cat "$1" 2>/dev/null) && [[ -n "$pid" ]] && setup_alive "$pid"; }
 
 # 1. Claude Code CLI (npm, into the cache), started first and in the background: it needs nothing else.
 #    One installer at a time per version; a later set-up that needs the CLI waits for a running install

@@ -239,6 +239,8 @@ def test_make_test_installs_both_claude_code_versions_and_a_dead_installers_lock
     dead = subprocess.Popen(["true"])
     dead.wait()
     (setup.cache / f"npm-{CURRENT}.installing").write_text(f"{dead.pid}\n")  # left by an install that died
+    (setup.cache / "npm.installing").write_text(f"{os.getpid()}\n")  # its pid reused since, by this python
+    (setup.venv / ".setup.lock").write_text(f"{os.getpid()}\n")
     r = setup.run("test")
     assert r.returncode == 0, r.stderr
     for version, folder in ((CURRENT, f"npm-{CURRENT}"), (OLDER, "npm")):
