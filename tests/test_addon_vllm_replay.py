@@ -2,13 +2,16 @@
 
 A real `mitmdump -s addons/normalize.py` sits between the official anthropic SDK and a replay server
 that sends back, byte for byte and one HTTP chunk per write, what vLLM 0.32 sent when the exchanges in
-tests/fixtures/vllm/ were recorded (see its README). No engine runs here: the bytes are vLLM's.
+tests/fixtures/vllm/ were recorded (see its README). No engine runs here: the bytes are vLLM's. One mitmdump
+and replay server per set of addon options serve the module; each test sets the routes and reads its own
+capture lines.
 """
 
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+import time
+from contextlib import ExitStack, contextmanager
 
 import anthropic
 import httpx
@@ -28,15 +31,48 @@ WEATHER = {"name": "get_weather", "description": "Current weather for a city.",
            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 
 
+class Capture:
+    """The capture lines of a test's requests (those that came after its start) in the module's shared file."""
+
+    def __init__(self, path) -> None:
+        self.path, self.t0 = path, time.time()
+
+    def lines(self, n: int = 1) -> list[dict]:
+        """This test's lines, once there are at least `n` (the addon writes a line as its flow ends)."""
+        deadline = time.monotonic() + 30
+        while True:
+            lines = [x for x in read_capture(self.path) if x["t"]["request"] >= self.t0]
+            if len(lines) >= n or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def proxies(tmp_path_factory):
+    """mitmdump + addon in front of its own replay server, one per set of options, kept for the module."""
+    made: dict = {}
+    with ExitStack() as stack:
+        def get(**options):
+            key = tuple(sorted(options.items()))
+            if key not in made:
+                d = tmp_path_factory.mktemp("proxy")
+                replay = stack.enter_context(ReplayServer({}))
+                port, cap = free_port(), d / "cap.jsonl"
+                stack.enter_context(mitmdump(port, d / "mitm.log", backend=replay.url, capture_file=cap, **options))
+                made[key] = (replay, port, cap)
+            return made[key]
+
+        yield get
+
+
 @contextmanager
-def through_addon(tmp_path, routes: dict[str, str], **options):
-    """(anthropic client, replay server, capture path): the SDK -> mitmdump + addon -> vLLM's recorded bytes."""
-    cap, port = tmp_path / "cap.jsonl", free_port()
-    with ReplayServer(routes) as replay, \
-            mitmdump(port, tmp_path / "mitm.log", backend=replay.url, capture_file=cap, **options):
-        client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="sk-test", max_retries=0,
-                                     timeout=60)
-        yield client, replay, cap
+def through_addon(proxies, routes: dict[str, str], **options):
+    """(anthropic client, replay server, capture): the SDK -> mitmdump + addon -> vLLM's recorded bytes."""
+    replay, port, cap = proxies(**options)
+    replay.routes = dict(routes)
+    replay.received.clear()
+    client = anthropic.Anthropic(base_url=f"http://127.0.0.1:{port}", api_key="sk-test", max_retries=0, timeout=60)
+    yield client, replay, Capture(cap)
 
 
 def usage_chunk(name: str) -> dict:
@@ -93,9 +129,9 @@ def test_anthropic_backend_tap_passes_vllms_chunks_as_they_are():
 
 
 @pytest.mark.parametrize("name", ["chat_stream_text", "chat_stream_text_warm", "chat_stream_text_cold"])
-def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(tmp_path, name):
+def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(proxies, name):
     usage = usage_chunk(name)
-    with (through_addon(tmp_path, {"/v1/chat/completions": name}, backend_api="openai",
+    with (through_addon(proxies, {"/v1/chat/completions": name}, backend_api="openai",
                         backend_model="smollm2") as (client, replay, cap),
           client.messages.stream(model=CLAUDE, max_tokens=12, messages=USER) as s):
         kinds = [e.type for e in s]
@@ -109,13 +145,13 @@ def test_openai_backend_stream_reaches_message_stop_with_vllms_usage(tmp_path, n
     assert (msg.usage.cache_read_input_tokens or 0) == cached
     assert (msg.usage.cache_creation_input_tokens or 0) == created
     assert replay.received[-1]["body"]["model"] == "smollm2"
-    [line] = read_capture(cap)
+    [line] = cap.lines()
     assert line["usage"]["output_tokens"] == usage["completion_tokens"]
 
 
-def test_openai_backend_streamed_tool_call(tmp_path):
+def test_openai_backend_streamed_tool_call(proxies):
     """vLLM ends a named-tool-choice stream with finish_reason "stop": still a tool_use turn for the client."""
-    with (through_addon(tmp_path, {"/v1/chat/completions": "chat_stream_tool"}, backend_api="openai",
+    with (through_addon(proxies, {"/v1/chat/completions": "chat_stream_tool"}, backend_api="openai",
                         backend_model="smollm2") as (client, replay, _),
           client.messages.stream(model=CLAUDE, max_tokens=40, tools=[WEATHER],
                                  tool_choice={"type": "tool", "name": "get_weather"},
@@ -131,9 +167,9 @@ def test_openai_backend_streamed_tool_call(tmp_path):
     assert sent["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
 
 
-def test_anthropic_backend_stream_passes_through_byte_for_byte_with_cache_usage(tmp_path):
+def test_anthropic_backend_stream_passes_through_byte_for_byte_with_cache_usage(proxies):
     rec = load("messages_stream_text_warm")
-    with through_addon(tmp_path, {"/v1/messages": "messages_stream_text_warm"},
+    with through_addon(proxies, {"/v1/messages": "messages_stream_text_warm"},
                        backend_model="smollm2") as (client, _replay, cap):
         with httpx.stream("POST", str(client.base_url).rstrip("/") + "/v1/messages", timeout=60,
                           headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
@@ -144,20 +180,20 @@ def test_anthropic_backend_stream_passes_through_byte_for_byte_with_cache_usage(
     assert body == rec.body
     # vLLM reports cache usage only in message_delta (its message_start says input_tokens 742)
     assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens, msg.usage.output_tokens) == (102, 640, 8)
-    assert read_capture(cap)[-1]["usage"]["cache_read_input_tokens"] == 640
+    assert cap.lines(2)[-1]["usage"]["cache_read_input_tokens"] == 640
 
 
 # ----- bug 2: count_tokens gets backend_model too ------------------------------------------------
 
 @pytest.mark.parametrize("api", ["anthropic", "openai"])
-def test_count_tokens_maps_the_model_name(tmp_path, api):
-    with through_addon(tmp_path, {"/v1/messages/count_tokens": "count_tokens"}, backend_api=api,
+def test_count_tokens_maps_the_model_name(proxies, api):
+    with through_addon(proxies, {"/v1/messages/count_tokens": "count_tokens"}, backend_api=api,
                        backend_model="smollm2") as (client, replay, cap):
         got = client.messages.count_tokens(model=CLAUDE, system="You are terse.", messages=USER)
     assert got.input_tokens == load("count_tokens").json()["input_tokens"] == 742
     [req] = [r for r in replay.received if r["path"] == "/v1/messages/count_tokens"]
     assert req["body"]["model"] == "smollm2"
-    assert read_capture(cap)[-1]["usage"] == {"input_tokens": 742}
+    assert cap.lines()[-1]["usage"] == {"input_tokens": 742}
 
 
 # ----- bug 3: vLLM's error bodies become Anthropic error types -----------------------------------
@@ -168,19 +204,19 @@ def test_count_tokens_maps_the_model_name(tmp_path, api):
     ("openai", "/v1/chat/completions", "chat_404_model", anthropic.NotFoundError, "not_found_error"),
     ("openai", "/v1/chat/completions", "chat_400_max_tokens", anthropic.BadRequestError, "invalid_request_error"),
 ])
-def test_backend_errors_become_anthropic_error_types(tmp_path, api, path, name, exc, kind):
+def test_backend_errors_become_anthropic_error_types(proxies, api, path, name, exc, kind):
     original = load(name).json()
-    with through_addon(tmp_path, {path: name}, backend_api=api) as (client, _, cap), pytest.raises(exc) as e:
+    with through_addon(proxies, {path: name}, backend_api=api) as (client, _, cap), pytest.raises(exc) as e:
         client.messages.create(model=CLAUDE, max_tokens=12, messages=USER)
     body = e.value.body
     assert body["type"] == "error" and body["error"]["type"] == kind
     vllm_message = (original.get("error") or {}).get("message")
     assert vllm_message and vllm_message in body["error"]["message"]
-    assert read_capture(cap)[-1]["error"]["type"] == kind
+    assert cap.lines()[-1]["error"]["type"] == kind
 
 
-def test_count_tokens_error_becomes_not_found_error(tmp_path):
-    with (through_addon(tmp_path, {"/v1/messages/count_tokens": "count_tokens_404_model"}) as (client, _, _),
+def test_count_tokens_error_becomes_not_found_error(proxies):
+    with (through_addon(proxies, {"/v1/messages/count_tokens": "count_tokens_404_model"}) as (client, _, _),
           pytest.raises(anthropic.NotFoundError) as e):
         client.messages.count_tokens(model=CLAUDE, messages=USER)
     assert e.value.body["error"]["type"] == "not_found_error"

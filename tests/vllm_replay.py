@@ -86,8 +86,13 @@ class ReplayServer:
         return self
 
     def __exit__(self, *exc) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)  # wakes the accept() (close alone does not, on Linux)
+        except OSError:
+            pass
         self._sock.close()
         self._thread.join(timeout=5)
+        assert not self._thread.is_alive(), "the replay server's accept loop did not stop"
 
     def _serve(self) -> None:
         while True:
