@@ -446,3 +446,59 @@ def test_checkpoint_at_the_full_length_marks_the_entry(mt, convo):
     reused, _, *warm = turn(model, store, other, plen)
     assert reused >= plen
     assert_same(warm, cold(model, other))
+
+
+# ---------------------------------------------------------------------------------------------
+# take(): a conversation's entry handed over to the turn that continues it
+# ---------------------------------------------------------------------------------------------
+
+
+def _address(a) -> int:
+    """Where an array's data lives (CPU: numpy reads MLX's buffer without copying)."""
+    return np.asarray(a).__array_interface__["data"][0]
+
+
+def test_take_hands_the_conversation_over_and_the_next_turn_writes_in_place(mt, convo):
+    """The turn that continues a stored conversation gets the entry's own buffers (the store
+    forgets it) and writes its new tokens into the room left in them, instead of a view whose
+    first write copies the whole prefix; warm still equals cold, and the turn stores it back."""
+    model, tok = mt
+    plen = prefix_len(tok)
+    store = PrefixCache(model, max_bytes=1 << 30)
+    p1 = convo[0]
+    kv = make_prompt_cache(model)
+    prefill(model, kv, p1[:-1])
+    room = kv[0].keys.shape[2] - kv[0].offset
+    assert room > 8  # mlx-lm grows KV buffers 256 positions at a time
+    address = _address(kv[0].keys)
+    store.store(p1[:-1], kv, checkpoints=[plen], owned=True)
+    del kv
+    nxt = p1 + [tok.encode("ok", add_special_tokens=False)[0]] * 6  # continues the entry, fits the room
+    kv, reused, kept = store.take(nxt)
+    assert (reused, kept) == (len(p1) - 1, plen)  # only the checkpoint is left in the store
+    assert store.stats()["handed_over"] == 1 and store.stats()["entries"] == 1
+    assert _address(kv[0].keys) == address
+    logits = prefill(model, kv, nxt[reused:])
+    assert _address(kv[0].keys) == address, "written in place: no copy of the prefix"
+    ref_logits, _ = cold(model, nxt)
+    np.testing.assert_allclose(np.array(logits), np.array(ref_logits), rtol=1e-3, atol=2e-3)
+    store.store(nxt, kv, owned=True)
+    assert store.peek(nxt + [1]) == len(nxt)  # back in the store, with what the turn added
+
+
+def test_take_leaves_checkpoints_and_branches_alone(mt, convo):
+    model, tok = mt
+    plen = prefix_len(tok)
+    store = PrefixCache(model, max_bytes=1 << 30)
+    p1, p2 = convo[0], convo[1]
+    turn_deferred(model, store, p1, plen, gen=80)  # the conversation: p1 + an 80-token greedy answer
+    entries = store.stats()["entries"]
+    # a new conversation reads the checkpoint: a view, the checkpoint stays
+    other = render(tok, [{"role": "user", "content": "Something unrelated entirely."}])
+    _kv, reused, kept = store.take(other)
+    assert reused == kept >= plen and store.stats()["entries"] == entries
+    # p2 parts from the stored answer at its start (a fixed reply, not the generated one), more
+    # than LEND_SLACK tokens before the entry's end: that may be another branch's, so it is
+    # read through a view, not handed over
+    _kv, reused, kept = store.take(p2)
+    assert reused == kept and store.stats()["entries"] == entries and store.stats()["handed_over"] == 0

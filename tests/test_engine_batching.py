@@ -387,3 +387,57 @@ def test_requests_being_read_together_start_together(parts, make_engine):
     order = [n if n == "second submitted" else f"{n} {type(i).__name__}" for n, i in rec.log]
     assert order.index("second submitted") < order.index("first Prefilled")
     assert rec.first("first").queued_ms >= 250
+
+
+def test_a_continued_conversation_is_handed_over_and_stored_back(model_and_tokenizer):
+    """Claude Code's turns re-send the answer as generated: each turn takes the previous turn's
+    entry (no copy of the prefix), answers as a cache-less engine does, and leaves prompt +
+    answer in the store for the next; a turn stopped right after its lookup, before it computes
+    anything, still puts the conversation back."""
+    import threading as _threading
+
+    from warmturn.server.cache import PrefixCache
+    from warmturn.server.engine import Admitted, Done, Engine, GenerationRequest, Piece
+
+    model, tok = model_and_tokenizer
+    prompt = list(tok.apply_chat_template([{"role": "system", "content": "You answer in one short line. " * 20},
+                                           {"role": "user", "content": "Name a colour."}], add_generation_prompt=True))
+
+    def run(engine, tokens, cancel_on_admission=False):
+        text, done = [], _threading.Event()
+        req = GenerationRequest(tokens=list(tokens), max_tokens=6, emit=lambda item: None, temperature=0.0,
+                                prefix_len=40)
+
+        def emit(item):
+            if isinstance(item, Admitted) and cancel_on_admission:
+                req.cancel.set()
+            if isinstance(item, Piece):
+                text.append(item.text)
+            if isinstance(item, (Done, Exception)):
+                done.set()
+        req.emit = emit
+        engine.submit(req)
+        assert done.wait(300)
+        return "".join(text)
+
+    def held(store, tokens):  # prompt + the answer tokens fed back, as the store keeps them
+        return max((e.tokens.tolist() for e in store._entries.values() if e.tokens.tolist()[: len(tokens)] == tokens),
+                   key=len)
+
+    store = PrefixCache(model, max_bytes=1 << 30)
+    warm, cold = Engine(model, tok, store), Engine(model, tok, None)
+    warm.start()
+    cold.start()
+    try:
+        tokens = prompt
+        for _ in range(3):
+            assert run(warm, tokens) == run(cold, tokens)
+            tokens = held(store, tokens) + tok.encode(" And another?", add_special_tokens=False)
+        assert store.stats()["handed_over"] >= 2
+        before = store.peek(tokens)
+        assert before > len(prompt)
+        run(warm, tokens, cancel_on_admission=True)
+        assert store.stats()["handed_over"] >= 3 and store.peek(tokens) == before
+    finally:
+        warm.stop()
+        cold.stop()

@@ -127,6 +127,9 @@ def prefill(model: Any, kv: list[Any], tokens: Sequence[int], chunk: int = 512) 
 
 MAX_MARKS = 8  # resumable points kept per entry besides its full length (stateful families)
 MIN_SPILL = 64  # an evicted entry shorter than this is not worth a file
+# take() hands a conversation's entry over when the prompt continues it to within this many tokens
+# of its end (the answer's end-of-turn token, a re-tokenized last word): its tail is stale then
+LEND_SLACK = 64
 
 
 def _sized(kv: list[Any]) -> tuple[list[Any], int]:
@@ -202,7 +205,7 @@ class PrefixCache:
         self._counters = dict.fromkeys(
             (
                 "hits", "misses", "evictions", "tokens_requested", "tokens_reused", "tokens_stored",
-                "stores", "rejected", "spills",
+                "stores", "rejected", "spills", "handed_over",
             ),
             0,
         )
@@ -222,6 +225,21 @@ class PrefixCache:
         the longest prefix shared with any entry (memory, then disk) at which that entry can
         resume (any length for full attention; the entry's end or a mark for window and state
         caches), capped at len(tokens)-1."""
+        kv, reused, _kept = self._lookup(tokens, lend=False)
+        return kv, reused
+
+    def take(self, tokens: Sequence[int]) -> tuple[list[Any], int, int]:
+        """:meth:`fetch`, except that when the best entry is a conversation (not a checkpoint) of a
+        full-attention model that ``tokens`` continue (to within LEND_SLACK tokens of its end: the
+        rest is the previous answer's stale tail), the store hands that entry over and forgets
+        it, instead of handing out a view: the view's first write would copy the whole prefix
+        (MLX copies an array shared with the store on write), a few hundred milliseconds per warm
+        turn at Claude Code's size on a CPU. The caller stores it back with what it adds (the
+        engine does when a request ends or is stopped). Returns (kv, reused, kept): kept of the
+        reused tokens are still in the store (a checkpoint's, say)."""
+        return self._lookup(tokens, lend=True)
+
+    def _lookup(self, tokens: Sequence[int], lend: bool) -> tuple[list[Any], int, int]:
         q = np.asarray(tokens, dtype=np.int64)
         limit = len(q) - 1
         with self._lock:
@@ -241,11 +259,17 @@ class PrefixCache:
                     best, best_n = loaded
             if best is None or best_n == 0:
                 self._counters["misses"] += 1
-                return make_prompt_cache(self.model), 0
+                return make_prompt_cache(self.model), 0, 0
             best.last_used = time.monotonic()
             self._counters["hits"] += 1
             self._counters["tokens_reused"] += best_n
-            return best.view(best_n), best_n
+            key = token_hash(best.tokens)
+            if (lend and not best.checkpoint and not self.stateful and len(best.tokens) - best_n <= LEND_SLACK
+                    and self._entries.get(key) is best):
+                self._drop(key)
+                self._counters["handed_over"] += 1
+                return kvfamily.owned(best.kv, best_n), best_n, self._covered(q, limit)
+            return best.view(best_n), best_n, best_n
 
     def peek(self, tokens: Sequence[int]) -> int:
         """How many of ``tokens`` a fetch would reuse from memory now (no copy, no counters;
@@ -342,8 +366,8 @@ class PrefixCache:
     def _whole(self, whole: _Entry, owned: bool) -> tuple[list[Any], int]:
         """(cache to keep for a whole entry, its bytes)."""
         n = len(whole.tokens)
-        if owned:  # kv's own buffers: counted at their full (step-padded) size
-            return kvfamily.view(whole.kv, n) if not self.stateful else whole.kv, kvfamily.nbytes(whole.kv)
+        if owned:  # kv's own buffers, whole (room to grow for take()): counted at their full size
+            return kvfamily.owned(whole.kv, n) if not self.stateful else whole.kv, kvfamily.nbytes(whole.kv)
         snap = kvfamily.compact(whole.kv, n)
         return snap, kvfamily.nbytes(snap)
 

@@ -442,10 +442,10 @@ class Engine:
         """A fresh request's cache lookup: it now holds the longest stored prefix of its prompt."""
         from warmturn.server.sampling import make_sampler  # restores the random state if it raises
 
-        kv, reused = self.keeper.fetch(f.tokens)
         r = f.req
-        f.start(kv, reused, self.tokenizer.detokenizer, make_sampler(temp=r.temperature, top_p=r.top_p, top_k=r.top_k),
-                self.rates, time.monotonic())
+        sampler = make_sampler(temp=r.temperature, top_p=r.top_p, top_k=r.top_k)  # (before: a fetch may hand over)
+        kv, reused, kept = self.keeper.fetch(f.tokens)
+        f.start(kv, reused, self.tokenizer.detokenizer, sampler, self.rates, time.monotonic(), kept)
 
     # -- who reads its prompt next (policy: server/scheduler.py)
 
@@ -533,6 +533,7 @@ class Engine:
                 self._solo_path.store(f)
             elif f.where is Where.READY and f.kv is not None and f.in_cache > f.covered:
                 self.keeper.hand_over(f, f.tokens[: f.in_cache], f.kv, exact=True)  # what it computed
+                f.kv = None
 
     # -- one request alone: outside the batch (server/solo.py says why)
 

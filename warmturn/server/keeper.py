@@ -69,8 +69,19 @@ class Keeper:
         # window and state caches resume only where a mark was taken
         self.marks = bool(getattr(store, "stateful", False))
 
-    def fetch(self, tokens: Sequence[int]) -> tuple[list[Any], int]:
-        return self.store.fetch(tokens) if self.store is not None else (self.make_cache(), 0)
+    def fetch(self, tokens: Sequence[int]) -> tuple[list[Any], int, int]:
+        """(kv, reused, kept): kept of the reused tokens are still in the store. A store with
+        ``take`` (server/cache.py) hands over a conversation's own entry when this prompt continues
+        it, instead of a view the first write would copy whole; the flight stores it back (with
+        what it adds) when it ends, is stopped or leaves the batch."""
+        if self.store is None:
+            return self.make_cache(), 0, 0
+        take = getattr(self.store, "take", None)
+        if take is not None:
+            kv, reused, kept = take(tokens)
+            return kv, reused, kept
+        kv, reused = self.store.fetch(tokens)
+        return kv, reused, reused
 
     def peek(self, tokens: Sequence[int]) -> int:
         return self.store.peek(tokens) if self.store is not None else 0

@@ -125,6 +125,18 @@ def compact(kv: list[Any], n: int) -> list[Any]:
     return out
 
 
+def owned(kv: list[Any], n: int) -> list[Any]:
+    """``kv`` (all sliceable leaves) kept as it is, buffers whole, but at position ``n``: new
+    KVCache objects over the same arrays, so that a caller it is handed back to writes its next
+    tokens into the room left in them, in place."""
+    def leaf(_i: int, c: Any) -> Any:
+        s = KVCache()  # type: ignore[no-untyped-call]  # (mlx-lm is untyped)
+        s.keys, s.values, s.offset = c.keys, c.values, n if c.keys is not None else 0
+        return s
+
+    return _rebuild(kv, leaf)
+
+
 def view(kv: list[Any], n: int, mark: list[Any | None] | None = None) -> list[Any]:
     """A cache for the caller at position ``n`` of a stored ``kv``: sliceable leaves are new array
     objects sliced from the stored buffers (no copy up front); stateful leaves are private copies

@@ -196,6 +196,7 @@ class Flight:
     uid: int = -1  # its BatchGenerator uid while in the batch
     kv: list[Any] | None = None  # its KV cache while outside the batch
     reused: int = 0  # prompt tokens that came from the store
+    kept: int = 0  # of those, the ones the store still has (the rest it handed over: PrefixCache.take)
     in_cache: int = 0  # prompt tokens whose KV it holds
     base: int = 0  # in_cache when it joined the batch (BatchGenerator counts progress from there)
     fed: int = 0  # tokens fed into kv (solo): the count the store is told it holds
@@ -224,8 +225,8 @@ class Flight:
 
     @property
     def covered(self) -> int:
-        """Prompt tokens the store has of it already (fetched, or stored for others)."""
-        return max(self.reused, self.shared) if self.started else self.estimate
+        """Prompt tokens the store has of it already (fetched and still there, or stored for others)."""
+        return max(self.kept, self.shared) if self.started else self.estimate
 
     @property
     def progress(self) -> int:
@@ -246,10 +247,13 @@ class Flight:
             self.parked_ms = (now - self.parked_since) * 1000
         self.leader, self.need = None, 0
 
-    def start(self, kv: list[Any], reused: int, detok: Any, sampler: Any, rates: Rates, now: float) -> None:
-        """Its cache lookup ended: it holds ``kv`` with ``reused`` prompt tokens and starts reading
-        the rest (now, or when its turn comes)."""
+    def start(self, kv: list[Any], reused: int, detok: Any, sampler: Any, rates: Rates, now: float,
+              kept: int | None = None) -> None:
+        """Its cache lookup ended: it holds ``kv`` with ``reused`` prompt tokens (``kept`` of them
+        still in the store: all unless the store handed its entry over) and starts reading the
+        rest (now, or when its turn comes)."""
         self.kv, self.reused, self.in_cache, self.fed = kv, reused, reused, reused
+        self.kept = reused if kept is None else kept
         self.detok, self.sampler, self.started = detok, sampler, True
         self.joined = self.last_log = now
         self.queued_ms = (now - self.req.submitted) * 1000
