@@ -259,7 +259,8 @@ def test_wheel_carries_package_data_and_entry_points(wheel):
     names = set(wheel.namelist())
     for pkg in PACKAGES:  # every first-party package, including the shared stdlib-only warmturn/
         assert f"{pkg}/__init__.py" in names, f"{pkg} missing from the wheel"
-    for data in ("bench/fixtures/session.json", "analysis/sample/sample-capture.jsonl", "addons/normalize.py"):
+    for data in ("bench/fixtures/session.json", "analysis/sample/sample-capture.jsonl", "addons/normalize.py",
+                 "server/adapters/smollm2-135m-read.safetensors"):
         assert any(n.endswith(data) for n in names), f"{data} missing from the wheel"
     assert not any(n.startswith(("tests/", "server/", "analysis/", "bench/", "addons/")) for n in names)  # launchers
     ep = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

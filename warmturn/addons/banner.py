@@ -22,9 +22,10 @@ DELAY_S = 0.5
 # What the bundled default model cannot do, said before anyone finds out the hard way (README, Quick start).
 DEFAULT_MODEL_NOTE = """
 
-The default model (SmolLM2-135M, 8K context) is for trying warmturn: it answers short questions, but it
-does not call tools (make claude's Read tool included) and often loops (the server stops a loop early).
-For real work serve a model that does: make run MODEL=org/name   (README, "Use your own model")"""
+The default model (SmolLM2-135M, 8K context) is for trying warmturn: it answers short questions and calls
+make claude's Read tool on a file you name (a small adapter taught it that: docs/default-model-tools.md),
+but it knows no other tool, files over ~6K tokens do not fit its context, and it often loops (the server
+stops a loop early). For real work serve a bigger model: make run MODEL=org/name   (README, "Use your own model")"""
 
 
 def banner_text(port: int, backend: str, capture_file: str, embedded_log: str, web: str = "",

@@ -78,13 +78,14 @@ def default_cache_bytes() -> int:
 
 def model_identity(model: Any) -> str:
     """A 16-hex fingerprint of a loaded model: parameter names, shapes and dtypes plus a few
-    values of each of the first parameters. Two different checkpoints of one architecture get
-    different identities, so a KV file of one model is never loaded into another."""
+    values of each of the first and of the last parameters. Two different checkpoints of one architecture
+    get different identities, so a KV file of one model is never loaded into another (a fine-tune of the top
+    layers only, like the default model's Read adapter, differs in the last ones)."""
     h = hashlib.sha256()
     params = cast(list[tuple[str, Any]], tree_flatten(model.parameters()))  # (mlx's annotation allows a dict)
     for i, (name, arr) in enumerate(params):
         h.update(f"{name}:{tuple(arr.shape)}:{arr.dtype};".encode())
-        if i < 8:
+        if i < 8 or i >= len(params) - 8:
             sample = arr.reshape(-1)[:64].astype(mx.float32)
             h.update(np.array(sample).tobytes())
     return h.hexdigest()[:16]

