@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import pytest
 from warmturn.machine import free_port  # noqa: F401  (tests import it from here)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The suite serves the plain default model: its mechanics tests (a client leaving mid-answer, SIGTERM in a
+# busy batch, batching...) need its long answers, and the Read adapter makes it terse. Servers the tests
+# start inherit this. tests/test_default_model_tools.py serves the shipped default (with the adapter).
+os.environ.setdefault("WARMTURN_NO_READ_ADAPTER", "1")
 FIXTURES = ROOT / "tests" / "fixtures"
 
 

@@ -68,9 +68,11 @@ def test_a_top_layer_fine_tune_has_its_own_prefix_cache_identity():
 @pytest.fixture(scope="module")
 def server():
     port = free_port()
+    env = openblas_env()
+    env.pop("WARMTURN_NO_READ_ADAPTER", None)  # (conftest.py sets it for the rest of the suite)
     proc = subprocess.Popen(
         [sys.executable, "-m", "warmturn.server", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env=openblas_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:

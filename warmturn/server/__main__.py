@@ -94,7 +94,7 @@ def build_state(args: argparse.Namespace):
     from warmturn.server.render import Renderer
     from warmturn.server.toolcalls import format_for_tokenizer
 
-    model_dir = resolve_model(args.model, read_adapter=not args.no_read_adapter)
+    model_dir = resolve_model(args.model, read_adapter=False if args.no_read_adapter else None)
     log.info("MLX device %s, BLAS: %s", mx.default_device(), blas_in_use())
     log.info("loading %s", model_dir)
     model, tokenizer = load(str(model_dir))
@@ -150,7 +150,7 @@ def make_parser() -> argparse.ArgumentParser:
                         "converted once into ~/.cache/warmturn)")
     p.add_argument("--no-read-adapter", action="store_true",
                    help="serve the bundled default model without the LoRA that teaches it make claude's Read tool "
-                        "call (docs/default-model-tools.md); ignored with --model")
+                        "call (docs/default-model-tools.md; $WARMTURN_NO_READ_ADAPTER=1 too); ignored with --model")
     p.add_argument("--served-model-name", default=None,
                    help="id listed first in /v1/models (default: the model directory's name)")
     p.add_argument("--host", default="127.0.0.1",

@@ -51,6 +51,9 @@ _LAYER_NAMES = {
 }
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 _GGUF_GROUP_SIZE = 32
+#: Set (not "0"): the default model without its Read-tool adapter, as --no-read-adapter (the test suite's
+#: mechanics tests use it: they need the plain model's long answers; tests/conftest.py).
+NO_READ_ADAPTER_ENV = "WARMTURN_NO_READ_ADAPTER"
 _GGUF_BITS = 4
 
 
@@ -342,14 +345,17 @@ def _one_provisioner[**P, R](fn: Callable[P, R]) -> Callable[P, R]:
 
 
 @_one_provisioner
-def resolve_model(model: str | None, read_adapter: bool = True) -> Path:
+def resolve_model(model: str | None, read_adapter: bool | None = None) -> Path:
     """Map ``--model`` to a loadable mlx-lm directory: None -> default model (with its Read-tool adapter
-    fused in, :mod:`.readtool`, unless ``read_adapter`` is False); a ``.gguf`` -> converted; a name
-    (``org/name``, ``name:tag``) -> found offline where users keep models (:mod:`.locate`)."""
+    fused in, :mod:`.readtool`, unless ``read_adapter`` is False; None: unless ``$WARMTURN_NO_READ_ADAPTER``
+    is set); a ``.gguf`` -> converted; a name (``org/name``, ``name:tag``) -> found offline where users
+    keep models (:mod:`.locate`)."""
     from warmturn.server.locate import locate
 
     if not model:
         base = gguf_model_dir(find_default_gguf())
+        if read_adapter is None:
+            read_adapter = os.environ.get(NO_READ_ADAPTER_ENV, "") in ("", "0")
         if not read_adapter:
             return base
         from warmturn.server.readtool import tuned_model_dir
@@ -381,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
             gguf = Path(args.model) if args.model else find_default_gguf()
             print(gguf_model_dir(gguf, quantized=args.quantized == "yes"))
         else:
-            print(resolve_model(args.model, read_adapter=not args.no_read_adapter))
+            print(resolve_model(args.model, read_adapter=False if args.no_read_adapter else None))
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
