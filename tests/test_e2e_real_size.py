@@ -268,14 +268,20 @@ def test_a_session_longer_than_the_window_auto_compacts_and_goes_on(compact_prox
     def asks_summary(r: dict) -> bool:
         return COMPACTION_ASK in text_of(r["request"]["body"]["messages"][-1])
 
-    ask = next(r for r in requests if asks_summary(r))  # (2.1.332 sent two such requests in a row here)
+    def goes_on(r: dict) -> bool:  # a turn that carries the summary instead of the conversation
+        return not asks_summary(r) and COMPACTED in json.dumps(r["request"]["body"]["messages"])
+
+    # Claude Code 2.1.332 sometimes drops a first summary (this random model's, 64 tokens) and sends that
+    # turn uncompacted, then compacts again in the next one: the compaction that counts is the last ask
+    # before the first turn that goes on from a summary
+    first_after = next((r for r in requests if goes_on(r)), None)
+    assert first_after is not None, [json.dumps(r["request"]["body"]["messages"])[-300:] for r in requests]
+    ask = [r for r in requests if asks_summary(r) and r["t"]["end"] <= first_after["t"]["request"]][-1]
     assert ask["stop_reason"] == "end_turn" and ask["usage"]["cache_read_input_tokens"] > 0.9 * prompt_of(ask["usage"])
     after = [r for r in requests if r["t"]["request"] > ask["t"]["end"] and not asks_summary(r)]
-    assert after, "nothing was sent after the compaction"
-    first_after = after[0]
+    assert after[0] is first_after  # the turn right after the compaction goes on from the summary ...
     body = json.dumps(first_after["request"]["body"]["messages"])
-    assert COMPACTED in body, body[:2000]  # the turn goes on from the summary ...
-    assert f"Note {compacted_at}:" in body  # ... with the prompt that was typed
+    assert any(f"Note {i}:" in body for i in range(compacted_at, 7))  # ... with the prompt that was typed
     assert prompt_of(first_after["usage"]) < prompt_of(ask["usage"])  # smaller than before the compaction
     for r in after:
         assert_full_prompt(r, compact_proxy["model"])
