@@ -129,17 +129,21 @@ class MemoEncoder:
                 cut = len(a) + len(s)
                 head, whole = self._whole(text[:cut]), self._whole(text)
                 tail = self._tail(s, text[cut:])
-                if tail is None or head + tail != whole:
+                if tail is None or head + tail[0] != whole:
                     return False
                 enc = self._backend.encode(text, add_special_tokens=False)
                 if list(enc.ids) != whole or enc.offsets[len(head) - 1][1] != cut:
                     return False
         return True
 
-    def _tail(self, special: str, rest: str) -> list[int] | None:
-        """Tokens of ``rest`` as read right after ``special``."""
-        ids = self._whole(special + rest)
-        return ids[1:] if ids and self._specials.get(ids[0]) == special else None
+    def _tail(self, special: str, rest: str) -> tuple[list[int], list[int]] | None:
+        """Tokens of ``rest`` as read right after ``special``, and where each ends in ``rest``."""
+        assert self._backend is not None  # (enabled)
+        enc = self._backend.encode(special + rest, add_special_tokens=False)
+        ids = list(enc.ids)
+        if not ids or self._specials.get(ids[0]) != special:
+            return None
+        return ids[1:], [end - len(special) for _, end in enc.offsets[1:]]
 
     def encode(self, text: str) -> list[int]:
         if not self.enabled or len(text) < MIN_CHARS:
@@ -152,37 +156,24 @@ class MemoEncoder:
             tail = self._tail(special, text[len(head):]) if special else None
             if tail is not None:
                 self.memo.count(len(head_ids))
-                ids = head_ids.tolist() + tail
-                self._keep(text, ids, len(head), len(head_ids))
+                ids = head_ids.tolist() + tail[0]
+                self._keep(text, ids, len(head_ids), [len(head) + end for end in tail[1]])
                 return ids
         assert self._backend is not None  # (enabled)
         enc = self._backend.encode(text, add_special_tokens=False)
         ids = list(enc.ids)
-        self._keep(text, ids, 0, 0, enc.offsets)
+        self._keep(text, ids, 0, [end for _, end in enc.offsets])
         return ids
 
-    def _keep(self, text: str, ids: list[int], known_chars: int, known_tokens: int,
-              offsets: list[tuple[int, int]] | None = None) -> None:
-        """Remember ``text`` up to its last special token (after the part already known)."""
+    def _keep(self, text: str, ids: list[int], start: int, ends: list[int]) -> None:
+        """Remember ``text`` up to its last special token at or after token ``start``; ``ends[i]``
+        is where token ``start + i`` ends in ``text``."""
         assert self.memo is not None
-        for j in range(len(ids) - 1, known_tokens - 1, -1):
+        for j in range(len(ids) - 1, start - 1, -1):
             special = self._specials.get(ids[j])
             if special is None:
                 continue
-            if offsets is not None:
-                end = offsets[j][1]
-            else:  # composed: the special's text ends where its last occurrence in the new part does
-                end = text.rfind(special, known_chars) + len(special)
-                if end < len(special) or self._count_after(text, known_chars, end) != self._count_ids(ids, known_tokens, j):
-                    return
+            end = ends[j - start]
             if end >= MIN_CHARS and text[end - len(special):end] == special:
                 self.memo.keep(text[:end], array("i", ids[: j + 1]))
             return
-
-    def _count_after(self, text: str, start: int, end: int) -> int:
-        """Special tokens in text[start:end] (the tokenizer's leftmost matches: no special text
-        here contains another)."""
-        return sum(text.count(s, start, end) for s in self._specials.values())
-
-    def _count_ids(self, ids: list[int], start: int, j: int) -> int:
-        return sum(1 for i in ids[start: j + 1] if i in self._specials)
