@@ -433,22 +433,27 @@ class Contexts:
     def _run(self, h, start: int, prefix_kv):
         """Layers ``start``.. over ``h`` after ``prefix_kv`` (per layer (k, v), or None): the hidden state
         entering the first LoRA layer (when ``start`` is 0) and the concatenated per-layer KV."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import KVCache
-
         layers = self.model.model.layers
         entering = h
         kv = list(prefix_kv) if prefix_kv is not None else [None] * len(layers)
         for i in range(start, len(layers)):
             if i == self.first:
                 entering = h
-            c = KVCache()
-            if prefix_kv is not None:
-                c.update_and_fetch(*prefix_kv[i])
-            h = layers[i](h, "causal", cache=c)  # (lower-right aligned after a prefix)
-            kv[i] = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
-            mx.eval(h, kv[i])
+            h, kv[i] = self._layer(i, h, prefix_kv)
         return entering, kv
+
+    def _layer(self, i: int, h, prefix_kv):
+        """Layer ``i`` over ``h`` after ``prefix_kv`` (or None): its output and the layer's concatenated (k, v)."""
+        import mlx.core as mx
+        from mlx_lm.models.cache import KVCache
+
+        c = KVCache()
+        if prefix_kv is not None:
+            c.update_and_fetch(*prefix_kv[i])
+        h = self.model.model.layers[i](h, "causal", cache=c)  # (lower-right aligned after a prefix)
+        kv = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
+        mx.eval(h, kv)
+        return h, kv
 
     def refresh(self) -> None:
         """Recompute the LoRA layers' KV of every context with the current adapter."""
@@ -459,18 +464,9 @@ class Contexts:
 
     def _refresh_one(self, h, prefix_kv, old):
         """New KV for the LoRA layers (``old`` kept below them) of a part whose hidden state is ``h``."""
-        import mlx.core as mx
-        from mlx_lm.models.cache import KVCache
-
-        layers = self.model.model.layers
         kv = list(old)
-        for i in range(self.first, len(layers)):
-            c = KVCache()
-            if prefix_kv is not None:
-                c.update_and_fetch(*prefix_kv[i])
-            h = layers[i](h, "causal", cache=c)  # (lower-right aligned after a prefix)
-            kv[i] = (c.keys[..., : c.offset, :], c.values[..., : c.offset, :])
-            mx.eval(h, kv[i])
+        for i in range(self.first, len(self.model.model.layers)):
+            h, kv[i] = self._layer(i, h, prefix_kv)
         return kv
 
 
