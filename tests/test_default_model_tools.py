@@ -8,15 +8,13 @@ data."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 
 import httpx
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT
 
-from warmturn.machine import openblas_env
+from tests import procs
+from tests.procs import child_env
 from warmturn.server import readtool
 
 pytestmark = pytest.mark.model
@@ -66,34 +64,12 @@ def test_a_top_layer_fine_tune_has_its_own_prefix_cache_identity():
 
 
 @pytest.fixture(scope="module")
-def server():
-    port = free_port()
-    env = openblas_env()
+def server(tmp_path_factory):
+    env = child_env()
     env.pop("WARMTURN_NO_READ_ADAPTER", None)  # (conftest.py sets it for the rest of the suite)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "warmturn.server", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("server did not become healthy in 180 s")
-        time.sleep(0.3)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    log = tmp_path_factory.mktemp("tuned") / "server.log"
+    with procs.server("--log-level", "warning", log=log, env=env) as (_proc, url):
+        yield url
 
 
 def ask(url: str, prompt: str):
