@@ -64,6 +64,23 @@ def test_renderer_copies_share_the_memo(tokenizer, model_dir):
     assert base.memo.hits > hits
 
 
+def test_renderer_pool_fills_at_start(tokenizer, model_dir):
+    """fill() makes every tokenizer copy up front (the first concurrent requests then take one
+    instead of copying), and no more than the pool's size."""
+    from warmturn.server.state import RendererPool
+
+    base = Renderer(tokenizer, "tools-first")
+    base.history_marks = True
+    pool = RendererPool(base, size=3)
+    pool.fill()
+    held = [pool._take() for _ in range(3)]
+    assert len({id(r.tokenizer) for r in held}) == 3 and base in held
+    assert all(r.history_marks and r.memo is base.memo for r in held)
+    assert pool._grow() is None  # full: a fourth request waits for a free one
+    req = wire.parse_messages_request(wire.decode_json(json.dumps(_session(model_dir).requests[0].body).encode()))
+    assert held[1].render(req).tokens == held[2].render(req).tokens == base.render(req).tokens
+
+
 BLOCK = "You are a coding assistant.\n" * (MIN_CHARS // 20)
 pieces = st.text(alphabet=st.sampled_from(list("ab \n\t1é✓<|>_")), max_size=12)
 

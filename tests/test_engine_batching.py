@@ -389,6 +389,25 @@ def test_requests_being_read_together_start_together(parts, make_engine):
     assert rec.first("first").queued_ms >= 250
 
 
+def test_two_submitted_wait_for_a_third_being_read(parts, make_engine):
+    """The wait is for an idle engine, not only for a lone request: two submitted together
+    still wait for a third being read, and all three read their prompts in one step."""
+    rng = random.Random(53)
+    eng = make_engine(arrival_window=60.0)
+    rec = Recorder()
+    with eng.arriving() as t1, eng.arriving() as t2, eng.arriving() as t3:
+        eng.submit(rec.request("first", words(rng, 8)), t1)
+        eng.submit(rec.request("second", words(rng, 8)), t2)
+        threading.Event().wait(0.3)
+        with rec.lock:
+            rec.log.append(("third submitted", None))
+        eng.submit(rec.request("third", words(rng, 8)), t3)
+    rec.wait()
+    order = [n if n == "third submitted" else f"{n} {type(i).__name__}" for n, i in rec.log]
+    assert order.index("third submitted") < min(order.index(f"{n} Prefilled") for n in ("first", "second"))
+    assert min(rec.first(n).queued_ms for n in ("first", "second")) >= 250
+
+
 def test_a_continued_conversation_is_handed_over_and_stored_back(model_and_tokenizer):
     """Claude Code's turns re-send the answer as generated: each turn takes the previous turn's
     entry (no copy of the prefix), answers as a cache-less engine does, and leaves prompt +

@@ -197,8 +197,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="serve a lone request in the batch too, as concurrent ones, instead of outside it the way "
                         "mlx-lm's generate_step serves one (for A/B measurements: make bench --families)")
     p.add_argument("--arrival-window-ms", type=float, default=100.0,
-                   help="a request that would start alone waits up to this long for requests still being read "
-                        "and tokenized at that moment, so requests sent together start together; 0 = never wait "
+                   help="an idle engine waits up to this long, before admitting anything, for requests still being "
+                        "read and tokenized at that moment, so requests sent together start together; 0 = never "
+                        "wait "
                         "(default: 100)")
     p.add_argument("--dedup-min-tokens", type=int, default=32,
                    help="a request that shares at least this many not-yet-cached prompt tokens with one being "
@@ -325,12 +326,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
 
+    import threading
+
     import uvicorn
 
     from warmturn.server.http import make_app
 
     state = build_state(args)
     state.engine.start()
+    # every renderer's tokenizer copy now, beside start-up, not in the first concurrent requests
+    threading.Thread(target=state.renderers.fill, name="renderer-copies", daemon=True).start()
     config = uvicorn.Config(make_app(state), host=args.host, port=args.port, log_level="warning",
                             timeout_graceful_shutdown=5)
     server = _Server(config, state.engine)

@@ -312,8 +312,9 @@ class Engine:
             with self._cond:
                 while not self._stopping and not self.running and not self._pending:
                     self._cond.wait()
-                if self.solo and not self.running and len(self._pending) == 1 and self._arriving:
-                    # others are being read right now: let them arrive (see arriving())
+                if not self.running and self._pending and self._arriving:
+                    # idle, and others are being read right now: let them arrive, so that requests
+                    # sent together read their prompts in one step (see arriving())
                     self._cond.wait_for(lambda: self._stopping or not self._arriving, timeout=self.arrival_window)
                 if self._stopping:
                     break
