@@ -109,7 +109,7 @@ def test_concurrent_replay_ran_concurrently_in_dependency_order(smoke_run):
     assert float(scale["solo_decode_tps"]) > 0 and float(scale["streams_decode_tps"]) > 0
     targets = _csv(out / "targets.csv")
     assert len(targets) == 15 and {t["status"] for t in targets} <= {"met", "MISSED", "n/a"}
-    assert "Issue 13 targets" in stdout and "| (b) prompt tokens prefilled |" in stdout
+    assert "Targets (issues 13 and 20)" in stdout and "| (b) prompt tokens prefilled |" in stdout
 
 
 # --- fast checks of the bench's own logic (no model, no processes) ---------------------------

@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="max_tokens of every replayed turn, greedy (default 32; smoke 4)")
     p.add_argument("--title-max-tokens", type=int, help="max_tokens of the title request (default 32; smoke 8)")
     p.add_argument("--decode-tokens", type=int, help="max_tokens per stream of the scale scenario "
-                                                     "(default 64; smoke 12)")
+                                                     "(default 128; smoke 12)")
     p.add_argument("--vllm-mlx-cmd", default=os.environ.get("VLLM_MLX_CMD", ""),
                    help="opt-in vllm-mlx peer arms: command prefix that serves a model, e.g. "
                         "'/opt/vllm-mlx/.venv/bin/vllm-mlx serve' (env VLLM_MLX_CMD)")
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.replay_target_tokens = args.replay_target_tokens or args.target_tokens
     args.replay_max_tokens = args.replay_max_tokens or (4 if smoke else 32)
     args.title_max_tokens = args.title_max_tokens or (8 if smoke else 32)
-    args.decode_tokens = args.decode_tokens or (12 if smoke else 64)
+    args.decode_tokens = args.decode_tokens or (12 if smoke else 128)
     return args
 
 
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - over the complex
         names = next((list(i.get("metrics_after") or {}) for i in reversed(conc_infos) if i.get("metrics_after")), [])
         target_rows = targets(conc_summaries, {s["arm"]: s for s in summaries if s["requests"]}, names)
         text += ("\n\n" if text else "") + "Concurrent replay\n\n" + concurrent_table(conc_summaries)
-        text += "\n\nIssue 13 targets\n\n" + targets_table(target_rows)
+        text += "\n\nTargets (issues 13 and 20)\n\n" + targets_table(target_rows)
     if fam_summaries:
         text += (("\n\n" if text else "") + "Model families (issue 18): warm share per turn, warmturn vs "
                  "mlx_lm.server\n\n" + overview_table(fam_summaries, family_servers)

@@ -45,14 +45,16 @@ from warmturn.bench.workload import (
 
 SCENARIOS = ("a-alone", "a", "b", "c", "scale")
 SCALE_PROMPTS = [
-    "Count from 1 to 300, one number per line, and nothing else.",
-    "Write the numbers from 500 to 800 separated by commas.",
+    # every stream must decode its max_tokens, on the plain default model and on the one with the
+    # Read adapter (checked to 256 tokens, greedy, repetition guard off): a prompt answered in 15
+    # tokens makes "4 streams" fewer for most of the window. Counting prompts that stopped early
+    # on one of them: "Count from 1 to 300 …", "Count down from 400 to 1 …", "List the numbers
+    # from 1 to 500 …", "Write the numbers from 500 to 800 separated by commas."
+    "List the multiples of 3 from 3 to 900, one per line.",
+    "List the multiples of 4 from 4 to 800, one per line.",
+    "List the numbers from 1000 to 1500, one per line.",
     "List the even numbers from 2 to 600, one per line.",
-    # every stream must decode its max_tokens: a prompt this model answers in 10 tokens made
-    # "4 streams" three for most of the window (the default model stops after ten on "Spell out
-    # the numbers one to two hundred in English words")
     "List the odd numbers from 1 to 599, one per line.",
-    "Count down from 400 to 1, one number per line, and nothing else.",
 ]
 
 
