@@ -32,7 +32,10 @@ from warmturn.bench.workload import build_session, load_fixture, make_counter, r
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m warmturn.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="mlx-lm model directory or .gguf (default: the project's default model)")
+    p.add_argument("--model", help="mlx-lm model directory or .gguf (default: the project's default model, "
+                                   "without its Read-tool adapter: the tuned model starts tool calls in the "
+                                   "replayed turns, and a server holds such text back until the call is parsed, "
+                                   "so TTFT would time the whole answer)")
     p.add_argument("--smoke", action="store_true",
                    help="tiny CI version: ~300-token prefix, short messages, 2 requests per arm, max_tokens 4; "
                         "concurrent replay b and scale on warmturn only")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - over the complex
     args = parse_args(argv)
     from warmturn.server.convert import resolve_model
 
-    model = resolve_model(args.model)
+    model = resolve_model(args.model, read_adapter=False)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     results = ROOT / "bench" / "results" if (ROOT / "pyproject.toml").is_file() else Path("warmturn-bench-results")
     out_dir = (args.out or results / stamp).resolve()

@@ -30,7 +30,7 @@ def _load():
 
     from warmturn.server.convert import resolve_model
 
-    return load(str(resolve_model(None)))
+    return load(str(resolve_model(None, read_adapter=False)))  # as the bench (see its --model)
 
 
 def _ids(tokenizer, n: int, salt: int = 0) -> list[int]:
