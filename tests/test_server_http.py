@@ -416,7 +416,9 @@ def test_engine_failure_goes_down_the_request_queue_and_the_worker_survives(engi
     class FailingStore:
         """Fails on purpose: the real PrefixCache cannot be made to fail on demand."""
 
-        def fetch(self, tokens):
+        stateful = False
+
+        def take(self, tokens):
             raise RuntimeError("store exploded")
 
         def store(self, tokens, kv, checkpoints=(), *, owned=False):

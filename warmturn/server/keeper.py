@@ -24,21 +24,29 @@ log = logging.getLogger("warmturn.server.engine")
 class PromptCacheStore(Protocol):
     """Everything the engine calls on the cross-request KV store (``server.cache.PrefixCache``)."""
 
-    def fetch(self, tokens: Sequence[int]) -> tuple[list[Any], int]:
-        """Return (kv, reused): a per-layer mlx-lm KV cache list that the caller now owns and may
-        mutate (never an object the store still writes to), already holding the KV state of
-        tokens[:reused]. Always reused <= len(tokens) - 1, so at least the last token is
-        computed (an exact repeat is a full hit that recomputes only the last token)."""
+    #: some cache leaf cannot be cut back (window and state families): a prompt resumes only at an
+    #: entry's end or a mark, so the engine takes marks (:meth:`mark`)
+    stateful: bool
+
+    def take(self, tokens: Sequence[int]) -> tuple[list[Any], int, int]:
+        """Return (kv, reused, kept): a per-layer mlx-lm KV cache list that the caller now owns and
+        may mutate (never an object the store still writes to), already holding the KV state of
+        tokens[:reused]. Always reused <= len(tokens) - 1, so at least the last token is computed
+        (an exact repeat is a full hit that recomputes only the last token). ``kept`` of the
+        reused tokens are still in the store: when ``tokens`` continue a stored conversation the
+        store may hand that entry over instead of a copy (kept 0), and the caller stores it back
+        (with what it adds) when the request ends or is stopped."""
         ...
 
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
-              *, owned: bool = False, marks: dict[int, Any] | None = None) -> int:
+              *, owned: bool = False, marks: dict[int, Any] | None = None, prompt_len: int | None = None) -> int:
         """Keep the KV state of `tokens` (the tokens fed into kv; full-attention kv may hold more
         positions, only len(tokens) count), plus a separate, pinned entry at each length in
         `checkpoints` (the end of the system+tools prefix; a checkpoint equal to len(tokens)
         marks the entry itself). ``marks``: :meth:`mark` results taken at earlier positions.
         ``owned=True``: the caller hands kv over and never touches it again, so the store may
-        keep kv's buffers instead of copying them. Returns the number of tokens newly covered."""
+        keep kv's buffers instead of copying them. ``prompt_len``: of `tokens`, those that were the
+        request's prompt (the rest its answer; None: all). Returns the number of tokens newly covered."""
         ...
 
     def mark(self, kv: list[Any]) -> Any:
@@ -67,21 +75,15 @@ class Keeper:
         self.store = store
         self.make_cache = make_cache
         # window and state caches resume only where a mark was taken
-        self.marks = bool(getattr(store, "stateful", False))
+        self.marks = store is not None and store.stateful
 
     def fetch(self, tokens: Sequence[int]) -> tuple[list[Any], int, int]:
-        """(kv, reused, kept): kept of the reused tokens are still in the store. A store with
-        ``take`` (server/cache.py) hands over a conversation's own entry when this prompt continues
-        it, instead of a view the first write would copy whole; the flight stores it back (with
-        what it adds) when it ends, is stopped or leaves the batch."""
+        """(kv, reused, kept) from the store's :meth:`~PromptCacheStore.take` (a fresh cache, 0, 0
+        without a store); the flight stores a handed-over entry back when it ends, is stopped or
+        leaves the batch."""
         if self.store is None:
             return self.make_cache(), 0, 0
-        take = getattr(self.store, "take", None)
-        if take is not None:
-            kv, reused, kept = take(tokens)
-            return kv, reused, kept
-        kv, reused = self.store.fetch(tokens)
-        return kv, reused, reused
+        return self.store.take(tokens)
 
     def peek(self, tokens: Sequence[int]) -> int:
         return self.store.peek(tokens) if self.store is not None else 0
@@ -114,7 +116,8 @@ class Keeper:
         if fed is None:
             log.debug("prefix cache: token count of an extracted cache unknown, not stored")
             return False
-        return self.put(list(held)[:fed], kv, checkpoints=checkpoints, owned=True, marks=f.marks)
+        return self.put(list(held)[:fed], kv, checkpoints=checkpoints, owned=True, marks=f.marks,
+                        prompt_len=len(f.tokens))
 
     def share(self, f: Flight) -> None:
         """Store what ``f`` holds outside the batch (solo, or waiting with part of its prompt read)
