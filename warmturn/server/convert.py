@@ -21,7 +21,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -281,18 +280,16 @@ def convert_gguf(gguf: Path, out_dir: Path, quantized: bool) -> Path:
         config["tie_word_embeddings"] = False
     if quantized:
         config["quantization"] = {"group_size": _GGUF_GROUP_SIZE, "bits": _GGUF_BITS, **per_layer}
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    for fname, content in gguf_tokenizer_files(meta).items():
-        (tmp / fname).write_text(json.dumps(content, ensure_ascii=False))
-    (tmp / "warmturn-source.json").write_text(
-        json.dumps({"gguf": str(gguf), "quantized": quantized, "converted_at": time.time()})
-    )
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    from warmturn.server.building import building
+
+    with building(out_dir) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        for fname, content in gguf_tokenizer_files(meta).items():
+            (tmp / fname).write_text(json.dumps(content, ensure_ascii=False))
+        (tmp / "warmturn-source.json").write_text(
+            json.dumps({"gguf": str(gguf), "quantized": quantized, "converted_at": time.time()})
+        )
     _progress(f"converted in {time.monotonic() - t0:.1f}s")
     return out_dir
 

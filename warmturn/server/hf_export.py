@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import time
@@ -112,23 +111,20 @@ def export_hf(src: Path, out: Path) -> Path:
                 weights[name] = unpermute(weights[name], kv_heads)
     mx.eval(list(weights.values()))
 
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+    from warmturn.server.building import building
+
     config = hf_config(cfg, tok_cfg, vocab)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     gen = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"],
            "pad_token_id": config["pad_token_id"]}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copyfile(src / name, tmp / name)
-    if tok_cfg.get("chat_template"):
-        (tmp / "chat_template.jinja").write_text(tok_cfg["chat_template"])
-    (tmp / "warmturn-source.json").write_text(json.dumps({"mlx_model": str(src), "exported_at": time.time()}))
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
+    with building(out) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            shutil.copyfile(src / name, tmp / name)
+        if tok_cfg.get("chat_template"):
+            (tmp / "chat_template.jinja").write_text(tok_cfg["chat_template"])
+        (tmp / "warmturn-source.json").write_text(json.dumps({"mlx_model": str(src), "exported_at": time.time()}))
     return out
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -75,19 +74,17 @@ def tuned_model_dir(base: Path, adapter: Path = ADAPTER, expected: str = ADAPTER
     t0 = time.monotonic()
     model, _ = load_model(base)
     meta = apply_adapter(model, adapter)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
-                        metadata={"format": "mlx"})
-    for name in _COPIED:
-        if (base / name).is_file():
-            shutil.copyfile(base / name, tmp / name)
-    (tmp / "warmturn-source.json").write_text(json.dumps(
-        {"base": str(base), "adapter": adapter.name, "adapter_sha256": digest, "adapter_meta": meta,
-         "fused_at": time.time()}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    from warmturn.server.building import building
+
+    with building(out) as tmp:
+        mx.save_safetensors(str(tmp / "model.safetensors"), dict(tree_flatten(model.parameters())),
+                            metadata={"format": "mlx"})
+        for name in _COPIED:
+            if (base / name).is_file():
+                shutil.copyfile(base / name, tmp / name)
+        (tmp / "warmturn-source.json").write_text(json.dumps(
+            {"base": str(base), "adapter": adapter.name, "adapter_sha256": digest, "adapter_meta": meta,
+             "fused_at": time.time()}))
     print(f"[warmturn] fused the Read adapter into {out.name} in {time.monotonic() - t0:.1f}s", flush=True,
           file=__import__("sys").stderr)
     return out
