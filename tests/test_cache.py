@@ -502,3 +502,31 @@ def test_take_leaves_checkpoints_and_branches_alone(mt, convo):
     # read through a view, not handed over
     _kv, reused, kept = store.take(p2)
     assert reused == kept and store.stats()["entries"] == entries and store.stats()["handed_over"] == 0
+
+
+def test_take_leaves_a_prompt_that_siblings_share_to_all_of_them(mt, convo):
+    """Subagents sent together share most of their prompt: the first one released from its
+    park must not take the leader's entry (a view, the entry stays) when it parts inside the
+    entry's prompt, so the next sibling reuses as much (bench scenario b: 88 tokens recomputed).
+    The conversation's next turn, which holds the whole prompt and parts inside the previous
+    answer, still takes it."""
+    model, tok = mt
+    store = PrefixCache(model, max_bytes=1 << 30)
+    p = convo[0]
+    kv = make_prompt_cache(model)
+    prefill(model, kv, p)
+    store.store(p, kv, owned=True, prompt_len=len(p))
+    del kv
+    ok, no = tok.encode("ok", add_special_tokens=False)[0], tok.encode("no", add_special_tokens=False)[0]
+    part = len(p) - 10  # within LEND_SLACK of the entry's end, inside its prompt
+    for sibling in (p[:part] + [ok] * 5, p[:part] + [no] * 5):
+        _kv, reused, kept = store.take(sibling)
+        assert reused == kept == part and store.stats()["handed_over"] == 0
+    # the same prompt with an 8-token answer: a next turn that re-renders the answer differently
+    answer = [ok] * 8
+    kv = make_prompt_cache(model)
+    prefill(model, kv, p + answer)
+    store.store(p + answer, kv, owned=True, prompt_len=len(p))
+    del kv
+    _kv, reused, kept = store.take(p + [no] * 3 + [ok] * 4)
+    assert reused == len(p) and store.stats()["handed_over"] == 1

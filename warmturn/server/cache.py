@@ -147,6 +147,12 @@ class _Entry:
     marks: dict[int, list[Any | None]] = field(default_factory=dict)  # position -> stateful leaves there
     kv_bytes: int = 0  # of kv alone (nbytes adds the marks')
     last_used: float = field(default_factory=time.monotonic)
+    prompt_len: int = 0  # tokens[:prompt_len] were a request's prompt, the rest its answer (0: all prompt)
+
+    def continued_by(self, n: int) -> bool:
+        """Whether a prompt sharing ``n`` tokens with this entry holds all of its prompt part: it
+        is the conversation's next turn, not a sibling branching inside the prompt (take())."""
+        return n >= (self.prompt_len or len(self.tokens))
 
     def resumable(self, cp: int) -> int:
         """The longest position <= cp at which this entry can hand out a cache."""
@@ -237,7 +243,12 @@ class PrefixCache:
         (MLX copies an array shared with the store on write), a few hundred milliseconds per warm
         turn at Claude Code's size on a CPU. The caller stores it back with what it adds (the
         engine does when a request ends or is stopped). Returns (kv, reused, kept): kept of the
-        reused tokens are still in the store (a checkpoint's, say)."""
+        reused tokens are still in the store (a checkpoint's, say).
+
+        Only the conversation's next turn takes the entry: ``tokens`` must hold the entry's whole
+        prompt part (``store(prompt_len=)``), so a divergence lies in the previous answer. A
+        sibling that parts inside the prompt (subagents sent together share most of it) reads a
+        view, and the entry stays for the others."""
         return self._lookup(tokens, lend=True)
 
     def _lookup(self, tokens: Sequence[int], lend: bool) -> tuple[list[Any], int, int]:
@@ -266,7 +277,7 @@ class PrefixCache:
             self._counters["tokens_reused"] += best_n
             key = token_hash(best.tokens)
             if (lend and not best.checkpoint and not self.stateful and len(best.tokens) - best_n <= LEND_SLACK
-                    and self._entries.get(key) is best):
+                    and best.continued_by(best_n) and self._entries.get(key) is best):
                 self._drop(key)
                 self._counters["handed_over"] += 1
                 return kvfamily.owned(best.kv, best_n), best_n, self._covered(q, limit)
@@ -290,7 +301,7 @@ class PrefixCache:
         return n_tokens * self.bytes_per_token <= self.max_bytes
 
     def store(self, tokens: Sequence[int], kv: list[Any], checkpoints: Sequence[int] = (),
-              *, owned: bool = False, marks: dict[int, Any] | None = None) -> int:
+              *, owned: bool = False, marks: dict[int, Any] | None = None, prompt_len: int | None = None) -> int:
         """Keep `kv` (holding exactly `tokens`: the count the caller fed; full-attention leaves
         may hold more and are cut back) as an entry, plus one checkpoint entry per length in
         `checkpoints` (a checkpoint at len(tokens) marks the entry itself as one). ``marks``
@@ -301,7 +312,9 @@ class PrefixCache:
 
         ``owned=True``: the caller hands `kv` over and never uses it again (the engine's
         extracted caches), so the entry keeps kv's own buffers (full-attention leaves as slices);
-        otherwise it keeps a compact copy. Shorter checkpoints are always compact copies."""
+        otherwise it keeps a compact copy. Shorter checkpoints are always compact copies.
+        ``prompt_len``: of `tokens`, those that were the request's prompt (the rest is its answer);
+        None: all of them (see :meth:`take`)."""
         q = np.asarray(tokens, dtype=np.int64)
         n = len(q)
         if n == 0:
@@ -326,7 +339,8 @@ class PrefixCache:
             snaps = [(q[:p], True, self._prepare(q[:p], lambda p=p: _sized(whole.snapshot(p)))) for p in sorted(cps)]
             snaps.append((q, whole_is_checkpoint, self._prepare(q, lambda: self._whole(whole, owned))))
             for t, ck, (entry_kv, nbytes) in snaps:
-                self._commit(t, entry_kv, ck, nbytes, marks if t is q else None)
+                self._commit(t, entry_kv, ck, nbytes, marks if t is q else None,
+                             min(prompt_len, n) if prompt_len is not None and t is q else 0)
             self._counters["stores"] += 1
             created = max(self._covered(q, n) - covered, 0)
             self._counters["tokens_stored"] += created
@@ -386,7 +400,7 @@ class PrefixCache:
         return snap, nbytes
 
     def _commit(self, q: np.ndarray, snap: list[Any] | None, checkpoint: bool, nbytes: int = 0,
-                marks: dict[int, Any] | None = None) -> None:
+                marks: dict[int, Any] | None = None, prompt_len: int = 0) -> None:
         key = token_hash(q)
         n = len(q)
         if snap is None:
@@ -405,7 +419,7 @@ class PrefixCache:
                 self._maybe_save(existing)
             return
         entry = _Entry(tokens=q.copy(), kv=snap, nbytes=nbytes, checkpoint=checkpoint, stateful=self.stateful,
-                       marks=dict(marks or {}), kv_bytes=nbytes)
+                       marks=dict(marks or {}), kv_bytes=nbytes, prompt_len=prompt_len)
         self._absorb_superseded(entry)
         self._bound_marks(entry)
         if key in self._entries:  # same hash, other tokens: the newer entry wins

@@ -95,5 +95,5 @@ class SoloPath:
             return
         held = list(s.tokens[: s.in_cache]) + (s.generated if s.prefilled_at is not None else [])
         ck = [s.req.prefix_len] if 0 < s.req.prefix_len < s.in_cache else []
-        self.keeper.put(held[: s.fed], s.kv, checkpoints=ck, owned=True, marks=s.marks)
+        self.keeper.put(held[: s.fed], s.kv, checkpoints=ck, owned=True, marks=s.marks, prompt_len=len(s.tokens))
         s.kv = None  # the store's now: a later turn that takes it writes into it in place
