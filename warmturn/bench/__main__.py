@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from warmturn.bench import procs
 from warmturn.bench.arms import ROOT, ArmRun, BenchTimeout, Context, all_arms
@@ -222,7 +223,174 @@ def run_analysis(captures: Path, out_dir: Path, progress) -> list[Path]:
     return sorted(report_dir.glob("*.png"))
 
 
-def main(argv: list[str] | None = None) -> int:  # noqa: C901 - over the complexity bound: refactoring backlog
+@dataclasses.dataclass
+class Plan:
+    """What one bench run will do, decided from the arguments before anything starts."""
+
+    session: Any
+    new_session: Any
+    arms: list
+    scenario_keys: list[str]
+    scenarios: list
+    peers: list[str]
+    families: list[str]
+    family_servers: list[str]
+    family_workload: Any
+
+
+@dataclasses.dataclass
+class Collected:
+    """Every row the run measured (partial when it was cut short)."""
+
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    conc_rows: list[dict] = dataclasses.field(default_factory=list)
+    conc_infos: list[dict] = dataclasses.field(default_factory=list)
+    fam_rows: list[dict] = dataclasses.field(default_factory=list)
+    fam_summaries: list[dict] = dataclasses.field(default_factory=list)
+    skipped: list[str] = dataclasses.field(default_factory=list)
+    interrupted: bool = False
+
+
+def make_plan(args: argparse.Namespace, fixture: dict, count: Any) -> Plan:
+    from warmturn.server.convert import resolve_model
+
+    scenario_keys = select_scenarios(args.scenarios)
+    families = select_families(args.families) if args.families else []
+    return Plan(
+        session=build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens,
+                              main_turns=args.turns, subagent=not args.smoke, compact=args.smoke),
+        new_session=build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens, main_turns=1,
+                                  subagent=False, session_tag="b", compact=args.smoke),
+        arms=select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd), vllm=args.vllm),
+        scenario_keys=scenario_keys,
+        scenarios=build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
+                                  args.title_max_tokens, args.decode_tokens, compact=args.smoke),
+        peers=select_peers(args.peers, vllm_mlx=bool(args.vllm_mlx_cmd)) if scenario_keys else [],
+        families=families,
+        family_servers=select_servers(args.family_servers) if families else [],
+        family_workload=build_workload(fixture, make_counter(resolve_model(None)), args.family_target_tokens,
+                                       args.family_turns, args.family_max_tokens, args.family_concurrent,
+                                       args.family_history) if families else None)
+
+
+def make_meta(args: argparse.Namespace, argv: list[str] | None, stamp: str, model: Path, peer_model: Path,
+              plan: Plan) -> dict:
+    meta = {"date": stamp, "command": "python -m warmturn.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
+            "model": str(model), "peer_model": str(peer_model), "machine": machine_info(),
+            "target_prefix_tokens": args.target_tokens,
+            "estimated_prefix_tokens": plan.session.prefix_tokens, "requests_per_session": len(plan.session.requests),
+            "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in plan.arms],
+            "scenarios": plan.scenario_keys, "peers": plan.peers, "replay_target_tokens": args.replay_target_tokens,
+            "replay_max_tokens": args.replay_max_tokens, "title_max_tokens": args.title_max_tokens,
+            "decode_tokens": args.decode_tokens, "families": plan.families, "family_servers": plan.family_servers}
+    if plan.family_workload is not None:
+        meta.update({"family_prefix_tokens": plan.family_workload.prefix_tokens, "family_turns": args.family_turns,
+                     "family_max_tokens": args.family_max_tokens, "family_concurrent": args.family_concurrent,
+                     "family_history": args.family_history})
+    return meta
+
+
+def announce(args: argparse.Namespace, model: Path, plan: Plan, out_dir: Path, progress: Any) -> None:
+    session = plan.session
+    progress(f"warmturn bench → {out_dir}")
+    progress(f"model {model}; prefix ~{session.prefix_tokens['main']} tokens (subagent "
+             f"~{session.prefix_tokens['subagent']}); {len(session.requests)} requests per session; "
+             f"arms: {', '.join(a.key for a in plan.arms) or 'none'}; time limit {args.time_limit:.0f}s")
+    if plan.scenarios:
+        progress(f"concurrent replay: scenarios {', '.join(plan.scenario_keys)} on {', '.join(plan.peers)}; prefix "
+                 f"~{args.replay_target_tokens} tokens, max_tokens {args.replay_max_tokens} (title "
+                 f"{args.title_max_tokens}, decode streams {args.decode_tokens}), greedy")
+    if plan.families:
+        progress(f"families: {', '.join(plan.families)} on {', '.join(plan.family_servers)}; prefix "
+                 f"~{plan.family_workload.prefix_tokens} tokens, {args.family_turns} turns ({args.family_history} "
+                 f"answers in the history), max_tokens {args.family_max_tokens}, greedy; "
+                 f"{args.family_concurrent} concurrent")
+
+
+def run_arms(plan: Plan, ctx: Context, rep: int, got: Collected) -> None:
+    """Every sequential arm once; a failed arm is noted and the next one runs (a time limit ends all)."""
+    for arm in plan.arms:
+        run = ArmRun(arm, ctx, rep)
+        try:
+            got.rows += run.run(plan.session, plan.new_session)
+        except BenchTimeout as e:
+            got.rows += run.rows
+            ctx.progress(f"time limit: {e}")
+            got.skipped.append(f"{arm.key} (rep {rep}, partial)")
+            raise
+        except (RuntimeError, TimeoutError, OSError, ValueError) as e:
+            got.rows += run.rows
+            ctx.progress(f"{arm.key}: FAILED: {e}")
+            got.skipped.append(f"{arm.key} (rep {rep}: {str(e).splitlines()[0][:120]})")
+        finally:
+            run.close()
+
+
+def run_all(args: argparse.Namespace, plan: Plan, ctx: Context, out_dir: Path) -> Collected:
+    """The arms, the concurrent replay and the families, in that order; every process is stopped
+    at the end, also on the time limit or Ctrl-C (then with the rows so far)."""
+    got = Collected()
+    try:
+        for rep in range(args.repeats):
+            run_arms(plan, ctx, rep, got)
+        if plan.scenarios:
+            conc_ctx = dataclasses.replace(ctx, capture_file=out_dir / "captures-concurrent.jsonl")
+            got.conc_rows, got.conc_infos, failed = run_concurrent(plan.scenarios, plan.peers, conc_ctx, args.repeats,
+                                                                   out_dir)
+            got.skipped += failed
+        if plan.families:
+            got.fam_rows, got.fam_summaries, failed = run_families(plan.families, plan.family_servers,
+                                                                   plan.family_workload, ctx, args.floor_repeats,
+                                                                   args.no_floor)
+            got.skipped += failed
+    except BenchTimeout:
+        pass
+    except KeyboardInterrupt:
+        got.interrupted = True
+        ctx.progress("interrupted: stopping every process and writing partial results")
+    finally:
+        procs.stop_all()
+    return got
+
+
+def run_floor(args: argparse.Namespace, plan: Plan, got: Collected, model: Path, fixture: dict, count: Any,
+              ctx: Context, out_dir: Path) -> tuple[dict[tuple[str, int], float], list[dict]]:
+    """The floor for the reference arm's warm requests: ({(request, rep): ms}, rows)."""
+    floors: dict[tuple[str, int], float] = {}
+    floor_rows: list[dict] = []
+    if args.no_floor or got.interrupted or not plan.arms:
+        return floors, floor_rows
+    pairs, keys = floor_pairs(got.rows, plan.session, count)
+    if not pairs:
+        return floors, floor_rows
+    remaining = max(60.0, ctx.deadline - time.monotonic() + 300.0)
+    ctx.progress(f"floor: mlx-lm direct, {len(pairs)} points (cached/new tokens as the server reported them)")
+    try:
+        floor_rows = measure_floor(model, fixture, pairs, args.floor_repeats, out_dir, remaining)
+        for key, fr in zip(keys, floor_rows, strict=True):
+            floors[key] = fr["floor_ms"]
+            fr["request"], fr["rep"] = key
+            ctx.progress(f"floor {key[0]}: {fr['cached']} cached + {fr['new']} new tokens → "
+                         f"{fr['floor_ms'] / 1000:.2f}s")
+    except (RuntimeError, BenchTimeout, OSError) as e:
+        ctx.progress(f"floor measurement failed: {e}")
+    return floors, floor_rows
+
+
+def write_results(out_dir: Path, got: Collected, tables: dict[str, list[dict]], text: str, meta: dict) -> None:
+    for name in ("requests", "summary", "ratios", "floor"):
+        write_csv(out_dir / f"{name}.csv", tables[name])
+    if got.conc_rows:
+        for name in ("concurrent", "concurrent_summary", "targets"):
+            write_csv(out_dir / f"{name}.csv", tables[name])
+    if got.fam_rows:
+        write_csv(out_dir / "families.csv", got.fam_rows)
+        write_csv(out_dir / "families_summary.csv", got.fam_summaries)
+    (out_dir / "table.md").write_text(text + "\n")
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from warmturn.server.convert import resolve_model
 
@@ -245,157 +413,53 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - over the complex
                   request_timeout=args.request_timeout, deadline=t0 + args.time_limit, progress=progress, t0=t0)
     fixture = load_fixture()
     count = make_counter(model)
-    session = build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens,
-                            main_turns=args.turns, subagent=not args.smoke, compact=args.smoke)
-    new_session = build_session(fixture, args.target_tokens, count, max_tokens=args.max_tokens, main_turns=1,
-                                subagent=False, session_tag="b", compact=args.smoke)
-    arms = select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd), vllm=args.vllm)
-    scenario_keys = select_scenarios(args.scenarios)
-    peers = select_peers(args.peers, vllm_mlx=bool(args.vllm_mlx_cmd)) if scenario_keys else []
-    families = select_families(args.families) if args.families else []
-    family_servers = select_servers(args.family_servers) if families else []
-    family_workload = build_workload(fixture, make_counter(resolve_model(None)), args.family_target_tokens,
-                                     args.family_turns, args.family_max_tokens, args.family_concurrent,
-                                     args.family_history) if families else None
-    scenarios = build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
-                                args.title_max_tokens, args.decode_tokens, compact=args.smoke)
-    meta = {"date": stamp, "command": "python -m warmturn.bench " + shlex.join(argv if argv is not None else sys.argv[1:]),
-            "model": str(model), "peer_model": str(peer_model), "machine": machine_info(),
-            "target_prefix_tokens": args.target_tokens,
-            "estimated_prefix_tokens": session.prefix_tokens, "requests_per_session": len(session.requests),
-            "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in arms],
-            "scenarios": scenario_keys, "peers": peers, "replay_target_tokens": args.replay_target_tokens,
-            "replay_max_tokens": args.replay_max_tokens, "title_max_tokens": args.title_max_tokens,
-            "decode_tokens": args.decode_tokens, "families": families, "family_servers": family_servers}
-    if family_workload is not None:
-        meta.update({"family_prefix_tokens": family_workload.prefix_tokens, "family_turns": args.family_turns,
-                     "family_max_tokens": args.family_max_tokens, "family_concurrent": args.family_concurrent,
-                     "family_history": args.family_history})
-    progress(f"warmturn bench → {out_dir}")
-    progress(f"model {model}; prefix ~{session.prefix_tokens['main']} tokens (subagent "
-             f"~{session.prefix_tokens['subagent']}); {len(session.requests)} requests per session; "
-             f"arms: {', '.join(a.key for a in arms) or 'none'}; time limit {args.time_limit:.0f}s")
-    if scenarios:
-        progress(f"concurrent replay: scenarios {', '.join(scenario_keys)} on {', '.join(peers)}; prefix "
-                 f"~{args.replay_target_tokens} tokens, max_tokens {args.replay_max_tokens} (title "
-                 f"{args.title_max_tokens}, decode streams {args.decode_tokens}), greedy")
+    plan = make_plan(args, fixture, count)
+    meta = make_meta(args, argv, stamp, model, peer_model, plan)
+    announce(args, model, plan, out_dir, progress)
+    got = run_all(args, plan, ctx, out_dir)
+    floors, floor_rows = run_floor(args, plan, got, model, fixture, count, ctx, out_dir)
 
-    if families:
-        progress(f"families: {', '.join(families)} on {', '.join(family_servers)}; prefix "
-                 f"~{family_workload.prefix_tokens} tokens, {args.family_turns} turns ({args.family_history} "
-                 f"answers in the history), max_tokens {args.family_max_tokens}, greedy; "
-                 f"{args.family_concurrent} concurrent")
-    rows: list[dict] = []
-    fam_rows: list[dict] = []
-    fam_summaries: list[dict] = []
-    conc_rows: list[dict] = []
-    conc_infos: list[dict] = []
-    skipped: list[str] = []
-    interrupted = False
-    try:
-        for rep in range(args.repeats):
-            for arm in arms:
-                run = ArmRun(arm, ctx, rep)
-                try:
-                    rows += run.run(session, new_session)
-                except BenchTimeout as e:
-                    rows += run.rows
-                    progress(f"time limit: {e}")
-                    skipped.append(f"{arm.key} (rep {rep}, partial)")
-                    raise
-                except (RuntimeError, TimeoutError, OSError, ValueError) as e:
-                    rows += run.rows
-                    progress(f"{arm.key}: FAILED: {e}")
-                    skipped.append(f"{arm.key} (rep {rep}: {str(e).splitlines()[0][:120]})")
-                finally:
-                    run.close()
-        if scenarios:
-            conc_ctx = dataclasses.replace(ctx, capture_file=out_dir / "captures-concurrent.jsonl")
-            conc_rows, conc_infos, failed = run_concurrent(scenarios, peers, conc_ctx, args.repeats, out_dir)
-            skipped += failed
-        if families:
-            fam_rows, fam_summaries, failed = run_families(families, family_servers, family_workload, ctx,
-                                                           args.floor_repeats, args.no_floor)
-            skipped += failed
-    except BenchTimeout:
-        pass
-    except KeyboardInterrupt:
-        interrupted = True
-        progress("interrupted: stopping every process and writing partial results")
-    finally:
-        procs.stop_all()
-
-    floors: dict[tuple[str, int], float] = {}
-    floor_rows: list[dict] = []
-    if not args.no_floor and not interrupted and arms:
-        pairs, keys = floor_pairs(rows, session, count)
-        remaining = max(60.0, ctx.deadline - time.monotonic() + 300.0)
-        if pairs:
-            progress(f"floor: mlx-lm direct, {len(pairs)} points (cached/new tokens as the server reported them)")
-            try:
-                floor_rows = measure_floor(model, fixture, pairs, args.floor_repeats, out_dir, remaining)
-                for key, fr in zip(keys, floor_rows, strict=True):
-                    floors[key] = fr["floor_ms"]
-                    fr["request"], fr["rep"] = key
-                    progress(f"floor {key[0]}: {fr['cached']} cached + {fr['new']} new tokens → "
-                             f"{fr['floor_ms'] / 1000:.2f}s")
-            except (RuntimeError, BenchTimeout, OSError) as e:
-                progress(f"floor measurement failed: {e}")
-
-    summaries = [summarize_arm(a.key, a.title, rows, floors) for a in arms]
+    summaries = [summarize_arm(a.key, a.title, got.rows, floors) for a in plan.arms]
     floor_median = (sorted(floors.values())[len(floors) // 2] / 1000) if floors else None
     ratio_rows = ratios({s["arm"]: s for s in summaries if s["requests"]}, floor_median)
-    text = table(summaries, ratio_rows) if arms else ""
+    text = table(summaries, ratio_rows) if plan.arms else ""
     conc_summaries: list[dict] = []
     target_rows: list[dict] = []
-    if conc_rows:
-        ideal = ideal_prefill(scenarios, model)
-        conc_summaries = summarize_concurrent(conc_rows, conc_infos, ideal)
-        names = next((list(i.get("metrics_after") or {}) for i in reversed(conc_infos) if i.get("metrics_after")), [])
+    if got.conc_rows:
+        conc_summaries = summarize_concurrent(got.conc_rows, got.conc_infos, ideal_prefill(plan.scenarios, model))
+        names = next((list(i.get("metrics_after") or {}) for i in reversed(got.conc_infos) if i.get("metrics_after")),
+                     [])
         target_rows = targets(conc_summaries, {s["arm"]: s for s in summaries if s["requests"]}, names)
         text += ("\n\n" if text else "") + "Concurrent replay\n\n" + concurrent_table(conc_summaries)
         text += "\n\nTargets (issues 13 and 20)\n\n" + targets_table(target_rows)
-    if fam_summaries:
+    if got.fam_summaries:
         text += (("\n\n" if text else "") + "Model families (issue 18): warm share per turn, warmturn vs "
-                 "mlx_lm.server\n\n" + overview_table(fam_summaries, family_servers)
-                 + "\n\n" + family_table(fam_summaries))
-    meta["elapsed_s"] = round(time.monotonic() - t0, 1)
-    meta["skipped"] = skipped
-    meta["interrupted"] = interrupted
+                 "mlx_lm.server\n\n" + overview_table(got.fam_summaries, plan.family_servers)
+                 + "\n\n" + family_table(got.fam_summaries))
+    meta.update(elapsed_s=round(time.monotonic() - t0, 1), skipped=got.skipped, interrupted=got.interrupted)
     try:
         meta["machine"]["loadavg_end"] = os.getloadavg()
     except OSError:
         pass
-
-    write_csv(out_dir / "requests.csv", rows)
-    write_csv(out_dir / "summary.csv", summaries)
-    write_csv(out_dir / "ratios.csv", ratio_rows)
-    write_csv(out_dir / "floor.csv", floor_rows)
-    if conc_rows:
-        write_csv(out_dir / "concurrent.csv", conc_rows)
-        write_csv(out_dir / "concurrent_summary.csv", conc_summaries)
-        write_csv(out_dir / "targets.csv", target_rows)
-    if fam_rows:
-        write_csv(out_dir / "families.csv", fam_rows)
-        write_csv(out_dir / "families_summary.csv", fam_summaries)
-    (out_dir / "table.md").write_text(text + "\n")
-    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-    charts = [] if args.no_report or interrupted else run_analysis(ctx.capture_file, out_dir, progress)
+    write_results(out_dir, got, {"requests": got.rows, "summary": summaries, "ratios": ratio_rows,
+                                 "floor": floor_rows, "concurrent": got.conc_rows,
+                                 "concurrent_summary": conc_summaries, "targets": target_rows}, text, meta)
+    charts = [] if args.no_report or got.interrupted else run_analysis(ctx.capture_file, out_dir, progress)
 
     print()
     print(text)
     print()
-    if skipped:
-        print("skipped or failed: " + "; ".join(skipped))
+    if got.skipped:
+        print("skipped or failed: " + "; ".join(got.skipped))
     print(f"results: {out_dir} (requests.csv, summary.csv, ratios.csv, floor.csv, "
-          f"{'concurrent.csv, concurrent_summary.csv, targets.csv, ' if conc_rows else ''}"
-          f"{'families.csv, families_summary.csv, ' if fam_rows else ''}table.md, meta.json"
+          f"{'concurrent.csv, concurrent_summary.csv, targets.csv, ' if got.conc_rows else ''}"
+          f"{'families.csv, families_summary.csv, ' if got.fam_rows else ''}table.md, meta.json"
           f"{', report/' if charts else ''})")
     for c in charts:
         print(f"chart: {c}")
     print(f"elapsed {meta['elapsed_s']:.0f}s; load average {meta['machine'].get('loadavg_start')} → "
           f"{meta['machine'].get('loadavg_end')}")
-    return 130 if interrupted else 0
+    return 130 if got.interrupted else 0
 
 
 if __name__ == "__main__":
