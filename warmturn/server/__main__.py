@@ -112,7 +112,7 @@ def build_state(args: argparse.Namespace):
     else:
         log.info("model cache: %s (%s): %s", family.name, layers, family.policy)
     # stateful caches resume only at marked points: render() finds where each history ends
-    renderer.history_marks = bool(getattr(engine.store, "stateful", False))
+    renderer.history_marks = engine.store is not None and engine.store.stateful
     fmt = format_for_tokenizer(tokenizer)
     ctx = context_length(model_dir, tokenizer)
     # (a Hugging Face cache snapshot is named after its commit: serve it under the repository's name)
