@@ -199,8 +199,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--arrival-window-ms", type=float, default=100.0,
                    help="an idle engine waits up to this long, before admitting anything, for requests still being "
                         "read and tokenized at that moment, so requests sent together start together; 0 = never "
-                        "wait "
-                        "(default: 100)")
+                        "wait (default: 100)")
     p.add_argument("--dedup-min-tokens", type=int, default=32,
                    help="a request that shares at least this many not-yet-cached prompt tokens with one being "
                         "prefilled waits for that prefill and reads them from the cache (default: 32)")
