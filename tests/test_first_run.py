@@ -283,3 +283,30 @@ def test_banner_says_what_the_default_model_cannot_do():
     assert "calls\nmake claude's Read tool" in default and "knows no other tool" in default
     assert "make run MODEL=org/name" in default
     assert "Read tool" not in banner_text(8080, "embedded", "", "captures/embedded-server.log")
+
+
+def test_banner_asks_the_addons_what_they_own(capsys, tmp_path):
+    """The banner reads no other addon's options: it asks (DescribeHook) and route, capture and
+    supervise answer from their own, in the whole addon chain on mitmproxy's test master."""
+    from mitmproxy.test import taddons
+
+    from warmturn.addons.banner import Banner
+    from warmturn.addons.hooks import DescribeHook, announce
+    from warmturn.addons.normalize import make_addons
+
+    addons = make_addons()
+    banner = Banner()
+    log, cap = tmp_path / "server.log", tmp_path / "cap-{date}.jsonl"
+    with taddons.context(*addons, banner) as tctx:
+        tctx.options.update(backend="embedded", embedded_log=str(log), capture_file=str(cap), embedded_args="")
+        facts: dict = {}
+        announce(DescribeHook(facts))
+        assert facts == {"backend": "embedded", "capture_file": str(cap), "embedded_log": str(log), "default_model": True}
+        banner.show()
+        first = capsys.readouterr().err
+        tctx.options.update(backend="http://127.0.0.1:9", capture_file="", embedded_args="--model /m")
+        banner.show()
+        second = capsys.readouterr().err
+    assert f"embedded MLX server (starting now; its log: {log})" in first
+    assert f"captures: {tmp_path}/cap-2" in first and "make run MODEL=org/name" in first  # the bundled model
+    assert "-> http://127.0.0.1:9\n" in second and "captures: off" in second and "MODEL=org/name" not in second

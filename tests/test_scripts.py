@@ -65,6 +65,8 @@ def test_make_run_args_with_spaces_and_quotes(tmp_path):
     log = tmp_path / "make.log"
     with make("run", log, PORT=str(port), ARGS=args) as proc:
         wait_until(lambda: BANNER in log.read_text(), proc, log, 60)
+        banner = log.read_text()  # what the addons say of their own options (DescribeHook)
+        assert f"its log: {tmp_path}/server.log)" in banner and f"captures: {cap} " in banner
         health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=600).json()  # through the proxy
         assert health["model"] == "my model"
         r = httpx.post(f"http://127.0.0.1:{port}/v1/messages", timeout=600, json={

@@ -3,7 +3,8 @@ Claude Code at the proxy, printed only once mitmproxy is up for good.
 
 mitmproxy exits right after its servers start when an error was logged during start-up (its
 errorcheck addon runs after every `running` hook); the banner waits a moment past that point, so a
-failed start-up never tells the user to connect. Standard library and mitmproxy only.
+failed start-up never tells the user to connect. What it says of the proxy it asks the warmturn
+addons for (:class:`~warmturn.addons.hooks.DescribeHook`): each reads only its own options.
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import sys
 from mitmproxy import ctx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout, above warmturn/
+if ROOT not in sys.path:  # loaded by mitmdump as a script (-s), like addons/normalize.py
+    sys.path.insert(0, ROOT)
+
+from warmturn.addons.hooks import DescribeHook, announce  # noqa: E402
+
 DELAY_S = 0.5
 
 
@@ -59,10 +65,12 @@ class Banner:
         if "web_port" in o:  # mitmweb: its URL (with the token when it was fixed with web_password)
             token = o.web_password if o.web_password and not o.web_password.startswith("$") else ""
             web = f"http://{o.web_host}:{o.web_port}/" + (f"?token={token}" if token else "  (the token: see above)")
-        backend = getattr(o, "backend", "embedded")
-        default_model = backend == "embedded" and "--model" not in getattr(o, "embedded_args", "")
-        print(banner_text(o.listen_port or 8080, backend, getattr(o, "capture_file", ""),
-                          getattr(o, "embedded_log", ""), web, default_model=default_model), file=sys.stderr, flush=True)
+        facts: dict = {}
+        announce(DescribeHook(facts))  # each warmturn addon adds what it owns (addons/hooks.py)
+        backend = facts.get("backend", "embedded")
+        print(banner_text(o.listen_port or 8080, backend, facts.get("capture_file", ""), facts.get("embedded_log", ""),
+                          web, default_model=backend == "embedded" and facts.get("default_model", False)),
+              file=sys.stderr, flush=True)
 
 
 addons = [Banner()]

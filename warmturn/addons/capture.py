@@ -233,6 +233,10 @@ class Capture:
             except ValueError as e:
                 raise exceptions.OptionsError(f"capture_file: {e}") from e
 
+    def warmturn_describe(self, facts: dict) -> None:
+        """:class:`~addons.hooks.DescribeHook`: where captures go (empty: off)."""
+        facts["capture_file"] = ctx.options.capture_file
+
     def response(self, flow: http.HTTPFlow) -> None:
         if flow.live:
             self._finish(flow)

@@ -9,7 +9,7 @@ method of the hook's name, like mitmproxy's own hooks; per-flow facts go through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from mitmproxy import ctx, hooks
 
@@ -34,6 +34,16 @@ class EmbeddedServerHook(hooks.Hook):
 
     name = "warmturn_embedded_server"
     server: EmbeddedServer | None
+
+
+@dataclass
+class DescribeHook(hooks.Hook):
+    """The start-up banner (addons/banner.py) asks what a user should know: each addon adds what
+    it owns, read from its own options (route: ``backend``; capture: ``capture_file``; supervise:
+    ``embedded_log`` and ``default_model``, whether the embedded server serves the bundled model)."""
+
+    name = "warmturn_describe"
+    facts: dict[str, Any]
 
 
 def announce(event: hooks.Hook) -> None:

@@ -79,6 +79,10 @@ class Route:
         return make_adapter(self.target, api, api_key=key, model=model, server=lambda: self.embedded,
                             reachable=self.relay.reachable)
 
+    def warmturn_describe(self, facts: dict) -> None:
+        """:class:`~addons.hooks.DescribeHook`: where requests go."""
+        facts["backend"] = ctx.options.backend.strip()
+
     def warmturn_embedded_server(self, server: EmbeddedServer | None) -> None:
         """:class:`~addons.hooks.EmbeddedServerHook`: the embedded server to send requests to."""
         self.embedded = server

@@ -94,6 +94,12 @@ class Supervise:
         if self._running:
             self._reconcile()
 
+    def warmturn_describe(self, facts: dict) -> None:
+        """:class:`~addons.hooks.DescribeHook`: the embedded server's log, and whether it serves the
+        bundled default model (no ``--model`` in its arguments)."""
+        facts["embedded_log"] = ctx.options.embedded_log
+        facts["default_model"] = "--model" not in ctx.options.embedded_args
+
     def running(self) -> None:
         self._running = True
         self._reconcile()
