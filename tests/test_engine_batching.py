@@ -408,6 +408,37 @@ def test_two_submitted_wait_for_a_third_being_read(parts, make_engine):
     assert min(rec.first(n).queued_ms for n in ("first", "second")) >= 250
 
 
+def test_a_lone_request_waits_out_the_grace_for_one_sent_with_it(parts, make_engine):
+    """A proxy passes requests sent together on a few ms apart, so the second may not be
+    arriving yet when the first is submitted: an idle engine starts its first request only
+    once it is arrival_grace old, and one submitted within that reads its prompt in the same step."""
+    rng = random.Random(59)
+    eng = make_engine(arrival_grace=60.0)
+    rec = Recorder()
+    eng.submit(rec.request("first", words(rng, 8)))
+    threading.Event().wait(0.3)  # no ticket: the second is not even being read yet
+    with rec.lock:
+        rec.log.append(("second submitted", None))
+    eng.submit(rec.request("second", words(rng, 8)))
+    rec.wait()
+    order = [n if n == "second submitted" else f"{n} {type(i).__name__}" for n, i in rec.log]
+    assert order.index("second submitted") < order.index("first Prefilled")
+    assert rec.first("first").queued_ms >= 250
+
+
+def test_the_grace_counts_from_arrival_not_submit(parts, make_engine):
+    """Reading and rendering a request count towards its grace: one that took longer than the
+    grace to arrive is not held again after its submit."""
+    rng = random.Random(61)
+    eng = make_engine(arrival_grace=1.0)
+    rec = Recorder()
+    with eng.arriving() as ticket:
+        threading.Event().wait(1.2)  # "reading and rendering" outlasts the grace
+        eng.submit(rec.request("late", words(rng, 8)), ticket)
+    rec.wait()
+    assert rec.first("late").queued_ms < 900  # a wait from submit would be >= 1000
+
+
 def test_a_continued_conversation_is_handed_over_and_stored_back(model_and_tokenizer):
     """Claude Code's turns re-send the answer as generated: each turn takes the previous turn's
     entry (no copy of the prefix), answers as a cache-less engine does, and leaves prompt +

@@ -102,6 +102,7 @@ def build_state(args: argparse.Namespace):
                     decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
                     prefill_step_size=args.prefill_step_size, dedup_min_tokens=args.dedup_min_tokens,
                     progress_every=args.prefill_progress_seconds, arrival_window=args.arrival_window_ms / 1000,
+                    arrival_grace=args.arrival_grace_ms / 1000,
                     prefill_order=args.prefill_order, solo=not args.no_solo, metrics=Metrics())
     renderer = Renderer(tokenizer, prefix_order=args.prefix_order)
     family = engine.cache_family
@@ -200,6 +201,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an idle engine waits up to this long, before admitting anything, for requests still being "
                         "read and tokenized at that moment, so requests sent together start together; 0 = never "
                         "wait (default: 100)")
+    p.add_argument("--arrival-grace-ms", type=float, default=15.0,
+                   help="an idle engine starts a request no sooner than this long after it began to arrive "
+                        "(reading and rendering it count), so that requests sent together, which a proxy passes "
+                        "on a few ms apart, read their prompts in one step; 0 = start at once (default: 15)")
     p.add_argument("--dedup-min-tokens", type=int, default=32,
                    help="a request that shares at least this many not-yet-cached prompt tokens with one being "
                         "prefilled waits for that prefill and reads them from the cache (default: 32)")

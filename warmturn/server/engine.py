@@ -90,6 +90,7 @@ class Engine:
         progress_every: float = 5.0,
         solo: bool = True,
         arrival_window: float = 0.1,
+        arrival_grace: float = 0.0,
         prefill_order: Literal["shortest", "arrival"] = "shortest",
         metrics: Metrics | None = None,
     ) -> None:
@@ -107,6 +108,7 @@ class Engine:
         self.progress_every = progress_every  # seconds between progress lines of a long prefill
         self.solo = solo  # serve a lone request outside the batch (False: for A/B measurements)
         self.arrival_window = arrival_window  # seconds a lone request waits for others being read
+        self.arrival_grace = arrival_grace  # an idle engine's first request is at least this old when it starts
         self.prefill_order = prefill_order  # "arrival": every admitted prompt is read at once (A/B)
         self.metrics = metrics or Metrics()
         self.rates = Rates(self.metrics)
@@ -271,6 +273,7 @@ class Engine:
                                  self.retry_after())
             self._pending.append(req)
             if arrival is not None:
+                req.arrived = arrival.started
                 self._arrived(arrival)
             self._cond.notify_all()
 
@@ -306,16 +309,31 @@ class Engine:
             for req in pending:
                 req.emit(dead)
 
+    def _gather(self) -> None:
+        """(Under ``self._cond``.) The engine is idle and has work: let the requests sent together
+        with it arrive first, so that they read their prompts in one step instead of one alone and
+        the rest a step later, while the first one waits. It waits while others are being read
+        (up to ``arrival_window``), and until the oldest request is ``arrival_grace`` old since it
+        began to arrive (reading and rendering it count), unless the batch is full already."""
+        window_end = time.monotonic() + self.arrival_window
+        grace_end = self._pending[0].arrived + self.arrival_grace
+        while not self._stopping and len(self._pending) < self.decode_concurrency:
+            now = time.monotonic()
+            if self._arriving and now < window_end:
+                self._cond.wait(window_end - now)
+            elif now < grace_end:
+                self._cond.wait(grace_end - now)
+            else:
+                return
+
     def _loop(self) -> None:
         self._batch = self._new_batch()
         while True:
             with self._cond:
                 while not self._stopping and not self.running and not self._pending:
                     self._cond.wait()
-                if not self.running and self._pending and self._arriving:
-                    # idle, and others are being read right now: let them arrive, so that requests
-                    # sent together read their prompts in one step (see arriving())
-                    self._cond.wait_for(lambda: self._stopping or not self._arriving, timeout=self.arrival_window)
+                if not self.running and self._pending:
+                    self._gather()
                 if self._stopping:
                     break
                 room = self.decode_concurrency - self.running

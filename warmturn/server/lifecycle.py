@@ -39,6 +39,7 @@ class Arrival:
     """A request being read and tokenized, not submitted yet (see Engine.arriving)."""
 
     done: bool = False
+    started: float = field(default_factory=time.monotonic)  # when it began to arrive
 
 
 class Overloaded(RuntimeError):
@@ -120,6 +121,7 @@ class GenerationRequest:
     deadline: float = float("inf")  # time.monotonic() value
     cancel: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.monotonic)
+    arrived: float = field(default_factory=time.monotonic)  # when it began to arrive (Engine.submit sets it)
     request_id: str = ""
     background: bool = False  # a side request (a conversation title): its prefill yields to turns
     history_len: int = 0  # end of the last message, before the generation prompt (render.Rendered)
