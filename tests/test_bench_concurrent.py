@@ -11,7 +11,14 @@ import pytest
 
 from warmturn.bench.concurrent import metric_delta, parse_prometheus, select_peers, vllm_prefill_from_log
 from warmturn.bench.replay import bodies_with_billing
-from warmturn.bench.scenarios import build_scenarios, fan_out, interactive_start, parallel_sessions
+from warmturn.bench.scenarios import (
+    build_scenarios,
+    decode_streams,
+    fan_out,
+    interactive_start,
+    parallel_sessions,
+    scale_round,
+)
 from warmturn.bench.targets import decode_rate, distinct_prefix_tokens, summarize_run, targets
 from warmturn.bench.workload import load_fixture, make_counter
 
@@ -119,13 +126,35 @@ def test_run_figures_from_literal_rows():
 def test_decode_rate_counts_tokens_after_each_first_over_the_shared_window():
     solo = [_row("solo-1", "solo", 0.0, 1.0, 5.0, 41)]
     assert decode_rate(solo) == pytest.approx(10.0)
-    slower = _row("solo-2", "solo", 6.0, 7.0, 15.0, 41)
-    scale = summarize_run("scale", "warmturn", [dict(r, scenario="scale") for r in [*solo, slower]])
-    assert scale["solo_decode_tps"] == pytest.approx(10.0)  # the faster solo run counts
     together = [_row(f"s{i}", "stream", 6.0, 7.0, 11.0, 41) for i in range(4)]
     assert decode_rate(together) == pytest.approx(40.0)  # 4x: perfect scaling
     serial = [_row(f"s{i}", "stream", 6.0, 7.0 + 4 * i, 11.0 + 4 * i, 41) for i in range(4)]
     assert decode_rate(serial) == pytest.approx(160 / 16)  # one after another: no gain
+
+
+def test_scale_figures_pair_each_burst_with_its_own_solo_run():
+    """Round 1: 10 tok/s alone, 40 together (4x); round 2, on a machine that slowed down: 5 alone,
+    15 together (3x). The warm-up counts nowhere; the figures are medians over the rounds."""
+    rows = [_row("warm-up", "warm-up", 0.0, 0.5, 1.0, 41),  # 80 tok/s: would skew any figure it entered
+            _row("solo-1", "solo", 0.0, 1.0, 5.0, 41),
+            *[_row(f"r1-s{i}", "stream", 6.0, 7.0, 11.0, 41) for i in range(1, 5)],
+            _row("solo-2", "solo", 12.0, 13.0, 21.0, 41),
+            *[_row(f"r2-s{i}", "stream", 22.0, 23.0, 31.0, 31) for i in range(1, 5)]]
+    fig = summarize_run("scale", "warmturn", [dict(r, scenario="scale") for r in rows])
+    assert fig["scale_rounds"] == 2 and fig["streams"] == 4
+    assert fig["scaling"] == pytest.approx((4.0 + 3.0) / 2)
+    assert fig["solo_decode_tps"] == pytest.approx(7.5) and fig["streams_decode_tps"] == pytest.approx(27.5)
+    assert [scale_round(n) for n in ("solo-3", "r12-s4", "warm-up", "main-1", "x/r2-s1")] == [3, 12, None, None, 2]
+
+
+def test_the_scale_scenario_runs_its_rounds_in_order():
+    sc = decode_streams(64, streams=4, rounds=2)
+    after = {n.request.name: n.after for n in sc.nodes}
+    assert list(after) == ["warm-up", "solo-1", "r1-s1", "r1-s2", "r1-s3", "r1-s4",
+                           "solo-2", "r2-s1", "r2-s2", "r2-s3", "r2-s4"]
+    assert after["solo-1"] == ("warm-up",) and after["r1-s3"] == ("solo-1",)
+    assert after["solo-2"] == ("r1-s1", "r1-s2", "r1-s3", "r1-s4")  # alone: after the whole burst
+    assert sc.nodes[0].request.body["max_tokens"] == 16 and sc.nodes[1].request.body["max_tokens"] == 64
 
 
 def _summary(scenario, peer, **kw):

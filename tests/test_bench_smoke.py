@@ -107,6 +107,7 @@ def test_concurrent_replay_ran_concurrently_in_dependency_order(smoke_run):
     assert 0 < int(sb["ideal_prefill_tokens"]) < prompt_total
     scale = summary[("scale", "warmturn")]
     assert float(scale["solo_decode_tps"]) > 0 and float(scale["streams_decode_tps"]) > 0
+    assert int(scale["scale_rounds"]) == 1  # smoke: one round
     targets = _csv(out / "targets.csv")
     assert len(targets) == 16 and {t["status"] for t in targets} <= {"met", "MISSED", "n/a"}
     assert "Targets (issues 13 and 20)" in stdout and "| (b) prompt tokens prefilled |" in stdout

@@ -62,6 +62,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--title-max-tokens", type=int, help="max_tokens of the title request (default 32; smoke 8)")
     p.add_argument("--decode-tokens", type=int, help="max_tokens per stream of the scale scenario "
                                                      "(default 128; smoke 12)")
+    p.add_argument("--scale-rounds", type=int, help="rounds of the scale scenario: one stream alone, then the "
+                                                    "burst; the figures are medians over rounds (default 3; smoke 1)")
     p.add_argument("--vllm-mlx-cmd", default=os.environ.get("VLLM_MLX_CMD", ""),
                    help="opt-in vllm-mlx peer arms: command prefix that serves a model, e.g. "
                         "'/opt/vllm-mlx/.venv/bin/vllm-mlx serve' (env VLLM_MLX_CMD)")
@@ -118,6 +120,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.replay_max_tokens = args.replay_max_tokens or (4 if smoke else 32)
     args.title_max_tokens = args.title_max_tokens or (8 if smoke else 32)
     args.decode_tokens = args.decode_tokens or (12 if smoke else 128)
+    args.scale_rounds = args.scale_rounds or (1 if smoke else 3)
     return args
 
 
@@ -264,7 +267,8 @@ def make_plan(args: argparse.Namespace, fixture: dict, count: Any) -> Plan:
         arms=select_arms(args.arms, vllm_mlx=bool(args.vllm_mlx_cmd), vllm=args.vllm),
         scenario_keys=scenario_keys,
         scenarios=build_scenarios(scenario_keys, fixture, args.replay_target_tokens, count, args.replay_max_tokens,
-                                  args.title_max_tokens, args.decode_tokens, compact=args.smoke),
+                                  args.title_max_tokens, args.decode_tokens, compact=args.smoke,
+                                  scale_rounds=args.scale_rounds),
         peers=select_peers(args.peers, vllm_mlx=bool(args.vllm_mlx_cmd)) if scenario_keys else [],
         families=families,
         family_servers=select_servers(args.family_servers) if families else [],
@@ -282,7 +286,8 @@ def make_meta(args: argparse.Namespace, argv: list[str] | None, stamp: str, mode
             "max_tokens": args.max_tokens, "repeats": args.repeats, "arms": [a.key for a in plan.arms],
             "scenarios": plan.scenario_keys, "peers": plan.peers, "replay_target_tokens": args.replay_target_tokens,
             "replay_max_tokens": args.replay_max_tokens, "title_max_tokens": args.title_max_tokens,
-            "decode_tokens": args.decode_tokens, "families": plan.families, "family_servers": plan.family_servers}
+            "decode_tokens": args.decode_tokens, "scale_rounds": args.scale_rounds, "families": plan.families,
+            "family_servers": plan.family_servers}
     if plan.family_workload is not None:
         meta.update({"family_prefix_tokens": plan.family_workload.prefix_tokens, "family_turns": args.family_turns,
                      "family_max_tokens": args.family_max_tokens, "family_concurrent": args.family_concurrent,

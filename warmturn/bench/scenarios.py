@@ -14,7 +14,7 @@ bench's prefix size by `bench.workload`), in three shapes the issue names:
        one subagent prefix (system + tools) and each do 2 tool rounds, while the main agent does
        its own tool round; a last main request carries their completion notices;
 - `c`  4 independent sessions at once (same system + tools, different first prompts), 4 turns each;
-- `scale` decode throughput: 1 stream alone (twice), then 4 streams at once (short prompts, long output).
+- `scale` decode throughput: rounds of 1 stream alone, then 4 streams at once (short prompts, long output).
 
 Every replay request is greedy (`temperature` 0) with a fixed `max_tokens`, so every server is
 asked for the same work. Pure: nothing here touches the network.
@@ -203,25 +203,41 @@ def parallel_sessions(fixture: dict, target: int, count: Counter, max_tokens: in
     return Scenario("c", f"{sessions} independent sessions at once, {turns} turns each", nodes)
 
 
-def decode_streams(max_tokens: int, streams: int = 4) -> Scenario:
-    """`scale`: one stream alone, twice (`solo-1`, `solo-2`), then `streams` at once (`s1`…), short
-    distinct prompts asking for long counts."""
-    def req(name: str, prompt: str) -> BenchRequest:
-        body = {"model": "claude-opus-4-8", "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+def decode_streams(max_tokens: int, streams: int = 4, rounds: int = 3) -> Scenario:
+    """`scale`: a warm-up stream, then `rounds` rounds of one stream alone (`solo-<r>`) followed by
+    `streams` at once (`r<r>-s1`…), short distinct prompts asking for long counts. Each round's
+    ratio pairs a burst with the solo run just before it, so a machine that slows down between
+    rounds moves both (targets.scale_figures takes the median over rounds)."""
+    def req(name: str, prompt: str, tokens: int = max_tokens) -> BenchRequest:
+        body = {"model": "claude-opus-4-8", "max_tokens": tokens, "temperature": 0.0, "stream": True,
                 "messages": [{"role": "user", "content": prompt}]}
         return BenchRequest(name, name, 1, body, {"anthropic-version": "2023-06-01"})
 
-    # two solo streams one after the other (the summary takes the faster: the first long decode
-    # after start-up may still pay one-off costs), then `streams` at once
-    nodes = [Node(req("solo-1", SCALE_PROMPTS[-1]), role="solo"),
-             Node(req("solo-2", SCALE_PROMPTS[-1]), after=("solo-1",), delay_s=0.5, role="solo")]
-    nodes += [Node(req(f"s{i + 1}", SCALE_PROMPTS[i % (len(SCALE_PROMPTS) - 1)]), after=("solo-2",), delay_s=1.0,
-                   role="stream") for i in range(streams)]
-    return Scenario("scale", f"decode: 1 stream alone (twice), then {streams} at once", nodes)
+    # the first decode after start-up may pay one-off costs: a short warm-up stream goes first, uncounted
+    nodes = [Node(req("warm-up", SCALE_PROMPTS[-1], min(16, max_tokens)), role="warm-up")]
+    before: tuple[str, ...] = ("warm-up",)
+    for r in range(1, rounds + 1):
+        nodes.append(Node(req(f"solo-{r}", SCALE_PROMPTS[-1]), after=before, delay_s=0.5, role="solo"))
+        burst = [f"r{r}-s{i + 1}" for i in range(streams)]
+        nodes += [Node(req(name, SCALE_PROMPTS[i % (len(SCALE_PROMPTS) - 1)]), after=(f"solo-{r}",), delay_s=1.0,
+                       role="stream") for i, name in enumerate(burst)]
+        before = tuple(burst)
+    return Scenario("scale", f"decode: {rounds} rounds of 1 stream alone, then {streams} at once", nodes)
+
+
+def scale_round(name: str) -> int | None:
+    """The round a `scale` request belongs to (`solo-2` and `r2-s3` -> 2), None for the warm-up."""
+    head = name.split("/")[-1].split("-")
+    if head[0] == "solo" and len(head) == 2 and head[1].isdigit():
+        return int(head[1])
+    if head[0][:1] == "r" and head[0][1:].isdigit():
+        return int(head[0][1:])
+    return None
 
 
 def build_scenarios(keys: list[str], fixture: dict, target: int, count: Counter, max_tokens: int,
-                    title_max_tokens: int, decode_tokens: int, compact: bool = False) -> list[Scenario]:
+                    title_max_tokens: int, decode_tokens: int, compact: bool = False,
+                    scale_rounds: int = 3) -> list[Scenario]:
     """The scenarios named in `keys`; `compact` shortens reminders and tool results (the smoke run)."""
     out = []
     for key in keys:
@@ -233,7 +249,7 @@ def build_scenarios(keys: list[str], fixture: dict, target: int, count: Counter,
         elif key == "c":
             out.append(parallel_sessions(fixture, target, count, max_tokens, compact=compact))
         elif key == "scale":
-            out.append(decode_streams(decode_tokens))
+            out.append(decode_streams(decode_tokens, rounds=scale_rounds))
         else:
             raise ValueError(f"unknown scenario {key!r} (known: {', '.join(SCENARIOS)})")
     return out

@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Iterable, Sequence
 
+from warmturn.bench.scenarios import scale_round
 from warmturn.bench.summary import fmt, percentile
 
 OURS = "warmturn"
@@ -94,15 +95,32 @@ def summarize_run(scenario: str, peer: str, rows: list[dict], info: dict | None 
     first = [r for r in ok if r.get("role") == "first-turn"]
     out["first_turn_ttft_s"] = float(first[0]["ttft_ms"]) / 1000 if first else None
     if scenario == "scale":
-        solo = [r for r in ok if r.get("role") == "solo"]
-        streams = [r for r in ok if r.get("role") == "stream"]
-        solo_rates = [v for v in (decode_rate([r]) for r in solo) if v is not None]
-        out["solo_decode_tps"] = max(solo_rates) if solo_rates else None  # the faster of the solo runs
-        out["streams_decode_tps"] = decode_rate(streams)
-        out["streams"] = len(streams)
-        out["scaling"] = (out["streams_decode_tps"] / out["solo_decode_tps"]
-                          if out["streams_decode_tps"] and out["solo_decode_tps"] else None)
+        out.update(scale_figures(ok))
     return out
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def scale_figures(rows: list[dict]) -> dict:
+    """The `scale` scenario's decode figures: per round (and repeat), one stream's rate and the
+    burst's aggregate rate right after it; the medians over rounds of both and of their ratio (a
+    round pairs each burst with its own solo run, so a machine that slows down between rounds
+    moves both sides of that round's ratio)."""
+    rounds: dict[tuple, dict[str, list[dict]]] = {}
+    for r in rows:
+        n = scale_round(str(r.get("request", "")))
+        if n is not None and r.get("role") in ("solo", "stream"):
+            rounds.setdefault((r.get("rep"), n), {"solo": [], "stream": []})[r["role"]].append(r)
+    solo, streams, ratios = [], [], []
+    for part in rounds.values():
+        one, many = decode_rate(part["solo"]), decode_rate(part["stream"])
+        solo += [one] if one else []
+        streams += [many] if many else []
+        ratios += [many / one] if one and many else []
+    return {"solo_decode_tps": _median(solo), "streams_decode_tps": _median(streams), "scaling": _median(ratios),
+            "scale_rounds": len(ratios), "streams": max((len(p["stream"]) for p in rounds.values()), default=0)}
 
 
 def summarize_concurrent(rows: list[dict], infos: list[dict], ideal: dict[str, int] | None = None) -> list[dict]:
@@ -142,10 +160,13 @@ def concurrent_table(summaries: list[dict]) -> str:
                                         pre]) + " |")
     scale = [s for s in summaries if s["scenario"] == "scale"]
     if scale:
-        lines += ["", "| peer | decode tok/s, 1 stream | decode tok/s, 4 streams | scaling |", "|---|---|---|---|"]
+        lines += ["", "| peer | rounds | decode tok/s, 1 stream | decode tok/s, 4 streams | scaling |",
+                  "|---|---|---|---|---|"]
         for s in scale:
-            lines.append(f"| {s['peer']} | {fmt(s['solo_decode_tps'], 1)} | {fmt(s['streams_decode_tps'], 1)} | "
-                         f"{fmt(s['scaling'])} |")
+            lines.append(f"| {s['peer']} | {s.get('scale_rounds', 'n/a')} | {fmt(s['solo_decode_tps'], 1)} | "
+                         f"{fmt(s['streams_decode_tps'], 1)} | {fmt(s['scaling'])} |")
+        lines.append("(medians over rounds; a round is one stream alone, then the burst; scaling is the median of "
+                     "the rounds' ratios)")
     return "\n".join(lines)
 
 
