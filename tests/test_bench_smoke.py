@@ -218,6 +218,25 @@ def test_summary_figures_from_literal_rows():
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([], 90) is None
 
 
+def test_repeats_count_each_request_once_as_its_median():
+    """Three repeats of two warm requests: one slow sample of main-3 (rep 2) must not become the
+    p90; each request's figure is its median over the repeats, against its floors' median."""
+    def row(name, rep, ttft):
+        return {"arm": "3-rotating-on", "rep": rep, "request": name, "agent": "main", "turn": int(name[-1]),
+                "phase": "warm", "ttft_ms": ttft, "prompt_tokens": 100, "cache_read_input_tokens": 90,
+                "error": None}
+
+    rows = [row("main-2", 0, 1000.0), row("main-2", 1, 1100.0), row("main-2", 2, 1050.0),
+            row("main-3", 0, 2000.0), row("main-3", 1, 2100.0), row("main-3", 2, 3000.0)]
+    floors = {("main-2", 0): 1000.0, ("main-2", 1): 1000.0, ("main-2", 2): 1000.0,
+              ("main-3", 0): 2000.0, ("main-3", 1): 1900.0, ("main-3", 2): 2100.0}
+    s = summarize_arm("3-rotating-on", "t", rows, floors)
+    assert s["warm_ttft_median_s"] == pytest.approx((1.05 + 2.1) / 2)  # medians 1050 and 2100 ms
+    assert s["warm_ttft_p90_s"] == pytest.approx(percentile([1.05, 2.1], 90))
+    assert s["warm_over_floor"] == pytest.approx((1.05 + 1.05) / 2)  # 1050/1000 and 2100/2000
+    assert s["warm_over_floor_p90"] == pytest.approx(1.05)  # the 3000 ms sample stays one of three
+
+
 def test_peer_template_renders_the_same_prompt_as_warmturns_server(model_dir, counter, tmp_path):
     """The peers must prefill what our server prefills: the tools-aware copy of SmolLM2's
     template, fed the addon's OpenAI translation, gives the server's token count (±0.2%);
