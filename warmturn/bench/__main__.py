@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--peers", default="",
                    help="servers of the concurrent replay: warmturn, mlx_lm.server, vllm-mlx-cb (default: all; "
                         "vllm-mlx-cb only with --vllm-mlx-cmd; smoke: warmturn); warmturn-arrival (opt-in: warmturn "
-                        "with --prefill-order arrival, for A/B)")
+                        "with --prefill-order arrival, for A/B), warmturn-no-solo (opt-in: warmturn "
+                        "with --no-solo, a lone request as a batch of one, as the peers serve it)")
     p.add_argument("--replay-target-tokens", type=int,
                    help="system+tools prefix tokens of the concurrent replay (default: --target-tokens)")
     p.add_argument("--replay-max-tokens", type=int,

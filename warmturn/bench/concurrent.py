@@ -30,6 +30,8 @@ PEERS = {
     # opt-in (--peers): the same server reading every admitted prompt at once, for A/B
     "warmturn-arrival": Arm("warmturn-arrival", "warmturn with --prefill-order arrival",
                             server_args=("--prefill-order", "arrival")),
+    # opt-in: a lone request served in the batch too, as a batch of one (the way both peers serve it)
+    "warmturn-no-solo": Arm("warmturn-no-solo", "warmturn with --no-solo", server_args=("--no-solo",)),
     "mlx_lm.server": Arm("mlx_lm.server", "mlx_lm.server (BatchGenerator, its defaults) behind the addon",
                          backend="mlx_lm", backend_api="openai"),
     "vllm-mlx-cb": Arm("vllm-mlx-cb", "vllm-mlx --continuous-batching, its /v1/messages behind the addon",
@@ -52,7 +54,7 @@ def select_peers(spec: str, vllm_mlx: bool) -> list[str]:
     return wanted
 
 
-OPT_IN = {"warmturn-arrival"}
+OPT_IN = {"warmturn-arrival", "warmturn-no-solo"}
 
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eEinfNa]+)\s*$")
 

@@ -189,7 +189,8 @@ def targets(conc: list[dict], seq: dict[str, dict], metrics_names: Sequence[str]
     5-vllm-mlx-cb, with `warm_over_floor` / `warm_over_floor_p90`); `metrics_names`: the metric
     names warmturn's /metrics showed after the replay."""
     by = {(s["scenario"], s["peer"]): s for s in conc}
-    peers = sorted({s["peer"] for s in conc if s["peer"] != OURS})
+    # the peers; warmturn's own A/B variants (warmturn-arrival, warmturn-no-solo) are not peers
+    peers = sorted({s["peer"] for s in conc if not s["peer"].startswith(OURS)})
     rows: list[dict] = []
 
     def add(case: str, target: str, value: str, ok: bool | None) -> None:
