@@ -201,10 +201,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an idle engine waits up to this long, before admitting anything, for requests still being "
                         "read and tokenized at that moment, so requests sent together start together; 0 = never "
                         "wait (default: 100)")
-    p.add_argument("--arrival-grace-ms", type=float, default=15.0,
+    p.add_argument("--arrival-grace-ms", type=float, default=0.0,
                    help="an idle engine starts a request no sooner than this long after it began to arrive "
                         "(reading and rendering it count), so that requests sent together, which a proxy passes "
-                        "on a few ms apart, read their prompts in one step; 0 = start at once (default: 15)")
+                        "on a few ms apart, read their prompts in one step; it costs a lone request what is left "
+                        "of it (a warm turn waits ~13 ms of 15); 0 = start at once (default: 0)")
     p.add_argument("--dedup-min-tokens", type=int, default=32,
                    help="a request that shares at least this many not-yet-cached prompt tokens with one being "
                         "prefilled waits for that prefill and reads them from the cache (default: 32)")
