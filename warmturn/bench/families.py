@@ -67,7 +67,6 @@ from warmturn.bench.family_figures import (  # noqa: F401  (re-exported: tests a
     add_verdicts,
     compare,
     family_table,
-    median,
     overview_table,
     share_keys,
     summarize,

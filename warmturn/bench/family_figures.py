@@ -3,7 +3,6 @@ tables), pure functions over the rows warmturn/bench/families.py collects."""
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Sequence
 
 TOLERANCE = 0.01  # of a share: warmturn "reads at least as much" when >= mlx_lm's share - this
@@ -162,8 +161,3 @@ def overview_table(summaries: list[dict], servers: Sequence[str]) -> str:
             cells.append("n/a" if not verdicts or None in verdicts else ("yes" if all(verdicts) else "**NO**"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def median(values: Sequence[float]) -> float | None:
-    vals = [v for v in values if v is not None]
-    return statistics.median(vals) if vals else None

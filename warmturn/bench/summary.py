@@ -15,6 +15,12 @@ def _ok(rows: Iterable[dict]) -> list[dict]:
     return [r for r in rows if not r.get("error") and r.get("ttft_ms") is not None]
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are there (None skipped); None for none."""
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Linear-interpolated percentile (q in 0..100); None for no values."""
     if not values:

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 
 from warmturn.bench.scenarios import scale_round
-from warmturn.bench.summary import fmt, percentile
+from warmturn.bench.summary import fmt, median, percentile
 
 OURS = "warmturn"
 CB_PEER = "vllm-mlx-cb"
@@ -99,10 +99,6 @@ def summarize_run(scenario: str, peer: str, rows: list[dict], info: dict | None 
     return out
 
 
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
 def scale_figures(rows: list[dict]) -> dict:
     """The `scale` scenario's decode figures: per round (and repeat), one stream's rate and the
     burst's aggregate rate right after it; the medians over rounds of both and of their ratio (a
@@ -119,7 +115,7 @@ def scale_figures(rows: list[dict]) -> dict:
         solo += [one] if one else []
         streams += [many] if many else []
         ratios += [many / one] if one and many else []
-    return {"solo_decode_tps": _median(solo), "streams_decode_tps": _median(streams), "scaling": _median(ratios),
+    return {"solo_decode_tps": median(solo), "streams_decode_tps": median(streams), "scaling": median(ratios),
             "scale_rounds": len(ratios), "streams": max((len(p["stream"]) for p in rounds.values()), default=0)}
 
 
