@@ -5,7 +5,8 @@ over several tokens). :class:`StopMatcher` and :class:`ToolCallParser` consume p
 return what may be shown now, holding back only the characters that could still start a
 stop sequence or a tool-call marker.
 
-Formats: hermes ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` by default;
+Formats: hermes ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` by default (a body
+that cannot be a JSON object, by its first character, is text at once, not held to its end);
 when the tokenizer was loaded by mlx-lm with a tool parser (inferred from the chat template:
 qwen3_coder, mistral, pythonic, glm47, ...), its markers and parse function are used instead
 (:func:`format_for_tokenizer`). A call whose body does not parse comes back as plain text.
@@ -98,15 +99,25 @@ def parse_hermes(body: str, tools: Any = None) -> dict[str, Any]:
     return obj
 
 
+def hermes_may_parse(body: str) -> bool:
+    """False once ``body`` (what follows ``<tool_call>`` so far) can no longer become a call
+    :func:`parse_hermes` accepts: its first character that is not whitespace is not ``{``."""
+    head = body.lstrip()
+    return not head or head[0] == "{"
+
+
 @dataclass(frozen=True)
 class ToolCallFormat:
     start: str
     end: str  # "" when a call runs to the end of the output
     parse: ParseFn
     name: str = "hermes"
+    # given the body so far, False once it cannot parse whatever follows (None: not known, so a
+    # body is held until its end marker or the end of the output)
+    may_parse: Callable[[str], bool] | None = None
 
 
-HERMES = ToolCallFormat("<tool_call>", "</tool_call>", parse_hermes, "hermes")
+HERMES = ToolCallFormat("<tool_call>", "</tool_call>", parse_hermes, "hermes", hermes_may_parse)
 
 
 def format_for_tokenizer(tokenizer: Any) -> ToolCallFormat:
@@ -186,6 +197,12 @@ class ToolCallParser:
                 self._buf = self._buf[i + len(start) :]
                 self._in_call = True
             else:
+                if self.fmt.may_parse is not None and not self.fmt.may_parse(self._buf):
+                    # not a call after all (a model that writes "<tool_call>" and then prose):
+                    # the marker is text, shown now, and what follows is read as text again
+                    out.append(TextPiece(start))
+                    self._in_call = False
+                    continue
                 if not end:
                     return out  # runs to the end of output: wait for finish()
                 j = self._buf.find(end)
