@@ -457,3 +457,31 @@ def test_sigterm_while_a_started_stream_still_reads_its_prompt_is_a_retryable_er
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_one_sampler_per_parameter_set_so_a_batch_samples_in_one_call():
+    """mlx-lm's BatchGenerator samples the whole batch in one call only when every row has the
+    same sampler object: equal parameters must give the same object, others a different one."""
+    from warmturn.server.sampling import make_sampler
+
+    assert make_sampler(1.0) is make_sampler(1.0)
+    assert make_sampler(0.7, 0.9, 5) is make_sampler(0.7, 0.9, 5)
+    assert len({id(make_sampler(*p)) for p in [(1.0, 0.0, 0), (0.7, 0.0, 0), (1.0, 0.9, 0), (1.0, 0.0, 5)]}) == 4
+
+
+@pytest.mark.parametrize("params", [(1.0, 0.0, 0), (1.0, 0.9, 0), (1.0, 0.0, 5), (0.7, 0.9, 5)])
+def test_a_shared_sampler_samples_each_row_of_a_batch_from_its_own_distribution(params):
+    """Sampled together, each row still draws from its own logits: rows that put (nearly) all
+    their mass on different tokens get those tokens, in order."""
+    import mlx.core as mx
+
+    from warmturn.server.sampling import make_sampler
+
+    vocab, picks = 1000, [3, 997, 500, 42]
+    logits = mx.full((len(picks), vocab), -60.0)
+    for row, tok in enumerate(picks):
+        logits[row, tok] = 0.0
+    logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    sampler = make_sampler(*params)
+    for _ in range(5):
+        assert sampler(logprobs).tolist() == picks

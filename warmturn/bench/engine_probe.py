@@ -2,7 +2,9 @@
 that ratios survive a loaded machine. Not a test and not part of `make bench`'s tables; the
 numbers behind the engine's defaults (docs/server.md, "Concurrency figures").
 
-    python -m warmturn.bench.engine_probe decode   [--streams 1,2,4,8] [--tokens 64]
+    python -m warmturn.bench.engine_probe decode   [--streams 1,2,4,8] [--tokens 64] [--temperature 0]
+    python -m warmturn.bench.engine_probe sampling [--streams 4] [--tokens 64] [--temperature 1] [--repeats 5]
+    python -m warmturn.bench.engine_probe ceiling  [--streams 4] [--tokens 64] [--repeats 5]
     python -m warmturn.bench.engine_probe fairness [--steps 64,128,256,512] [--prompt 1500]
     python -m warmturn.bench.engine_probe warm     [--cached 2000] [--new 120,250] [--repeats 5]
     python -m warmturn.bench.engine_probe pair     [--prompt 650] [--tokens 96] [--repeats 4]
@@ -13,6 +15,11 @@ fairness: a stream generating while a cold prompt is read: the prompt's prefill 
 warm:     TTFT of a warm request through the engine (prefix cache; served alone outside the
           batch, and as a batch of one) against the floor (mlx-lm directly: prefill exactly the
           new tokens on a built cache, first token).
+sampling: N sampled streams at once, with one sampler per parameter set (as served) against one
+          per request (mlx-lm's BatchGenerator then samples row by row), alternately.
+ceiling:  N greedy streams decoding together through the engine, through mlx-lm's BatchGenerator
+          directly, and as a bare model loop (no padding, no logprobs): how close the engine's
+          batch comes to the model's own batched rate.
 pair:     a cold first turn's TTFT alone and beside a title request's generation (issue 13 (a)).
 """
 
@@ -25,6 +32,7 @@ import sys
 import threading
 import time
 from itertools import pairwise
+from typing import Any
 
 
 def _load():
@@ -75,29 +83,128 @@ class _Run:
         return next(t for t, i in self.events[name] if isinstance(i, (Piece, Done)))
 
 
-def decode(model, tokenizer, streams: list[int], tokens: int) -> None:
-    from warmturn.server.engine import Engine, Piece
+def _decode_rate(eng, tokenizer, n: int, tokens: int, temperature: float = 0.0) -> float:
+    """Aggregate tokens/s of ``n`` streams decoding together (from the last one's first token to
+    the first one's end)."""
+    from warmturn.server.engine import Piece
+
+    run = _Run(eng)
+    names = [f"s{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        # ignore_eos is not an option: long prompts that make the model ramble; max_tokens bounds it
+        run.submit(name, _ids(tokenizer, 64, salt=100 * i), max_tokens=tokens, temperature=temperature)
+    run.wait(*names)
+    start = max(run.first_piece(name) for name in names)  # all decoding from here on
+    end = min(max(t for t, _ in run.events[name]) for name in names)
+
+    def generated(name: str, by: float) -> int:  # tokens, not pieces: a piece may hold several
+        return max((i.output_tokens for t, i in run.events[name] if isinstance(i, Piece) and t <= by), default=0)
+
+    count = sum(generated(name, end) - generated(name, start) for name in names)
+    return count / (end - start) if end > start else float("nan")
+
+
+def decode(model, tokenizer, streams: list[int], tokens: int, temperature: float) -> None:
+    from warmturn.server.engine import Engine
 
     eng = Engine(model, tokenizer, None, decode_concurrency=max(streams), prompt_concurrency=max(streams))
     eng.start()
     try:
         base = None
         for n in streams:
-            run = _Run(eng)
-            names = [f"s{i}" for i in range(n)]
-            for i, name in enumerate(names):
-                # ignore_eos is not an option: long prompts that make the model ramble; max_tokens bounds it
-                run.submit(name, _ids(tokenizer, 64, salt=100 * i), max_tokens=tokens)
-            run.wait(*names)
-            pieces = [(t, i.output_tokens) for name in names for t, i in run.events[name] if isinstance(i, Piece)]
-            start = max(run.first_piece(name) for name in names)  # all decoding from here on
-            end = min(max(t for t, _ in run.events[name]) for name in names)
-            count = sum(1 for t, _ in pieces if start < t <= end)
-            rate = count / (end - start) if end > start else float("nan")
+            rate = _decode_rate(eng, tokenizer, n, tokens, temperature)
             base = base or rate
             print(f"decode streams={n}: {rate:7.1f} tok/s aggregate ({rate / base:.2f}x one stream)")
     finally:
         eng.stop()
+
+
+def sampling(model, tokenizer, streams: int, tokens: int, temperature: float, repeats: int) -> None:
+    """``streams`` sampled streams decoding together, with one sampler shared by requests that ask
+    for the same parameters (as served) against one sampler per request, alternately."""
+    from warmturn.server import sampling as mod
+    from warmturn.server.engine import Engine
+
+    shared = mod.make_sampler
+    arms: dict[str, Any] = {"shared": shared, "per-request": shared.__wrapped__}
+    eng = Engine(model, tokenizer, None, decode_concurrency=streams, prompt_concurrency=streams)
+    eng.start()
+    rates: dict[str, list[float]] = {k: [] for k in arms}
+    try:
+        for r in range(repeats):
+            for name in list(arms)[r % 2:] + list(arms)[:r % 2]:
+                mod.make_sampler = arms[name]  # the engine looks it up on each request
+                rates[name].append(_decode_rate(eng, tokenizer, streams, tokens, temperature))
+    finally:
+        mod.make_sampler = shared
+        eng.stop()
+    # a run where one stream ended before the last one started measures nothing (nan): left out
+    runs = [(x, y) for x, y in zip(rates["per-request"], rates["shared"], strict=True) if x == x and y == y]
+    if not runs:
+        print(f"sampling streams={streams}: no run had every stream decoding at once (raise --tokens)")
+        return
+    a, b = statistics.median(x for x, _ in runs), statistics.median(y for _, y in runs)
+    print(f"sampling streams={streams} temperature={temperature}: one sampler per request {a:.1f} tok/s, "
+          f"shared {b:.1f} tok/s: {b / a:.2f}x (per run {' '.join(f'{y / x:.2f}' for x, y in runs)}; "
+          f"{len(runs)} of {repeats} runs)",
+          flush=True)
+
+
+def ceiling(model, tokenizer, streams: int, tokens: int, repeats: int) -> None:
+    """The engine's batch decode against what the hardware gives the model: ``streams`` greedy
+    streams decoding together through the engine, through mlx-lm's ``BatchGenerator`` driven
+    directly, and as a bare model loop (one plain KV cache holding every stream, equal-length
+    prompts, no padding, no logprobs), arms rotated each repeat."""
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from warmturn.server.engine import Engine
+
+    prompts = [_ids(tokenizer, 64, salt=100 * i) for i in range(streams)]
+
+    def model_loop() -> float:
+        cache = make_prompt_cache(model)
+        logits = model(mx.array(prompts), cache=cache)[:, -1, :]
+        y = mx.argmax(logits, axis=-1)
+        mx.eval(y)
+        t0 = time.perf_counter()
+        for _ in range(tokens):
+            prev, y = y, mx.argmax(model(y[:, None], cache=cache)[:, -1, :], axis=-1)
+            mx.async_eval(y)
+            prev.tolist()  # hand the previous step's tokens out while this one computes
+        mx.eval(y)
+        return streams * tokens / (time.perf_counter() - t0)
+
+    def batch_generator() -> float:
+        gen = BatchGenerator(model, completion_batch_size=streams, prefill_batch_size=streams)
+        gen.insert(prompts, max_tokens=[tokens] * streams)
+        t0, count, done = None, 0, 0
+        while done < streams:
+            _, responses = gen.next()
+            if responses and t0 is None:  # every stream's first token: decoding from here on
+                t0 = time.perf_counter()
+                continue
+            count += len(responses) if t0 is not None else 0
+            done += sum(1 for r in responses if r.finish_reason)
+        return count / (time.perf_counter() - t0) if t0 is not None else float("nan")
+
+    eng = Engine(model, tokenizer, None, decode_concurrency=streams, prompt_concurrency=streams)
+    eng.start()
+    arms = {"model loop": model_loop, "BatchGenerator": batch_generator,
+            "engine": lambda: _decode_rate(eng, tokenizer, streams, tokens)}
+    rates: dict[str, list[float]] = {k: [] for k in arms}
+    try:
+        for r in range(repeats):
+            order = list(arms)
+            for name in order[r % 3:] + order[:r % 3]:
+                rates[name].append(arms[name]())
+    finally:
+        eng.stop()
+    loop = statistics.median(rates["model loop"])
+    print(f"ceiling streams={streams}: " + ", ".join(
+        f"{k} {statistics.median(v):.1f} tok/s ({statistics.median(v) / loop:.2f}x the model loop)"
+        for k, v in rates.items()), flush=True)
 
 
 def fairness(model, tokenizer, steps: list[int], prompt: int) -> None:
@@ -210,7 +317,7 @@ def pair(model, tokenizer, prompt: int, title_tokens: int, repeats: int) -> None
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m warmturn.bench.engine_probe", description=__doc__.split("\n\n")[0])
-    p.add_argument("probe", choices=["decode", "fairness", "warm", "pair"])
+    p.add_argument("probe", choices=["decode", "fairness", "warm", "pair", "sampling", "ceiling"])
     p.add_argument("--streams", default="1,2,4,8")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--steps", default="64,128,256,512")
@@ -218,11 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cached", type=int, default=2000)
     p.add_argument("--new", default="120,250")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=None,
+                   help="decode: 0 (greedy) unless given; sampling: 1 (Claude Code's) unless given")
     args = p.parse_args(argv)
     model, tokenizer = _load()
     ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
     if args.probe == "decode":
-        decode(model, tokenizer, ints(args.streams), args.tokens)
+        decode(model, tokenizer, ints(args.streams), args.tokens, args.temperature or 0.0)
+    elif args.probe == "ceiling":
+        ceiling(model, tokenizer, max(ints(args.streams)), args.tokens, args.repeats)
+    elif args.probe == "sampling":
+        temperature = 1.0 if args.temperature is None else args.temperature
+        sampling(model, tokenizer, max(ints(args.streams)), args.tokens, temperature, args.repeats)
     elif args.probe == "pair":
         pair(model, tokenizer, args.prompt, args.tokens, args.repeats)
     elif args.probe == "fairness":
